@@ -1,0 +1,7 @@
+"""`python -m vopd ...` (used by torchrun) is the same as the `vopd` command."""
+
+import sys
+
+from vopd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""The `vopd` command line: a thin dispatcher.
+
+Each sub-command lives in the module that owns its concern and exposes two functions:
+``add_cli_arguments(parser)`` and ``cli_main(args) -> int``. This file only knows the command names and which
+module serves each; it imports a module only when its command (or ``--help``) needs it, so ``vopd eval`` does not
+pay for the trainer's imports. Errors that are the user's (bad path, bad option, bad data) are raised as
+``vopd.errors.UserError`` anywhere below and printed here as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# command -> (module, one-line help). Order is the order shown in `vopd --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("vopd.demo", "distil the tiny teacher into the tiny student with vopd and opd; print and plot"),
+    "train": ("vopd.train", "on-policy distillation of a student from a teacher (any HF causal LM)"),
+    "sft": ("vopd.sft", "build the tiny world: tokenizer, SFT teacher and student"),
+    "eval": ("vopd.eval", "sample n answers per problem and grade them (Avg@n, Pass@n, Maj@n)"),
+    "check": ("vopd.check", "pre-flight checks of a student/teacher pair without training"),
+    "bench": ("vopd.bench", "benchmarks: `vopd bench estimators`"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(prog="vopd", description="On-policy distillation with the vOPD baseline.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        if name == command:
+            importlib.import_module(module_name).add_cli_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vopd.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.cli_main(args) or 0)
+    except UserError as exc:
+        print(f"vopd {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vopd {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
