@@ -1,0 +1,111 @@
+"""Batched sampling from a Hugging Face causal LM, with the sampler's own per-token log-probs.
+
+What it knows: left-padding a batch of prompt ids, calling ``model.generate`` (KV cache) with *every* sampling
+setting written out (transformers otherwise fills in defaults such as top_k=50 that would bias the OPD estimators),
+and reading back the log-prob of each sampled token under the distribution it was actually drawn from (the
+processed scores: after temperature/top-k/top-p). What it does not know: which settings are allowed for a method
+(the trainer validates that), grading, or training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Completions for a batch of prompts. Lists are per sequence, without padding.
+
+    ``completions[i]`` holds the generated ids (EOS included when it was generated); ``logprobs[i]`` the sampler's
+    log-prob of each of them (empty lists when not requested); ``truncated[i]`` is True when no EOS was produced
+    within ``max_new_tokens``.
+    """
+
+    completions: list[list[int]]
+    logprobs: list[list[float]]
+    truncated: list[bool]
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    return_logprobs: bool = False,
+    batch_size: int = 64,
+) -> Samples:
+    """Sample one completion per prompt (repeat a prompt in ``prompts`` to get several).
+
+    Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for reproducible samples.
+    """
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return Samples([], [], [])
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_k=None if greedy else top_k,  # 0 disables top-k; None would fall back to the default 50
+        top_p=None if greedy else top_p,
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=tokenizer.bos_token_id,
+        output_scores=return_logprobs,
+        return_dict_in_generate=True,
+    )
+    was_training = model.training
+    model.eval()
+    completions: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    truncated: list[bool] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            # Left padding: every row's last prompt token sits at the same position, so generation starts aligned.
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                attention[i, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=gen_config,
+            )
+            new = out.sequences[:, width:].cpu()
+            if return_logprobs:
+                # scores[t] are the processed logits of step t: the distribution the token was drawn from.
+                steps = torch.stack([s.float().log_softmax(-1) for s in out.scores], dim=1).cpu()
+                chosen = steps.gather(-1, new[:, : steps.shape[1]].unsqueeze(-1)).squeeze(-1)
+            for i in range(new.shape[0]):
+                row = new[i].tolist()
+                if eos_id is not None and eos_id in row:
+                    n = row.index(eos_id) + 1
+                    truncated.append(False)
+                else:
+                    n = len(row)
+                    truncated.append(True)
+                completions.append(row[:n])
+                logprobs.append(chosen[i, :n].tolist() if return_logprobs else [])
+    finally:
+        model.train(was_training)
+    return Samples(completions, logprobs, truncated)
