@@ -1,0 +1,255 @@
+"""The memory-efficient path of the five estimators: from hidden states and output-layer weights, chunked over
+positions, with closed-form gradients.
+
+What it knows: for the completion positions only (the mask selects rows before any matmul), it walks over chunks of
+rows sized from a memory budget; per chunk it forms both models' logits once, takes log p(y), log q(y), both
+log-sum-exps and (when the method needs it) KL_t in the same pass, and writes the gradient w.r.t. the student's
+hidden states and output weights right there. No (B, T, V) tensor of either model ever exists, the student head runs
+once, and backward only scales the stored gradients. What it does not know: models (the caller passes the last hidden
+states and the head), sampling, optimisers. ``vopd.estimators`` is the dense reference it is tested against.
+
+Closed forms per position (z_s, z_t student/teacher logits, p = softmax z_s, y the sampled id, w = 1/N the token
+weight, spec and ``shared/spec/performance.md``):
+    KL_t            = sum_v p_v (z_s - z_t)_v - lse_s + lse_t          (one extra reduction, no extra exp)
+    opd/vopd/topk:  dL/dz_s = w * A_t * (p - onehot(y)),  A_t = r_t (+ KL_t or + KL~_t), detached
+    opd-full:       dL/dz_s = w * p * (d - sum_v p_v d_v),   d = z_s - z_t   (= p (log p - log q - KL_t))
+    opd-topk:       dL/dz_s = w * p~ * (log p~ - log q~ - KL~_t) on the top-k ids K, 0 elsewhere
+and dL/dh = dL/dz_s @ W_s, dL/dW_s = dL/dz_s^T @ h, dL/db_s = sum of dL/dz_s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vopd.estimators import (
+    SAMPLED_METHODS,
+    TOPK_METHODS,
+    LossOutput,
+    Method,
+    check_inputs,
+    compute_dtype,
+    importance_ratio,
+    token_normalizer,
+)
+
+# Columns of the per-row statistics returned by the fused head.
+_LOGP, _LOGQ, _KL, _KL_TOPK, _MASS, _RATIO, _ADV = range(7)
+_NUM_STATS = 7
+# fp32 (rows x V) buffers alive per chunk: student logits/probabilities, teacher logits/difference, and one for
+# matmul and top-k temporaries.
+_BUFFERS_PER_ROW = 3
+
+
+def chunk_rows(vocab_size: int, memory_budget_mb: float, *, itemsize: int = 4, multiple: int = 8) -> int:
+    """Rows per chunk so that the chunk's vocabulary-sized buffers fit in ``memory_budget_mb``.
+
+    Chosen from memory, not from a fixed row rule: bigger chunks mean fewer, larger (faster) matmuls.
+    """
+    rows = int(memory_budget_mb * 2**20 // (vocab_size * itemsize * _BUFFERS_PER_ROW))
+    return max(multiple, rows // multiple * multiple)
+
+
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, cd: torch.dtype) -> Tensor:
+    """h @ w.T (+ b) in ``cd``. On CUDA with half inputs, accumulate the matmul straight into fp32 (spec: rounding
+    logits to bf16 first costs ~1e-2 nats); elsewhere ``w`` already arrives in ``cd``."""
+    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32:
+        z = torch.mm(h, w.t(), out_dtype=torch.float32)
+    else:
+        z = h.to(cd) @ w.t()
+    return z if b is None else z + b.to(cd)
+
+
+class _FusedHead(torch.autograd.Function):
+    """Forward computes the loss *and* its gradients chunk by chunk; backward rescales the stored gradients."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hs: Tensor, ws: Tensor, bs: Tensor | None,
+        ht: Tensor, wt: Tensor, bt: Tensor | None,
+        y: Tensor, sampler_lp: Tensor | None,
+        method: str, top_k: int, inv_n: float, ratio_cap: float | None, rows: int,
+    ) -> tuple[Tensor, Tensor]:
+        cd = compute_dtype(hs.dtype)
+        half_cuda = hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32
+        ws_c = ws if half_cuda else ws.to(cd)  # converted once, not per chunk
+        wt_c = wt if half_cuda else wt.to(cd)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        n, dev = hs.shape[0], hs.device
+        grad_h = torch.zeros(hs.shape, dtype=torch.float32 if half_cuda else cd, device=dev) if need_h else None
+        grad_w = torch.zeros(ws.shape, dtype=torch.float32 if half_cuda else cd, device=dev) if need_w else None
+        grad_b = torch.zeros(ws.shape[0], dtype=cd, device=dev) if need_b else None
+        stats = torch.zeros(n, _NUM_STATS, dtype=cd, device=dev)
+        loss = torch.zeros((), dtype=cd, device=dev)
+        sampled = method in SAMPLED_METHODS
+        needs_kl = method in ("vopd", "opd-full")
+
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            h_c, y_c = hs[lo:hi], y[lo:hi].unsqueeze(-1)
+            zs = _logits(h_c, ws_c, bs, cd)  # (c, V)
+            with torch.no_grad():
+                zt = _logits(ht[lo:hi], wt_c, bt, cd)
+            st = stats[lo:hi]
+            # Everything that needs raw logits is read first; then both buffers are transformed in place, so a
+            # chunk holds two (c, V) buffers and the student side takes a single exp pass (performance.md).
+            zs_y, zt_y = zs.gather(-1, y_c).squeeze(-1), zt.gather(-1, y_c).squeeze(-1)
+            if method in TOPK_METHODS:
+                # Student's top-k ids; renormalising both models on the same ids cancels their full lse's.
+                ids = zs.topk(top_k, dim=-1).indices
+                zs_k = zs.gather(-1, ids)
+                logp_k, logq_k = zs_k.log_softmax(-1), zt.gather(-1, ids).log_softmax(-1)
+                p_k = logp_k.exp()
+                kl_k = (p_k * (logp_k - logq_k)).sum(-1)
+                st[:, _KL_TOPK] = kl_k
+            lse_t = zt.logsumexp(-1)
+            if needs_kl:
+                d = zt.neg_().add_(zs)  # z_s - z_t, in the teacher's buffer
+            m_s = zs.amax(-1, keepdim=True)
+            e = zs.sub_(m_s).exp_()
+            sum_e = e.sum(-1, keepdim=True)
+            lse_s = (m_s + sum_e.log()).squeeze(-1)
+            p = e.div_(sum_e)
+            logp, logq = zs_y - lse_s, zt_y - lse_t
+            st[:, _LOGP], st[:, _LOGQ] = logp, logq
+            if method in TOPK_METHODS:
+                st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
+            if needs_kl:
+                pd = torch.linalg.vecdot(p, d)  # sum_v p_v (z_s - z_t)_v
+                kl = pd - lse_s + lse_t  # KL_t = A/S - lse_s + lse_t (performance.md)
+                st[:, _KL] = kl
+
+            if sampled:
+                reward = logq - logp  # r_t
+                if method == "opd":
+                    adv = reward
+                elif method == "vopd":
+                    adv = reward + kl  # A_t = r_t + KL_t (spec `vopd`)
+                else:
+                    adv = reward + st[:, _KL_TOPK]  # A_t = r_t + KL~_t (spec `vopd-topk`)
+                st[:, _ADV] = adv
+                ratio = importance_ratio(logp, None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap)
+                coef = adv if ratio is None else adv * ratio
+                if ratio is not None:
+                    st[:, _RATIO] = ratio
+                loss += -(coef * logp).sum() * inv_n
+                # dL/dz = w * coef * (p - onehot(y)), written into p's buffer.
+                g = p.mul_((coef * inv_n).unsqueeze(-1))
+                g.scatter_add_(-1, y_c, -(coef * inv_n).unsqueeze(-1))
+            elif method == "opd-full":
+                loss += kl.sum() * inv_n
+                # dL/dz = w p (log p - log q - KL_t) = w p (d - sum_v p_v d_v), in d's buffer.
+                g = d.sub_(pd.unsqueeze(-1)).mul_(p).mul_(inv_n)
+            else:  # opd-topk
+                loss += kl_k.sum() * inv_n
+                g_k = p_k * (logp_k - logq_k - kl_k.unsqueeze(-1)) * inv_n
+                g = p.zero_().scatter_(-1, ids, g_k)
+
+            if need_h:
+                gh = torch.mm(g.to(ws.dtype), ws, out_dtype=torch.float32) if half_cuda else g @ ws_c
+                grad_h[lo:hi] = gh
+            if need_w:
+                if half_cuda:
+                    grad_w += torch.mm(g.t().to(h_c.dtype), h_c, out_dtype=torch.float32)
+                else:
+                    grad_w.addmm_(g.t(), h_c.to(cd))
+            if need_b:
+                grad_b += g.sum(0)
+            del zs, zt, e, p, g
+
+        ctx.grads = (
+            None if grad_h is None else grad_h.to(hs.dtype),
+            None if grad_w is None else grad_w.to(ws.dtype),
+            None if grad_b is None else grad_b.to(bs.dtype),
+        )
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, _grad_stats: Tensor) -> tuple[Tensor | None, ...]:
+        gh, gw, gb = ctx.grads
+        scale = grad_loss.to(torch.float32)
+        out = [None if g is None else g * scale.to(g.dtype) for g in (gh, gw, gb)]
+        return (out[0], out[1], out[2]) + (None,) * 10
+
+
+def chunked_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    *,
+    method: Method,
+    top_k: int = 100,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    sampler_logprobs: Tensor | None = None,
+    ratio_cap: float | None = None,
+    memory_budget_mb: float = 1024,
+) -> LossOutput:
+    """The same loss and gradients as ``distillation_loss`` without materialising (B, T, V) logits.
+
+    Shapes:
+        student_hidden: (B, T, D_s), the student's last hidden states (after the final norm), requires grad.
+        student_weight: (V, D_s), the student's output layer (``lm_head.weight``); gets a gradient if it requires one.
+        teacher_hidden: (B, T, D_t), no gradient.
+        teacher_weight: (V, D_t), no gradient.
+        tokens, mask, sampler_logprobs: (B, T), as in ``distillation_loss``.
+        student_bias/teacher_bias: optional (V,) output biases.
+    Options: as ``distillation_loss``, plus ``memory_budget_mb``, the budget for a chunk's (rows x V) fp32
+    buffers (``chunk_rows``).
+    """
+    lead = tuple(student_hidden.shape[:-1])
+    check_inputs(
+        method, top_k, student_weight.shape[0], teacher_weight.shape[0], tokens, mask, lead,
+        tuple(teacher_hidden.shape[:-1]),
+    )
+    if student_weight.shape[1] != student_hidden.shape[-1] or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+        raise ValueError(
+            f"hidden size mismatch: student hidden {student_hidden.shape[-1]} vs weight {tuple(student_weight.shape)}, "
+            f"teacher hidden {teacher_hidden.shape[-1]} vs weight {tuple(teacher_weight.shape)}"
+        )
+    cd = compute_dtype(student_hidden.dtype)
+    live = mask.reshape(-1).bool()
+    idx = live.nonzero().squeeze(-1)
+    n = token_normalizer(mask, normalizer)
+    zeros = torch.zeros(lead, dtype=cd, device=student_hidden.device)
+    if n is None or idx.numel() == 0:
+        # Keep the graph connected (every rank/micro-batch must be able to call backward) with a zero gradient.
+        loss = torch.nan_to_num(student_hidden).sum() * 0.0
+        return LossOutput(loss=loss.to(cd), num_tokens=mask.sum().detach(), logp=zeros, logq=zeros, reward=zeros)
+
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, idx)
+    y = tokens.reshape(-1).long().index_select(0, idx)
+    slp = None if sampler_logprobs is None else sampler_logprobs.reshape(-1).index_select(0, idx).to(cd)
+    rows = chunk_rows(student_weight.shape[0], memory_budget_mb)
+    loss, stats = _FusedHead.apply(
+        hs, student_weight, student_bias, ht, teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        y, slp, method, top_k, 1.0 / float(n), ratio_cap if method in SAMPLED_METHODS else None, rows,
+    )
+
+    def per_token(col: int) -> Tensor:
+        out = zeros.reshape(-1).clone()
+        out[idx] = stats[:, col]
+        return out.reshape(lead)
+
+    logp, logq = per_token(_LOGP), per_token(_LOGQ)
+    reward = logq - logp
+    kl = per_token(_KL) if method in ("vopd", "opd-full") else None
+    kl_topk = per_token(_KL_TOPK) if method in TOPK_METHODS else None
+    mass = per_token(_MASS) if method in TOPK_METHODS else None
+    advantage = per_token(_ADV) if method in SAMPLED_METHODS else None
+    baseline = None if advantage is None else reward - advantage
+    ratio = per_token(_RATIO) if (method in SAMPLED_METHODS and sampler_logprobs is not None) else None
+    return LossOutput(
+        loss=loss, num_tokens=mask.sum().detach(), logp=logp, logq=logq, reward=reward, baseline=baseline,
+        advantage=advantage, kl=kl, kl_topk=kl_topk, topk_mass=mass, ratio=ratio,
+    )

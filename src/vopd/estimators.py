@@ -1,0 +1,230 @@
+"""The five OPD estimators of ``shared/spec/estimators.md`` as pure tensor functions on dense logits.
+
+What it knows: given the student's and teacher's logits at each completion position and the sampled tokens, build
+a scalar loss whose gradient w.r.t. the student logits is the chosen method's gradient estimator, reduced as a mean
+over completion tokens, plus detached per-token diagnostics. The gradient here comes from autograd on the spec's
+surrogates, so this module is also the *reference* the memory-efficient path (``vopd.chunked``, closed-form
+gradients from hidden states) is tested against.
+
+What it does not know: models, sampling, optimisers, distributed reduction (pass ``normalizer`` to keep a global
+token mean across micro-batches or ranks).
+
+Notation (spec "Setting"): p = student, q = teacher, y_t the sampled token, s_t the state.
+    r_t  = log q(y_t|s_t) - log p(y_t|s_t)                     single-sample reward, E_p[r_t] = -KL_t
+    KL_t = sum_v p(v|s_t) (log p(v|s_t) - log q(v|s_t))         per-token reverse KL
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+Method = Literal["opd", "vopd", "vopd-topk", "opd-full", "opd-topk"]
+METHODS: tuple[str, ...] = get_args(Method)
+#: Methods whose gradient is a per-token weight on grad log p(y_t) (score-function estimators).
+SAMPLED_METHODS: frozenset[str] = frozenset({"opd", "vopd", "vopd-topk"})
+#: Methods that need the student's top-k ids and the teacher's logits at them.
+TOPK_METHODS: frozenset[str] = frozenset({"vopd-topk", "opd-topk"})
+#: Methods that need the teacher's full distribution at every position.
+FULL_VOCAB_METHODS: frozenset[str] = frozenset({"vopd", "opd-full"})
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """Result of an estimator. Per-token tensors are (B, T), detached, zero at unmasked positions.
+
+    loss:       scalar; its gradient w.r.t. the student is the method's estimator, token-mean reduced.
+    num_tokens: scalar, the number of masked tokens in this call (not the normalizer).
+    logp:       log p(y_t), the student's log-prob of the sampled token (trainer side, fp32).
+    logq:       log q(y_t), the teacher's.
+    reward:     r_t = log q(y_t) - log p(y_t).
+    baseline:   b_t subtracted from r_t: 0 for ``opd``, -KL_t for ``vopd``, -KL~_t for ``vopd-topk``;
+                None for the analytic methods (``opd-full``, ``opd-topk``), which sample nothing.
+    advantage:  A_t = r_t - b_t, the detached weight on grad log p(y_t) (before the importance ratio); None for
+                the analytic methods.
+    kl:         exact KL_t over the full vocabulary (``vopd``, ``opd-full``), else None.
+    kl_topk:    KL~_t between p and q renormalised on the student's top-k ids (top-k methods), else None.
+    topk_mass:  sum of p over the student's top-k ids (top-k methods), else None.
+    ratio:      detached importance ratio min(p(y)/p_sampler(y), cap) when sampler log-probs were given, else None.
+    """
+
+    loss: Tensor
+    num_tokens: Tensor
+    logp: Tensor
+    logq: Tensor
+    reward: Tensor
+    baseline: Tensor | None = None
+    advantage: Tensor | None = None
+    kl: Tensor | None = None
+    kl_topk: Tensor | None = None
+    topk_mass: Tensor | None = None
+    ratio: Tensor | None = None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax/KL precision: fp32 at least (spec "Numerics"), fp64 kept for exact tests."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(
+    method: str,
+    top_k: int,
+    vocab_student: int,
+    vocab_teacher: int,
+    tokens: Tensor,
+    mask: Tensor,
+    leading_student: tuple[int, ...],
+    leading_teacher: tuple[int, ...],
+) -> None:
+    """Shared argument validation: one ``ValueError`` naming the problem and the fix."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if vocab_student != vocab_teacher:
+        raise ValueError(
+            f"student vocabulary size {vocab_student} != teacher vocabulary size {vocab_teacher}; both models "
+            "must share a tokenizer (slice padded output rows to the tokenizer's size first)"
+        )
+    if method in TOPK_METHODS and not 1 <= top_k <= vocab_student:
+        raise ValueError(f"top_k={top_k} is outside [1, V={vocab_student}]; choose 1 <= top_k <= V")
+    if tuple(tokens.shape) != leading_student:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal the student's leading shape {leading_student}")
+    if leading_teacher != leading_student:
+        raise ValueError(f"teacher leading shape {leading_teacher} != student leading shape {leading_student}")
+    if tuple(mask.shape) != leading_student:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the student's leading shape {leading_student}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be an integer tensor of ids, got {tokens.dtype}")
+
+
+def token_normalizer(mask: Tensor, normalizer: float | Tensor | None) -> Tensor | None:
+    """The denominator of the token mean; None (with a warning) when there is nothing to average."""
+    n = mask.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float64)
+    if float(n) <= 0:
+        warnings.warn("mask selects no completion token: returning a zero loss", RuntimeWarning, stacklevel=3)
+        return None
+    return n
+
+
+def importance_ratio(logp: Tensor, sampler_logprobs: Tensor | None, ratio_cap: float | None) -> Tensor | None:
+    """Detached, truncated ratio p_train(y)/p_sampler(y): on-policy it is 1 up to numerical mismatch."""
+    if sampler_logprobs is None:
+        return None
+    ratio = torch.exp(logp.detach() - sampler_logprobs.to(logp.dtype))
+    return ratio.clamp(max=ratio_cap) if ratio_cap else ratio
+
+
+def _xlogy_diff(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
+    """sum_v p_v (log p_v - log q_v) with 0 log 0 = 0, so -inf logits (masked vocabulary rows) give no NaN.
+
+    logp is replaced where p == 0 *before* the subtraction so no -inf - -inf is ever formed (a NaN there would
+    leak into the gradient even behind a ``where``)."""
+    live = p > 0
+    diff = torch.where(live, logp, 0.0) - torch.where(live, logq, 0.0)
+    return (p * diff).sum(-1)
+
+
+def _topk_kl(s: Tensor, t: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """KL between p and q renormalised on the student's top-k ids K, and the student mass on K.
+
+    Renormalising on the same K cancels each model's full log-sum-exp (spec, notes): only the k logits of each
+    model at K are needed. Differentiable w.r.t. ``s`` (the id selection itself is not)."""
+    ids = s.detach().topk(k, dim=-1).indices
+    s_k, t_k = s.gather(-1, ids), t.gather(-1, ids)
+    logp_k, logq_k = s_k.log_softmax(-1), t_k.log_softmax(-1)
+    kl_k = _xlogy_diff(logp_k.exp(), logp_k, logq_k)
+    mass = s.detach().softmax(-1).gather(-1, ids).sum(-1)
+    return kl_k, mass
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    *,
+    method: Method,
+    top_k: int = 100,
+    normalizer: float | Tensor | None = None,
+    sampler_logprobs: Tensor | None = None,
+    ratio_cap: float | None = None,
+) -> LossOutput:
+    """On-policy distillation loss from dense logits.
+
+    Shapes:
+        student_logits:   (B, T, V), requires grad; ``student_logits[:, t]`` produced ``tokens[:, t]``.
+        teacher_logits:   (B, T, V); detached here, never receives a gradient.
+        tokens:           (B, T) int, the sampled completion ids.
+        mask:             (B, T) bool/0-1, 1 on completion tokens, 0 on prompt and padding.
+        sampler_logprobs: (B, T) optional, the sampler's log p(y_t); gives the importance ratio (sampled methods).
+    Options:
+        method:     one of ``METHODS`` (spec table).
+        top_k:      |K| for the top-k methods (student's top-k ids per position).
+        normalizer: token count to divide by; default ``mask.sum()``. Pass the global count when the batch is
+                    split into micro-batches or over ranks so the token mean stays global (spec, "dapo" reduction).
+        ratio_cap:  truncation of the importance ratio (None: no cap).
+
+    All softmax/KL math runs in fp32 (fp64 if the inputs are fp64), whatever the input dtype.
+    """
+    check_inputs(
+        method, top_k, student_logits.shape[-1], teacher_logits.shape[-1], tokens, mask,
+        tuple(student_logits.shape[:-1]), tuple(teacher_logits.shape[:-1]),
+    )
+    cd = compute_dtype(student_logits.dtype)
+    live = mask.bool()
+    m = live.to(cd)
+    # Positions outside the mask may hold anything (padding, -inf rows, out-of-range ids): replace them by zeros
+    # before any arithmetic, so nothing there can turn into a NaN in the loss or its gradient.
+    s = torch.where(live.unsqueeze(-1), student_logits.to(cd), 0.0)
+    t = torch.where(live.unsqueeze(-1), teacher_logits.detach().to(cd), 0.0)
+    y = torch.where(live, tokens.long(), 0).unsqueeze(-1)
+
+    logp_all = s.log_softmax(-1)
+    logq_all = t.log_softmax(-1)
+    logp = logp_all.gather(-1, y).squeeze(-1)
+    logq = logq_all.gather(-1, y).squeeze(-1)
+    reward = (logq - logp).detach() * m  # r_t, spec "Setting"
+
+    kl = kl_topk = topk_mass = baseline = advantage = ratio = None
+    if method == "opd-full":
+        per_token = _xlogy_diff(logp_all.exp(), logp_all, logq_all)  # KL_t, differentiated analytically
+        kl = per_token.detach() * m
+    elif method == "opd-topk":
+        per_token, topk_mass = _topk_kl(s, t, top_k)  # biased: ignores the tail mass
+        kl_topk, topk_mass = per_token.detach() * m, topk_mass * m
+    else:
+        if method == "opd":
+            baseline = torch.zeros_like(reward)
+        elif method == "vopd":
+            # Value function V(s_t) = -KL_t over the full vocabulary (spec, `vopd`), detached.
+            kl = _xlogy_diff(logp_all.detach().exp(), logp_all.detach(), logq_all) * m
+            baseline = -kl
+        else:  # vopd-topk: the baseline uses the top-k KL; the sampled-token terms keep the full softmax.
+            kl_k, topk_mass = _topk_kl(s.detach(), t, top_k)
+            kl_topk, topk_mass = kl_k * m, topk_mass * m
+            baseline = -kl_topk
+        advantage = reward - baseline  # A_t = r_t + KL_t, detached (spec: sg(r_t + KL_t))
+        ratio = importance_ratio(logp, sampler_logprobs, ratio_cap)
+        weight = advantage if ratio is None else advantage * ratio
+        per_token = -weight * logp  # surrogate -sg(A_t) log p(y_t); its gradient is the estimator
+        if ratio is not None:
+            ratio = ratio * m
+
+    n = token_normalizer(mask, normalizer)
+    loss = (per_token * m).sum() / n.to(cd) if n is not None else (per_token * 0.0).sum()
+    return LossOutput(
+        loss=loss,
+        num_tokens=mask.sum().detach(),
+        logp=logp.detach() * m,
+        logq=logq.detach() * m,
+        reward=reward,
+        baseline=baseline,
+        advantage=advantage,
+        kl=kl,
+        kl_topk=kl_topk,
+        topk_mass=topk_mass,
+        ratio=ratio,
+    )
