@@ -1,13 +1,23 @@
 """Prompt formatting and tokenisation shared by SFT, rollouts and evaluation.
 
 What it knows: the paper's prompt template (no chat template) and how a prompt and a completion become token ids,
-so that SFT, the trainer and the evaluator see byte-identical prompts. What it does not know: models, grading,
-the task generator. (Dataset loaders for local files are added here by the evaluation work.)
+so that SFT, the trainer and the evaluator see byte-identical prompts; how to read benchmark problems (MATH-500,
+AIME, AMC, Minerva, GPQA, the tiny task) from local jsonl / json / csv / parquet files into ``Problem`` rows, with
+field names defaulted per kind and overridable. What it does not know: models, grading rules, the task generator,
+and anything remote: it never downloads a dataset.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from vopd.errors import UserError
 
 #: The authors' prompt, spec "training setup". ``{problem}`` is replaced literally (no str.format, so LaTeX braces
 #: in problems and in ``\boxed{}`` need no escaping).
@@ -34,3 +44,275 @@ def encode_completion(tokenizer: Any, completion: str, *, add_eos: bool = True) 
             raise ValueError("tokenizer has no eos_token; set one (tokenizer.eos_token = ...) and save it again")
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark files
+
+#: Prompt for multiple choice. The authors ask for "a JSON object with one letter" but do not publish their wording;
+#: this wording is ours. ``{problem}`` is the question followed by its lettered choices.
+MCQ_PROMPT_TEMPLATE = (
+    "{problem}\n\nPlease reason step by step, and give your final answer as a JSON object with one letter, "
+    'for example {"answer": "C"}.'
+)
+
+#: Field names tried in order when the caller names none. They cover MATH-500 (problem, answer, solution),
+#: AIME24 (Problem, Answer, Solution), AIME25 (problem, answer), AMC23 (question, answer), Minerva (problem,
+#: solution or answer), the tiny task (problem, solution, answer) and GPQA (question/Question, choices or the
+#: original "Correct Answer" + "Incorrect Answer 1-3" columns).
+MATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "problem": ("problem", "question", "Problem", "Question"),
+    "answer": ("answer", "Answer", "final_answer", "expected_answer"),
+    "solution": ("solution", "Solution"),
+}
+MCQ_FIELDS: dict[str, tuple[str, ...]] = {
+    "problem": ("question", "Question", "problem", "Problem"),
+    "choices": ("choices", "options", "Choices", "Options"),
+    "answer": ("answer", "Answer", "label", "correct_answer"),
+}
+GPQA_COLUMNS = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark problem.
+
+    ``problem`` is the text put into the prompt template (for multiple choice: the question, a blank line and one
+    ``A) ...`` line per choice); ``answer`` is the gold (a math expression, or a letter); ``source`` says where the
+    row came from (``file.jsonl:line 3``).
+    """
+
+    problem: str
+    answer: str
+    kind: Literal["math", "mcq"]
+    source: str
+    choices: tuple[str, ...] = ()
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a local .jsonl/.ndjson, .json (a list, or an object holding one list such as ``{"data": [...]}``),
+    .csv or .parquet file, each with its location (``line 3`` for jsonl, ``row 3`` otherwise, 1-based).
+
+    Raises ``UserError`` (one line, naming the file and the line) for a missing, empty, unreadable or malformed file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file")
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory; pass a .jsonl, .json, .csv or .parquet file")
+    readers = {
+        ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet
+    }
+    reader = readers.get(p.suffix.lower())
+    if reader is None:
+        raise UserError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl, .json, .csv or .parquet")
+    try:
+        rows = reader(p)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not UTF-8 text ({_one_line(exc)})") from None
+    if not rows:
+        raise UserError(f"{p}: the file has no rows")
+    return rows
+
+
+def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{p}: line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{p}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((f"line {lineno}", obj))
+    return rows
+
+
+def _read_json(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+            "a file with one object per line must be named .jsonl"
+        ) from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        key = "data" if "data" in lists else (lists[0] if len(lists) == 1 else None)
+        if key is None:
+            raise UserError(f"{p}: expected a list of rows or an object with one list (e.g. 'data'); found keys "
+                            f"{', '.join(map(str, data)) or 'none'}")
+        data = data[key]
+    if not isinstance(data, list):
+        raise UserError(f"{p}: expected a list of rows, got {type(data).__name__}")
+    for i, obj in enumerate(data, 1):
+        if not isinstance(obj, dict):
+            raise UserError(f"{p}: row {i}: expected a JSON object, got {type(obj).__name__}")
+    return [(f"row {i}", obj) for i, obj in enumerate(data, 1)]
+
+
+def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    with p.open(encoding="utf-8", newline="") as f:
+        return [(f"row {i}", dict(row)) for i, row in enumerate(csv.DictReader(f), 1)]
+
+
+def _read_parquet(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{p}: reading parquet needs pyarrow: pip install 'vopd[parquet]'") from None
+    try:
+        table = pq.read_table(p)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise UserError(f"{p}: not a readable parquet file ({_one_line(exc)})") from None
+    return [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+def _pick(row: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if row.get(n) is not None), None)
+
+
+def _missing(p: Path, where: str, what: str, names: tuple[str, ...], row: dict[str, Any], option: str) -> UserError:
+    looked = ", ".join(repr(n) for n in names)
+    has = ", ".join(repr(str(k)) for k in row) or "no fields"
+    return UserError(f"{p}: {where}: missing field {what} (looked for {looked}; this row has {has}); "
+                     f"name it with --field-{option}")
+
+
+def _gold_text(value: Any, p: Path, where: str, field: str) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"{p}: {where}: field {field!r} should be a string or a number, got {type(value).__name__}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # AMC files store 27.0 for the answer 27
+    text = str(value).strip()
+    if not text:
+        raise UserError(f"{p}: {where}: field {field!r} is empty")
+    return text
+
+
+def _math_problem(p: Path, where: str, row: dict[str, Any], fields: dict[str, str | None]) -> Problem:
+    from vopd.grading import extract_boxed
+
+    names = (fields["problem"],) if fields["problem"] else MATH_FIELDS["problem"]
+    key = _pick(row, names)
+    if key is None:
+        raise _missing(p, where, "for the problem", names, row, "problem")
+    problem = _gold_text(row[key], p, where, key)
+    if fields["answer"] or not fields["solution"]:
+        names = (fields["answer"],) if fields["answer"] else MATH_FIELDS["answer"]
+        key = _pick(row, names)
+        if key is not None:
+            return Problem(problem, _gold_text(row[key], p, where, key), "math", f"{p.name}:{where}")
+        if fields["answer"]:
+            raise _missing(p, where, "for the answer", names, row, "answer")
+    # No answer field: the gold is the last \boxed{} of the reference solution (how MATH's answers were made).
+    sol_names = (fields["solution"],) if fields["solution"] else MATH_FIELDS["solution"]
+    key = _pick(row, sol_names)
+    if key is None:
+        raise _missing(p, where, "for the answer", MATH_FIELDS["answer"] + sol_names, row, "answer")
+    gold = extract_boxed(str(row[key]))
+    if not gold or not gold.strip():
+        raise UserError(f"{p}: {where}: field {key!r} has no \\boxed{{}} answer to use as the gold; "
+                        "name an answer field with --field-answer")
+    return Problem(problem, gold.strip(), "math", f"{p.name}:{where}")
+
+
+def _choice_list(value: Any, p: Path, where: str, key: str) -> list[str]:
+    if isinstance(value, dict) and isinstance(value.get("text"), list):
+        value = value["text"]  # {"label": [...], "text": [...]} layout
+    elif isinstance(value, dict):
+        value = [value[k] for k in sorted(value)]  # {"A": ..., "B": ...}
+    if not isinstance(value, (list, tuple)) or not 2 <= len(value) <= len(_LETTERS):
+        raise UserError(f"{p}: {where}: field {key!r} should be a list of 2 to 26 choices")
+    return [str(c).strip() for c in value]
+
+
+def _mcq_problem(p: Path, where: str, row: dict[str, Any], fields: dict[str, str | None], choice_seed: int) -> Problem:
+    names = (fields["problem"],) if fields["problem"] else MCQ_FIELDS["problem"]
+    key = _pick(row, names)
+    if key is None:
+        raise _missing(p, where, "for the question", names, row, "problem")
+    question = _gold_text(row[key], p, where, key)
+    names = (fields["choices"],) if fields["choices"] else MCQ_FIELDS["choices"]
+    choices_key = _pick(row, names)
+    if choices_key is not None:
+        choices = _choice_list(row[choices_key], p, where, choices_key)
+        names = (fields["answer"],) if fields["answer"] else MCQ_FIELDS["answer"]
+        key = _pick(row, names)
+        if key is None:
+            raise _missing(p, where, "for the answer", names, row, "answer")
+        letter = _answer_letter(row[key], choices, p, where, key)
+    elif not fields["choices"] and all(row.get(c) is not None for c in GPQA_COLUMNS):
+        # GPQA's original layout lists the correct answer first; shuffle with a seed drawn from the question text,
+        # so the order is the same whichever rows are loaded and in whatever order.
+        choices = [str(row[c]).strip() for c in GPQA_COLUMNS]
+        digest = hashlib.sha256(f"{choice_seed}:{question}".encode()).digest()
+        order = list(range(len(choices)))
+        random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+        choices = [choices[i] for i in order]
+        letter = _LETTERS[order.index(0)]
+    else:
+        raise _missing(p, where, "for the choices", names + GPQA_COLUMNS, row, "choices")
+    text = question + "\n\n" + "\n".join(f"{_LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    return Problem(text, letter, "mcq", f"{p.name}:{where}", tuple(choices))
+
+
+def _answer_letter(value: Any, choices: list[str], p: Path, where: str, key: str) -> str:
+    last = _LETTERS[len(choices) - 1]
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(choices):
+        return _LETTERS[value]  # an integer is a 0-based index into the choices
+    if isinstance(value, str):
+        s = value.strip()
+        if len(s) <= 3 and s.strip("().").upper() in _LETTERS[: len(choices)] and len(s.strip("().")) == 1:
+            return s.strip("().").upper()
+        if s in choices:
+            return _LETTERS[choices.index(s)]
+    raise UserError(f"{p}: {where}: field {key!r} = {_one_line(value)[:60]!r} is neither a letter A-{last}, "
+                    "a 0-based index, nor the text of one of the choices")
+
+
+def load_problems(
+    path: str | Path,
+    *,
+    kind: Literal["auto", "math", "mcq"] = "auto",
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    solution_field: str | None = None,
+    choices_field: str | None = None,
+    limit: int | None = None,
+    choice_seed: int = 0,
+) -> list[Problem]:
+    """Benchmark problems from a local file (see ``read_rows`` for formats), in file order.
+
+    ``kind="auto"`` is multiple choice when the first row has a choices field (or GPQA's answer columns), else math.
+    Unnamed fields are looked up in ``MATH_FIELDS`` / ``MCQ_FIELDS`` order. A math row without an answer field
+    takes the last ``\\boxed{}`` of its solution. ``limit`` keeps the first rows. Problems with a bad row raise
+    ``UserError`` naming the file, the line and the missing field.
+    """
+    p = Path(path)
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be at least 1, got {limit}")
+    rows = read_rows(p)[:limit]
+    if kind == "auto":
+        first = rows[0][1]
+        mcq = (choices_field and choices_field in first) or _pick(first, MCQ_FIELDS["choices"]) is not None
+        kind = "mcq" if mcq or all(c in first for c in GPQA_COLUMNS) else "math"
+    if kind not in ("math", "mcq"):
+        raise UserError(f"kind must be 'auto', 'math' or 'mcq', got {kind!r}")
+    fields = {"problem": problem_field, "answer": answer_field, "solution": solution_field, "choices": choices_field}
+    if kind == "math":
+        return [_math_problem(p, where, row, fields) for where, row in rows]
+    return [_mcq_problem(p, where, row, fields, choice_seed) for where, row in rows]

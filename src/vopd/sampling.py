@@ -73,6 +73,11 @@ def generate(
     )
     was_training = model.training
     model.eval()
+    # generate() fills every None field of gen_config from model.generation_config (the checkpoint's
+    # generation_config.json: min_p, suppress_tokens, top_h, ...), which would silently change the distribution
+    # sampled from. A blank config for the duration of the call leaves only the settings written out above.
+    checkpoint_config = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
     completions: list[list[int]] = []
     logprobs: list[list[float]] = []
     truncated: list[bool] = []
@@ -107,5 +112,6 @@ def generate(
                 completions.append(row[:n])
                 logprobs.append(chosen[i, :n].tolist() if return_logprobs else [])
     finally:
+        model.generation_config = checkpoint_config
         model.train(was_training)
     return Samples(completions, logprobs, truncated)

@@ -1,0 +1,151 @@
+"""Benchmark loaders: formats, per-benchmark field defaults, GPQA choices, and one-line errors naming file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vopd.data import GPQA_COLUMNS, load_problems, read_rows
+from vopd.errors import UserError
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_math500_fields_prefer_answer_over_solution(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "math500.jsonl", [
+        {"problem": "What is 1/2 + 0?", "solution": r"It is \boxed{\frac12}.", "answer": r"\frac{1}{2}"},
+        {"problem": "2+2?", "solution": r"\boxed{4}", "answer": "4"},
+    ])
+    problems = load_problems(f)
+    assert [(p.problem, p.answer, p.kind) for p in problems] == [
+        ("What is 1/2 + 0?", r"\frac{1}{2}", "math"), ("2+2?", "4", "math")]
+    assert problems[1].source == "math500.jsonl:line 2"
+
+
+def test_answer_derived_from_solution_when_no_answer_field(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "minerva.jsonl", [{"problem": "p", "solution": r"so $\boxed{\frac{1}{\sqrt{2}}}$."}])
+    assert load_problems(f)[0].answer == r"\frac{1}{\sqrt{2}}"
+
+
+def test_aime_amc_and_tiny_task_layouts(tmp_path: Path) -> None:
+    aime = write_jsonl(tmp_path / "aime24.jsonl", [{"ID": "2024-I-1", "Problem": "x?", "Answer": 204}])
+    amc = write_jsonl(tmp_path / "amc23.jsonl", [{"question": "y?", "answer": 27.0}, {"question": "z?", "answer": 2.5}])
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", [{"problem": "Start at 3. add 4.", "solution": r"\boxed{7}",
+                                                  "answer": "-7"}])
+    assert [(p.problem, p.answer) for p in load_problems(aime)] == [("x?", "204")]
+    assert [p.answer for p in load_problems(amc)] == ["27", "2.5"]  # 27.0 is the integer answer 27
+    assert load_problems(tiny)[0].answer == "-7"
+
+
+def test_explicit_field_names_and_limit(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "custom.jsonl", [{"q": f"q{i}", "gold": i, "answer": "ignored"} for i in range(5)])
+    problems = load_problems(f, problem_field="q", answer_field="gold", limit=2)
+    assert [(p.problem, p.answer) for p in problems] == [("q0", "0"), ("q1", "1")]
+
+
+def test_json_list_and_data_object(tmp_path: Path) -> None:
+    rows = [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"}]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "obj.json").write_text(json.dumps({"data": rows, "version": "1.0"}))
+    for name in ("list.json", "obj.json"):
+        problems = load_problems(tmp_path / name)
+        assert [p.answer for p in problems] == ["1", "2"] and problems[0].source == f"{name}:row 1"
+
+
+def test_parquet(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is the optional 'parquet' extra")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"problem": ["a", "b"], "answer": ["1", "2"]}), tmp_path / "t.parquet")
+    assert [(p.problem, p.answer) for p in load_problems(tmp_path / "t.parquet")] == [("a", "1"), ("b", "2")]
+
+
+def test_mcq_choices_with_letter_index_or_text_answers(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "mcq.jsonl", [
+        {"question": "Q1", "choices": ["red", "green", "blue"], "answer": "C"},
+        {"question": "Q2", "choices": ["red", "green", "blue"], "answer": 1},  # 0-based index
+        {"question": "Q3", "choices": ["red", "green", "blue"], "answer": "red"},
+        {"question": "Q4", "options": {"A": "x", "B": "y"}, "answer": "(b)"},
+    ])
+    problems = load_problems(f)  # kind auto-detected from the choices field
+    assert [p.kind for p in problems] == ["mcq"] * 4
+    assert [p.answer for p in problems] == ["C", "B", "A", "B"]
+    assert problems[0].problem == "Q1\n\nA) red\nB) green\nC) blue"
+
+
+def test_gpqa_original_columns_are_shuffled_deterministically(tmp_path: Path) -> None:
+    rows = [{"Question": f"Q{i}", GPQA_COLUMNS[0]: f"right{i}", **{c: f"wrong{i}{k}" for k, c in
+                                                                   enumerate(GPQA_COLUMNS[1:])}} for i in range(6)]
+    f = write_jsonl(tmp_path / "gpqa.jsonl", rows)
+    g = write_jsonl(tmp_path / "gpqa_reversed.jsonl", rows[::-1])
+    problems = load_problems(f)
+    for i, p in enumerate(problems):
+        assert p.kind == "mcq" and sorted(p.choices) == sorted([f"right{i}"] + [f"wrong{i}{k}" for k in range(3)])
+        assert p.choices["ABCD".index(p.answer)] == f"right{i}"  # the gold letter points at the right answer
+    assert {p.answer for p in problems} != {"A"}  # shuffled, not always first
+    assert [(p.problem, p.answer) for p in load_problems(g)] == [(p.problem, p.answer) for p in problems[::-1]]
+    csv_path = tmp_path / "gpqa.csv"
+    import csv
+
+    with csv_path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert [p.answer for p in load_problems(csv_path)] == [p.answer for p in problems]
+
+
+def expect_one_line_error(match: str, *args: object, **kwargs: object) -> str:
+    with pytest.raises(UserError, match=match) as info:
+        load_problems(*args, **kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_field_names_file_line_field_and_present_fields(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b", "text": "2", "id": 7}])
+    message = expect_one_line_error("line 2", f)
+    assert str(f) in message and "'answer'" in message and "'text'" in message and "'id'" in message
+    assert "--field-answer" in message
+    message = expect_one_line_error("line 1", f, problem_field="question")
+    assert "'question'" in message and "'problem'" in message
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    expect_one_line_error("no such file", tmp_path / "absent.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    expect_one_line_error("no rows", tmp_path / "empty.jsonl")
+    (tmp_path / "empty.json").write_text("[]")
+    expect_one_line_error("no rows", tmp_path / "empty.json")
+    (tmp_path / "broken.jsonl").write_text('{"problem": "a", "answer": "1"}\n{"problem": "b", answer: 2}\n')
+    expect_one_line_error(r"broken\.jsonl: line 2: not valid JSON", tmp_path / "broken.jsonl")
+    (tmp_path / "array.jsonl").write_text('[1, 2]\n')
+    expect_one_line_error("line 1: expected a JSON object", tmp_path / "array.jsonl")
+    (tmp_path / "lines.json").write_text('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": "2"}\n')
+    expect_one_line_error(r"not valid JSON .*\.jsonl", tmp_path / "lines.json")
+    (tmp_path / "two.json").write_text(json.dumps({"train": [], "test": []}))
+    expect_one_line_error("found keys train, test", tmp_path / "two.json")
+    (tmp_path / "data.txt").write_text("x")
+    expect_one_line_error("unsupported file type", tmp_path / "data.txt")
+    write_jsonl(tmp_path / "nobox.jsonl", [{"problem": "p", "solution": "no box here"}])
+    expect_one_line_error(r"line 1: field 'solution' has no \\boxed", tmp_path / "nobox.jsonl")
+    write_jsonl(tmp_path / "badmcq.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": "E"}])
+    expect_one_line_error("neither a letter A-B", tmp_path / "badmcq.jsonl")
+    write_jsonl(tmp_path / "nochoices.jsonl", [{"question": "q", "answer": "A"}])
+    expect_one_line_error("missing field for the choices", tmp_path / "nochoices.jsonl", kind="mcq")
+
+
+def test_corrupt_parquet_is_a_user_error(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow", reason="pyarrow is the optional 'parquet' extra")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    expect_one_line_error(r"bad\.parquet: not a readable parquet file", tmp_path / "bad.parquet")
+
+
+def test_read_rows_locations(tmp_path: Path) -> None:
+    (tmp_path / "gaps.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert read_rows(tmp_path / "gaps.jsonl") == [("line 1", {"a": 1}), ("line 3", {"a": 2})]
