@@ -1,0 +1,150 @@
+"""Per-step metrics: token statistics from the estimators, and the sinks they are written to.
+
+What it knows: accumulating token-level sums from ``LossOutput`` over micro-batches (and over ranks, by one
+all-reduce), turning them into the means/variances defined in docs/metrics.md, and writing a metrics dict to
+``metrics.jsonl`` (always), TensorBoard and Weights & Biases (optional extras, imported only when asked for).
+What it does not know: the training loop's order of work, models, or what the numbers mean for a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vopd import distributed as dist
+from vopd.errors import UserError
+from vopd.estimators import LossOutput
+
+# Names of the sums accumulated per step, in the order they are all-reduced.
+_SUMS = ("tokens", "r", "r2", "adv", "adv2", "adv_tokens", "kl", "kl_tokens", "kl_topk", "mass", "topk_tokens",
+         "ratio", "ratio_tokens", "lp_diff", "lp_tokens")
+
+
+class TokenStats:
+    """Sums of per-token diagnostics over every micro-batch of a step."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(_SUMS, 0.0)
+        self.lp_diff_max = 0.0
+
+    def add(self, out: LossOutput, mask: torch.Tensor, sampler_logprobs: torch.Tensor | None = None) -> None:
+        m = mask.to(out.reward.dtype)
+        s = self.sums
+        s["tokens"] += float(m.sum())
+        s["r"] += float((out.reward * m).sum())
+        s["r2"] += float((out.reward.square() * m).sum())
+        if out.advantage is not None:
+            s["adv"] += float((out.advantage * m).sum())
+            s["adv2"] += float((out.advantage.square() * m).sum())
+            s["adv_tokens"] += float(m.sum())
+        if out.kl is not None:
+            s["kl"] += float((out.kl * m).sum())
+            s["kl_tokens"] += float(m.sum())
+        if out.kl_topk is not None:
+            s["kl_topk"] += float((out.kl_topk * m).sum())
+            s["mass"] += float((out.topk_mass * m).sum())
+            s["topk_tokens"] += float(m.sum())
+        if out.ratio is not None:
+            s["ratio"] += float((out.ratio * m).sum())
+            s["ratio_tokens"] += float(m.sum())
+        if sampler_logprobs is not None:
+            # Sampler vs trainer log-prob of the same token: 0 up to numerics when on-policy.
+            diff = (out.logp - sampler_logprobs.to(out.logp.dtype)).abs() * m
+            s["lp_diff"] += float(diff.sum())
+            s["lp_tokens"] += float(m.sum())
+            self.lp_diff_max = max(self.lp_diff_max, float(diff.max()) if diff.numel() else 0.0)
+
+    def reduce(self) -> dict[str, float]:
+        """Means and variances over all tokens of the step on all ranks (docs/metrics.md)."""
+        vec = dist.all_reduce_sum(torch.tensor([self.sums[k] for k in _SUMS], dtype=torch.float64))
+        s = dict(zip(_SUMS, vec.tolist()))
+        lp_max = float(dist.all_reduce_max(torch.tensor(self.lp_diff_max, dtype=torch.float64)))
+
+        def mean(key: str, count: str) -> float:
+            return s[key] / s[count] if s[count] else math.nan
+
+        out: dict[str, float] = {"tokens": s["tokens"]}
+        out["reward_mean"] = mean("r", "tokens")
+        out["reward_var"] = mean("r2", "tokens") - out["reward_mean"] ** 2
+        out["kl_estimate"] = -out["reward_mean"]  # E[r_t] = -KL_t: an unbiased estimate for every method
+        if s["adv_tokens"]:
+            out["advantage_mean"] = mean("adv", "adv_tokens")
+            out["advantage_var"] = mean("adv2", "adv_tokens") - out["advantage_mean"] ** 2
+            if out["reward_var"] > 0:
+                out["baseline_var_reduction"] = 1.0 - out["advantage_var"] / out["reward_var"]
+        if s["kl_tokens"]:
+            out["kl_mean"] = mean("kl", "kl_tokens")
+        if s["topk_tokens"]:
+            out["kl_topk_mean"] = mean("kl_topk", "topk_tokens")
+            out["topk_mass_mean"] = mean("mass", "topk_tokens")
+        if s["ratio_tokens"]:
+            out["ratio_mean"] = mean("ratio", "ratio_tokens")
+        if s["lp_tokens"]:
+            out["logprob_diff_mean"] = mean("lp_diff", "lp_tokens")
+            out["logprob_diff_max"] = lp_max
+        return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory since the last reset, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` always (appended, so a resumed run continues its file); TensorBoard/W&B when asked."""
+
+    def __init__(self, output_dir: Path, loggers: list[str], config: dict[str, Any]) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = self._wandb = None
+        if "tensorboard" in loggers:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise UserError("loggers includes tensorboard but it is not installed; "
+                                "pip install 'vopd[tensorboard]'") from exc
+            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+        if "wandb" in loggers:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise UserError("loggers includes wandb but it is not installed; pip install 'vopd[wandb]'") from exc
+            self._wandb = wandb.init(project="vopd", dir=str(output_dir), config=config, resume="allow")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every line stays valid JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

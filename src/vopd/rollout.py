@@ -1,0 +1,113 @@
+"""Rollouts: the one data contract between sampling, teacher scoring and the loss.
+
+What it knows: turning prompts + sampled completions (+ the sampler's log-probs) into right-padded training tensors,
+already aligned for the estimators (``targets[:, t]`` is the token the logits at position t predict), and slicing
+them into micro-batches. What it does not know: which sampler produced the completions (Hugging Face generate today,
+an inference engine later: anything returning ``vopd.sampling.Samples`` fits), models, or the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from vopd.sampling import Samples, generate
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A batch of sampled sequences. Shapes: B sequences, L = longest prompt + completion in the batch.
+
+    input_ids:        (B, L) prompt + completion ids, right-padded (padding is masked out everywhere).
+    attention_mask:   (B, L) 1 on real tokens.
+    targets:          (B, L-1) ``input_ids[:, 1:]``: position t's logits produce ``targets[:, t]``.
+    completion_mask:  (B, L-1) 1 where ``targets[:, t]`` is a sampled completion token.
+    sampler_logprobs: (B, L-1) the sampler's log-prob of each completion target, 0 elsewhere.
+    prompt_lengths, completion_lengths, truncated: per sequence.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    targets: Tensor
+    completion_mask: Tensor
+    sampler_logprobs: Tensor
+    prompt_lengths: list[int]
+    completion_lengths: list[int]
+    truncated: list[bool]
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def select(self, start: int, stop: int) -> "Rollout":
+        """Rows [start, stop), trimmed to their own longest sequence (micro-batches carry no extra padding)."""
+        width = int(self.attention_mask[start:stop].sum(-1).max())
+        return Rollout(
+            input_ids=self.input_ids[start:stop, :width],
+            attention_mask=self.attention_mask[start:stop, :width],
+            targets=self.targets[start:stop, : width - 1],
+            completion_mask=self.completion_mask[start:stop, : width - 1],
+            sampler_logprobs=self.sampler_logprobs[start:stop, : width - 1],
+            prompt_lengths=self.prompt_lengths[start:stop],
+            completion_lengths=self.completion_lengths[start:stop],
+            truncated=self.truncated[start:stop],
+        )
+
+    def to(self, device: torch.device) -> "Rollout":
+        return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
+                       self.completion_mask.to(device), self.sampler_logprobs.to(device), self.prompt_lengths,
+                       self.completion_lengths, self.truncated)
+
+
+def pack(prompts: list[list[int]], samples: Samples, pad_id: int) -> Rollout:
+    """Right-pad prompt + completion rows and align targets, masks and sampler log-probs."""
+    if len(prompts) != len(samples.completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(samples.completions)} completions")
+    rows = [p + c for p, c in zip(prompts, samples.completions)]
+    width = max(2, max(len(r) for r in rows))
+    b = len(rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    completion_mask = torch.zeros((b, width - 1), dtype=torch.bool)
+    sampler_lp = torch.zeros((b, width - 1), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, samples.completions)):
+        n = len(p) + len(c)
+        input_ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
+        attention[i, :n] = 1
+        # completion token j sits at input position len(p)+j and is predicted from position len(p)+j-1.
+        completion_mask[i, len(p) - 1 : n - 1] = True
+        if samples.logprobs and samples.logprobs[i]:
+            sampler_lp[i, len(p) - 1 : n - 1] = torch.tensor(samples.logprobs[i], dtype=torch.float32)
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention,
+        targets=input_ids[:, 1:].clone(),
+        completion_mask=completion_mask,
+        sampler_logprobs=sampler_lp,
+        prompt_lengths=[len(p) for p in prompts],
+        completion_lengths=[len(c) for c in samples.completions],
+        truncated=list(samples.truncated),
+    )
+
+
+#: A sampler maps prompt ids to ``Samples`` (completions + their sampler log-probs); this is the seam where an
+#: inference engine can replace Hugging Face generate.
+Sampler = Callable[[list[list[int]]], Samples]
+
+
+def hf_sampler(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+               batch_size: int) -> Sampler:
+    """Sampling with ``model.generate`` (KV cache), returning the sampler's log-probs for the importance ratio."""
+
+    def sample(prompts: list[list[int]]) -> Samples:
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, return_logprobs=True, batch_size=batch_size)
+
+    return sample

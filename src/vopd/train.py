@@ -1,0 +1,387 @@
+"""`vopd train`: on-policy distillation in one readable loop.
+
+    for step:  sample -> score (teacher) -> advantages + loss (student) -> step -> log -> eval -> checkpoint
+
+What it knows: the order of work of a step and everything around it (set-up, pre-flight, resume, NaN handling,
+metrics, checkpoints). It leaves the math to ``vopd.chunked``/``vopd.estimators``, sampling to ``vopd.rollout``,
+the teacher to ``vopd.teacher``, rank bookkeeping to ``vopd.distributed`` (no-ops on one process) and files to
+``vopd.checkpoint``. What it does not know: which method is used beyond passing its name (a ``Literal`` resolved by
+the estimators), or where the models came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vopd import checkpoint as ckpt
+from vopd import distributed as dist
+from vopd.check import preflight
+from vopd.chunked import chunked_distillation_loss
+from vopd.config import TrainConfig, config_to_dict, load_config, save_config
+from vopd.data import encode_prompt, format_prompt, load_problems
+from vopd.errors import UserError
+from vopd.metrics import MetricsWriter, TokenStats, peak_memory_mb
+from vopd.models import (apply_lora, enable_gradient_checkpointing, last_hidden, load_model, load_tokenizer,
+                         output_layer, resolve_device, resolve_dtype)
+from vopd.rollout import Rollout, Sampler, hf_sampler, pack
+from vopd.teacher import InProcessTeacher, rollout_kl
+
+
+class TrainingAborted(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    steps_done: int
+    skipped_steps: int
+    final_checkpoint: Path | None
+    last_metrics: dict[str, Any]
+
+
+class PromptStream:
+    """Epoch-wise shuffled prompt order with a resumable position (epoch, index); every rank walks the same order
+    and takes its own slice of each global batch."""
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool, epoch: int = 0, index: int = 0) -> None:
+        self.size, self.seed, self.shuffle, self.epoch, self.index = size, seed, shuffle, epoch, index
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.index == self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def load_prompts(cfg: TrainConfig, tokenizer: Any, log: Callable[[str], None]) -> list[list[int]]:
+    """Prompt ids of the training file; prompts longer than ``data.max_prompt_tokens`` are skipped (and counted)
+    or refused, per ``data.long_prompts``."""
+    rows = _read_prompt_texts(cfg)
+    prompts, skipped = [], 0
+    for where, text in rows:
+        ids = encode_prompt(tokenizer, format_prompt(text, cfg.data.template))
+        if len(ids) > cfg.data.max_prompt_tokens:
+            if cfg.data.long_prompts == "error":
+                raise UserError(f"{cfg.data.train} {where}: prompt has {len(ids)} tokens > data.max_prompt_tokens="
+                                f"{cfg.data.max_prompt_tokens}; raise the limit or set data.long_prompts=skip")
+            skipped += 1
+            continue
+        prompts.append(ids)
+    if skipped:
+        log(f"skipped {skipped} of {len(rows)} prompts longer than {cfg.data.max_prompt_tokens} tokens")
+    if not prompts:
+        raise UserError(f"no usable prompt in {cfg.data.train} (all {len(rows)} longer than "
+                        f"data.max_prompt_tokens={cfg.data.max_prompt_tokens})")
+    return prompts
+
+
+def _read_prompt_texts(cfg: TrainConfig) -> list[tuple[str, str]]:
+    from vopd.data import read_rows
+
+    rows = read_rows(cfg.data.train)
+    out = []
+    for where, row in rows:
+        value = row.get(cfg.data.prompt_field)
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{cfg.data.train} {where}: no text in field {cfg.data.prompt_field!r} (the row has fields "
+                            f"{sorted(row)}); set data.prompt_field to the field that holds the problem")
+        out.append((where, value))
+    return out
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` at the last step."""
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, stop_at: int | None = None,
+          log: Callable[[str], None] = print, sampler: Sampler | None = None) -> TrainResult:
+    """Distil ``cfg.model.teacher`` into ``cfg.model.student``. ``stop_at`` ends after that step as if interrupted
+    (no final export), which is how resume is tested; ``sampler`` replaces Hugging Face generate."""
+    device = resolve_device(cfg.model.device)
+    dist.init(device)
+    torch.manual_seed(cfg.seed + dist.rank())
+    out_dir = Path(cfg.output_dir)
+    config_dict = config_to_dict(cfg)
+    resume_from = ckpt.prepare_output_dir(out_dir, config_dict, resume=resume, overwrite=overwrite) \
+        if dist.is_main() else None
+    if resume and resume_from is None and dist.is_main():
+        log(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
+    dist.barrier()
+    if dist.is_main():
+        save_config(cfg, out_dir / "config.yaml")
+    info = log if dist.is_main() else (lambda _msg: None)
+
+    # ---- models, pre-flight
+    tok = load_tokenizer(cfg.model.student, role="student", trust_remote_code=cfg.model.trust_remote_code)
+    t_tok = load_tokenizer(cfg.model.teacher, role="teacher", trust_remote_code=cfg.model.trust_remote_code)
+    student = load_model(cfg.model.student, role="student", dtype=resolve_dtype(cfg.model.dtype, device),
+                         device=device, trust_remote_code=cfg.model.trust_remote_code)
+    teacher_model = load_model(cfg.model.teacher, role="teacher", dtype=resolve_dtype(cfg.model.teacher_dtype, device),
+                               device=device, trust_remote_code=cfg.model.trust_remote_code)
+    for line in preflight(student, teacher_model, tok, t_tok, cfg):
+        info(f"pre-flight ok: {line}")
+    vocab = len(tok)
+    if cfg.lora.enabled:
+        student = apply_lora(student, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                             target_modules=cfg.lora.target_modules)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
+    student.train()
+    teacher = InProcessTeacher(teacher_model, vocab)
+    prompts = load_prompts(cfg, tok, info)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg)
+    state: dict[str, Any] = {"step": 0, "data": {"epoch": 0, "index": 0}, "skipped_steps": 0, "bad_in_a_row": 0}
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model=student, optimizer=optimizer, scheduler=scheduler)
+        info(f"resumed from {resume_from} at step {state['step']}")
+    stream = PromptStream(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle, **state["data"])
+    sample = sampler or hf_sampler(student, tok, max_new_tokens=cfg.rollout.max_new_tokens,
+                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                   top_k=cfg.rollout.top_k, batch_size=cfg.rollout.batch_size)
+    writer = MetricsWriter(out_dir, cfg.loggers, config_dict) if dist.is_main() else None
+    per_rank = cfg.batch_size // dist.world_size()
+    if per_rank * dist.world_size() != cfg.batch_size:
+        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
+    bar = _progress(cfg, state["step"]) if dist.is_main() else None
+    last_ckpt: Path | None = resume_from
+    metrics: dict[str, Any] = {}
+
+    try:
+        for step in range(state["step"], cfg.steps):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            timer = _PhaseTimer(device)
+
+            # 1. sample: this rank's slice of the global batch, completions from the current student
+            with timer("generate"):
+                batch_ids = stream.take(cfg.batch_size)[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
+                batch_prompts = [prompts[i] for i in batch_ids]
+                rollout = pack(batch_prompts, sample(batch_prompts), tok.pad_token_id)
+            micro = [rollout.select(lo, lo + cfg.micro_batch_size).to(device)
+                     for lo in range(0, rollout.size, cfg.micro_batch_size)]
+            # The token mean is over the whole global batch (spec: "dapo" reduction): every micro-batch and rank
+            # divides by the same global count.
+            total_tokens = dist.all_reduce_sum(torch.tensor(float(rollout.num_tokens))).item()
+
+            # 2. score: the frozen teacher's hidden states for every micro-batch
+            with timer("teacher"):
+                scores = [teacher.score(mb, device) for mb in micro]
+
+            # 3-4. advantages + loss + backward, one student forward per micro-batch (chunked head)
+            stats = TokenStats()
+            loss_sum = 0.0
+            with timer("student"):
+                for mb, t in zip(micro, scores):
+                    hidden = last_hidden(student, mb.input_ids, mb.attention_mask)[:, :-1]
+                    weight, bias = output_layer(student, vocab)
+                    use_ratio = cfg.loss.ratio_cap > 0
+                    out = chunked_distillation_loss(
+                        hidden, weight, t.hidden, t.weight, mb.targets, mb.completion_mask,
+                        method=cfg.loss.method, top_k=cfg.loss.top_k, student_bias=bias, teacher_bias=t.bias,
+                        normalizer=max(total_tokens, 1.0) / dist.world_size(),
+                        sampler_logprobs=mb.sampler_logprobs if use_ratio else None,
+                        ratio_cap=cfg.loss.ratio_cap if use_ratio else None,
+                        memory_budget_mb=cfg.loss.chunk_memory_mb,
+                    )
+                    out.loss.backward()  # DDP averages gradients over ranks: hence the / world_size above
+                    loss_sum += float(out.loss.detach())
+                    stats.add(out, mb.completion_mask, mb.sampler_logprobs)
+
+            # 5. step: skip (and count) non-finite updates; abort after max_bad_steps in a row
+            with timer("optimizer"):
+                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                    state["bad_in_a_row"] = 0
+                else:
+                    state["skipped_steps"] += 1
+                    state["bad_in_a_row"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            state["step"] = step + 1
+            state["data"] = stream.state()
+
+            # 6. log
+            metrics = {**stats.reduce(), "loss": loss_sum, "grad_norm": grad_norm,
+                       "lr": scheduler.get_last_lr()[0], "skipped_steps": state["skipped_steps"],
+                       "step_skipped": not finite, **_rollout_metrics(rollout), **timer.metrics(),
+                       "peak_memory_mb": peak_memory_mb(device)}
+            metrics["tokens_per_s"] = total_tokens / max(timer.total, 1e-9)
+            if not finite:
+                info(f"step {step + 1}: non-finite loss ({loss_sum}) or gradient norm ({grad_norm}): update skipped "
+                     f"({state['bad_in_a_row']} in a row)")
+            if state["bad_in_a_row"] > cfg.max_bad_steps:
+                hint = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                raise TrainingAborted(f"{state['bad_in_a_row']} consecutive steps with non-finite loss or gradients "
+                                      f"(max_bad_steps={cfg.max_bad_steps}); {hint}; lower optim.lr or check the "
+                                      "models for NaN weights")
+
+            # 7. evaluate
+            last = step + 1 == cfg.steps
+            if cfg.data.eval and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
+                metrics.update(evaluate_student(student, teacher, tok, cfg, vocab))
+            if writer is not None and ((step + 1) % cfg.log_every == 0 or last):
+                writer.write(step + 1, metrics)
+            if bar is not None:
+                bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("kl_estimate", "grad_norm") if k in metrics})
+                bar.update(1)
+
+            # 8. checkpoint (rank 0 writes; others wait)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or step + 1 == stop_at:
+                if dist.is_main():
+                    last_ckpt = ckpt.save_checkpoint(out_dir, step + 1, model=student, tokenizer=tok,
+                                                     optimizer=optimizer, scheduler=scheduler, trainer_state=state,
+                                                     config=config_dict, keep_last=cfg.keep_last)
+                dist.barrier()
+            if stop_at is not None and step + 1 >= stop_at:
+                break
+    finally:
+        if writer is not None:
+            writer.close()
+        if bar is not None:
+            bar.close()
+
+    if dist.is_main() and state["step"] == cfg.steps:
+        final = out_dir / "final"
+        ckpt.export_merged(student, tok, final) if cfg.lora.enabled else _save_final(student, tok, final)
+        info(f"final model: {final}")
+    return TrainResult(out_dir, state["step"], state["skipped_steps"], last_ckpt, metrics)
+
+
+def _save_final(model: Any, tokenizer: Any, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def evaluate_student(student: Any, teacher: InProcessTeacher, tok: Any, cfg: TrainConfig,
+                     vocab: int) -> dict[str, float]:
+    """Accuracy on ``data.eval`` (Avg/Pass/Maj@n) and the exact held-out KL on fresh temperature-1 samples."""
+    from vopd.eval import evaluate
+
+    problems = load_problems(cfg.data.eval, kind="math", problem_field=cfg.data.prompt_field,
+                             answer_field=cfg.data.answer_field, limit=cfg.eval.limit or None)
+    result = evaluate(student, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                      max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed,
+                      greedy=cfg.eval.greedy, template=cfg.data.template)
+    kl = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab)
+    m = result.metrics
+    return {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n,
+            "eval_kl": kl}
+
+
+def heldout_kl(student: Any, teacher: InProcessTeacher, tok: Any, problems: list[str], cfg: TrainConfig,
+               vocab: int, seed: int | None = None) -> float:
+    """Mean exact KL_t(student || teacher) on one temperature-1 completion per problem; RNG state is restored."""
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg.seed + 12345 if seed is None else seed)
+    try:
+        ids = [encode_prompt(tok, format_prompt(p, cfg.data.template)) for p in problems]
+        sampler = hf_sampler(student, tok, max_new_tokens=cfg.eval_max_new_tokens, temperature=1.0, top_p=1.0,
+                             top_k=0, batch_size=cfg.rollout.batch_size)
+        rollout = pack(ids, sampler(ids), tok.pad_token_id)
+        kl, _ = rollout_kl(student, teacher, rollout, vocab_size=vocab, micro_batch_size=cfg.micro_batch_size)
+    finally:
+        torch.set_rng_state(rng)
+    return kl
+
+
+def _rollout_metrics(r: Rollout) -> dict[str, float]:
+    lengths = r.completion_lengths
+    return {"completion_len_mean": sum(lengths) / max(len(lengths), 1), "completion_len_max": max(lengths, default=0),
+            "truncation_rate": sum(r.truncated) / max(len(r.truncated), 1)}
+
+
+class _PhaseTimer:
+    """Wall time per phase (CUDA-synchronised so asynchronous kernels are charged to their phase)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.total = device, {}, 0.0
+        self._name = ""
+
+    def __call__(self, name: str) -> "_PhaseTimer":
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self._t0
+        self.times[self._name] = self.times.get(self._name, 0.0) + dt
+        self.total += dt
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{k}": v for k, v in self.times.items()} | {"time_step": self.total}
+
+
+def _progress(cfg: TrainConfig, start: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=f"vopd {cfg.loss.method}", unit="step", dynamic_ncols=True)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or TOML config file (see docs/config.md)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.method=vopd optim.lr=1e-5")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="move an existing run in output_dir aside and start")
+    parser.add_argument("--stop-at", type=int, help="stop after this step as if interrupted (resume later)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at)
+    finally:
+        dist.shutdown()
+    if dist.is_main():
+        m = result.last_metrics
+        print(f"done: {result.steps_done} steps ({result.skipped_steps} skipped) in {result.output_dir}; "
+              + ", ".join(f"{k}={m[k]:.4g}" for k in ("kl_estimate", "kl_mean", "eval_avg_at_n", "eval_kl") if k in m))
+    return 0
