@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vopd.eval", "sample n answers per problem and grade them (Avg@n, Pass@n, Maj@n)"),
     "check": ("vopd.check", "pre-flight checks of a student/teacher pair without training"),
     "bench": ("vopd.bench", "benchmarks: `vopd bench estimators`"),
+    "serve-teacher": ("vopd.serve", "serve a frozen teacher over HTTP for remote scoring"),
 }
 
 
