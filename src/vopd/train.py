@@ -133,18 +133,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, st
     device = resolve_device(cfg.model.device)
     dist.init(device)
     torch.manual_seed(cfg.seed + dist.rank())
-    out_dir = Path(cfg.output_dir)
-    config_dict = config_to_dict(cfg)
-    resume_from = ckpt.prepare_output_dir(out_dir, config_dict, resume=resume, overwrite=overwrite) \
-        if dist.is_main() else None
-    if resume and resume_from is None and dist.is_main():
-        log(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
-    dist.barrier()
-    if dist.is_main():
-        save_config(cfg, out_dir / "config.yaml")
     info = log if dist.is_main() else (lambda _msg: None)
 
-    # ---- models, pre-flight
+    # ---- models, data and pre-flight first: a run that cannot start leaves output_dir untouched
     tok = load_tokenizer(cfg.model.student, role="student", trust_remote_code=cfg.model.trust_remote_code)
     t_tok = load_tokenizer(cfg.model.teacher, role="teacher", trust_remote_code=cfg.model.trust_remote_code)
     student = load_model(cfg.model.student, role="student", dtype=resolve_dtype(cfg.model.dtype, device),
@@ -162,6 +153,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, st
     student.train()
     teacher = InProcessTeacher(teacher_model, vocab)
     prompts = load_prompts(cfg, tok, info)
+
+    out_dir = Path(cfg.output_dir)
+    config_dict = config_to_dict(cfg)
+    resume_from = ckpt.prepare_output_dir(out_dir, config_dict, resume=resume, overwrite=overwrite) \
+        if dist.is_main() else None
+    if resume and resume_from is None:
+        info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
+    dist.barrier()
+    if dist.is_main():
+        save_config(cfg, out_dir / "config.yaml")
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -265,8 +266,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, st
                 bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("kl_estimate", "grad_norm") if k in metrics})
                 bar.update(1)
 
-            # 8. checkpoint (rank 0 writes; others wait)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or step + 1 == stop_at:
+            # 8. checkpoint (rank 0 writes; others wait); never in the middle of a run of non-finite steps, so the
+            # newest checkpoint is always the last good state
+            due = (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or step + 1 == stop_at
+            if due and state["bad_in_a_row"] == 0:
                 if dist.is_main():
                     last_ckpt = ckpt.save_checkpoint(out_dir, step + 1, model=student, tokenizer=tok,
                                                      optimizer=optimizer, scheduler=scheduler, trainer_state=state,

@@ -1,0 +1,498 @@
+"""Checkpoints of a run: atomic writes, verification, pruning, resuming, and guarding a run's output directory.
+
+Layout: ``OUTPUT_DIR/vopd_run.yaml`` marks a vopd run (and holds its config); ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/``
+holds ``model/`` (``save_pretrained`` output: full weights, or the adapter of a PEFT model; plus tokenizer files),
+``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``, ``rng.pt``, ``config.yaml`` and, written last,
+``manifest.json`` (size and sha256 of every other file). A checkpoint is built in a temporary directory next to the
+others and renamed into place, so a killed writer leaves either the complete checkpoint or nothing that counts as one.
+
+What it knows: files, hashes, the RNGs of python/numpy/torch, how to put saved weights back into a live model (plain
+Hugging Face or PEFT). What it does NOT know: the config's schema (it sees a plain dict), the training loop, what
+the trainer keeps in ``trainer_state``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vopd.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+RUN_MARKER = "vopd_run.yaml"
+REQUIRED_FILES = ("trainer_state.json", "rng.pt", "config.yaml")
+#: Config keys (and sections) that may change when a run is resumed: they do not change what is being trained.
+RESUME_MUTABLE_KEYS = (
+    "steps", "output_dir", "loggers", "progress", "log_every", "save_every", "keep_last", "max_bad_steps",
+    "eval", "data.eval", "model.device", "model.gradient_checkpointing", "rollout.batch_size", "loss.chunk_memory_mb",
+)
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+_TMP_PID_RE = re.compile(r"^\.tmp-.*\.(\d+)\.[^.]+$")  # .tmp-<what>.<pid>.<random>
+
+
+# ------------------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of python's ``random``, numpy's global RNG (if numpy is installed), torch CPU and every CUDA device
+    (if available), in a form ``torch.load(weights_only=True)`` reads back."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured. CUDA states are restored for the devices present (none on CPU)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+# ------------------------------------------------------------------------------------------------ file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename/creation inside ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _hash_file(path: Path, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if sync:  # the writers (save_pretrained, torch.save) do not fsync; do it before the manifest vouches for it
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only; PermissionError means it exists (another user's)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _remove_stale_temps(ckdir: Path) -> None:
+    """Delete temporary directories left by writers that died (their pid is gone)."""
+    for p in ckdir.glob(_TMP_PREFIX + "*"):
+        m = _TMP_PID_RE.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of the ``step-*`` namespace first, so a crash mid-delete leaves only a stale temp directory."""
+    doomed = path.with_name(f"{_TMP_PREFIX}del-{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model: Any,
+    tokenizer: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write ``output_dir/checkpoints/step-{step:08d}/`` atomically (replacing one of the same step), then keep only
+    the ``keep_last`` newest valid checkpoints. Captures the RNG state as it is at the call. Returns the path."""
+    if keep_last < 1:
+        raise UserError(f"keep_last={keep_last} is invalid: keep at least 1 checkpoint")
+    ckdir = Path(output_dir) / CHECKPOINTS
+    ckdir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(ckdir)
+    rng = rng_state()
+    name = f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}.{os.getpid()}.", dir=ckdir))
+    final = ckdir / name
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); a checkpoint gets the usual permissions
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "model")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, width=4096), encoding="utf-8")
+        _write_manifest(tmp, step)
+        if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one out of the way first
+            _remove_dir(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(ckdir, final, keep_last)
+    return final
+
+
+def _write_manifest(root: Path, step: int) -> None:
+    files = []
+    for p in sorted(x for x in root.rglob("*") if x.is_file()):
+        files.append({"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": _hash_file(p, True)})
+    for d in [root, *(x for x in root.rglob("*") if x.is_dir())]:
+        _fsync_dir(d)
+    manifest = {"format": "vopd-checkpoint", "version": 1, "step": step, "files": files}
+    with (root / MANIFEST).open("w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _prune(ckdir: Path, keep: Path, keep_last: int) -> None:
+    """Keep ``keep`` and the ``keep_last - 1`` newest valid checkpoints before it; delete older ones and corrupt ones.
+    Newer valid checkpoints (only possible if the caller resumed from an older one on purpose) are left alone."""
+    kept = 1
+    for path in reversed(_complete(ckdir)):
+        if path == keep:
+            continue
+        valid = _problem(path, hashes=False) is None  # sizes only: hashing every old checkpoint each save is slow
+        if _step_of(path) > _step_of(keep):
+            if not valid:
+                _remove_dir(path)
+        elif valid and kept < keep_last:
+            kept += 1
+        else:
+            _remove_dir(path)
+
+
+# -------------------------------------------------------------------------------------------- verification
+
+
+def _complete(ckdir: Path) -> list[Path]:
+    if not ckdir.is_dir():
+        return []
+    found = [p for p in ckdir.iterdir() if _STEP_RE.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def _problem(path: Path, *, hashes: bool) -> tuple[str, str] | None:
+    """(file, what is wrong) for the first problem of checkpoint ``path``; None if it is intact."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        entries = {str(e["path"]): (int(e["size"]), str(e["sha256"])) for e in manifest["files"]}
+    except FileNotFoundError:
+        return MANIFEST, "missing (the checkpoint was not completed)"
+    except (ValueError, KeyError, TypeError) as exc:
+        return MANIFEST, f"unreadable ({type(exc).__name__})"
+    for required in REQUIRED_FILES:
+        if required not in entries:
+            return required, "not listed in the manifest"
+    if not any(name.startswith("model/") for name in entries):
+        return "model/", "no model files listed in the manifest"
+    for name, (expected_size, sha256) in entries.items():
+        file = path / name
+        if not file.is_file():
+            return name, "missing"
+        size = file.stat().st_size
+        if size != expected_size:
+            return name, f"{size} bytes, the manifest says {expected_size}"
+        if hashes and _hash_file(file) != sha256:
+            return name, "sha256 differs from the manifest"
+    return None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with a manifest) of the run in ``output_dir``, oldest first. Not verified."""
+    return _complete(Path(output_dir) / CHECKPOINTS)
+
+
+def latest_valid_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files all match the manifest (sha256); None if there is none."""
+    for path in reversed(list_checkpoints(output_dir)):
+        if _problem(path, hashes=True) is None:
+            return path
+    return None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise ``UserError`` naming the first missing or mismatched file of checkpoint ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist: pass a checkpoints/step-NNNNNNNN directory")
+    problem = _problem(path, hashes=True)
+    if problem is None:
+        return
+    file, detail = problem
+    output_dir = path.parent.parent
+    others = [p for p in reversed(list_checkpoints(output_dir)) if p.resolve() != path.resolve()]
+    fallback = next((p for p in others if _problem(p, hashes=True) is None), None)
+    hint = (f"the last valid one is {fallback}: resume from it instead (--resume picks the newest valid one)"
+            if fallback is not None else f"no valid checkpoint is left in {output_dir / CHECKPOINTS}: start the run "
+            "again (--overwrite)")
+    raise UserError(f"checkpoint {path} is corrupt (file {file}: {detail}); {hint}")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _is_peft(model: Any) -> bool:
+    peft = sys.modules.get("peft")  # a PeftModel cannot exist unless peft was imported; avoid importing it here
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(file, device="cpu"))
+    return state
+
+
+def _load_weights(model_dir: Path, model: Any, where: Path) -> None:
+    if _is_peft(model) != (model_dir / "adapter_config.json").is_file():
+        kinds = ("a LoRA adapter", "a full model") if _is_peft(model) else ("a full model", "a LoRA adapter")
+        raise UserError(f"checkpoint {where} holds {kinds[1]} but the model to resume is {kinds[0]}: "
+                        "resume with the same lora.enabled setting")
+    state = _read_safetensors(model_dir)
+    if _is_peft(model):
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state, adapter_name=getattr(model, "active_adapter", "default"))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            bad = (list(result.unexpected_keys) + missing)[:3]
+            raise UserError(f"checkpoint {where} adapter does not fit the model (e.g. {bad}): "
+                            "resume with the same lora settings")
+        return
+    own = model.state_dict()
+    # A missing key is fine if it is tied to a loaded one (lm_head.weight shares the embedding's storage).
+    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded_ptrs]
+    if not missing and all(k in own and own[k].shape == v.shape for k, v in state.items()):
+        model.load_state_dict(state, strict=False)
+        return
+    # Saved names differ from the live ones: transformers converts some architectures' weights (e.g. fused MoE
+    # experts) between file and memory. Let transformers load the files, then copy into the live model.
+    fresh, info = type(model).from_pretrained(
+        model_dir, dtype=next(model.parameters()).dtype, output_loading_info=True
+    )
+    bad = [k for name in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(name, [])]
+    if bad:
+        raise UserError(f"checkpoint {where} model does not fit the model to resume (e.g. {bad[:3]}): "
+                        "resume with the same model.student")
+    model.load_state_dict(fresh.state_dict())
+    del fresh
+
+
+def load_checkpoint(
+    path: str | Path, *, model: Any, optimizer: Any = None, scheduler: Any = None, restore_rng: bool = True
+) -> dict[str, Any]:
+    """Verify checkpoint ``path``, load its weights into ``model`` (the adapter for a PEFT model), the optimizer and
+    scheduler states (when given), and restore the global RNGs (``restore_rng``; call this last in the set-up, so
+    the draws that follow equal those that followed the save). Returns the ``trainer_state`` dict as saved."""
+    path = Path(path)
+    verify_checkpoint(path)
+    _load_weights(path / "model", model, path)
+    for obj, file in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
+        if obj is None:
+            continue
+        if not (path / file).is_file():
+            raise UserError(f"checkpoint {path} has no {file}: it was saved without one; resume without it")
+        try:
+            obj.load_state_dict(torch.load(path / file, map_location="cpu", weights_only=True))
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"checkpoint {path} {file} does not fit ({exc}): resume with the same settings") from None
+    if restore_rng:
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------ merged export
+
+
+def _merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor] | None:
+    """Base weights + LoRA deltas as a plain model's CPU state dict, computed layer by layer (the live model is not
+    touched, and only one merged weight at a time is on its device). None when the model uses PEFT features other
+    than unmerged plain-LoRA linear layers; the caller then merges a deep copy."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = peft_model.get_base_model()
+    lora = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLinear):
+            adapters = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
+            if module.merged or any(module.use_dora.get(a, False) for a in adapters):
+                return None
+            lora[name] = (module, adapters)
+        elif isinstance(module, BaseTunerLayer) or type(module).__name__ == "ModulesToSaveWrapper":
+            return None
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in base.state_dict().items():
+        if key.split(".lora_", 1)[0] in lora:
+            continue  # the adapter's own parameters (lora_A/lora_B)
+        owner, _, leaf = key.rpartition(".")
+        module_name = owner.removesuffix(".base_layer")
+        if owner.endswith(".base_layer") and module_name in lora:
+            module, adapters = lora[module_name]
+            if leaf == "weight":
+                with torch.no_grad():
+                    for adapter in adapters:
+                        tensor = tensor + module.get_delta_weight(adapter)
+            key = f"{module_name}.{leaf}"
+        state[key] = tensor.detach().to("cpu", copy=True)
+    return state
+
+
+def export_merged(model: Any, tokenizer: Any, path: str | Path) -> Path:
+    """Write a full model (adapters merged, for a PEFT model) that ``AutoModelForCausalLM.from_pretrained`` loads,
+    plus the tokenizer (if given), to ``path``. The live model is left unchanged."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not _is_peft(model):
+        model.save_pretrained(path, safe_serialization=True)
+    else:
+        state = _merged_lora_state_dict(model)
+        if state is not None:
+            model.get_base_model().save_pretrained(path, state_dict=state, safe_serialization=True)
+        else:
+            copy.deepcopy(model).merge_and_unload().save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE_KEYS
+                       ) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, except keys under ``ignore``."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys
+            if a.get(k, "<unset>") != b.get(k, "<unset>") and not any(k == i or k.startswith(i + ".") for i in ignore)]
+
+
+def _write_marker(output_dir: Path, config: dict[str, Any]) -> None:
+    text = yaml.safe_dump({"vopd_run": 1, "config": config}, sort_keys=False, width=4096)
+    tmp = output_dir / f"{RUN_MARKER}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, output_dir / RUN_MARKER)
+
+
+def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> Path | None:
+    """Claim ``output_dir`` for a run with ``config``. Returns the checkpoint to resume from, or None to start fresh.
+
+    Empty or absent directory: a new run. A directory holding a vopd run: refused unless ``resume`` (the config must
+    match except ``RESUME_MUTABLE_KEYS``; returns the newest valid checkpoint, None if none was saved yet) or
+    ``overwrite`` (the old run is renamed to ``<dir>.old-<time>``, never deleted). A non-empty directory that is not
+    a vopd run is never touched."""
+    out = Path(output_dir)
+    if resume and overwrite:
+        raise UserError("resume and overwrite exclude each other: pass only one")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file: choose a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        _write_marker(out, config)
+        return None
+    marker = out / RUN_MARKER
+    if not marker.is_file():
+        raise UserError(f"output_dir {out} is not empty and holds no vopd run ({RUN_MARKER} is missing): "
+                        "choose another output_dir")
+    if overwrite:
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        os.rename(out, aside)
+        log.warning("moved the previous run in %s to %s", out, aside)
+        out.mkdir(parents=True)
+        _write_marker(out, config)
+        return None
+    if not resume:
+        raise UserError(f"output_dir {out} already holds a vopd run: continue it with resume (--resume), move it "
+                        "aside with overwrite (--overwrite), or choose another output_dir")
+    try:
+        old = yaml.safe_load(marker.read_text(encoding="utf-8"))["config"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise UserError(f"{marker} is unreadable: restore it or start a new run in another output_dir") from None
+    diffs = config_differences(old, config)
+    if diffs:
+        flat_old, flat_new = _flatten(old), _flatten(config)
+        shown = ", ".join(f"{k} ({flat_old.get(k, '<unset>')!r} -> {flat_new.get(k, '<unset>')!r})" for k in diffs)
+        raise UserError(f"cannot resume the run in {out}: its config differs in {shown}; undo these changes, or "
+                        "start a new run (overwrite or another output_dir)")
+    latest = latest_valid_checkpoint(out)
+    if latest is None and list_checkpoints(out):
+        raise UserError(f"cannot resume the run in {out}: none of its checkpoints is valid; start again with "
+                        "overwrite (--overwrite)")
+    _write_marker(out, config)
+    return latest

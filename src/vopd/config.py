@@ -1,0 +1,504 @@
+"""The training configuration: typed dataclasses, loading from YAML/TOML plus ``key=value`` overrides, validation.
+
+What it knows: every option of a run (its name, type, default, meaning and allowed values), how to read it from a
+file and the command line, how to check it, and how to write it back so that it loads to an equal config. The
+dataclasses are the one source of truth: ``docs/config.md`` is generated from them (``config_reference_markdown``).
+What it does NOT know: what the options do (models, sampling, losses, checkpoints live elsewhere), torch, devices;
+which sampling settings suit which loss method (the trainer checks that). Derived values (gradient accumulation, the
+evaluation length, the resolved dtype) are computed by properties/functions and never written back into a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args, get_origin
+
+import yaml
+
+from vopd.data import PROMPT_TEMPLATE
+from vopd.errors import UserError
+
+Method = Literal["opd", "vopd", "vopd-topk", "opd-full", "opd-topk"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Logger = Literal["tensorboard", "wandb"]
+
+
+def _opt(default: Any, doc: str) -> Any:
+    """A field with its documentation attached (the docs table is generated from it). Lists get a fresh copy."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    """[model] The student (trained) and the teacher (frozen), as local Hugging Face model directories."""
+
+    student: str = _opt("", "Required. Local Hugging Face directory of the student (the model that is trained).")
+    teacher: str = _opt("", "Required. Local Hugging Face directory of the frozen teacher; same tokenizer as the student.")
+    dtype: Dtype = _opt("auto", "Student weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    teacher_dtype: Dtype = _opt("auto", "Teacher weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N; auto = cuda if available, else cpu.")
+    gradient_checkpointing: bool = _opt(False, "Recompute student activations in the backward pass to save memory.")
+    trust_remote_code: bool = _opt(False, "Allow model code shipped inside the model directories to run.")
+
+
+@dataclass
+class LoraConfig:
+    """[lora] Train LoRA adapters on the student instead of all weights."""
+
+    enabled: bool = _opt(False, "Train LoRA adapters instead of the full student.")
+    r: int = _opt(64, "LoRA rank.")
+    alpha: int = _opt(128, "LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = _opt(0.0, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] = _opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Names of the linear modules that get adapters.",
+    )
+
+
+@dataclass
+class DataConfig:
+    """[data] Problems to sample completions for (local files)."""
+
+    train: str = _opt("", "Required. Local file of training problems.")
+    eval: str = _opt("", "Local file of evaluation problems; empty = no evaluation.")
+    prompt_field: str = _opt("problem", "Record field holding the problem text.")
+    answer_field: str = _opt("answer", "Record field holding the reference answer (used by evaluation).")
+    template: str = _opt(PROMPT_TEMPLATE, "Prompt template; {problem} is replaced by the problem text (no chat template).")
+    max_prompt_tokens: int = _opt(1024, "Longest prompt, in tokens, that is used.")
+    long_prompts: Literal["skip", "error"] = _opt("skip", "What to do with a prompt longer than max_prompt_tokens.")
+    shuffle: bool = _opt(True, "Shuffle the training problems (with the run's seed).")
+
+
+@dataclass
+class RolloutConfig:
+    """[rollout] How the student samples the completions it is trained on."""
+
+    max_new_tokens: int = _opt(2048, "Longest completion, in tokens.")
+    temperature: float = _opt(1.0, "Sampling temperature (> 0).")
+    top_p: float = _opt(1.0, "Nucleus sampling threshold in [0, 1]; 1 = off.")
+    top_k: int = _opt(0, "Sample among the k most likely tokens; 0 = off.")
+    allow_biased_sampling: bool = _opt(False, "Allow sampling settings that make the loss estimate biased.")
+    batch_size: int = _opt(64, "Completions generated per generation call (speed/memory only).")
+
+
+@dataclass
+class LossConfig:
+    """[loss] The per-token reverse-KL estimator."""
+
+    method: Method = _opt("vopd", "Estimator of the reverse-KL gradient.")
+    top_k: int = _opt(100, "Tokens per position for the top-k methods (vopd-topk, opd-topk); >= 1.")
+    chunk_memory_mb: int = _opt(1024, "Memory budget for one chunk of vocabulary-sized activations, in MiB.")
+    ratio_cap: float = _opt(
+        2.0, "Cap on the detached importance ratio against the sampler's log-probs; 0 disables the ratio, else >= 1."
+    )
+
+
+@dataclass
+class OptimConfig:
+    """[optim] AdamW and the learning-rate schedule."""
+
+    lr: float = _opt(1e-5, "Peak learning rate (> 0).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (>= 0).")
+    beta1: float = _opt(0.9, "AdamW beta1, in [0, 1).")
+    beta2: float = _opt(0.999, "AdamW beta2, in [0, 1).")
+    eps: float = _opt(1e-8, "AdamW epsilon (> 0).")
+    schedule: Literal["constant", "cosine"] = _opt("cosine", "Learning-rate schedule after warmup.")
+    warmup_steps: int = _opt(0, "Linear warmup steps from 0 to lr.")
+    min_lr_ratio: float = _opt(0.0, "Final learning rate of the cosine schedule, as a fraction of lr, in [0, 1].")
+    grad_clip: float = _opt(1.0, "Clip the gradient norm to this value; 0 disables clipping.")
+
+
+@dataclass
+class EvalConfig:
+    """[eval] Periodic evaluation on data.eval."""
+
+    every: int = _opt(0, "Evaluate every this many steps; 0 = only at the end (if data.eval is set).")
+    n: int = _opt(1, "Samples per problem (Avg@n, Pass@n, Maj@n).")
+    temperature: float = _opt(0.6, "Sampling temperature (> 0 unless greedy).")
+    top_p: float = _opt(1.0, "Nucleus sampling threshold in [0, 1].")
+    max_new_tokens: int = _opt(0, "Longest completion; 0 = rollout.max_new_tokens.")
+    limit: int = _opt(0, "Evaluate on the first this many problems; 0 = all.")
+    greedy: bool = _opt(False, "Greedy decoding (ignores temperature and top_p).")
+
+
+@dataclass
+class TrainConfig:
+    """Top-level keys of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    steps: int = _opt(100, "Optimizer steps.")
+    batch_size: int = _opt(8, "Sequences (prompt + sampled completion) per optimizer step.")
+    micro_batch_size: int = _opt(8, "Sequences per forward/backward pass; must divide batch_size.")
+    seed: int = _opt(0, "Seed of every random number generator (>= 0).")
+    output_dir: str = _opt("runs/vopd", "Directory for checkpoints, logs and the final model.")
+    log_every: int = _opt(1, "Log metrics every this many steps.")
+    save_every: int = _opt(0, "Save a checkpoint every this many steps; 0 = only at the end.")
+    keep_last: int = _opt(2, "Checkpoints kept on disk (the newest ones); >= 1.")
+    max_bad_steps: int = _opt(3, "Consecutive steps with a non-finite loss or gradient tolerated before stopping.")
+    loggers: list[Logger] = _opt([], "Metric loggers besides the console: tensorboard, wandb.")
+    progress: bool = _opt(True, "Show a progress bar.")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.batch_size // self.micro_batch_size
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        """The evaluation completion length (eval.max_new_tokens, or the rollout's when 0)."""
+        return self.eval.max_new_tokens or self.rollout.max_new_tokens
+
+    def validate(self, *, require_paths: bool = True) -> None:
+        """Cross-field and range rules; raises ``UserError`` naming the first broken one.
+
+        ``require_paths=False`` skips the required-path checks (for tools that only inspect a config)."""
+        _validate(self, require_paths)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The concrete dtype name for ``dtype`` on ``device`` (a resolved device string, e.g. "cuda:0" or "cpu")."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+# ---------------------------------------------------------------------------------------------- validation rules
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise UserError(f"config key {key}={value!r} is invalid: it must be {rule}")
+
+
+def _validate(c: TrainConfig, require_paths: bool) -> None:
+    if require_paths:
+        for key, value, what in (
+            ("model.student", c.model.student, "the student's local model directory"),
+            ("model.teacher", c.model.teacher, "the teacher's local model directory"),
+            ("data.train", c.data.train, "the training problems file"),
+        ):
+            if not value.strip():
+                raise UserError(f"config key {key} is required: set it to {what} (e.g. {key}=PATH)")
+    _check(bool(_DEVICE_RE.match(c.model.device)), "model.device", c.model.device, "auto, cpu, cuda or cuda:N")
+    _check(c.lora.r >= 1, "lora.r", c.lora.r, ">= 1")
+    _check(c.lora.alpha > 0, "lora.alpha", c.lora.alpha, "> 0")
+    _check(0.0 <= c.lora.dropout < 1.0, "lora.dropout", c.lora.dropout, "in [0, 1)")
+    _check(not c.lora.enabled or bool(c.lora.target_modules), "lora.target_modules", c.lora.target_modules,
+           "non-empty when lora.enabled")
+    _check(bool(c.data.prompt_field), "data.prompt_field", c.data.prompt_field, "non-empty")
+    _check("{problem}" in c.data.template, "data.template", c.data.template, "a text containing {problem}")
+    _check(c.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", c.data.max_prompt_tokens, ">= 1")
+    r = c.rollout
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, ">= 1")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "> 0")
+    _check(0.0 <= r.top_p <= 1.0, "rollout.top_p", r.top_p, "in [0, 1]")
+    _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0 = off)")
+    _check(r.batch_size >= 1, "rollout.batch_size", r.batch_size, ">= 1")
+    _check(c.loss.top_k >= 1, "loss.top_k", c.loss.top_k, ">= 1")
+    _check(c.loss.chunk_memory_mb >= 1, "loss.chunk_memory_mb", c.loss.chunk_memory_mb, ">= 1")
+    # A cap below 1 would clip every ratio under its unbiased value 1; 0 is the documented "off".
+    _check(c.loss.ratio_cap == 0 or c.loss.ratio_cap >= 1, "loss.ratio_cap", c.loss.ratio_cap, "0 (off) or >= 1")
+    o = c.optim
+    _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(0.0 <= o.beta1 < 1.0, "optim.beta1", o.beta1, "in [0, 1)")
+    _check(0.0 <= o.beta2 < 1.0, "optim.beta2", o.beta2, "in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "> 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 = off)")
+    e = c.eval
+    _check(e.every >= 0, "eval.every", e.every, ">= 0")
+    _check(e.n >= 1, "eval.n", e.n, ">= 1")
+    _check(e.greedy or e.temperature > 0, "eval.temperature", e.temperature, "> 0 (or set eval.greedy=true)")
+    _check(0.0 <= e.top_p <= 1.0, "eval.top_p", e.top_p, "in [0, 1]")
+    _check(e.max_new_tokens >= 0, "eval.max_new_tokens", e.max_new_tokens, ">= 0 (0 = rollout.max_new_tokens)")
+    _check(e.limit >= 0, "eval.limit", e.limit, ">= 0 (0 = all)")
+    if e.every > 0 and not c.data.eval:
+        raise UserError(f"config key eval.every={e.every} needs evaluation data: set data.eval=PATH or eval.every=0")
+    _check(c.steps >= 1, "steps", c.steps, ">= 1")
+    _check(c.batch_size >= 1, "batch_size", c.batch_size, ">= 1")
+    _check(c.micro_batch_size >= 1, "micro_batch_size", c.micro_batch_size, ">= 1")
+    if c.batch_size % c.micro_batch_size:
+        raise UserError(f"config key batch_size={c.batch_size} is not a multiple of micro_batch_size="
+                        f"{c.micro_batch_size}: make micro_batch_size divide batch_size")
+    _check(c.seed >= 0, "seed", c.seed, ">= 0")
+    _check(bool(c.output_dir), "output_dir", c.output_dir, "non-empty")
+    _check(c.log_every >= 1, "log_every", c.log_every, ">= 1")
+    _check(c.save_every >= 0, "save_every", c.save_every, ">= 0 (0 = only at the end)")
+    _check(c.keep_last >= 1, "keep_last", c.keep_last, ">= 1")
+    _check(c.max_bad_steps >= 0, "max_bad_steps", c.max_bad_steps, ">= 0")
+    _check(len(set(c.loggers)) == len(c.loggers), "loggers", c.loggers, "a list without repeats")
+
+
+# ---------------------------------------------------------------------------------------- generic typed conversion
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved field types of a dataclass (annotations are strings under ``from __future__ import annotations``)."""
+    return typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in get_args(tp))
+    if origin is list:
+        (item,) = get_args(tp)
+        return f"list[{_type_name(item)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad(key: str, value: Any, expected: str) -> UserError:
+    return UserError(f"config key {key}={value!r} is invalid: expected {expected}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against (and, where lossless, converted to) type ``tp``; ``key`` is for messages."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            value = dataclasses.asdict(value)
+        if value is None:  # an empty section in YAML (`loss:` with every line commented out)
+            value = {}
+        if not isinstance(value, dict):
+            raise _bad(key, value, f"a table of keys ({', '.join(f.name for f in dataclasses.fields(tp))})")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise _bad(key, value, f"one of {', '.join(map(str, choices))}{hint}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _bad(key, value, f"a list, e.g. {key}=[a,b]")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):  # strict: "1", 1, "yes-ish" strings are mistakes, not booleans
+            raise _bad(key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(key, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-5" (no dot) as a string; accept numeric text for float keys.
+            try:
+                value = float(value)
+            except ValueError:
+                raise _bad(key, value, "a number") from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(key, value, "a number")
+        if not math.isfinite(value):
+            raise _bad(key, value, "a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _bad(key, value, f"a string (quote it: {key}: \"{value}\")")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+
+
+def _unknown_key(key: str, cls: type, prefix: str) -> UserError:
+    """Unknown ``prefix + key`` in section ``cls``: suggest a close key here, or the same name in another section."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    # The same name in another section (lr -> optim.lr) beats a spelling neighbour here (lr -> lora).
+    elsewhere = [p for p in _all_keys(TrainConfig) if p.rsplit(".", 1)[-1] == key]
+    close = [prefix + c for c in difflib.get_close_matches(key, valid, n=1)]
+    hint = f"did you mean {(elsewhere or close)[0]}?" if elsewhere or close else "no close match."
+    section = f"[{prefix[:-1]}]" if prefix else "at the top level"
+    return UserError(f"unknown config key {prefix}{key}: {hint} Valid keys {section}: {', '.join(valid)}")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config dataclass."""
+    keys: list[str] = []
+    for name, tp in _hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """An instance of dataclass ``cls`` from a (possibly partial) dict; missing keys keep their defaults."""
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(str(key), cls, prefix)
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+# -------------------------------------------------------------------------------------------------- public API
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """A plain nested dict (only str/int/float/bool/list/dict) of every key."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any], *, require_paths: bool = True) -> TrainConfig:
+    """A checked, validated ``TrainConfig`` from a (possibly partial) nested dict; missing keys take defaults."""
+    if not isinstance(d, dict):
+        raise UserError(f"a config must be a table of keys, got {type(d).__name__}: write `key: value` lines")
+    cfg = _build(TrainConfig, d)
+    cfg.validate(require_paths=require_paths)
+    return cfg
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the path")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        elif suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        else:
+            raise UserError(f"config file {path} has an unknown extension: use .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise UserError(f"config file {path} cannot be parsed ({detail}): fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table of keys, not a {type(data).__name__}")
+    return data
+
+
+def _field_type(dotted: str) -> Any:
+    """The type of dotted key ``dotted``; unknown keys raise with a suggestion."""
+    cls: Any = TrainConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise UserError(f"unknown config key {dotted}: {'.'.join(parts[:i])} is not a section")
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown_key(part, cls, "".join(p + "." for p in parts[:i]))
+        cls = hints[part]
+    return cls
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or (get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp)))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override {item!r} is not key=value: write e.g. optim.lr=3e-5")
+    tp = _field_type(key)
+    if _is_text(tp) and not (len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""):
+        # Text keys take the text as written: a template with "{...}" or ": ", or a path like "no" or "1e3",
+        # must not be reinterpreted by YAML. Quote it to get YAML's reading (e.g. data.eval="" for empty).
+        return key.split("."), raw
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise UserError(f"override {item!r} has a value YAML cannot read: quote it or fix the brackets") from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, require_paths: bool = True
+) -> TrainConfig:
+    """Defaults, updated by the YAML/TOML file at ``path`` (if any), then by ``key=value`` overrides (dotted keys,
+    values read as YAML: ``lora.target_modules=[q_proj,v_proj]``, ``lora.enabled=true``); checked and validated."""
+    data = _read_file(Path(path)) if path is not None else {}
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return config_from_dict(data, require_paths=require_paths)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write every key of ``cfg`` as YAML; ``load_config(path)`` returns an equal config."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, width=4096)
+    Path(path).write_text("# vopd training config (every key; see docs/config.md)\n" + text, encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- reference docs
+
+
+def _md_code(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, bool) else str(value).lower()
+    return "`" + text.replace("|", "\\|") + "`"
+
+
+def config_reference_markdown() -> str:
+    """The reference of every key (``docs/config.md``), generated from the dataclasses."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from src/vopd/config.py by `python -m vopd.config > docs/config.md`; do not edit. -->",
+        "",
+        "A run is configured by a YAML (`.yaml`/`.yml`) or TOML (`.toml`) file and/or `key=value` overrides with",
+        "dotted keys, applied in order after the file: `loss.method=opd optim.lr=3e-5 lora.enabled=true",
+        "lora.target_modules=[q_proj,v_proj]`. Override values are read as YAML, except for text keys, which take",
+        "the text as written (quote it, e.g. `data.eval=\"\"`, to have it read as YAML). Unknown keys, wrong types and",
+        "values outside the allowed ranges are refused with a message naming the key.",
+        "",
+        "Derived values are computed, never stored: gradient accumulation steps = `batch_size / micro_batch_size`;",
+        "evaluation length = `eval.max_new_tokens`, or `rollout.max_new_tokens` when 0; dtype `auto` = bfloat16 on",
+        "CUDA, float32 on CPU. Which sampling settings suit which `loss.method` is checked by the trainer.",
+        "",
+    ]
+    hints = _hints(TrainConfig)
+    top = [(n, t) for n, t in hints.items() if not dataclasses.is_dataclass(t)]
+    sections = [(n, t) for n, t in hints.items() if dataclasses.is_dataclass(t)]
+    for title, cls, prefix, names in [("Top level", TrainConfig, "", [n for n, _ in top])] + [
+        (f"`{n}`", t, n + ".", [f.name for f in dataclasses.fields(t)]) for n, t in sections
+    ]:
+        doc = (cls.__doc__ or "").strip()
+        lines += [f"## {title}", "", doc.split("] ", 1)[-1] if doc.startswith("[") else doc, ""]
+        lines += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        instance = cls()
+        cls_hints = _hints(cls)
+        for name in names:
+            f = fields[name]
+            lines.append(
+                f"| `{prefix}{name}` | {_type_name(cls_hints[name]).replace('|', chr(92) + '|')} "
+                f"| {_md_code(getattr(instance, name))} | {f.metadata.get('doc', '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(config_reference_markdown())
