@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(args._module)
+    _quiet_transformers()
     try:
         return int(module.cli_main(args) or 0)
     except UserError as exc:
@@ -57,6 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vopd {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_transformers() -> None:
+    """transformers' per-shard progress bars and advisory warnings drown vopd's own output on the command line."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import yaml
 
 from vopd.data import PROMPT_TEMPLATE
 from vopd.errors import UserError
+from vopd.estimators import Method  # the one definition of the method names
 
-Method = Literal["opd", "vopd", "vopd-topk", "opd-full", "opd-topk"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Logger = Literal["tensorboard", "wandb"]
 
@@ -230,6 +230,7 @@ def _validate(c: TrainConfig, require_paths: bool) -> None:
     _check(e.every >= 0, "eval.every", e.every, ">= 0")
     _check(e.n >= 1, "eval.n", e.n, ">= 1")
     _check(e.greedy or e.temperature > 0, "eval.temperature", e.temperature, "> 0 (or set eval.greedy=true)")
+    _check(not e.greedy or e.n == 1, "eval.n", e.n, "1 when eval.greedy=true (greedy samples are all the same)")
     _check(0.0 <= e.top_p <= 1.0, "eval.top_p", e.top_p, "in [0, 1]")
     _check(e.max_new_tokens >= 0, "eval.max_new_tokens", e.max_new_tokens, ">= 0 (0 = rollout.max_new_tokens)")
     _check(e.limit >= 0, "eval.limit", e.limit, ">= 0 (0 = all)")
