@@ -54,6 +54,9 @@ def test_every_method_lowers_the_kl_to_the_teacher(method, micro_world, train_ov
         assert key in lines[-1], key
     # sampler and trainer agree on the log-prob of every sampled token (on-policy)
     assert lines[0]["logprob_diff_max"] < 1e-4
+    documented = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    for key in set().union(*lines):
+        assert f"`{key}`" in documented, f"metric {key} is not defined in docs/metrics.md"
 
 
 def test_resume_equals_uninterrupted(micro_world, train_overrides, tmp_path):
