@@ -173,6 +173,20 @@ def test_nan_steps_are_skipped_then_abort_keeps_last_checkpoint(micro_world, tra
     ckpt.verify_checkpoint(good)
 
 
+def test_corrupt_checkpoint_on_resume_is_named_with_the_last_valid_one(micro_world, train_overrides):
+    cfg = load_config(None, train_overrides + ["steps=4", "save_every=1", "keep_last=3"])
+    train(cfg, stop_at=2, log=_quiet)
+    newest = ckpt.list_checkpoints(cfg.output_dir)[-1]
+    weights = newest / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk
+    with pytest.raises(UserError, match=r"checkpoint .*step-0*2 is corrupt .*model.safetensors.* last valid one is "
+                                        r".*step-0*1: resume from it with --resume-from"):
+        train(cfg, resume=True, log=_quiet)
+    previous = ckpt.list_checkpoints(cfg.output_dir)[0]
+    result = train(cfg, resume_from=str(previous), log=_quiet)
+    assert result.steps_done == 4
+
+
 def test_output_dir_with_another_run_is_refused(micro_world, train_overrides):
     cfg = load_config(None, train_overrides + ["steps=1"])
     train(cfg, log=_quiet)

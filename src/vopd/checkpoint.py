@@ -447,7 +447,8 @@ def _write_marker(output_dir: Path, config: dict[str, Any]) -> None:
     os.replace(tmp, output_dir / RUN_MARKER)
 
 
-def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> Path | None:
+def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
+                       resume_from: str | Path | None = None) -> Path | None:
     """Claim ``output_dir`` for a run with ``config``. Returns the checkpoint to resume from, or None to start fresh.
 
     Empty or absent directory: a new run. A directory holding a vopd run: refused unless ``resume`` (the config must
@@ -490,9 +491,20 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume
         shown = ", ".join(f"{k} ({flat_old.get(k, '<unset>')!r} -> {flat_new.get(k, '<unset>')!r})" for k in diffs)
         raise UserError(f"cannot resume the run in {out}: its config differs in {shown}; undo these changes, or "
                         "start a new run (overwrite or another output_dir)")
+    if resume_from is not None:
+        chosen = Path(resume_from)
+        verify_checkpoint(chosen)
+        _write_marker(out, config)
+        return chosen
+    saved = list_checkpoints(out)
     latest = latest_valid_checkpoint(out)
-    if latest is None and list_checkpoints(out):
+    if latest is None and saved:
         raise UserError(f"cannot resume the run in {out}: none of its checkpoints is valid; start again with "
                         "overwrite (--overwrite)")
+    if saved and latest != saved[-1]:
+        # Never skip silently past a damaged newest checkpoint: name it and the one that would be used.
+        problem = _problem(saved[-1], hashes=True)
+        raise UserError(f"checkpoint {saved[-1]} is corrupt ({problem[0]}: {problem[1]}); the last valid one is "
+                        f"{latest}: resume from it with --resume-from {latest}")
     _write_marker(out, config)
     return latest

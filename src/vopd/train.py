@@ -126,10 +126,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, stop_at: int | None = None,
-          log: Callable[[str], None] = print, sampler: Sampler | None = None) -> TrainResult:
-    """Distil ``cfg.model.teacher`` into ``cfg.model.student``. ``stop_at`` ends after that step as if interrupted
-    (no final export), which is how resume is tested; ``sampler`` replaces Hugging Face generate."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_from: str | None = None,
+          stop_at: int | None = None, log: Callable[[str], None] = print,
+          sampler: Sampler | None = None) -> TrainResult:
+    """Distil ``cfg.model.teacher`` into ``cfg.model.student``.
+
+    ``resume`` continues from the newest checkpoint in ``output_dir`` (refusing a damaged one), ``resume_from`` from
+    a given checkpoint; ``stop_at`` ends after that step as if interrupted (no final export), which is how resume
+    is tested; ``sampler`` replaces Hugging Face generate."""
     device = resolve_device(cfg.model.device)
     dist.init(device)
     torch.manual_seed(cfg.seed + dist.rank())
@@ -156,8 +160,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, st
 
     out_dir = Path(cfg.output_dir)
     config_dict = config_to_dict(cfg)
-    resume_from = ckpt.prepare_output_dir(out_dir, config_dict, resume=resume, overwrite=overwrite) \
-        if dist.is_main() else None
+    resume_from = ckpt.prepare_output_dir(out_dir, config_dict, resume=resume or resume_from is not None,
+                                          overwrite=overwrite, resume_from=resume_from) if dist.is_main() else None
     if resume and resume_from is None:
         info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
     dist.barrier()
@@ -374,13 +378,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="move an existing run in output_dir aside and start")
+    group.add_argument("--resume-from", metavar="CHECKPOINT", help="continue the run from this checkpoint directory")
     parser.add_argument("--stop-at", type=int, help="stop after this step as if interrupted (resume later)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, resume_from=args.resume_from,
+                       stop_at=args.stop_at)
     finally:
         dist.shutdown()
     if dist.is_main():

@@ -1,0 +1,400 @@
+"""`vopd serve-teacher`: a frozen teacher behind an HTTP API (FastAPI + uvicorn) that scores token sequences.
+
+What it knows: the wire protocol (``docs/teacher_server.md``): per sequence, the token ids, the first scored
+position and optionally k token ids per scored position; back, log q(next token) at each scored position and the
+teacher's logits at the requested ids. That is all `opd` (log q(y_t)) and the top-k methods need: renormalising
+both models on the same ids cancels the teacher's log-sum-exp, so its raw logits suffice (spec, notes). It also
+knows request limits (413), validation (400/422, one-line JSON errors), an optional bearer token (401), batched
+padded forwards under a lock, and fp32 head math whatever the model's dtype.
+
+What it does not know: estimators, students or training (``vopd.remote`` is the client side and the loss); TLS
+(put it behind a reverse proxy to cross machines); the full distribution, which it never sends.
+
+This module deliberately does not use ``from __future__ import annotations``: FastAPI reads the endpoint
+annotations (``Request``) at runtime, and they are local to ``create_app`` so that fastapi stays an optional import.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vopd.errors import UserError
+
+PROTOCOL_VERSION = 1
+TOKEN_ENV = "VOPD_TEACHER_TOKEN"
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_TOKENS = 65536
+DEFAULT_MAX_K = 1024
+DEFAULT_MAX_BODY_MB = 256.0
+#: Budget of the fp32 (rows x V) logits chunk of the head; the forward itself is bounded by ``max_tokens``.
+HEAD_MEMORY_MB = 512
+_ENCODINGS = ("json", "base64")
+_REQUEST_FIELDS = {"sequences", "k", "encoding"}
+_SEQUENCE_FIELDS = {"ids", "start", "topk_ids"}
+
+
+# --- array codec, shared with the client ------------------------------------------------------------------------
+
+def b64_encode(x: Tensor) -> str:
+    """Little-endian float32 (floating tensors) or int32 (integer tensors), flattened row-major, base64."""
+    x = x.detach().cpu().contiguous()
+    arr = (x.to(torch.float32) if x.is_floating_point() else x.to(torch.int32)).numpy()
+    return base64.b64encode(arr.astype(arr.dtype.newbyteorder("<")).tobytes()).decode("ascii")
+
+
+def b64_decode(text: str, dtype: torch.dtype, count: int) -> Tensor:
+    """Inverse of ``b64_encode`` for ``count`` values of ``dtype`` (torch.float32 or torch.int32); ValueError
+    when the payload is not base64 or holds a different number of values."""
+    import numpy as np
+
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"is not valid base64 ({exc})") from None
+    if len(raw) != 4 * count:
+        raise ValueError(f"holds {len(raw) / 4:g} values, expected {count}")
+    wire = np.dtype("<f4") if dtype == torch.float32 else np.dtype("<i4")
+    return torch.from_numpy(np.frombuffer(raw, dtype=wire).astype(wire.newbyteorder("=")))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the token->id map and the special tokens: equal fingerprints mean the student may use this teacher
+    (``vopd.check.compare_tokenizers`` is the in-process version of this check, with a better message)."""
+    special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    payload = json.dumps([sorted(tokenizer.get_vocab().items()), special], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An HTTP error with a one-line message, returned as ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = DEFAULT_MAX_BATCH    # sequences per request
+    max_tokens: int = DEFAULT_MAX_TOKENS  # padded tokens per request: sequences x longest sequence
+    max_k: int = DEFAULT_MAX_K            # ids per scored position
+    max_body_mb: float = DEFAULT_MAX_BODY_MB
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    ids: Tensor            # (n,) int64
+    start: int             # first scored position; positions start..n-2 are scored
+    topk_ids: Tensor | None  # (n-1-start, k) int64
+
+
+def _int_tensor(value: Any, where: str, dims: int) -> Tensor:
+    try:
+        t = torch.tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:  # ragged rows, strings, nested junk
+        raise ApiError(422, f"{where} must be a {'list' if dims == 1 else 'rectangular list of lists'} of integer "
+                            f"token ids ({str(exc).splitlines()[0]})") from None
+    if dims == 1 and t.dim() == 1 and t.numel() == 0:
+        return t.long()  # [] parses as float; the length check names the problem
+    if t.dtype != torch.int64 or t.dim() != dims:
+        raise ApiError(422, f"{where} must be a {dims}-d list of integer token ids, got {t.dim()}-d {t.dtype}")
+    return t
+
+
+def _check_range(t: Tensor, where: str, vocab: int) -> None:
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        bad = int(t[(t < 0) | (t >= vocab)][0])
+        raise ApiError(422, f"{where} holds token id {bad}, outside the teacher's vocabulary [0, {vocab})")
+
+
+def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[_Sequence], int, str]:
+    """Validated (sequences, k, encoding) of a ``/score`` body, or an ``ApiError`` naming the problem."""
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise ApiError(422, 'request body must be a JSON object {"sequences": [...], "k": K, "encoding": ...}')
+    if unknown := sorted(set(req) - _REQUEST_FIELDS):
+        raise ApiError(422, f"unknown request field(s) {unknown}; valid fields: {sorted(_REQUEST_FIELDS)}")
+    encoding = req.get("encoding", "json")
+    if encoding not in _ENCODINGS:
+        raise ApiError(422, f"encoding={encoding!r}; valid encodings: {', '.join(_ENCODINGS)}")
+    k = req.get("k", 0)
+    if type(k) is not int or k < 0:
+        raise ApiError(422, f"k={k!r} must be a non-negative integer (0: no logits requested)")
+    if k > limits.max_k:
+        raise ApiError(413, f"k={k} exceeds this server's limit max_k={limits.max_k} ids per position")
+    if k > vocab:
+        raise ApiError(422, f"k={k} exceeds the vocabulary size {vocab}")
+    seqs = req.get("sequences")
+    if not isinstance(seqs, list) or not seqs:
+        raise ApiError(422, "sequences must be a non-empty list of {\"ids\": [...], \"start\": int} objects")
+    if len(seqs) > limits.max_batch:
+        raise ApiError(413, f"{len(seqs)} sequences exceed this server's limit max_batch={limits.max_batch} per "
+                            "request; split the batch")
+    out: list[_Sequence] = []
+    longest = 0
+    for i, s in enumerate(seqs):
+        where = f"sequences[{i}]"
+        if not isinstance(s, dict):
+            raise ApiError(422, f"{where} must be an object with ids and start")
+        if unknown := sorted(set(s) - _SEQUENCE_FIELDS):
+            raise ApiError(422, f"unknown field(s) {unknown} in {where}; valid fields: {sorted(_SEQUENCE_FIELDS)}")
+        if "ids" not in s:
+            raise ApiError(422, f"{where} has no ids")
+        ids = _int_tensor(s["ids"], f"{where}.ids", 1)
+        n = ids.numel()
+        longest = max(longest, n)
+        if longest * (i + 1) > limits.max_tokens:
+            raise ApiError(413, f"request needs at least {longest * (i + 1)} padded tokens (sequences x longest "
+                                f"sequence), over this server's limit max_tokens={limits.max_tokens}; split the batch")
+        if n < 2:
+            raise ApiError(422, f"{where}.ids has {n} token(s); at least 2 are needed to score a next token")
+        _check_range(ids, f"{where}.ids", vocab)
+        start = s.get("start", 0)
+        if type(start) is not int or not 0 <= start <= n - 2:
+            raise ApiError(422, f"{where}.start={start!r} is outside the sequence: it must be an integer in "
+                                f"[0, {n - 2}] (positions start..n-2 predict ids[start+1..n-1])")
+        t = n - 1 - start
+        topk = s.get("topk_ids")
+        if k == 0 and topk is not None:
+            raise ApiError(422, f"{where}.topk_ids given but k is 0; set k to the number of ids per position")
+        if k > 0:
+            if topk is None:
+                raise ApiError(422, f"{where}.topk_ids missing: k={k} needs {t} rows of {k} ids")
+            if encoding == "base64":
+                if not isinstance(topk, str):
+                    raise ApiError(422, f"{where}.topk_ids must be a base64 string of int32 with encoding=base64")
+                try:
+                    topk_t = b64_decode(topk, torch.int32, t * k).to(torch.int64).reshape(t, k)
+                except ValueError as exc:
+                    raise ApiError(422, f"{where}.topk_ids {exc} ({t} positions x k={k})") from None
+            else:
+                topk_t = _int_tensor(topk, f"{where}.topk_ids", 2)
+            if tuple(topk_t.shape) != (t, k):
+                raise ApiError(422, f"{where}.topk_ids has shape {tuple(topk_t.shape)}, expected ({t}, {k}): one row "
+                                    "of k ids per scored position start..n-2")
+            _check_range(topk_t, f"{where}.topk_ids", vocab)
+        out.append(_Sequence(ids, start, topk_t if k > 0 else None))
+    return out, k, encoding
+
+
+# --- scoring ----------------------------------------------------------------------------------------------------
+
+class TeacherScorer:
+    """The model side: one padded forward per request, then the fp32 head over the scored rows only."""
+
+    def __init__(self, model: Any, vocab_size: int) -> None:
+        from vopd.models import output_layer
+
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.vocab_size = vocab_size
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        weight, self.bias = output_layer(model, vocab_size)
+        self.half_cuda = self.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
+        # fp32 head math (spec "Numerics"); on CUDA half weights are accumulated into fp32 by the matmul itself.
+        self.weight = weight if self.half_cuda else weight.to(torch.float32)
+        self.lock = threading.Lock()  # one forward at a time: the threadpool may run several requests
+
+    @torch.inference_mode()
+    def score(self, seqs: list[_Sequence], k: int) -> list[tuple[Tensor, Tensor | None]]:
+        """Per sequence: (logq (t,), logits at the requested ids (t, k) or None), fp32 on the CPU."""
+        from vopd.chunked import _logits, chunk_rows
+        from vopd.models import last_hidden
+
+        b, width = len(seqs), max(s.ids.numel() for s in seqs)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        attention = torch.zeros(b, width, dtype=torch.long)
+        rows, sizes = [], []
+        for i, s in enumerate(seqs):
+            n = s.ids.numel()
+            ids[i, :n], attention[i, :n] = s.ids, 1
+            rows.append(torch.arange(s.start, n - 1) + i * width)  # flat positions; each predicts the next id
+            sizes.append(n - 1 - s.start)
+        idx = torch.cat(rows)
+        y = ids.reshape(-1)[idx + 1]
+        topk = torch.cat([s.topk_ids for s in seqs]) if k else None  # type: ignore[misc]
+        logq = torch.empty(idx.numel(), dtype=torch.float32)
+        logits = torch.empty(idx.numel(), k, dtype=torch.float32) if k else None
+        with self.lock:
+            hidden = last_hidden(self.model, ids.to(self.device), attention.to(self.device))
+            h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx.to(self.device))
+            step = chunk_rows(self.vocab_size, HEAD_MEMORY_MB)
+            for lo in range(0, idx.numel(), step):
+                hi = min(idx.numel(), lo + step)
+                z = _logits(h[lo:hi], self.weight, self.bias, torch.float32)
+                z_y = z.gather(-1, y[lo:hi].to(self.device).unsqueeze(-1)).squeeze(-1)
+                logq[lo:hi] = (z_y - z.logsumexp(-1)).cpu()
+                if logits is not None and topk is not None:
+                    logits[lo:hi] = z.gather(-1, topk[lo:hi].to(self.device)).cpu()
+                del z
+        lq = logq.split(sizes)
+        lg = logits.split(sizes) if logits is not None else [None] * b
+        return list(zip(lq, lg))
+
+
+def _encode(x: Tensor, encoding: str) -> Any:
+    return b64_encode(x) if encoding == "base64" else x.tolist()
+
+
+def create_app(model: Any, tokenizer: Any, *, token: str | None, max_batch: int = DEFAULT_MAX_BATCH,
+               max_tokens: int = DEFAULT_MAX_TOKENS, max_k: int = DEFAULT_MAX_K,
+               max_body_mb: float = DEFAULT_MAX_BODY_MB, name: str | None = None) -> Any:
+    """The FastAPI app serving ``model`` (a frozen HF causal LM) with ``GET /health`` and ``POST /score``.
+
+    ``token``: bearer token required on every endpoint (None or "": no authentication). Limits: see ``Limits``.
+    """
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse, Response
+        from starlette.concurrency import run_in_threadpool
+        from starlette.exceptions import HTTPException
+    except ImportError as exc:
+        raise UserError(f"the teacher server needs fastapi and uvicorn ({exc}); pip install 'vopd[serve]'") from None
+
+    limits = Limits(max_batch, max_tokens, max_k, max_body_mb)
+    if min(max_batch, max_tokens, max_k) < 1 or max_body_mb <= 0:
+        raise UserError(f"server limits must be positive, got {limits}")
+    scorer = TeacherScorer(model, len(tokenizer))
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    model_name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+    max_body = int(max_body_mb * 2**20)
+    app = FastAPI(title="vopd teacher server", version=str(PROTOCOL_VERSION), docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405 from routing
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:  # a bug: still one JSON line
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    def authorize(request: Request) -> None:
+        if not token:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        # Constant-time comparison: the token must not leak through response timing.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
+                                f"server's token (${TOKEN_ENV})")
+
+    @app.get("/health")
+    def health(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"status": "ok", "protocol": PROTOCOL_VERSION, "model": model_name,
+                "vocab_size": scorer.vocab_size, "tokenizer_sha256": fingerprint, "dtype": str(scorer.dtype).removeprefix("torch."),
+                "device": str(scorer.device), "limits": limits.__dict__}
+
+    def handle(body: bytes) -> bytes:
+        seqs, k, encoding = parse_request(body, limits, scorer.vocab_size)
+        try:
+            scored = scorer.score(seqs, k)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            # Not a 5xx: retrying the same request cannot help, a smaller one can.
+            raise ApiError(413, "request ran out of teacher memory; send fewer tokens per request or restart the "
+                                "server with a smaller --max-tokens") from None
+        results = [{"logq": _encode(lq, encoding), "logits": None if lg is None else _encode(lg, encoding)}
+                   for lq, lg in scored]
+        return json.dumps({"encoding": encoding, "k": k, "results": results}).encode()
+
+    @app.post("/score")
+    async def score(request: Request) -> Response:
+        authorize(request)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body:
+            raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit max_body_mb="
+                                f"{max_body_mb:g}")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: chunked uploads have no content-length
+            size += len(chunk)
+            if size > max_body:
+                raise ApiError(413, f"request body exceeds this server's limit max_body_mb={max_body_mb:g}")
+            chunks.append(chunk)
+        # JSON parsing, the forward and encoding run in the threadpool so the event loop keeps serving /health.
+        content = await run_in_threadpool(handle, b"".join(chunks))
+        return Response(content=content, media_type="application/json")
+
+    return app
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("model", help="local Hugging Face model directory of the teacher (nothing is downloaded)")
+    a("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    a("--port", type=int, default=8000, help="port (default 8000)")
+    a("--token-env", default=TOKEN_ENV, help=f"environment variable holding the bearer token (default {TOKEN_ENV})")
+    a("--token", default=None, help="bearer token (visible in the process list: prefer --token-env)")
+    a("--insecure-no-token", action="store_true", help="allow binding a non-loopback address without a token")
+    a("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"sequences per request (default {DEFAULT_MAX_BATCH})")
+    a("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+      help=f"padded tokens (sequences x longest) per request (default {DEFAULT_MAX_TOKENS})")
+    a("--max-k", type=int, default=DEFAULT_MAX_K, help=f"ids per scored position (default {DEFAULT_MAX_K})")
+    a("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+      help=f"request body size limit in MiB (default {DEFAULT_MAX_BODY_MB:g})")
+    a("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+      help="model weights; the head's log-softmax is fp32 always (auto: bfloat16 on cuda, float32 on cpu)")
+    a("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from vopd.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    token = args.token or os.environ.get(args.token_env) or None
+    if not token and not _is_loopback(args.host) and not args.insecure_no_token:
+        raise UserError(f"--host {args.host} exposes the teacher beyond this machine without a token; set "
+                        f"${args.token_env} (or pass --insecure-no-token behind a trusted proxy)")
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise UserError(f"the teacher server needs fastapi and uvicorn ({exc}); pip install 'vopd[serve]'") from None
+    device = resolve_device(args.device)
+    tok = load_tokenizer(args.tokenizer or args.model, role="teacher", trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, role="teacher", dtype=resolve_dtype(args.dtype, device), device=device,
+                       trust_remote_code=args.trust_remote_code)
+    name = os.path.basename(os.path.normpath(args.model))
+    app = create_app(model, tok, token=token, max_batch=args.max_batch, max_tokens=args.max_tokens,
+                     max_k=args.max_k, max_body_mb=args.max_body_mb, name=name)
+    auth = f"bearer token (${args.token_env})" if token and not args.token else ("bearer token" if token else "none")
+    print(f"vopd serve-teacher: serving {args.model} ({len(tok)} tokens, {next(model.parameters()).dtype}, {device}) "
+          f"on http://{args.host}:{args.port}; auth: {auth}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

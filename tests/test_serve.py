@@ -1,0 +1,307 @@
+"""The teacher server as a real process: a remote teacher gives the in-process numbers and losses, and it refuses
+what it must (no/wrong token, oversized or malformed requests); a killed server gives one clear error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from vopd.chunked import chunked_distillation_loss
+from vopd.errors import UserError
+from vopd.models import last_hidden, load_model, load_tokenizer, output_layer
+from vopd.remote import RemoteTeacher, remote_distillation_loss, student_topk_ids
+from vopd.rollout import pack
+from vopd.sampling import Samples
+from vopd.serve import tokenizer_fingerprint
+from vopd.teacher import InProcessTeacher
+
+TOKEN = "s3cret-test-token"
+K = 8
+CPU = torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(model_dir: Path, log: Path, *extra: str, token: str | None = None) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("VOPD_TEACHER_TOKEN", None)
+    if token:
+        env["VOPD_TEACHER_TOKEN"] = token
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vopd", "serve-teacher", str(model_dir), "--port", str(port),
+                                 "--device", "cpu", *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, token: str | None = None) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", headers=headers, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not answer /health in time:\n{log.read_text()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(micro_world, tmp_path_factory):
+    """Two real server processes, started together so their start-up overlaps: "main", the teacher behind a token
+    with small limits (splitting and 413s are cheap to exercise), and "victim", without a token, to be killed."""
+    logs = tmp_path_factory.mktemp("serve")
+    main = _launch(micro_world.teacher, logs / "main.log", "--max-batch", "4", "--max-tokens", "400", "--max-k", "16",
+                   "--max-body-mb", "0.05", token=TOKEN)
+    victim = _launch(micro_world.teacher, logs / "victim.log")
+    try:
+        _wait_ready(*main, logs / "main.log", token=TOKEN)
+        _wait_ready(*victim, logs / "victim.log")
+        yield {"main": main, "victim": victim}
+    finally:
+        _stop(main[0])
+        _stop(victim[0])
+
+
+@pytest.fixture(scope="module")
+def server(servers) -> str:
+    return servers["main"][1]
+
+
+@pytest.fixture(scope="module")
+def models(micro_world):
+    tok = load_tokenizer(str(micro_world.teacher))
+    teacher = load_model(str(micro_world.teacher), role="teacher", dtype=torch.float32, device=CPU)
+    student = load_model(str(micro_world.student), role="student", dtype=torch.float32, device=CPU)
+    return tok, InProcessTeacher(teacher, len(tok)), student
+
+
+@pytest.fixture(scope="module")
+def rollout(models):
+    """Six prompts (more than the server's max_batch of 4) with fake completions of different lengths."""
+    tok = models[0]
+    gen = torch.Generator().manual_seed(0)
+    texts = ["1 + 2 = ?", "What is 7 + 5?", "Compute 3 * 4.", "12 - 9", "2 + 2 + 2 = ?", "9 + 10"]
+    prompts = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    lengths = [5, 12, 3, 9, 1, 7]
+    completions = [torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in lengths]
+    logprobs = [(-3 * torch.rand(n, generator=gen)).tolist() for n in lengths]
+    return pack(prompts, Samples(completions, logprobs, [False] * len(texts)), tok.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def student_side(models, rollout):
+    tok, _, student = models
+    with torch.no_grad():
+        hidden = last_hidden(student, rollout.input_ids, rollout.attention_mask)[:, :-1]
+        weight, bias = output_layer(student, len(tok))
+    assert bias is None
+    return hidden.detach().clone(), weight.detach().clone()
+
+
+def test_health_reports_model_vocab_tokenizer_and_limits(server, models, micro_world):
+    info = RemoteTeacher(server, token=TOKEN).health()
+    assert info["vocab_size"] == len(models[0]) and info["protocol"] == 1
+    assert info["tokenizer_sha256"] == tokenizer_fingerprint(load_tokenizer(str(micro_world.student)))
+    assert info["limits"] == {"max_batch": 4, "max_tokens": 400, "max_k": 16, "max_body_mb": 0.05}
+
+
+def test_remote_scores_equal_in_process_teacher(server, models, rollout, student_side):
+    _, teacher, _ = models
+    hidden, weight = student_side
+    ids = student_topk_ids(hidden, weight, rollout.completion_mask, K)
+    with RemoteTeacher(server, token=TOKEN) as remote:
+        got = remote.score(rollout, ids)  # 6 sequences: split into two requests by the server's max_batch
+        plain = remote.score(rollout)
+    t = teacher.score(rollout, CPU)
+    z = t.hidden @ t.weight.T
+    mask = rollout.completion_mask
+    want_logq = z.log_softmax(-1).gather(-1, rollout.targets.unsqueeze(-1)).squeeze(-1) * mask
+    want_logits = z.gather(-1, ids) * mask.unsqueeze(-1)
+    torch.testing.assert_close(got.logq, want_logq, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.topk_logits, want_logits, atol=1e-5, rtol=0)
+    assert plain.topk_logits is None
+    torch.testing.assert_close(plain.logq, got.logq, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["opd", "vopd-topk", "opd-topk"])
+def test_remote_loss_equals_chunked_loss_with_in_process_teacher(server, models, rollout, student_side, method):
+    _, teacher, _ = models
+    t = teacher.score(rollout, CPU)
+    hidden, weight = student_side
+    mask = rollout.completion_mask
+    extra = dict(sampler_logprobs=rollout.sampler_logprobs, ratio_cap=2.0) if method != "opd-topk" else {}
+    ids = student_topk_ids(hidden, weight, mask, K)
+    with RemoteTeacher(server, token=TOKEN) as remote:
+        scores = remote.score(rollout, ids if method != "opd" else None)
+    results = []
+    for use_remote in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if use_remote:
+            out = remote_distillation_loss(h, w, rollout.targets, mask, method=method, teacher_logq=scores.logq,
+                                           teacher_topk_logits=scores.topk_logits, topk_ids=ids, normalizer=40.0,
+                                           **extra)
+        else:
+            out = chunked_distillation_loss(h, w, t.hidden, t.weight, rollout.targets, mask, method=method, top_k=K,
+                                            normalizer=40.0, **extra)
+        out.loss.backward()
+        results.append((out, h.grad, w.grad))
+    (ref, ref_gh, ref_gw), (got, gh, gw) = results
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gh, ref_gh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
+    for field in ("logp", "logq", "reward", "baseline", "advantage", "kl_topk", "topk_mass", "ratio"):
+        a, b = getattr(ref, field), getattr(got, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=field)
+
+
+def test_remote_loss_equals_chunked_with_bias_and_many_chunks():
+    """No server: synthetic heads with output biases, a budget of 8 rows per chunk, every method."""
+    gen = torch.Generator().manual_seed(1)
+    b, t, d, dt, v, k = 3, 9, 5, 6, 40, 6
+    hs0, ws0, bs0 = torch.randn(b, t, d, generator=gen), torch.randn(v, d, generator=gen), torch.randn(v, generator=gen)
+    ht, wt, bt = torch.randn(b, t, dt, generator=gen), torch.randn(v, dt, generator=gen), torch.randn(v, generator=gen)
+    y, mask = torch.randint(0, v, (b, t), generator=gen), torch.rand(b, t, generator=gen) > 0.3
+    slp = -3 * torch.rand(b, t, generator=gen)
+    zt = ht @ wt.T + bt
+    logq = zt.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    for method in ("opd", "vopd-topk", "opd-topk"):
+        grads = []
+        for use_remote in (False, True):
+            hs, ws, bs = (x.clone().requires_grad_() for x in (hs0, ws0, bs0))
+            kw = dict(method=method, student_bias=bs, sampler_logprobs=slp, ratio_cap=1.5, memory_budget_mb=1e-4)
+            if use_remote:
+                ids = student_topk_ids(hs, ws, mask, k, bias=bs, memory_budget_mb=1e-4)
+                out = remote_distillation_loss(hs, ws, y, mask, teacher_logq=logq, topk_ids=ids,
+                                               teacher_topk_logits=zt.gather(-1, ids), **kw)
+            else:
+                out = chunked_distillation_loss(hs, ws, ht, wt, y, mask, top_k=k, teacher_bias=bt, **kw)
+            out.loss.backward()
+            grads.append((out.loss.detach(), hs.grad, ws.grad, bs.grad))
+        for a, c in zip(*grads):
+            torch.testing.assert_close(c, a, atol=1e-5, rtol=0, msg=method)
+
+
+@pytest.mark.parametrize("method", ["vopd", "opd-full"])
+def test_full_vocabulary_methods_are_refused(method):
+    h, w = torch.randn(1, 3, 4, requires_grad=True), torch.randn(10, 4)
+    y, mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="full distribution.*vopd-topk"):
+        remote_distillation_loss(h, w, y, mask, method=method, teacher_logq=torch.zeros(1, 3))
+
+
+def test_missing_or_wrong_token_is_refused(server):
+    body = {"sequences": [{"ids": [1, 5, 6], "start": 0}]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        for r in (httpx.get(f"{server}/health", headers=headers), httpx.post(f"{server}/score", json=body,
+                                                                             headers=headers)):
+            assert r.status_code == 401 and "bearer token" in r.json()["error"]
+    with pytest.raises(UserError, match="refused the token"):
+        RemoteTeacher(server, token="wrong").health()
+    ok = httpx.post(f"{server}/score", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and len(ok.json()["results"][0]["logq"]) == 2
+
+
+def _post(url: str, payload: object = None, content: bytes | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    if content is not None:
+        return httpx.post(f"{url}/score", content=content, headers=headers)
+    return httpx.post(f"{url}/score", json=payload, headers=headers)
+
+
+def test_oversized_requests_are_refused_with_413(server):
+    seq = {"ids": [1, 5, 6, 7], "start": 1}
+    cases = {
+        "max_batch=4": {"sequences": [seq] * 5},
+        "max_tokens=400": {"sequences": [{"ids": [5] * 401, "start": 0}]},
+        "max_k=16": {"sequences": [{**seq, "topk_ids": [[1] * 17] * 2}], "k": 17},
+    }
+    for limit, payload in cases.items():
+        r = _post(server, payload)
+        assert r.status_code == 413 and limit in r.json()["error"], (limit, r.text)
+    r = _post(server, content=b'{"sequences": [' + b" " * 60_000 + b"]}")
+    assert r.status_code == 413 and "max_body_mb" in r.json()["error"]
+
+
+def test_malformed_requests_are_refused_with_a_clear_message(server, models):
+    vocab = len(models[0])
+    cases = [
+        ({"sequences": [{"ids": [1, vocab], "start": 0}]}, 422, f"token id {vocab}, outside"),
+        ({"sequences": [{"ids": [1, -3, 4], "start": 0}]}, 422, "token id -3"),
+        ({"sequences": [{"ids": [1, 2.5, 4], "start": 0}]}, 422, "integer token ids"),
+        ({"sequences": [{"ids": [1, 2, 4], "start": 2}]}, 422, "start=2 is outside the sequence"),
+        ({"sequences": [{"ids": [1, 2, 4], "start": -1}]}, 422, "outside the sequence"),
+        ({"sequences": [{"ids": [1, 2, 4], "start": 0, "topk_ids": [[1, 2], [3]]}], "k": 2}, 422, "rectangular"),
+        ({"sequences": [{"ids": [1, 2, 4], "start": 0, "topk_ids": [[1, 2]]}], "k": 2}, 422, "expected (2, 2)"),
+        ({"sequences": [{"ids": [1, 2, 4], "start": 0}], "k": 2}, 422, "topk_ids missing"),
+        ({"sequences": [{"ids": [1, 2, 4], "start": 0, "topk_ids": "!!"}], "k": 1, "encoding": "base64"}, 422,
+         "base64"),
+        ({"sequences": [{"ids": [1, 2], "begin": 0}]}, 422, "unknown field"),
+        ({"sequences": []}, 422, "non-empty list"),
+    ]
+    for payload, status, text in cases:
+        r = _post(server, payload)
+        assert r.status_code == status and text in r.json()["error"], (payload, r.text)
+    r = _post(server, content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+
+
+def test_json_and_base64_encodings_agree(server):
+    seq = {"ids": [1, 5, 6, 7, 8], "start": 1, "topk_ids": [[5, 6], [7, 8], [1, 2]]}
+    a = _post(server, {"sequences": [seq], "k": 2}).json()["results"][0]
+    from vopd.serve import b64_decode, b64_encode
+
+    seq_b = {**seq, "topk_ids": b64_encode(torch.tensor(seq["topk_ids"]))}
+    b = _post(server, {"sequences": [seq_b], "k": 2, "encoding": "base64"}).json()["results"][0]
+    torch.testing.assert_close(b64_decode(b["logq"], torch.float32, 3), torch.tensor(a["logq"]))
+    torch.testing.assert_close(b64_decode(b["logits"], torch.float32, 6).reshape(3, 2), torch.tensor(a["logits"]))
+
+
+def test_killed_server_gives_one_clear_error_after_retries(servers, rollout):
+    proc, url = servers["victim"]
+    remote = RemoteTeacher(url, token="", timeout_s=2, retries=2, backoff_s=0.05)
+    assert remote.score(rollout).logq.shape == rollout.targets.shape
+    proc.send_signal(signal.SIGKILL)  # mid-run: the client already talked to it
+    proc.wait(10)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"unreachable after 3 tries \(last error .*\): restart it and resume "
+                                        r"with --resume; the last checkpoint is kept"):
+        remote.score(rollout)
+    assert time.monotonic() - t0 < 10
+
+
+def test_non_loopback_host_without_token_is_refused(micro_world, monkeypatch, capsys):
+    from vopd.cli import main
+
+    monkeypatch.delenv("VOPD_TEACHER_TOKEN", raising=False)
+    assert main(["serve-teacher", str(micro_world.teacher), "--host", "0.0.0.0"]) == 2
+    assert "without a token" in capsys.readouterr().err
