@@ -16,7 +16,6 @@ from vopd import METHODS, distillation_loss
 from vopd.chunked import chunked_distillation_loss
 from vopd.enumeration import exact_moments
 
-SAMPLED = ("opd", "vopd", "vopd-topk")
 
 
 def _state(v: int, seed: int, scale: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,12 +50,13 @@ def test_sampled_estimators_are_unbiased_for_every_k(v, seed):
     z_s, z_t = _state(v, seed)
     exact = exact_moments(z_s, z_t, method="opd-full").mean
     assert exact.abs().max() > 1e-3  # a state where the gradient is not trivially zero
-    for method in ("opd", "vopd"):
+    for method in ("opd", "vopd", "vopd-opt"):
         got = exact_moments(z_s, z_t, method=method).mean
         assert (got - exact).abs().max() < 1e-10, method
-    for k in range(1, v + 1):
-        got = exact_moments(z_s, z_t, method="vopd-topk", top_k=k).mean
-        assert (got - exact).abs().max() < 1e-10, f"vopd-topk k={k}"
+    for method in ("vopd-topk", "rb-topk"):
+        for k in range(1, v + 1):
+            got = exact_moments(z_s, z_t, method=method, top_k=k).mean
+            assert (got - exact).abs().max() < 1e-10, f"{method} k={k}"
 
 
 @pytest.mark.parametrize("v", [4, 6, 8])
@@ -73,7 +73,7 @@ def test_opd_topk_is_biased_when_tail_mass_is_positive(v):
 def test_exact_variances_reported_and_baseline_helps_on_average(capsys):
     """The spec warns that variance reduction is not guaranteed per state: measure it. Averaged over random
     states, the value baseline must reduce the variance; per state we only report."""
-    table = {m: 0.0 for m in ("opd", "vopd", "vopd-topk")}
+    table = {m: 0.0 for m in ("opd", "vopd", "vopd-topk", "vopd-opt", "rb-topk")}
     worse = 0
     for seed in range(40):
         z_s, z_t = _state(6, seed, scale=2.0)
@@ -85,7 +85,24 @@ def test_exact_variances_reported_and_baseline_helps_on_average(capsys):
         print("\nexact trace-variance (V=6, 40 states): " + ", ".join(f"{m}={v:.4f}" for m, v in table.items())
               + f"; states where vopd > opd: {worse}/40")
     assert table["vopd"] < table["opd"]
+    # b* minimises the exact variance among state baselines, so it can never lose to vopd's -KL_t (per state too)
+    assert table["vopd-opt"] <= table["vopd"] + 1e-12
     assert all(math.isfinite(v) and v > 0 for v in table.values())
+
+
+def test_optimal_baseline_is_never_worse_than_the_value_baseline():
+    for seed in range(30):
+        z_s, z_t = _state(7, seed, scale=2.5)
+        opt = exact_moments(z_s, z_t, method="vopd-opt").variance
+        assert opt <= exact_moments(z_s, z_t, method="vopd").variance + 1e-12
+        assert opt <= exact_moments(z_s, z_t, method="opd").variance + 1e-12
+
+
+def test_rb_topk_variance_vanishes_at_full_k_and_shrinks_with_k():
+    z_s, z_t = _state(8, seed=4, scale=2.0)
+    variances = [exact_moments(z_s, z_t, method="rb-topk", top_k=k).variance for k in range(1, 9)]
+    assert variances[-1] < 1e-20  # K = V: nothing is sampled, the estimator is the exact gradient
+    assert variances[0] > variances[-2] > 0
 
 
 # ---------------------------------------------------------------- chunked == dense, accumulation, masking

@@ -62,6 +62,18 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None, cd: torch.dtype) -> Tensor:
     return z if b is None else z + b.to(cd)
 
 
+def _optimal_baseline(p: Tensor, d: Tensor, pd: Tensor, kl: Tensor, lse_s: Tensor, lse_t: Tensor) -> Tensor:
+    """b* = sum p w r / sum p w with w_v = 1 - 2 p_v + S2, S2 = sum p^2 (``vopd-opt``), from the chunk's buffers.
+
+    With r_v = -d_v + lse_s - lse_t:  sum p w = 1 - S2  and  sum p w d = (1 + S2) sum p d - 2 sum p^2 d, so two more
+    reductions give b*; a one-hot p (S2 = 1) falls back to the value -KL_t."""
+    s2 = torch.linalg.vecdot(p, p)
+    p2d = torch.linalg.vecdot(p * p, d)
+    den = 1 - s2
+    b = -((1 + s2) * pd - 2 * p2d) / den.clamp_min(1e-30) + lse_s - lse_t
+    return torch.where(den > 1e-12, b, -kl)
+
+
 class _FusedHead(torch.autograd.Function):
     """Forward computes the loss *and* its gradients chunk by chunk; backward rescales the stored gradients."""
 
@@ -85,7 +97,7 @@ class _FusedHead(torch.autograd.Function):
         stats = torch.zeros(n, _NUM_STATS, dtype=cd, device=dev)
         loss = torch.zeros((), dtype=cd, device=dev)
         sampled = method in SAMPLED_METHODS
-        needs_kl = method in ("vopd", "opd-full")
+        needs_kl = method in ("vopd", "opd-full", "vopd-opt")
 
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
@@ -100,11 +112,12 @@ class _FusedHead(torch.autograd.Function):
             if method in TOPK_METHODS:
                 # Student's top-k ids; renormalising both models on the same ids cancels their full lse's.
                 ids = zs.topk(top_k, dim=-1).indices
-                zs_k = zs.gather(-1, ids)
-                logp_k, logq_k = zs_k.log_softmax(-1), zt.gather(-1, ids).log_softmax(-1)
-                p_k = logp_k.exp()
-                kl_k = (p_k * (logp_k - logq_k)).sum(-1)
-                st[:, _KL_TOPK] = kl_k
+                zs_k, zt_k = zs.gather(-1, ids), zt.gather(-1, ids)
+                if method != "rb-topk":
+                    logp_k, logq_k = zs_k.log_softmax(-1), zt_k.log_softmax(-1)
+                    p_k = logp_k.exp()
+                    kl_k = (p_k * (logp_k - logq_k)).sum(-1)
+                    st[:, _KL_TOPK] = kl_k
             lse_t = zt.logsumexp(-1)
             if needs_kl:
                 d = zt.neg_().add_(zs)  # z_s - z_t, in the teacher's buffer
@@ -115,7 +128,7 @@ class _FusedHead(torch.autograd.Function):
             p = e.div_(sum_e)
             logp, logq = zs_y - lse_s, zt_y - lse_t
             st[:, _LOGP], st[:, _LOGQ] = logp, logq
-            if method in TOPK_METHODS:
+            if method in ("vopd-topk", "opd-topk"):
                 st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
             if needs_kl:
                 pd = torch.linalg.vecdot(p, d)  # sum_v p_v (z_s - z_t)_v
@@ -128,16 +141,32 @@ class _FusedHead(torch.autograd.Function):
                     adv = reward
                 elif method == "vopd":
                     adv = reward + kl  # A_t = r_t + KL_t (spec `vopd`)
-                else:
+                elif method == "vopd-topk":
                     adv = reward + st[:, _KL_TOPK]  # A_t = r_t + KL~_t (spec `vopd-topk`)
+                elif method == "vopd-opt":
+                    adv = reward - _optimal_baseline(p, d, pd, kl, lse_s, lse_t)
+                else:  # rb-topk: baseline = mean reward on K, r_v = log q_v - log p_v exactly (full lse's)
+                    logp_k, logq_k = zs_k - lse_s.unsqueeze(-1), zt_k - lse_t.unsqueeze(-1)
+                    p_k = logp_k.exp()
+                    r_k = logq_k - logp_k
+                    b = (p_k * r_k).sum(-1) / p_k.sum(-1)
+                    adv = reward - b
+                    st[:, _MASS] = p_k.sum(-1)
                 st[:, _ADV] = adv
                 ratio = importance_ratio(logp, None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap)
                 coef = adv if ratio is None else adv * ratio
                 if ratio is not None:
                     st[:, _RATIO] = ratio
-                loss += -(coef * logp).sum() * inv_n
-                # dL/dz = w * coef * (p - onehot(y)), written into p's buffer.
-                g = p.mul_((coef * inv_n).unsqueeze(-1))
+                if method == "rb-topk":
+                    # Exact over K: sum_{v in K} p_v A_v (p - e_v); sampled only outside K: A_y (p - e_y).
+                    coef = coef * ~(ids == y_c).any(-1)
+                    pa_k = p_k * (r_k - b.unsqueeze(-1))
+                    loss += -((pa_k * logp_k).sum() + (coef * logp).sum()) * inv_n
+                    g = p.mul_(((pa_k.sum(-1) + coef) * inv_n).unsqueeze(-1))
+                    g.scatter_add_(-1, ids, -pa_k * inv_n)
+                else:
+                    loss += -(coef * logp).sum() * inv_n
+                    g = p.mul_((coef * inv_n).unsqueeze(-1))  # dL/dz = w * coef * (p - onehot(y)), in p's buffer
                 g.scatter_add_(-1, y_c, -(coef * inv_n).unsqueeze(-1))
             elif method == "opd-full":
                 loss += kl.sum() * inv_n
@@ -243,8 +272,8 @@ def chunked_distillation_loss(
 
     logp, logq = per_token(_LOGP), per_token(_LOGQ)
     reward = logq - logp
-    kl = per_token(_KL) if method in ("vopd", "opd-full") else None
-    kl_topk = per_token(_KL_TOPK) if method in TOPK_METHODS else None
+    kl = per_token(_KL) if method in ("vopd", "opd-full", "vopd-opt") else None
+    kl_topk = per_token(_KL_TOPK) if method in ("vopd-topk", "opd-topk") else None
     mass = per_token(_MASS) if method in TOPK_METHODS else None
     advantage = per_token(_ADV) if method in SAMPLED_METHODS else None
     baseline = None if advantage is None else reward - advantage

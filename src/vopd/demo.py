@@ -18,6 +18,7 @@ import torch
 
 from vopd.config import load_config
 from vopd.errors import UserError
+from vopd.estimators import METHODS
 
 
 def _overrides(world: Any, method: str, out: Path, args: argparse.Namespace) -> list[str]:
@@ -120,7 +121,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where runs, plot and summary go (default runs/demo-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output-dir")
     parser.add_argument("--methods", nargs="+", default=["vopd", "opd"],
-                        choices=["opd", "vopd", "vopd-topk", "opd-full", "opd-topk"])
+                        choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32, help="rollouts (prompts) per step")
     parser.add_argument("--lr", type=float, default=1e-3)

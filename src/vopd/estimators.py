@@ -23,14 +23,16 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-Method = Literal["opd", "vopd", "vopd-topk", "opd-full", "opd-topk"]
+#: The paper's five methods, then two beyond it (docs/estimators.md, "Beyond the paper"): ``vopd-opt`` uses the
+#: variance-optimal closed-form baseline; ``rb-topk`` is exact on the student's top-k ids and samples only the tail.
+Method = Literal["opd", "vopd", "vopd-topk", "opd-full", "opd-topk", "vopd-opt", "rb-topk"]
 METHODS: tuple[str, ...] = get_args(Method)
 #: Methods whose gradient is a per-token weight on grad log p(y_t) (score-function estimators).
-SAMPLED_METHODS: frozenset[str] = frozenset({"opd", "vopd", "vopd-topk"})
+SAMPLED_METHODS: frozenset[str] = frozenset({"opd", "vopd", "vopd-topk", "vopd-opt", "rb-topk"})
 #: Methods that need the student's top-k ids and the teacher's logits at them.
-TOPK_METHODS: frozenset[str] = frozenset({"vopd-topk", "opd-topk"})
+TOPK_METHODS: frozenset[str] = frozenset({"vopd-topk", "opd-topk", "rb-topk"})
 #: Methods that need the teacher's full distribution at every position.
-FULL_VOCAB_METHODS: frozenset[str] = frozenset({"vopd", "opd-full"})
+FULL_VOCAB_METHODS: frozenset[str] = frozenset({"vopd", "opd-full", "vopd-opt"})
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,14 @@ class LossOutput:
     logp:       log p(y_t), the student's log-prob of the sampled token (trainer side, fp32).
     logq:       log q(y_t), the teacher's.
     reward:     r_t = log q(y_t) - log p(y_t).
-    baseline:   b_t subtracted from r_t: 0 for ``opd``, -KL_t for ``vopd``, -KL~_t for ``vopd-topk``;
-                None for the analytic methods (``opd-full``, ``opd-topk``), which sample nothing.
-    advantage:  A_t = r_t - b_t, the detached weight on grad log p(y_t) (before the importance ratio); None for
-                the analytic methods.
-    kl:         exact KL_t over the full vocabulary (``vopd``, ``opd-full``), else None.
-    kl_topk:    KL~_t between p and q renormalised on the student's top-k ids (top-k methods), else None.
-    topk_mass:  sum of p over the student's top-k ids (top-k methods), else None.
+    baseline:   b_t subtracted from r_t: 0 for ``opd``, -KL_t for ``vopd``, -KL~_t for ``vopd-topk``, b*_t for
+                ``vopd-opt``, the top-k mean reward for ``rb-topk``; None for the analytic methods (``opd-full``,
+                ``opd-topk``), which sample nothing.
+    advantage:  A_t = r_t - b_t, the detached weight on grad log p(y_t) (before the importance ratio; for
+                ``rb-topk`` it is used only when y_t falls outside the top-k ids); None for the analytic methods.
+    kl:         exact KL_t over the full vocabulary (``vopd``, ``opd-full``, ``vopd-opt``), else None.
+    kl_topk:    KL~_t between p and q renormalised on the student's top-k ids (``vopd-topk``, ``opd-topk``).
+    topk_mass:  sum of p over the student's top-k ids (top-k methods, ``rb-topk`` included), else None.
     ratio:      detached importance ratio min(p(y)/p_sampler(y), cap) when sampler log-probs were given, else None.
     """
 
@@ -140,6 +143,41 @@ def _topk_kl(s: Tensor, t: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return kl_k, mass
 
 
+def _optimal_baseline(logp_all: Tensor, logq_all: Tensor) -> Tensor:
+    """Variance-optimal state baseline b* = sum_v p_v w_v r_v / sum_v p_v w_v, w_v = 1 - 2 p_v + sum_u p_u^2
+    (spec, notes): w_v = ||p - e_v||^2 is the squared norm of the logit score, so b* minimises E[(r - b)^2 w].
+    Falls back to the value -KL_t when p is one-hot (then every baseline gives a zero gradient)."""
+    p = logp_all.exp()
+    live = p > 0
+    r = torch.where(live, logq_all, 0.0) - torch.where(live, logp_all, 0.0)
+    s2 = (p * p).sum(-1, keepdim=True)
+    w = 1 - 2 * p + s2
+    den = (p * w).sum(-1)  # = 1 - sum p^2
+    num = (p * w * r).sum(-1)
+    value = (p * r).sum(-1)  # -KL_t
+    return torch.where(den > 1e-12, num / den.clamp_min(1e-30), value)
+
+
+def _rb_topk_parts(logp_all: Tensor, logq_all: Tensor, s: Tensor, y: Tensor, k: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``rb-topk``: baseline b = sum_{v in K} p~_v r_v (mean reward on the student's top-k ids K), the exact
+    surrogate over K, -sum_{v in K} sg(p_v (r_v - b)) log p_v, whether y is in K, and the mass on K.
+
+    E_y of the full estimator is sum_v p_v (r_v - b)(p - e_v) = the exact KL gradient for any state baseline b used
+    in *both* parts (the b terms sum to b * sum_v p_v (p - e_v) = 0)."""
+    ids = s.topk(k, dim=-1).indices
+    logp_k = logp_all.gather(-1, ids)
+    p_k = logp_k.detach().exp()
+    live = p_k > 0  # ids with -inf logits (masked vocabulary rows) carry no mass and must not form -inf - -inf
+    logp_k = torch.where(live, logp_k, 0.0)
+    r_k = torch.where(live, logq_all.gather(-1, ids), 0.0) - logp_k.detach()
+    mass = p_k.sum(-1)
+    baseline = (p_k * r_k).sum(-1) / mass
+    exact_part = -(p_k * (r_k - baseline.unsqueeze(-1)) * logp_k).sum(-1)
+    in_k = (ids == y).any(-1)
+    return baseline, exact_part, in_k, mass
+
+
 def distillation_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -202,14 +240,23 @@ def distillation_loss(
             # Value function V(s_t) = -KL_t over the full vocabulary (spec, `vopd`), detached.
             kl = _xlogy_diff(logp_all.detach().exp(), logp_all.detach(), logq_all) * m
             baseline = -kl
-        else:  # vopd-topk: the baseline uses the top-k KL; the sampled-token terms keep the full softmax.
+        elif method == "vopd-topk":  # the baseline uses the top-k KL; the sampled terms keep the full softmax
             kl_k, topk_mass = _topk_kl(s.detach(), t, top_k)
             kl_topk, topk_mass = kl_k * m, topk_mass * m
             baseline = -kl_topk
-        advantage = reward - baseline  # A_t = r_t + KL_t, detached (spec: sg(r_t + KL_t))
+        elif method == "vopd-opt":
+            kl = _xlogy_diff(logp_all.detach().exp(), logp_all.detach(), logq_all) * m
+            baseline = _optimal_baseline(logp_all.detach(), logq_all) * m
+        else:  # rb-topk
+            baseline, exact_part, in_k, topk_mass = _rb_topk_parts(logp_all, logq_all, s.detach(), y, top_k)
+            baseline, topk_mass = baseline * m, topk_mass * m
+        advantage = reward - baseline  # A_t = r_t - b_t, detached (spec: sg(r_t + KL_t) for vopd)
         ratio = importance_ratio(logp, sampler_logprobs, ratio_cap)
         weight = advantage if ratio is None else advantage * ratio
         per_token = -weight * logp  # surrogate -sg(A_t) log p(y_t); its gradient is the estimator
+        if method == "rb-topk":
+            # exact over K, plus the sampled token only when it falls outside K (Rao-Blackwellised over K)
+            per_token = exact_part - (~in_k) * weight * logp
         if ratio is not None:
             ratio = ratio * m
 
