@@ -203,3 +203,34 @@ def test_cli_reports_one_line_error(tmp_path):
     assert proc.returncode == 2
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("vopd train: error: student model path"), proc.stderr
+
+
+def test_lora_run_saves_adapter_and_a_merged_model(micro_world, train_overrides):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, train_overrides + ["steps=2", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
+                                               "lora.target_modules=[q_proj,v_proj]"])
+    result = train(cfg, log=_quiet)
+    adapter = result.final_checkpoint / "model"
+    assert (adapter / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(result.output_dir / "final", local_files_only=True)
+    base = _weights(micro_world.student)
+    changed = [k for k, v in merged.state_dict().items() if k in base and not torch.equal(v, base[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(micro_world, train_overrides, tmp_path):
+    base = train_overrides + ["steps=1"]
+    plain = train(load_config(None, base + [f"output_dir={tmp_path / 'a'}"]), log=_quiet)
+    ckpt_run = train(load_config(None, base + [f"output_dir={tmp_path / 'b'}", "model.gradient_checkpointing=true"]),
+                     log=_quiet)
+    a, b = _weights(plain.output_dir / "final"), _weights(ckpt_run.output_dir / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_vopd_check_cli(micro_world):
+    proc = subprocess.run([sys.executable, "-m", "vopd", "check", f"model.student={micro_world.student}",
+                           f"model.teacher={micro_world.teacher}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ok  ") == 4 and "self-check: KL(student||student) max" in proc.stdout

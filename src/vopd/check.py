@@ -131,7 +131,10 @@ def cli_main(args: argparse.Namespace) -> int:
     from vopd.config import load_config
     from vopd.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, require_paths=False)  # no training data needed to check models
+    for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)):
+        if not value:
+            raise UserError(f"config key {key} is required: set it to a local model directory ({key}=PATH)")
     device = resolve_device(cfg.model.device)
     s_tok = load_tokenizer(cfg.model.student, role="student", trust_remote_code=cfg.model.trust_remote_code)
     t_tok = load_tokenizer(cfg.model.teacher, role="teacher", trust_remote_code=cfg.model.trust_remote_code)
