@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("vopd.check", "pre-flight checks of a student/teacher pair without training"),
     "bench": ("vopd.bench", "benchmarks: `vopd bench estimators`"),
     "serve-teacher": ("vopd.serve", "serve a frozen teacher over HTTP for remote scoring"),
+    "reproduce": ("vopd.reproduce", "the paper's claims on the tiny world: methods x seeds, same budget"),
     "variance": ("vopd.variance", "variance and bias of each method's parameter gradient over many rollouts"),
 }
 
