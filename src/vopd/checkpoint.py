@@ -42,6 +42,7 @@ REQUIRED_FILES = ("trainer_state.json", "rng.pt", "config.yaml")
 RESUME_MUTABLE_KEYS = (
     "steps", "output_dir", "loggers", "progress", "log_every", "save_every", "keep_last", "max_bad_steps",
     "eval", "data.eval", "model.device", "model.gradient_checkpointing", "rollout.batch_size", "loss.chunk_memory_mb",
+    "distributed", "model.teacher_timeout_s", "model.teacher_retries",
 )
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"

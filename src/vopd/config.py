@@ -44,12 +44,19 @@ class ModelConfig:
     """[model] The student (trained) and the teacher (frozen), as local Hugging Face model directories."""
 
     student: str = _opt("", "Required. Local Hugging Face directory of the student (the model that is trained).")
-    teacher: str = _opt("", "Required. Local Hugging Face directory of the frozen teacher; same tokenizer as the student.")
+    teacher: str = _opt(
+        "", "Required. Local Hugging Face directory of the frozen teacher; same tokenizer as the student. Or the URL of "
+        "a `vopd serve-teacher` server (http://host:port; methods opd, vopd-topk, opd-topk)."
+    )
     dtype: Dtype = _opt("auto", "Student weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     teacher_dtype: Dtype = _opt("auto", "Teacher weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N; auto = cuda if available, else cpu.")
     gradient_checkpointing: bool = _opt(False, "Recompute student activations in the backward pass to save memory.")
     trust_remote_code: bool = _opt(False, "Allow model code shipped inside the model directories to run.")
+    teacher_timeout_s: float = _opt(60.0, "Remote teacher only: seconds to wait for one scoring request.")
+    teacher_retries: int = _opt(
+        3, "Remote teacher only: retries of a failed request (connection error, timeout, 5xx), with back-off."
+    )
 
 
 @dataclass
@@ -133,6 +140,17 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """[distributed] Data parallelism under torchrun; the world size comes from torchrun (docs/scaling.md)."""
+
+    strategy: Literal["ddp", "fsdp2"] = _opt(
+        "ddp", "ddp: every rank holds the whole student; fsdp2: parameters, gradients and optimizer states are "
+        "sharded over the ranks. Ignored in a single process."
+    )
+    timeout_min: float = _opt(60.0, "Minutes a rank waits in a collective (e.g. while rank 0 evaluates or saves).")
+
+
+@dataclass
 class TrainConfig:
     """Top-level keys of a run."""
 
@@ -143,6 +161,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     steps: int = _opt(100, "Optimizer steps.")
     batch_size: int = _opt(8, "Sequences (prompt + sampled completion) per optimizer step.")
     micro_batch_size: int = _opt(8, "Sequences per forward/backward pass; must divide batch_size.")
@@ -199,6 +218,9 @@ def _validate(c: TrainConfig, require_paths: bool) -> None:
             if not value.strip():
                 raise UserError(f"config key {key} is required: set it to {what} (e.g. {key}=PATH)")
     _check(bool(_DEVICE_RE.match(c.model.device)), "model.device", c.model.device, "auto, cpu, cuda or cuda:N")
+    _check(c.model.teacher_timeout_s > 0, "model.teacher_timeout_s", c.model.teacher_timeout_s, "> 0")
+    _check(c.model.teacher_retries >= 0, "model.teacher_retries", c.model.teacher_retries, ">= 0")
+    _check(c.distributed.timeout_min > 0, "distributed.timeout_min", c.distributed.timeout_min, "> 0")
     _check(c.lora.r >= 1, "lora.r", c.lora.r, ">= 1")
     _check(c.lora.alpha > 0, "lora.alpha", c.lora.alpha, "> 0")
     _check(0.0 <= c.lora.dropout < 1.0, "lora.dropout", c.lora.dropout, "in [0, 1)")

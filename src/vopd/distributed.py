@@ -1,17 +1,48 @@
-"""Rank helpers: one code path from one CPU process to many GPUs under torchrun.
+"""Rank helpers and the data-parallel wrapping of the student: one code path from one CPU process to many GPUs.
 
-What it knows: whether torch.distributed is initialised, this process's rank and world size, and sum/max
-reductions of tensors and Python numbers. At world size 1 (no torchrun) every helper is a no-op returning its input,
-so the trainer never branches on "distributed or not". What it does not know: models, wrapping (DDP/FSDP2 belong to
-the scale-out work), or training.
+What it knows:
+- whether torch.distributed is initialised (by ``torchrun``), this process's rank, world size and device, sum/max
+  reductions, and running a rank-0-only action (writing files, evaluating) so that its result *or its error* reaches
+  every rank (a rank-0 failure must not leave the others waiting in a collective forever);
+- ``wrap``: turning the student into an ``Engine`` under DistributedDataParallel or FSDP2 (``fully_shard``), with
+  the pieces the trainer needs around PyTorch's own engines: gradient sync only on the last micro-batch, the
+  gradient norm of sharded gradients, an unsharded copy of the student for ``generate``/evaluation/checkpoint files,
+  and full (unsharded) optimizer states for checkpoints that load at any world size.
+
+At world size 1 every helper is a no-op returning its input and ``wrap`` returns the plain model, so the trainer
+never branches on "distributed or not". What it does not know: the loss, sampling, the training loop, or the
+checkpoint layout (``vopd.checkpoint`` writes what it is given).
+
+The output layer (see ``StudentForward``): the chunked loss needs the student's output weight itself, outside any
+``forward``. Both engines only manage what happens inside the forward of the module they wrap, so the wrapped module
+returns the weight *from its forward*: under DDP its gradient then arrives in the same backward as every other
+parameter's and is all-reduced with them; under FSDP2 the output layer belongs to the root unit, whose parameters
+are unsharded (plain tensors) during that forward and stay unsharded until the backward has reduce-scattered their
+gradients. No gradient is ever all-reduced by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
 import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
+
+from vopd.errors import UserError
+
+Strategy = Literal["ddp", "fsdp2"]
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------ ranks
 
 
 def is_initialized() -> bool:
@@ -35,13 +66,28 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init(device: torch.device) -> None:
-    """Initialise the process group when started by torchrun with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    if launched_by_torchrun() and not is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+def init(device: torch.device, *, timeout_min: float = 60.0) -> torch.device:
+    """Initialise the process group when started by torchrun with WORLD_SIZE > 1 (gloo on CPU; nccl + gloo on
+    CUDA) and return this rank's device (``cuda:LOCAL_RANK`` on CUDA; ``device`` unchanged otherwise).
+
+    ``timeout_min`` bounds how long a rank waits in a collective; rank 0 evaluating or writing a checkpoint while the
+    others wait must fit in it."""
+    if not launched_by_torchrun():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if device.index is not None:
+            raise UserError(f"model.device={device} names one GPU, but torchrun starts one process per GPU: use "
+                            "model.device=auto or cuda (each rank takes cuda:LOCAL_RANK)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not is_initialized():
+        # On GPUs, NCCL carries the model's collectives and gloo the small CPU ones (token counts, metric sums, the
+        # rank-0 decisions): NCCL alone cannot reduce CPU tensors.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min), **kwargs)
+    return device
 
 
 def shutdown() -> None:
@@ -49,7 +95,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(x: Tensor) -> Tensor:
     """Sum over ranks (a copy; the input is untouched)."""
     if not is_initialized():
         return x
@@ -58,7 +104,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_max(x: Tensor) -> Tensor:
     if not is_initialized():
         return x
     y = x.clone()
@@ -69,3 +115,237 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def on_main(action: Callable[[], T]) -> T | None:
+    """Run ``action`` on rank 0 only; every rank returns its (picklable) result, or raises its ``UserError``.
+
+    Other exceptions on rank 0 are re-raised there and reported to the other ranks as a ``UserError``, so no rank is
+    left blocked in the next collective. The other ranks wait here meanwhile."""
+    if not is_initialized():
+        return action()
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if is_main():
+        try:
+            box[0] = ("ok", action())
+        except BaseException as exc:  # noqa: BLE001 - reported to every rank, then re-raised below
+            error = exc
+            box[0] = ("error", str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` on every rank."""
+    if not is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------------------------------------ the student
+
+
+class StudentForward(nn.Module):
+    """The module the data-parallel engine wraps: the student's decoder *and* its output layer.
+
+    ``forward`` returns (last hidden states (B, L, D), output weight (V, D) sliced to the tokenizer, bias or None).
+    The chunked loss forms logits from the weight chunk by chunk, so the output layer's own ``forward`` never runs;
+    returning the weight here is what puts it under the engine (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, vocab_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.vocab_size = vocab_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        from vopd.models import last_hidden, output_layer
+
+        hidden = last_hidden(self.model, input_ids, attention_mask)
+        weight, bias = output_layer(self.model, self.vocab_size)
+        return hidden, weight, bias
+
+
+class _StateDictOf:
+    """A gathered optimizer state dict in the shape ``vopd.checkpoint.save_checkpoint`` expects an optimizer."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+@dataclass
+class Engine:
+    """The student as trained, and the handles the loop needs.
+
+    strategy: "single" (one process), "ddp" or "fsdp2".
+    model:    the student (under FSDP2 its parameters are sharded DTensors, in place).
+    forward:  ``StudentForward`` over ``model``, wrapped by DDP or made the FSDP2 root; call it for training.
+    full:     an unsharded student with the current weights: ``generate``, evaluation, checkpoint files and the final
+              export use it. It is ``model`` itself except under FSDP2, where it is a separate copy refreshed after
+              every optimizer step (``after_step``).
+    """
+
+    strategy: str
+    model: nn.Module
+    forward: nn.Module
+    full: nn.Module
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Context for one micro-batch's forward + backward. DDP: gradients are all-reduced only on the last
+        micro-batch (``no_sync`` before it; the sum accumulates locally, and the last backward reduces it).
+        FSDP2 reduce-scatters every micro-batch: skipping it would keep unsharded gradients alive between
+        micro-batches, which is the memory FSDP2 is chosen to save."""
+        if self.strategy == "ddp" and not last:
+            return self.forward.no_sync()  # type: ignore[operator,no-any-return]
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Total gradient norm over all ranks' shards (before clipping), then clip to ``max_norm`` in place."""
+        params = [p for p in self.trainable() if p.grad is not None]
+        if not params:
+            return 0.0
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(total, DTensor):  # FSDP2: a partial norm over this rank's shards; full_tensor reduces it
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return float(total)
+
+    def after_step(self) -> None:
+        """FSDP2: copy the updated (gathered) trainable weights into ``full``. A collective: every rank calls it."""
+        if self.strategy != "fsdp2":
+            return
+        full_params = dict(self.full.named_parameters())
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    full_params[name].copy_(_full(p))
+
+    def load_full_weights(self) -> None:
+        """FSDP2: shard the weights that were loaded into ``full`` (a resume) back into ``model``."""
+        if self.strategy != "fsdp2":
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        state = {n: p.detach() for n, p in self.full.named_parameters() if n in trainable}
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Something with ``state_dict()`` giving the full optimizer state in ``torch.optim``'s own layout (states
+        keyed by parameter index), the same for every strategy and world size. A collective under FSDP2 (every
+        rank calls it; rank 0 gets the states, the others an empty dict)."""
+        if self.strategy != "fsdp2":
+            return optimizer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        by_name = get_optimizer_state_dict(self.model, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _StateDictOf(_names_to_indices(by_name, self._trainable_names()) if by_name else {})
+
+    def optimizer_loader(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Something with ``load_state_dict(full_state)`` that puts a full optimizer state (as saved from
+        ``optimizer_state``) into ``optimizer``, sharding it under FSDP2. Every rank calls it with the same state."""
+        if self.strategy != "fsdp2":
+            return optimizer
+        engine = self
+
+        class _Loader:
+            def load_state_dict(self, state: dict[str, Any]) -> None:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                by_name = _indices_to_names(state, engine._trainable_names())
+                set_optimizer_state_dict(engine.model, optimizer, by_name,
+                                         options=StateDictOptions(full_state_dict=True))
+
+        return _Loader()
+
+    def _trainable_names(self) -> list[str]:
+        # The optimizer is built from ``trainable()``, in ``parameters()`` order: index i <-> the i-th name.
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+
+def _full(p: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _names_to_indices(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def _indices_to_names(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    if any(int(i) >= len(names) for g in state["param_groups"] for i in g["params"]):
+        raise UserError(f"the saved optimizer state has more parameters than the {len(names)} trainable ones of the "
+                        "student: resume with the same model and lora settings")
+    return {"state": {names[int(k)]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.device) -> Engine:
+    """The student under ``strategy`` at the current world size (one process: no wrapping at all).
+
+    Call it after the weights are final for step 0 (a resume loads into ``Engine.full`` and calls
+    ``load_full_weights``) and before building the optimizer (FSDP2 replaces the parameters by sharded ones)."""
+    trunk = StudentForward(model, vocab_size)
+    if world_size() == 1:
+        return Engine("single", model, trunk, model)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters stays off (it costs a graph walk per step): every trainable parameter gets a
+        # gradient in every backward, the trainer adds a zero term for a micro-batch without completion tokens.
+        # Buffers (rotary frequencies) are constants, identical on every rank: no broadcast per forward.
+        ddp_args = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_args
+                          else {"broadcast_buffers": False})
+        ddp = DistributedDataParallel(trunk, device_ids=[device.index] if device.type == "cuda" else None,
+                                      **no_buffer_sync)
+        return Engine("ddp", model, ddp, model)
+    if strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # The copy for generate/eval/checkpoint files is taken before sharding, while the weights are still whole.
+        full = copy.deepcopy(model)
+        for p in full.parameters():
+            p.requires_grad_(False)
+        mesh = init_device_mesh(device.type, (world_size(),))
+        # One unit per transformer block (HF names the block classes in ``_no_split_modules``): its parameters are
+        # gathered for its forward and backward only. Everything else (embeddings, final norm, output layer) is in
+        # the root unit, StudentForward: tied input/output embeddings stay one parameter in one unit, and the output
+        # weight is whole while the loss uses it.
+        blocks = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
+        for module in list(model.modules()):
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(trunk, mesh=mesh)
+        # FSDP2 warns that the root returns views (the output weight sliced to the tokenizer, hidden states): an
+        # in-place op on them would skip its pre-backward hook. The trainer never modifies them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPStudentForward\) returned a view")
+        return Engine("fsdp2", model, trunk, full)
+    raise UserError(f"distributed.strategy={strategy!r} is not one of ddp, fsdp2")
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    from vopd.models import base_model
+
+    return base_model(model)  # type: ignore[no-any-return]

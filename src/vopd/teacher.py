@@ -1,21 +1,24 @@
-"""The teacher side of the loss: scoring rollouts with a frozen model, in process.
+"""The teacher side of the loss: scoring rollouts with a frozen model, in process, and telling a remote one apart.
 
 What it knows: running the teacher (eval mode, no grad, its own dtype and device) over a rollout's sequences and
 handing the loss what the chunked estimator path needs (last hidden states + output layer), moved to the student's
-device; and the exact held-out KL between student and teacher on sampled completions. What it does not know:
-optimisers, the training loop, or remote serving (a server-backed teacher would return per-token numbers instead
-of hidden states; that is the scale-out work's ``serve-teacher``).
+device; the exact held-out KL between student and teacher on sampled completions; whether ``model.teacher`` names a
+teacher server (a URL) and the pre-flight against one (its tokenizer fingerprint instead of its tokenizer). What it
+does not know: optimisers, the training loop, or the wire protocol (``vopd.remote`` is the client, ``vopd.serve``
+the server; a remote teacher returns per-token numbers instead of hidden states).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from vopd.chunked import chunked_distillation_loss
+from vopd.errors import UserError
 from vopd.models import last_hidden, output_layer
 from vopd.rollout import Rollout
 
@@ -76,3 +79,63 @@ def rollout_kl(student: Any, teacher: InProcessTeacher, rollout: Rollout, *, voc
     finally:
         student.train(was_training)
     return (total / count if count else float("nan")), float(count)
+
+
+def is_remote(teacher: str) -> bool:
+    """``model.teacher`` names a ``vopd serve-teacher`` server rather than a model directory."""
+    return teacher.startswith(("http://", "https://"))
+
+
+def preflight_remote(student: Any, student_tok: Any, remote: Any, cfg: Any) -> list[str]:
+    """``vopd.check.preflight`` for a teacher known only by its ``/health``: the tokenizer fingerprint stands in for
+    comparing the tokenizers (the teacher's is never loaded here), then the same sampling and self-checks."""
+    from vopd.check import check_sampling, self_check
+    from vopd.serve import tokenizer_fingerprint
+
+    health = remote.health()
+    vocab = len(student_tok)
+    mine, theirs = tokenizer_fingerprint(student_tok), health.get("tokenizer_sha256")
+    if mine != theirs:
+        raise UserError(f"the teacher server at {remote.url} uses another tokenizer than the student (fingerprint "
+                        f"{str(theirs)[:12]}... vs {mine[:12]}..., {health.get('vocab_size')} vs {vocab} tokens); OPD "
+                        "needs one shared tokenizer: serve a teacher from the student's model family")
+    notes = check_sampling(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                           allow_biased=cfg.rollout.allow_biased_sampling)
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    sc = self_check(student, student_tok, vocab)
+    return [
+        f"teacher server {remote.url} ({health.get('model')}, protocol {health.get('protocol')}): same tokenizer "
+        f"({vocab} tokens, fingerprint {mine[:12]})",
+        "sampling settings: " + ("; ".join(notes) if notes else "temperature 1, no top-p/top-k (unbiased)"),
+        f"self-check: KL(student||student) max {sc['self_kl_max']:.1e}, chunked vs model log p max error "
+        f"{sc['logp_max_error']:.1e}",
+    ]
+
+
+def open_teacher(cfg: Any, student: Any, student_tok: Any, device: torch.device,
+                 info: Callable[[str], None]) -> Any:
+    """The teacher of ``cfg.model.teacher`` after its pre-flight (each passed check is reported through ``info``):
+    an ``InProcessTeacher`` loaded here, or a ``vopd.remote.RemoteTeacher`` for a URL (its tokenizer is checked by
+    fingerprint, never loaded)."""
+    if is_remote(cfg.model.teacher):
+        from vopd.remote import RemoteTeacher
+
+        remote = RemoteTeacher(cfg.model.teacher, timeout_s=cfg.model.teacher_timeout_s,
+                               retries=cfg.model.teacher_retries)
+        try:
+            for line in preflight_remote(student, student_tok, remote, cfg):
+                info(f"pre-flight ok: {line}")
+        except BaseException:
+            remote.close()
+            raise
+        return remote
+    from vopd.check import preflight
+    from vopd.models import load_model, load_tokenizer, resolve_dtype
+
+    t_tok = load_tokenizer(cfg.model.teacher, role="teacher", trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(cfg.model.teacher, role="teacher", dtype=resolve_dtype(cfg.model.teacher_dtype, device),
+                       device=device, trust_remote_code=cfg.model.trust_remote_code)
+    for line in preflight(student, model, student_tok, t_tok, cfg):
+        info(f"pre-flight ok: {line}")
+    return InProcessTeacher(model, len(student_tok))

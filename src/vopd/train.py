@@ -3,35 +3,40 @@
     for step:  sample -> score (teacher) -> advantages + loss (student) -> step -> log -> eval -> checkpoint
 
 What it knows: the order of work of a step and everything around it (set-up, pre-flight, resume, NaN handling,
-metrics, checkpoints). It leaves the math to ``vopd.chunked``/``vopd.estimators``, sampling to ``vopd.rollout``,
-the teacher to ``vopd.teacher``, rank bookkeeping to ``vopd.distributed`` (no-ops on one process) and files to
-``vopd.checkpoint``. What it does not know: which method is used beyond passing its name (a ``Literal`` resolved by
-the estimators), or where the models came from.
+metrics, checkpoints), and which work is global under torchrun (token counts, the loss, the skip decision) and which
+is rank 0's (logs, evaluation, files). It leaves the math to ``vopd.chunked``/``vopd.estimators`` (in-process
+teacher) and ``vopd.remote`` (teacher server), sampling to ``vopd.rollout``, the teacher to ``vopd.teacher``, ranks
+and the DDP/FSDP2 wrapping to ``vopd.distributed`` (no-ops on one process) and files to ``vopd.checkpoint``. What it
+does not know: which method is used beyond passing its name (a ``Literal`` resolved by the estimators), or where the
+models came from.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from vopd import checkpoint as ckpt
 from vopd import distributed as dist
-from vopd.check import preflight
 from vopd.chunked import chunked_distillation_loss
 from vopd.config import TrainConfig, config_to_dict, load_config, save_config
 from vopd.data import encode_prompt, format_prompt, load_problems
 from vopd.errors import UserError
+from vopd.estimators import TOPK_METHODS, LossOutput
 from vopd.metrics import MetricsWriter, TokenStats, peak_memory_mb
-from vopd.models import (apply_lora, enable_gradient_checkpointing, last_hidden, load_model, load_tokenizer,
-                         output_layer, resolve_device, resolve_dtype)
+from vopd.models import (apply_lora, enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device,
+                         resolve_dtype)
+from vopd.remote import REMOTE_METHODS, RemoteTeacher, remote_distillation_loss, student_topk_ids
 from vopd.rollout import Rollout, Sampler, hf_sampler, pack
-from vopd.teacher import InProcessTeacher, rollout_kl
+from vopd.teacher import InProcessTeacher, is_remote, open_teacher, rollout_kl
 
 
 class TrainingAborted(UserError):
@@ -129,69 +134,89 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_from: str | None = None,
           stop_at: int | None = None, log: Callable[[str], None] = print,
           sampler: Sampler | None = None) -> TrainResult:
-    """Distil ``cfg.model.teacher`` into ``cfg.model.student``.
+    """Distil ``cfg.model.teacher`` (a model directory, or the URL of a teacher server) into ``cfg.model.student``.
 
     ``resume`` continues from the newest checkpoint in ``output_dir`` (refusing a damaged one), ``resume_from`` from
     a given checkpoint; ``stop_at`` ends after that step as if interrupted (no final export), which is how resume
-    is tested; ``sampler`` replaces Hugging Face generate."""
-    device = resolve_device(cfg.model.device)
-    dist.init(device)
-    torch.manual_seed(cfg.seed + dist.rank())
+    is tested; ``sampler`` replaces Hugging Face generate. Under torchrun every rank calls this; rank 0 logs,
+    evaluates and writes files (docs/scaling.md)."""
+    remote = is_remote(cfg.model.teacher)
+    if remote and cfg.loss.method not in REMOTE_METHODS:
+        raise UserError(f"loss.method={cfg.loss.method} needs the teacher's full distribution at every position, "
+                        f"which a teacher server ({cfg.model.teacher}) does not send; use loss.method=vopd-topk (the "
+                        "same unbiased gradient with a top-k baseline) or a local teacher directory")
+    device = dist.init(resolve_device(cfg.model.device), timeout_min=cfg.distributed.timeout_min)
+    # The same seed on every rank: anything random before step 0 (LoRA init) must be identical across ranks.
+    torch.manual_seed(cfg.seed)
     info = log if dist.is_main() else (lambda _msg: None)
 
     # ---- models, data and pre-flight first: a run that cannot start leaves output_dir untouched
     tok = load_tokenizer(cfg.model.student, role="student", trust_remote_code=cfg.model.trust_remote_code)
-    t_tok = load_tokenizer(cfg.model.teacher, role="teacher", trust_remote_code=cfg.model.trust_remote_code)
     student = load_model(cfg.model.student, role="student", dtype=resolve_dtype(cfg.model.dtype, device),
                          device=device, trust_remote_code=cfg.model.trust_remote_code)
-    teacher_model = load_model(cfg.model.teacher, role="teacher", dtype=resolve_dtype(cfg.model.teacher_dtype, device),
-                               device=device, trust_remote_code=cfg.model.trust_remote_code)
-    for line in preflight(student, teacher_model, tok, t_tok, cfg):
-        info(f"pre-flight ok: {line}")
     vocab = len(tok)
+    teacher = open_teacher(cfg, student, tok, device, info)
     if cfg.lora.enabled:
         student = apply_lora(student, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                              target_modules=cfg.lora.target_modules)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     student.train()
-    teacher = InProcessTeacher(teacher_model, vocab)
     prompts = load_prompts(cfg, tok, info)
+    per_rank = cfg.batch_size // dist.world_size()
+    if per_rank * dist.world_size() != cfg.batch_size:
+        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
 
     out_dir = Path(cfg.output_dir)
     config_dict = config_to_dict(cfg)
-    resume_from = ckpt.prepare_output_dir(out_dir, config_dict, resume=resume or resume_from is not None,
-                                          overwrite=overwrite, resume_from=resume_from) if dist.is_main() else None
-    if resume and resume_from is None:
-        info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
-    dist.barrier()
-    if dist.is_main():
-        save_config(cfg, out_dir / "config.yaml")
 
-    params = [p for p in student.parameters() if p.requires_grad]
+    def claim_output_dir() -> Path | None:
+        found = ckpt.prepare_output_dir(out_dir, config_dict, resume=resume or resume_from is not None,
+                                        overwrite=overwrite, resume_from=resume_from)
+        save_config(cfg, out_dir / "config.yaml")
+        return found
+
+    start_from = dist.on_main(claim_output_dir)  # rank 0 decides; every rank resumes from the same checkpoint
+    if resume and start_from is None:
+        info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
+
+    # ---- the student under DDP/FSDP2 (one process: unwrapped), the optimizer over what is trained, the resume
+    engine = dist.wrap(student, vocab, cfg.distributed.strategy, device)
+    params = engine.trainable()
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
     state: dict[str, Any] = {"step": 0, "data": {"epoch": 0, "index": 0}, "skipped_steps": 0, "bad_in_a_row": 0}
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=student, optimizer=optimizer, scheduler=scheduler)
-        info(f"resumed from {resume_from} at step {state['step']}")
+    if start_from is not None:
+        if not Path(start_from).is_dir():
+            raise UserError(f"rank {dist.rank()} cannot see checkpoint {start_from}: with several nodes, output_dir "
+                            "must be on a filesystem every node shares")
+        # Every rank reads the same full checkpoint (any world size and strategy wrote the same files).
+        state = ckpt.load_checkpoint(start_from, model=engine.full, optimizer=engine.optimizer_loader(optimizer),
+                                     scheduler=scheduler)
+        engine.load_full_weights()
+        info(f"resumed from {start_from} at step {state['step']}")
+        saved_world = state.get("world_size", 1)
+        if saved_world != dist.world_size():
+            info(f"resume: world size {dist.world_size()} (the checkpoint was written at {saved_world}); the global "
+                 "batch and its token mean are unchanged, but rollouts are sampled on other ranks with other seeds")
+    state["world_size"] = dist.world_size()
     stream = PromptStream(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle, **state["data"])
-    sample = sampler or hf_sampler(student, tok, max_new_tokens=cfg.rollout.max_new_tokens,
+    sample = sampler or hf_sampler(engine.full, tok, max_new_tokens=cfg.rollout.max_new_tokens,
                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                    top_k=cfg.rollout.top_k, batch_size=cfg.rollout.batch_size)
     writer = MetricsWriter(out_dir, cfg.loggers, config_dict) if dist.is_main() else None
-    per_rank = cfg.batch_size // dist.world_size()
-    if per_rank * dist.world_size() != cfg.batch_size:
-        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
     bar = _progress(cfg, state["step"]) if dist.is_main() else None
-    last_ckpt: Path | None = resume_from
+    last_ckpt: Path | None = start_from
     metrics: dict[str, Any] = {}
 
     try:
         for step in range(state["step"], cfg.steps):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            # Seeded per (step, rank), not carried from step to step: a resumed run samples what the uninterrupted
+            # one would have, whatever the world size was when the checkpoint was written.
+            torch.manual_seed(_step_seed(cfg.seed, step, dist.rank()))
             timer = _PhaseTimer(device)
 
             # 1. sample: this rank's slice of the global batch, completions from the current student
@@ -202,37 +227,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
             micro = [rollout.select(lo, lo + cfg.micro_batch_size).to(device)
                      for lo in range(0, rollout.size, cfg.micro_batch_size)]
             # The token mean is over the whole global batch (spec: "dapo" reduction): every micro-batch and rank
-            # divides by the same global count.
+            # divides by N_global / world_size, and DDP/FSDP2 average the gradients over ranks, so the update is
+            # (1/W) sum_r grad(sum_r / (N/W)) = grad(sum over all tokens) / N: the exact global token mean.
             total_tokens = dist.all_reduce_sum(torch.tensor(float(rollout.num_tokens))).item()
+            normalizer = max(total_tokens, 1.0) / dist.world_size()
 
-            # 2. score: the frozen teacher's hidden states for every micro-batch
-            with timer("teacher"):
-                scores = [teacher.score(mb, device) for mb in micro]
-
-            # 3-4. advantages + loss + backward, one student forward per micro-batch (chunked head)
+            # 2-4. per micro-batch: teacher scores + student forward + chunked loss + backward (gradients are
+            # reduced over ranks on the last micro-batch)
             stats = TokenStats()
             loss_sum = 0.0
             with timer("student"):
-                for mb, t in zip(micro, scores):
-                    hidden = last_hidden(student, mb.input_ids, mb.attention_mask)[:, :-1]
-                    weight, bias = output_layer(student, vocab)
-                    use_ratio = cfg.loss.ratio_cap > 0
-                    out = chunked_distillation_loss(
-                        hidden, weight, t.hidden, t.weight, mb.targets, mb.completion_mask,
-                        method=cfg.loss.method, top_k=cfg.loss.top_k, student_bias=bias, teacher_bias=t.bias,
-                        normalizer=max(total_tokens, 1.0) / dist.world_size(),
-                        sampler_logprobs=mb.sampler_logprobs if use_ratio else None,
-                        ratio_cap=cfg.loss.ratio_cap if use_ratio else None,
-                        memory_budget_mb=cfg.loss.chunk_memory_mb,
-                    )
-                    out.loss.backward()  # DDP averages gradients over ranks: hence the / world_size above
+                for i, mb in enumerate(micro):
+                    with engine.sync(last=i == len(micro) - 1):
+                        out = _micro_batch_loss(cfg, engine, teacher, mb, normalizer, timer)
+                        out.loss.backward()
                     loss_sum += float(out.loss.detach())
                     stats.add(out, mb.completion_mask, mb.sampler_logprobs)
+            # Each rank's loss is its share of the global mean times W; any rank's NaN makes every rank skip.
+            loss_sum = float(dist.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64))) / dist.world_size()
 
             # 5. step: skip (and count) non-finite updates; abort after max_bad_steps in a row
             with timer("optimizer"):
-                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                grad_norm = engine.clip_grad_norm(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
                 finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
@@ -242,6 +258,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
                     state["bad_in_a_row"] += 1
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                engine.after_step()  # FSDP2: the unsharded copy used by generate/eval/checkpoints catches up
             state["step"] = step + 1
             state["data"] = stream.state()
 
@@ -260,25 +277,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
                                       f"(max_bad_steps={cfg.max_bad_steps}); {hint}; lower optim.lr or check the "
                                       "models for NaN weights")
 
-            # 7. evaluate
+            # 7. evaluate (rank 0; the others wait)
             last = step + 1 == cfg.steps
             if cfg.data.eval and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
-                metrics.update(evaluate_student(student, teacher, tok, cfg, vocab))
+                metrics.update(dist.on_main(lambda: evaluate_student(engine.full, teacher, tok, cfg, vocab)) or {})
             if writer is not None and ((step + 1) % cfg.log_every == 0 or last):
                 writer.write(step + 1, metrics)
             if bar is not None:
                 bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("kl_estimate", "grad_norm") if k in metrics})
                 bar.update(1)
 
-            # 8. checkpoint (rank 0 writes; others wait); never in the middle of a run of non-finite steps, so the
-            # newest checkpoint is always the last good state
+            # 8. checkpoint (rank 0 writes full weights and optimizer states; the others wait); never in the middle
+            # of a run of non-finite steps, so the newest checkpoint is always the last good state
             due = (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or step + 1 == stop_at
             if due and state["bad_in_a_row"] == 0:
-                if dist.is_main():
-                    last_ckpt = ckpt.save_checkpoint(out_dir, step + 1, model=student, tokenizer=tok,
-                                                     optimizer=optimizer, scheduler=scheduler, trainer_state=state,
-                                                     config=config_dict, keep_last=cfg.keep_last)
-                dist.barrier()
+                optimizer_state = engine.optimizer_state(optimizer)  # FSDP2: gathered by every rank, kept on rank 0
+                last_ckpt = dist.on_main(lambda: ckpt.save_checkpoint(
+                    out_dir, step + 1, model=engine.full, tokenizer=tok, optimizer=optimizer_state,
+                    scheduler=scheduler, trainer_state=state, config=config_dict, keep_last=cfg.keep_last))
             if stop_at is not None and step + 1 >= stop_at:
                 break
     finally:
@@ -286,12 +302,54 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
             writer.close()
         if bar is not None:
             bar.close()
+        if remote:
+            teacher.close()
 
-    if dist.is_main() and state["step"] == cfg.steps:
+    if state["step"] == cfg.steps:
         final = out_dir / "final"
-        ckpt.export_merged(student, tok, final) if cfg.lora.enabled else _save_final(student, tok, final)
+        dist.on_main(lambda: ckpt.export_merged(engine.full, tok, final) if cfg.lora.enabled
+                     else _save_final(engine.full, tok, final))
         info(f"final model: {final}")
     return TrainResult(out_dir, state["step"], state["skipped_steps"], last_ckpt, metrics)
+
+
+def _micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: InProcessTeacher | RemoteTeacher,
+                      mb: Rollout, normalizer: float, timer: "_PhaseTimer") -> LossOutput:
+    """One micro-batch's loss, its graph ready for ``backward``. The teacher's time is charged to the teacher phase.
+
+    In process the teacher runs first (only its last hidden states stay alive during the student's forward); a
+    remote teacher runs after the student's forward, because for the top-k methods it is asked about the student's
+    top-k ids."""
+    t_scores = None
+    if isinstance(teacher, InProcessTeacher):
+        with timer("teacher"):
+            t_scores = teacher.score(mb, mb.input_ids.device)
+    hidden, weight, bias = engine.forward(mb.input_ids, mb.attention_mask)
+    hidden = hidden[:, :-1]
+    use_ratio = cfg.loss.ratio_cap > 0
+    common: dict[str, Any] = dict(
+        method=cfg.loss.method, student_bias=bias, normalizer=normalizer, memory_budget_mb=cfg.loss.chunk_memory_mb,
+        sampler_logprobs=mb.sampler_logprobs if use_ratio else None,
+        ratio_cap=cfg.loss.ratio_cap if use_ratio else None)
+    if t_scores is not None:
+        out = chunked_distillation_loss(hidden, weight, t_scores.hidden, t_scores.weight, mb.targets,
+                                        mb.completion_mask, top_k=cfg.loss.top_k, teacher_bias=t_scores.bias, **common)
+    else:
+        ids = None
+        if cfg.loss.method in TOPK_METHODS:
+            ids = student_topk_ids(hidden.detach(), weight.detach(), mb.completion_mask, cfg.loss.top_k,
+                                   bias=None if bias is None else bias.detach(),
+                                   memory_budget_mb=cfg.loss.chunk_memory_mb)  # the same chunks, so the same ids
+        with timer("teacher"):
+            r_scores = teacher.score(mb, ids)
+        out = remote_distillation_loss(hidden, weight, mb.targets, mb.completion_mask, teacher_logq=r_scores.logq,
+                                       teacher_topk_logits=r_scores.topk_logits, topk_ids=ids, **common)
+    if mb.num_tokens == 0:
+        # Without completion tokens the loss only touches the hidden states; DDP expects a gradient for every
+        # parameter in every backward, so the output layer gets an explicit zero one.
+        zero = weight.sum() * 0.0 + (0.0 if bias is None else bias.sum() * 0.0)
+        out = dataclasses.replace(out, loss=out.loss + zero)
+    return out
 
 
 def _save_final(model: Any, tokenizer: Any, path: Path) -> None:
@@ -299,9 +357,10 @@ def _save_final(model: Any, tokenizer: Any, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def evaluate_student(student: Any, teacher: InProcessTeacher, tok: Any, cfg: TrainConfig,
+def evaluate_student(student: Any, teacher: InProcessTeacher | RemoteTeacher, tok: Any, cfg: TrainConfig,
                      vocab: int) -> dict[str, float]:
-    """Accuracy on ``data.eval`` (Avg/Pass/Maj@n) and the exact held-out KL on fresh temperature-1 samples."""
+    """Accuracy on ``data.eval`` (Avg/Pass/Maj@n) and the exact held-out KL on fresh temperature-1 samples. The KL
+    needs the teacher's full distribution: with a teacher server ``eval_kl`` is left out."""
     from vopd.eval import evaluate
 
     problems = load_problems(cfg.data.eval, kind="math", problem_field=cfg.data.prompt_field,
@@ -309,10 +368,11 @@ def evaluate_student(student: Any, teacher: InProcessTeacher, tok: Any, cfg: Tra
     result = evaluate(student, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed,
                       greedy=cfg.eval.greedy, template=cfg.data.template)
-    kl = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab)
     m = result.metrics
-    return {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n,
-            "eval_kl": kl}
+    out = {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n}
+    if isinstance(teacher, InProcessTeacher):
+        out["eval_kl"] = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab)
+    return out
 
 
 def heldout_kl(student: Any, teacher: InProcessTeacher, tok: Any, problems: list[str], cfg: TrainConfig,
@@ -337,28 +397,41 @@ def _rollout_metrics(r: Rollout) -> dict[str, float]:
             "truncation_rate": sum(r.truncated) / max(len(r.truncated), 1)}
 
 
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of ``step`` on ``rank``: distinct per step and rank, the same in a resumed run."""
+    return (seed * 1_000_003 + step * 4_099 + rank) % 2**63
+
+
 class _PhaseTimer:
-    """Wall time per phase (CUDA-synchronised so asynchronous kernels are charged to their phase)."""
+    """Wall time per phase (CUDA-synchronised so asynchronous kernels are charged to their phase). Phases nest: time
+    in an inner phase (the teacher inside the student's micro-batch loop) is charged to it alone, so the phases add
+    up to ``total``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times, self.total = device, {}, 0.0
-        self._name = ""
+        self._stack: list[str] = []
+        self._since = 0.0
 
-    def __call__(self, name: str) -> "_PhaseTimer":
-        self._name = name
-        return self
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._switch()
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            self._switch()
+            self._stack.pop()
 
-    def __enter__(self) -> None:
+    def _switch(self) -> None:
+        """Charge the time since the last switch to the phase on top of the stack."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - self._t0
-        self.times[self._name] = self.times.get(self._name, 0.0) + dt
-        self.total += dt
+        now = time.perf_counter()
+        if self._stack:
+            dt = now - self._since
+            self.times[self._stack[-1]] = self.times.get(self._stack[-1], 0.0) + dt
+            self.total += dt
+        self._since = now
 
     def metrics(self) -> dict[str, float]:
         return {f"time_{k}": v for k, v in self.times.items()} | {"time_step": self.total}
@@ -387,9 +460,10 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, resume_from=args.resume_from,
                        stop_at=args.stop_at)
+        main = dist.is_main()  # read before shutdown: afterwards every process looks like rank 0
     finally:
         dist.shutdown()
-    if dist.is_main():
+    if main:
         m = result.last_metrics
         print(f"done: {result.steps_done} steps ({result.skipped_steps} skipped) in {result.output_dir}; "
               + ", ".join(f"{k}={m[k]:.4g}" for k in ("kl_estimate", "kl_mean", "eval_avg_at_n", "eval_kl") if k in m))

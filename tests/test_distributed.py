@@ -1,0 +1,193 @@
+"""Data-parallel training on the CPU (gloo, 2 processes): DDP and FSDP2 give the one-process update on the same
+global batch, and a checkpoint written by 2 ranks resumes (at 2 ranks or at 1) to the uninterrupted result.
+
+The rollouts must be the same in every run being compared, so these runs use a deterministic sampler: the
+completion depends only on the prompt (on one process or two, each prompt gets the same completion). One test runs
+the real command line under torchrun with Hugging Face generate, evaluation and gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from vopd import checkpoint as ckpt
+from vopd.config import load_config
+from vopd.sampling import Samples
+from vopd.train import train
+
+#: Per-step metrics that must agree between runs (all are global: reduced over ranks).
+COMPARE = ("loss", "grad_norm", "kl_estimate", "tokens", "reward_var")
+
+
+class FixedSampler:
+    """Completions (and sampler log-probs) that are a function of the prompt alone."""
+
+    def __call__(self, prompts: list[list[int]]) -> Samples:
+        completions, logprobs = [], []
+        for p in prompts:
+            h = sum(p) * 31 + len(p)
+            n = 3 + h % 7
+            completions.append([3 + (h * (j + 7) + 11 * j) % 190 for j in range(n)])
+            logprobs.append([-1.0 - 0.25 * (j % 3) for j in range(n)])
+        return Samples(completions, logprobs, [False] * len(prompts))
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], kwargs: dict[str, Any]) -> None:
+    """One rank, as torchrun would start it (the same environment variables)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from vopd import distributed as dist
+
+    try:
+        train(load_config(None, overrides), sampler=FixedSampler(), log=_quiet, **kwargs)
+    finally:
+        dist.shutdown()
+
+
+def _on_main_worker(rank: int, world: int, port: int, errors: Any) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from vopd import distributed as dist
+    from vopd.errors import UserError
+
+    dist.init(torch.device("cpu"), timeout_min=1)
+    try:
+        assert dist.on_main(lambda: f"written by rank {dist.rank()}") == "written by rank 0"
+
+        def disk_full() -> None:
+            raise UserError("disk full while writing the checkpoint")
+
+        try:
+            dist.on_main(disk_full)
+        except UserError as exc:
+            errors.put((rank, str(exc)))
+    finally:
+        dist.shutdown()
+
+
+def test_a_rank0_failure_reaches_every_rank():
+    """Rank 0 alone writes files; when that fails, the other ranks must raise too, not wait forever."""
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_on_main_worker, args=(2, _free_port(), errors), nprocs=2, join=True, start_method="spawn")
+    got = sorted(errors.get() for _ in range(2))
+    assert got == [(0, "disk full while writing the checkpoint"), (1, "disk full while writing the checkpoint")]
+
+
+def _two_ranks(overrides: list[str], **kwargs: Any) -> None:
+    mp.start_processes(_worker, args=(2, _free_port(), overrides, kwargs), nprocs=2, join=True,
+                       start_method="spawn")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _metrics(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    a, b = _weights(a_dir / "final"), _weights(b_dir / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    ma, mb = _metrics(a_dir), _metrics(b_dir)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        for key in COMPARE:
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+
+
+@pytest.fixture
+def dist_overrides(train_overrides):
+    # 8 sequences: 4 micro-batches in one process, 2 per rank on two (so DDP's no_sync path runs). eps=1 makes
+    # Adam's update ~ lr * g, so equal weights mean equal gradients; the clip threshold sits below the gradient
+    # norm, so clipping (of sharded gradients, under FSDP2) is part of every step.
+    return train_overrides + ["batch_size=8", "micro_batch_size=2", "optim.eps=1.0", "optim.grad_clip=0.001",
+                              "loss.method=vopd", "save_every=0"]
+
+
+LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj,down_proj]"]
+
+
+@pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp2", []), ("fsdp2", LORA)], ids=["ddp", "fsdp2",
+                                                                                              "fsdp2-lora"])
+def test_two_ranks_equal_one_process(strategy, extra, dist_overrides, tmp_path):
+    base = dist_overrides + ["steps=2", f"distributed.strategy={strategy}", *extra]
+    train(load_config(None, base + [f"output_dir={tmp_path / 'one'}"]), sampler=FixedSampler(), log=_quiet)
+    _two_ranks(base + [f"output_dir={tmp_path / 'two'}"])
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert _metrics(tmp_path / "two")[0]["grad_norm"] > 0.001  # the clip was active
+    state = json.loads((ckpt.list_checkpoints(tmp_path / "two")[-1] / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 2
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_rank_checkpoint_resumes_to_the_uninterrupted_run(strategy, dist_overrides, tmp_path):
+    base = dist_overrides + ["steps=3", "optim.schedule=cosine", f"distributed.strategy={strategy}"]
+    train(load_config(None, base + [f"output_dir={tmp_path / 'ref'}"]), sampler=FixedSampler(), log=_quiet)
+    split = base + [f"output_dir={tmp_path / 'split'}"]
+    _two_ranks(split, stop_at=1)
+    saved = ckpt.list_checkpoints(tmp_path / "split")
+    assert [p.name for p in saved] == ["step-00000001"] and not (tmp_path / "split" / "final").exists()
+    ckpt.verify_checkpoint(saved[0])
+    # The files are the usual full checkpoint: optimizer states of full shape, keyed by parameter index.
+    opt = torch.load(saved[0] / "optimizer.pt", weights_only=True)
+    weights = _weights(saved[0] / "model")
+    assert opt["param_groups"][0]["params"] == list(range(len(weights)))
+    assert sorted(tuple(s["exp_avg"].shape) for s in opt["state"].values()) == sorted(
+        tuple(w.shape) for w in weights.values())
+    # The same checkpoint resumed by one process (a world-size change) ...
+    shutil.copytree(tmp_path / "split", tmp_path / "single")
+    train(load_config(None, base + [f"output_dir={tmp_path / 'single'}"]), resume=True, sampler=FixedSampler(),
+          log=_quiet)
+    # ... and by two ranks, as it was written.
+    _two_ranks(split, resume=True)
+    _assert_same_run(tmp_path / "ref", tmp_path / "split")
+    _assert_same_run(tmp_path / "ref", tmp_path / "single")
+
+
+def test_torchrun_command_line_fsdp2(micro_world, train_overrides, tmp_path):
+    """The real entry point: torchrun -m vopd train, with generate on the unsharded copy, gradient checkpointing,
+    evaluation on rank 0 while rank 1 waits, a checkpoint and the final export; one summary line."""
+    out = tmp_path / "run"
+    overrides = [o for o in train_overrides if not o.startswith("output_dir=")] + [
+        f"output_dir={out}", "steps=2", "distributed.strategy=fsdp2", "model.gradient_checkpointing=true",
+        f"data.eval={micro_world.test}", "eval.limit=2", "eval.max_new_tokens=6", "loss.method=vopd-topk"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "vopd", "train", *overrides],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 2 steps") == 1, proc.stdout
+    lines = _metrics(out)
+    assert [m["step"] for m in lines] == [1, 2] and "eval_kl" in lines[-1] and "eval_avg_at_n" in lines[-1]
+    # generate ran on the unsharded copy; at step 2 it must hold the weights the sharded student was updated to
+    assert all(m["logprob_diff_max"] < 1e-4 for m in lines)
+    ckpt.verify_checkpoint(ckpt.list_checkpoints(out)[-1])
+    assert (out / "final" / "model.safetensors").is_file()
