@@ -7,7 +7,6 @@ sampled-token method over the sampled id equals the exact KL gradient (``opd-ful
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch

@@ -15,7 +15,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
+
+import torch
 
 from vopd.errors import UserError
 
@@ -316,3 +318,59 @@ def load_problems(
     if kind == "math":
         return [_math_problem(p, where, row, fields) for where, row in rows]
     return [_mcq_problem(p, where, row, fields, choice_seed) for where, row in rows]
+
+
+# ------------------------------------------------------------------------------------- training prompts
+
+
+class PromptStream:
+    """Epoch-wise shuffled prompt order with a resumable position (epoch, index); every rank walks the same order
+    and takes its own slice of each global batch."""
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool, epoch: int = 0, index: int = 0) -> None:
+        self.size, self.seed, self.shuffle, self.epoch, self.index = size, seed, shuffle, epoch, index
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.index == self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def load_prompts(path: str | Path, tokenizer: Any, *, field: str, template: str, max_tokens: int,
+                 long_prompts: str, log: Callable[[str], None]) -> list[list[int]]:
+    """Prompt ids of a training file (config keys ``data.*``); prompts longer than ``max_tokens`` are skipped (and
+    counted) or refused, per ``long_prompts`` ("skip" or "error")."""
+    rows = read_rows(path)
+    prompts, skipped = [], 0
+    for where, row in rows:
+        text = row.get(field)
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{path} {where}: no text in field {field!r} (the row has fields {sorted(row)}); set "
+                            "data.prompt_field to the field that holds the problem")
+        ids = encode_prompt(tokenizer, format_prompt(text, template))
+        if len(ids) > max_tokens:
+            if long_prompts == "error":
+                raise UserError(f"{path} {where}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_tokens};"
+                                " raise the limit or set data.long_prompts=skip")
+            skipped += 1
+            continue
+        prompts.append(ids)
+    if skipped:
+        log(f"skipped {skipped} of {len(rows)} prompts longer than {max_tokens} tokens")
+    if not prompts:
+        raise UserError(f"no usable prompt in {path} (all {len(rows)} longer than data.max_prompt_tokens={max_tokens})")
+    return prompts

@@ -8,10 +8,12 @@ What it does not know: the training loop's order of work, models, or what the nu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -148,3 +150,44 @@ def _clean(v: Any) -> Any:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class PhaseTimer:
+    """Wall time per phase (CUDA-synchronised so asynchronous kernels are charged to their phase). Phases nest: time
+    in an inner phase (the teacher inside the student's micro-batch loop) is charged to it alone, so the phases add
+    up to ``total``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.total = device, {}, 0.0
+        self._stack: list[str] = []
+        self._since = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._switch()
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            self._switch()
+            self._stack.pop()
+
+    def _switch(self) -> None:
+        """Charge the time since the last switch to the phase on top of the stack."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self._stack:
+            dt = now - self._since
+            self.times[self._stack[-1]] = self.times.get(self._stack[-1], 0.0) + dt
+            self.total += dt
+        self._since = now
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{k}": v for k, v in self.times.items()} | {"time_step": self.total}
+
+
+def rollout_metrics(r: Any) -> dict[str, float]:
+    lengths = r.completion_lengths
+    return {"completion_len_mean": sum(lengths) / max(len(lengths), 1), "completion_len_max": max(lengths, default=0),
+            "truncation_rate": sum(r.truncated) / max(len(r.truncated), 1)}

@@ -14,13 +14,11 @@ models came from.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -28,10 +26,10 @@ from vopd import checkpoint as ckpt
 from vopd import distributed as dist
 from vopd.chunked import chunked_distillation_loss
 from vopd.config import TrainConfig, config_to_dict, load_config, save_config
-from vopd.data import encode_prompt, format_prompt, load_problems
+from vopd.data import PromptStream, encode_prompt, format_prompt, load_problems, load_prompts
 from vopd.errors import UserError
 from vopd.estimators import TOPK_METHODS, LossOutput
-from vopd.metrics import MetricsWriter, TokenStats, peak_memory_mb
+from vopd.metrics import MetricsWriter, PhaseTimer, TokenStats, peak_memory_mb, rollout_metrics
 from vopd.models import (apply_lora, enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device,
                          resolve_dtype)
 from vopd.remote import REMOTE_METHODS, RemoteTeacher, remote_distillation_loss, student_topk_ids
@@ -50,69 +48,6 @@ class TrainResult:
     skipped_steps: int
     final_checkpoint: Path | None
     last_metrics: dict[str, Any]
-
-
-class PromptStream:
-    """Epoch-wise shuffled prompt order with a resumable position (epoch, index); every rank walks the same order
-    and takes its own slice of each global batch."""
-
-    def __init__(self, size: int, *, seed: int, shuffle: bool, epoch: int = 0, index: int = 0) -> None:
-        self.size, self.seed, self.shuffle, self.epoch, self.index = size, seed, shuffle, epoch, index
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-
-    def take(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.index == self.size:
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._make_order()
-            out.append(self._order[self.index])
-            self.index += 1
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-
-def load_prompts(cfg: TrainConfig, tokenizer: Any, log: Callable[[str], None]) -> list[list[int]]:
-    """Prompt ids of the training file; prompts longer than ``data.max_prompt_tokens`` are skipped (and counted)
-    or refused, per ``data.long_prompts``."""
-    rows = _read_prompt_texts(cfg)
-    prompts, skipped = [], 0
-    for where, text in rows:
-        ids = encode_prompt(tokenizer, format_prompt(text, cfg.data.template))
-        if len(ids) > cfg.data.max_prompt_tokens:
-            if cfg.data.long_prompts == "error":
-                raise UserError(f"{cfg.data.train} {where}: prompt has {len(ids)} tokens > data.max_prompt_tokens="
-                                f"{cfg.data.max_prompt_tokens}; raise the limit or set data.long_prompts=skip")
-            skipped += 1
-            continue
-        prompts.append(ids)
-    if skipped:
-        log(f"skipped {skipped} of {len(rows)} prompts longer than {cfg.data.max_prompt_tokens} tokens")
-    if not prompts:
-        raise UserError(f"no usable prompt in {cfg.data.train} (all {len(rows)} longer than "
-                        f"data.max_prompt_tokens={cfg.data.max_prompt_tokens})")
-    return prompts
-
-
-def _read_prompt_texts(cfg: TrainConfig) -> list[tuple[str, str]]:
-    from vopd.data import read_rows
-
-    rows = read_rows(cfg.data.train)
-    out = []
-    for where, row in rows:
-        value = row.get(cfg.data.prompt_field)
-        if not isinstance(value, str) or not value.strip():
-            raise UserError(f"{cfg.data.train} {where}: no text in field {cfg.data.prompt_field!r} (the row has fields "
-                            f"{sorted(row)}); set data.prompt_field to the field that holds the problem")
-        out.append((where, value))
-    return out
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -162,7 +97,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     student.train()
-    prompts = load_prompts(cfg, tok, info)
+    prompts = load_prompts(cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template,
+                           max_tokens=cfg.data.max_prompt_tokens, long_prompts=cfg.data.long_prompts, log=info)
     per_rank = cfg.batch_size // dist.world_size()
     if per_rank * dist.world_size() != cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
@@ -217,7 +153,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
             # Seeded per (step, rank), not carried from step to step: a resumed run samples what the uninterrupted
             # one would have, whatever the world size was when the checkpoint was written.
             torch.manual_seed(_step_seed(cfg.seed, step, dist.rank()))
-            timer = _PhaseTimer(device)
+            timer = PhaseTimer(device)
 
             # 1. sample: this rank's slice of the global batch, completions from the current student
             with timer("generate"):
@@ -265,7 +201,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
             # 6. log
             metrics = {**stats.reduce(), "loss": loss_sum, "grad_norm": grad_norm,
                        "lr": scheduler.get_last_lr()[0], "skipped_steps": state["skipped_steps"],
-                       "step_skipped": not finite, **_rollout_metrics(rollout), **timer.metrics(),
+                       "step_skipped": not finite, **rollout_metrics(rollout), **timer.metrics(),
                        "peak_memory_mb": peak_memory_mb(device)}
             metrics["tokens_per_s"] = total_tokens / max(timer.total, 1e-9)
             if not finite:
@@ -314,7 +250,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
 
 
 def _micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: InProcessTeacher | RemoteTeacher,
-                      mb: Rollout, normalizer: float, timer: "_PhaseTimer") -> LossOutput:
+                      mb: Rollout, normalizer: float, timer: PhaseTimer) -> LossOutput:
     """One micro-batch's loss, its graph ready for ``backward``. The teacher's time is charged to the teacher phase.
 
     In process the teacher runs first (only its last hidden states stay alive during the student's forward); a
@@ -391,50 +327,9 @@ def heldout_kl(student: Any, teacher: InProcessTeacher, tok: Any, problems: list
     return kl
 
 
-def _rollout_metrics(r: Rollout) -> dict[str, float]:
-    lengths = r.completion_lengths
-    return {"completion_len_mean": sum(lengths) / max(len(lengths), 1), "completion_len_max": max(lengths, default=0),
-            "truncation_rate": sum(r.truncated) / max(len(r.truncated), 1)}
-
-
 def _step_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of ``step`` on ``rank``: distinct per step and rank, the same in a resumed run."""
     return (seed * 1_000_003 + step * 4_099 + rank) % 2**63
-
-
-class _PhaseTimer:
-    """Wall time per phase (CUDA-synchronised so asynchronous kernels are charged to their phase). Phases nest: time
-    in an inner phase (the teacher inside the student's micro-batch loop) is charged to it alone, so the phases add
-    up to ``total``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self.total = device, {}, 0.0
-        self._stack: list[str] = []
-        self._since = 0.0
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self._switch()
-        self._stack.append(name)
-        try:
-            yield
-        finally:
-            self._switch()
-            self._stack.pop()
-
-    def _switch(self) -> None:
-        """Charge the time since the last switch to the phase on top of the stack."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if self._stack:
-            dt = now - self._since
-            self.times[self._stack[-1]] = self.times.get(self._stack[-1], 0.0) + dt
-            self.total += dt
-        self._since = now
-
-    def metrics(self) -> dict[str, float]:
-        return {f"time_{k}": v for k, v in self.times.items()} | {"time_step": self.total}
 
 
 def _progress(cfg: TrainConfig, start: int) -> Any:
