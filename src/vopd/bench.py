@@ -135,7 +135,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["estimators"], help="which benchmark")
+    from vopd.bench_training import add_bench_arguments
+
+    # One sub-parser per benchmark: training/generation reuse flag names (--tokens, --methods, --device, ...) with
+    # other defaults, which a single flat parser cannot hold.
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation}")
+    add_bench_arguments(sub.add_parser("training", help="training-side step at real shapes (needs CUDA)"), "training")
+    add_bench_arguments(sub.add_parser("generation", help="model.generate tokens/s, static vs dynamic KV cache"),
+                        "generation")
+    parser = sub.add_parser("estimators", help="loss head alone: every method, dense vs chunked")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="completion tokens per step")
     parser.add_argument("--hidden", type=int, default=512, help="student hidden size")
@@ -151,6 +159,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.what in ("training", "generation"):
+        from vopd.bench_training import run_generation_bench, run_training_bench
+
+        return (run_training_bench if args.what == "training" else run_generation_bench)(args)
     if args.device.startswith("cuda"):
         import torch
 
