@@ -38,6 +38,8 @@ def _worker(case: dict[str, Any]) -> dict[str, Any]:
     from vopd.estimators import distillation_loss
 
     torch.manual_seed(0)
+    if case["device"] == "cpu":
+        torch.set_num_threads(case["threads"])  # a fixed thread count keeps timings comparable on a shared CPU
     dev = torch.device(case["device"])
     dtype = getattr(torch, case["dtype"])
     n, v, ds, dt = case["tokens"], case["vocab"], case["hidden"], case["teacher_hidden"]
@@ -105,7 +107,8 @@ def run_estimator_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for path in args.paths:
                     case = dict(vocab=vocab, tokens=tokens, method=method, path=path, hidden=args.hidden,
                                 teacher_hidden=args.teacher_hidden, top_k=args.top_k, repeats=args.repeats,
-                                budget_mb=args.budget_mb, device=args.device, dtype=args.dtype)
+                                budget_mb=args.budget_mb, device=args.device, dtype=args.dtype,
+                                threads=args.threads)
                     r = _run_case(case)
                     print(f"  V={vocab:>6} T={tokens:>5} {method:<9} {path:<7} {r['time_ms']:9.1f} ms "
                           f"{r['peak_mb']:9.1f} MB", file=sys.stderr, flush=True)
@@ -155,6 +158,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-mb", type=float, default=256, help="chunked path memory budget per chunk")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per case (CPU only)")
     parser.add_argument("--json", help="also write the raw results here")
 
 
@@ -171,7 +175,8 @@ def cli_main(args: argparse.Namespace) -> int:
     results = run_estimator_bench(args)
     table = format_table(results)
     print(f"vopd bench estimators: hidden={args.hidden} teacher_hidden={args.teacher_hidden} top_k={args.top_k} "
-          f"device={args.device} dtype={args.dtype} repeats={args.repeats} budget_mb={args.budget_mb}")
+          f"device={args.device} dtype={args.dtype} repeats={args.repeats} budget_mb={args.budget_mb} "
+          f"threads={args.threads}")
     print(table)
     by = {(r["vocab"], r["tokens"], r["method"], r["path"]): r for r in results}
     print("\nratios (chunked path unless noted):")

@@ -62,13 +62,15 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None, cd: torch.dtype) -> Tensor:
     return z if b is None else z + b.to(cd)
 
 
-def _optimal_baseline(p: Tensor, d: Tensor, pd: Tensor, kl: Tensor, lse_s: Tensor, lse_t: Tensor) -> Tensor:
+def _optimal_baseline(e: Tensor, inv_s: Tensor, d: Tensor, pd: Tensor, kl: Tensor, lse_s: Tensor,
+                      lse_t: Tensor) -> Tensor:
     """b* = sum p w r / sum p w with w_v = 1 - 2 p_v + S2, S2 = sum p^2 (``vopd-opt``), from the chunk's buffers.
 
     With r_v = -d_v + lse_s - lse_t:  sum p w = 1 - S2  and  sum p w d = (1 + S2) sum p d - 2 sum p^2 d, so two more
     reductions give b*; a one-hot p (S2 = 1) falls back to the value -KL_t."""
-    s2 = torch.linalg.vecdot(p, p)
-    p2d = torch.linalg.vecdot(p * p, d)
+    # p = e * inv_s is never materialised: the sums are taken on e and rescaled.
+    s2 = torch.linalg.vecdot(e, e) * inv_s**2
+    p2d = torch.linalg.vecdot(e * e, d) * inv_s**2
     den = 1 - s2
     b = -((1 + s2) * pd - 2 * p2d) / den.clamp_min(1e-30) + lse_s - lse_t
     return torch.where(den > 1e-12, b, -kl)
@@ -120,18 +122,19 @@ class _FusedHead(torch.autograd.Function):
                     st[:, _KL_TOPK] = kl_k
             lse_t = zt.logsumexp(-1)
             if needs_kl:
-                d = zt.neg_().add_(zs)  # z_s - z_t, in the teacher's buffer
+                d = torch.sub(zs, zt, out=zt)  # z_s - z_t, written over the teacher's buffer in one pass
             m_s = zs.amax(-1, keepdim=True)
             e = zs.sub_(m_s).exp_()
             sum_e = e.sum(-1, keepdim=True)
             lse_s = (m_s + sum_e.log()).squeeze(-1)
-            p = e.div_(sum_e)
+            # p = e / sum_e is folded into the scalars each method multiplies by, saving a pass over (c, V).
+            inv_s = 1.0 / sum_e.squeeze(-1)
             logp, logq = zs_y - lse_s, zt_y - lse_t
             st[:, _LOGP], st[:, _LOGQ] = logp, logq
             if method in ("vopd-topk", "opd-topk"):
                 st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
             if needs_kl:
-                pd = torch.linalg.vecdot(p, d)  # sum_v p_v (z_s - z_t)_v
+                pd = torch.linalg.vecdot(e, d) * inv_s  # sum_v p_v (z_s - z_t)_v
                 kl = pd - lse_s + lse_t  # KL_t = A/S - lse_s + lse_t (performance.md)
                 st[:, _KL] = kl
 
@@ -144,7 +147,7 @@ class _FusedHead(torch.autograd.Function):
                 elif method == "vopd-topk":
                     adv = reward + st[:, _KL_TOPK]  # A_t = r_t + KL~_t (spec `vopd-topk`)
                 elif method == "vopd-opt":
-                    adv = reward - _optimal_baseline(p, d, pd, kl, lse_s, lse_t)
+                    adv = reward - _optimal_baseline(e, inv_s, d, pd, kl, lse_s, lse_t)
                 else:  # rb-topk: baseline = mean reward on K, r_v = log q_v - log p_v exactly (full lse's)
                     logp_k, logq_k = zs_k - lse_s.unsqueeze(-1), zt_k - lse_t.unsqueeze(-1)
                     p_k = logp_k.exp()
@@ -162,20 +165,21 @@ class _FusedHead(torch.autograd.Function):
                     coef = coef * ~(ids == y_c).any(-1)
                     pa_k = p_k * (r_k - b.unsqueeze(-1))
                     loss += -((pa_k * logp_k).sum() + (coef * logp).sum()) * inv_n
-                    g = p.mul_(((pa_k.sum(-1) + coef) * inv_n).unsqueeze(-1))
+                    g = e.mul_(((pa_k.sum(-1) + coef) * inv_n * inv_s).unsqueeze(-1))
                     g.scatter_add_(-1, ids, -pa_k * inv_n)
                 else:
                     loss += -(coef * logp).sum() * inv_n
-                    g = p.mul_((coef * inv_n).unsqueeze(-1))  # dL/dz = w * coef * (p - onehot(y)), in p's buffer
+                    # dL/dz = w * coef * (p - onehot(y)), written into e's buffer (p = e * inv_s)
+                    g = e.mul_((coef * inv_n * inv_s).unsqueeze(-1))
                 g.scatter_add_(-1, y_c, -(coef * inv_n).unsqueeze(-1))
             elif method == "opd-full":
                 loss += kl.sum() * inv_n
                 # dL/dz = w p (log p - log q - KL_t) = w p (d - sum_v p_v d_v), in d's buffer.
-                g = d.sub_(pd.unsqueeze(-1)).mul_(p).mul_(inv_n)
+                g = d.sub_(pd.unsqueeze(-1)).mul_(e).mul_((inv_n * inv_s).unsqueeze(-1))
             else:  # opd-topk
                 loss += kl_k.sum() * inv_n
                 g_k = p_k * (logp_k - logq_k - kl_k.unsqueeze(-1)) * inv_n
-                g = p.zero_().scatter_(-1, ids, g_k)
+                g = e.zero_().scatter_(-1, ids, g_k)
 
             if need_h:
                 gh = torch.mm(g.to(ws.dtype), ws, out_dtype=torch.float32) if half_cuda else g @ ws_c
@@ -187,7 +191,7 @@ class _FusedHead(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h_c.to(cd))
             if need_b:
                 grad_b += g.sum(0)
-            del zs, zt, e, p, g
+            del zs, zt, e, g
 
         ctx.grads = (
             None if grad_h is None else grad_h.to(hs.dtype),
