@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One thread: on a shared 2-core machine two torch threads were up to 20x slower when other processes ran.
+torch.set_num_threads(1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,270 @@
+"""Supervised fine-tuning (SFT) of a causal LM on worked solutions, greedy evaluation, and the `vopd sft` command.
+
+What it knows: turning ``{"problem", "solution"}`` rows into token ids with exactly the encoders the sampler and the
+evaluator use (``vopd.data.encode_prompt`` / ``encode_completion``), a plain AdamW + cosine training loop with the
+loss on completion tokens only, and greedy accuracy with ``vopd.sampling.generate`` + ``vopd.grading.grade_answer``.
+What it does not know: how the tiny world is assembled or cached (``vopd.world``), distillation, or the estimators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from vopd.data import encode_completion, encode_prompt, format_prompt
+from vopd.errors import UserError
+
+IGNORE = -100  # label id ignored by the loss (prompt and padding positions)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """One SFT run. The schedule is linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class SFTResult:
+    """Per-step training losses, the wall-clock seconds spent in the loop (checks included), and whether
+    ``stop_when`` ended it before ``config.steps``."""
+
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+
+def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + EOS) per row, encoded exactly as sampling and evaluation encode them."""
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("problem"), str) or not isinstance(row.get("solution"), str):
+            raise UserError(f"row {i}: needs string fields 'problem' and 'solution'; fix the data file")
+        out.append(
+            (encode_prompt(tokenizer, format_prompt(row["problem"])), encode_completion(tokenizer, row["solution"]))
+        )
+    return out
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are the completion ids only (prompt and padding are ``IGNORE``)."""
+    width = max(len(p) + len(c) for p, c in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, (p, c) in enumerate(examples):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, len(p) : n] = torch.tensor(c, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def completion_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over completion tokens (fp32 log-softmax)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Position t predicts token t+1.
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
+    )
+
+
+def _lr_factor(step: int, config: SFTConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def train_sft(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    config: SFTConfig = SFTConfig(),
+    *,
+    log: Callable[[str], None] | None = print,
+    log_every: int = 50,
+    stop_when: Callable[[int], bool] | None = None,
+    check_every: int = 25,
+) -> SFTResult:
+    """Train ``model`` in place on ``rows`` (AdamW, cosine schedule, loss on completion tokens only).
+
+    Batches are drawn by shuffling the rows epoch by epoch with ``config.seed``; results are deterministic for a
+    given seed and thread count. ``stop_when(step)``, called every ``check_every`` steps (model in eval mode),
+    ends training early when it returns True; the schedule stays the one planned for ``config.steps``.
+    """
+    if config.steps < 1 or config.batch_size < 1:
+        raise UserError(f"SFT needs steps >= 1 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
+    examples = encode_rows(tokenizer, rows)
+    if not examples:
+        raise UserError("SFT data is empty; pass a jsonl file with 'problem' and 'solution' rows")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    # Decay only matrices (not norms/biases), the usual convention.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    order: list[int] = []
+    result = SFTResult()
+    model.train()
+    start = time.perf_counter()
+    for step in range(config.steps):
+        batch_idx = []
+        while len(batch_idx) < config.batch_size:
+            if not order:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+            batch_idx.append(order.pop())
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_idx], pad_id).items()}
+        loss = completion_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        result.losses.append(loss.item())
+        if log is not None and (step + 1) % log_every == 0:
+            recent = result.losses[-log_every:]
+            log(f"  sft step {step + 1}/{config.steps}  loss {sum(recent) / len(recent):.4f}"
+                f"  ({time.perf_counter() - start:.0f}s)")
+        if stop_when is not None and (step + 1) % check_every == 0 and step + 1 < config.steps:
+            model.eval()
+            stop = stop_when(step + 1)
+            model.train()
+            if stop:
+                result.stopped_early = True
+                break
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+def greedy_accuracy(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 128,
+) -> float:
+    """Fraction of ``rows`` whose greedy completion's last ``\\boxed{}`` grades equal to ``row["answer"]``."""
+    from vopd.grading import grade_answer
+    from vopd.sampling import generate
+
+    if not rows:
+        return float("nan")
+    prompts = [encode_prompt(tokenizer, format_prompt(r["problem"])) for r in rows]
+    samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
+    correct = sum(
+        grade_answer(tokenizer.decode(ids, skip_special_tokens=True), str(r["answer"]))
+        for ids, r in zip(samples.completions, rows)
+    )
+    return correct / len(rows)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `vopd sft`."""
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="root of the tiny-world cache (default $VOPD_CACHE or ~/.cache/vopd)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when a valid cached world exists")
+    parser.add_argument("--seed", type=int, default=None, help="world seed (data, init, batches)")
+    parser.add_argument("--steps", type=int, default=None, help="arithmetic steps per problem")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher SFT optimizer steps")
+    parser.add_argument("--student-steps", type=int, default=None,
+                        help="most student SFT steps (it stops earlier once it reaches --student-target)")
+    parser.add_argument("--student-target", type=float, default=None,
+                        help="validation accuracy at which the student's SFT stops (default 0.3; 0 = never stop early)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: tiny models gain little from more, and it is reproducible)")
+    custom = parser.add_argument_group("SFT of your own model (instead of building the tiny world)")
+    custom.add_argument("--model", type=Path, default=None, help="local HF causal-LM directory to fine-tune")
+    custom.add_argument("--data", type=Path, default=None, help="jsonl with 'problem' and 'solution' fields")
+    custom.add_argument("--out", type=Path, default=None, help="directory to save the fine-tuned model to")
+    custom.add_argument("--lr", type=float, default=1e-5, help="peak learning rate for --model (default 1e-5)")
+    custom.add_argument("--batch-size", type=int, default=8, help="sequences per step for --model (default 8)")
+    custom.add_argument("--max-steps", type=int, default=100, help="optimizer steps for --model (default 100)")
+
+
+def _sft_custom(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vopd.task import read_jsonl
+
+    if args.data is None or args.out is None:
+        raise UserError("--model needs --data train.jsonl and --out DIR as well")
+    if not (args.model / "config.json").is_file():
+        raise UserError(f"{args.model}: not a Hugging Face model directory (no config.json); pass --model DIR")
+    rows = read_jsonl(args.data)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    config = SFTConfig(steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                       warmup_steps=min(10, args.max_steps // 10))
+    result = train_sft(model, tokenizer, rows, config, log_every=max(1, args.max_steps // 10))
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"saved {args.out}  (final loss {result.losses[-1]:.4f}, {result.seconds:.0f}s)")
+    return 0
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """`vopd sft`: build or reuse the tiny world (default), or fine-tune ``--model`` on ``--data``."""
+    import dataclasses
+
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: pass a positive number of CPU threads")
+    if args.model is not None:
+        torch.set_num_threads(args.threads)
+        return _sft_custom(args)
+    if args.data is not None or args.out is not None:
+        raise UserError("--data/--out are for fine-tuning your own model; add --model DIR (or drop them)")
+    from vopd.world import WorldConfig, build_world
+
+    config = WorldConfig()
+    changes: dict[str, Any] = {}
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.steps is not None:
+        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps)
+    if args.teacher_steps is not None:
+        changes["teacher_sft"] = dataclasses.replace(config.teacher_sft, steps=args.teacher_steps)
+    if args.student_steps is not None:
+        changes["student_sft"] = dataclasses.replace(config.student_sft, steps=args.student_steps)
+    if args.student_target is not None:
+        if not 0.0 <= args.student_target <= 1.0:
+            raise UserError(f"--student-target {args.student_target}: pass an accuracy in [0, 1] (0 disables it)")
+        changes["student_target_accuracy"] = args.student_target or None
+    world = build_world(dataclasses.replace(config, **changes), args.cache_dir, force=args.force, threads=args.threads)
+    print(world.summary())
+    return 0

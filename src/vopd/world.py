@@ -1,0 +1,407 @@
+"""The tiny world: an offline tokenizer, a tiny Qwen3 teacher and a weaker tiny Qwen3 student, built and cached.
+
+``build_world`` generates the arithmetic task (``vopd.task``), trains a byte-level BPE tokenizer on it (digits split
+one per token so arithmetic is learnable), creates two ``Qwen3ForCausalLM`` models of different sizes, fine-tunes
+both on the worked solutions (``vopd.sft``) and measures their greedy test accuracy. Everything is saved in the
+formats real models use (``save_pretrained``: safetensors + tokenizer in the model directory), so the rest of vopd
+loads the tiny world with ``AutoTokenizer`` / ``AutoModelForCausalLM`` like any other checkpoint.
+
+The world is cached under ``$VOPD_CACHE`` (default ``~/.cache/vopd``) in a directory keyed by a hash of the
+configuration, built in a temporary directory and renamed into place, with a manifest (``world.json``: sizes and
+sha256 of every file) that is verified on reuse so a partial or corrupt cache is rebuilt.
+
+What it does not know: distillation, the estimators, or evaluation beyond greedy accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from vopd.data import format_prompt
+from vopd.errors import UserError
+from vopd.sft import SFTConfig, greedy_accuracy, train_sft
+from vopd.task import TaskConfig, read_jsonl, write_splits
+
+#: Bump when the layout or the build recipe changes, so old caches are not mistaken for new ones.
+FORMAT_VERSION = 1
+MANIFEST = "world.json"
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The size of a tiny Qwen3 model (vocabulary size comes from the tokenizer)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_positions: int = 256
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that determines the tiny world; its hash names the cache directory."""
+
+    seed: int = 0
+    task: TaskConfig = TaskConfig()
+    n_train: int = 20000
+    n_test: int = 500
+    vocab_size: int = 384  # BPE target; the trained vocabulary may be a little smaller
+    # Sizes and steps were tuned on a shared 2-core CPU (docs/tiny_world.md): the teacher solves the test split,
+    # the student stops SFT in the middle of its learning curve (the same student SFT'd 3x longer is near 100%).
+    teacher: ModelShape = ModelShape(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=384)
+    student: ModelShape = ModelShape(hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192)
+    teacher_sft: SFTConfig = SFTConfig(steps=600, lr=3e-3)
+    student_sft: SFTConfig = SFTConfig(steps=700, lr=3e-3)
+    # The student's SFT stops at the first check (every ``student_check_every`` steps from
+    # ``student_check_from``) where its greedy accuracy on ``n_val`` held-out train problems reaches
+    # ``student_target_accuracy``: its learning curve is so steep that a fixed step count lands anywhere between
+    # 10% and 70% depending on the seed. None trains for the full ``student_sft.steps`` (then ~90%+).
+    student_target_accuracy: float | None = 0.3
+    student_check_from: int = 200
+    student_check_every: int = 25
+    n_val: int = 200
+    eval_max_new_tokens: int = 96
+
+    def key(self) -> str:
+        """Short stable hash of the configuration (and the format version)."""
+        blob = json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class World:
+    """A built tiny world: paths (models are HF directories with the tokenizer inside) and measured metrics."""
+
+    root: Path
+    teacher: Path
+    student: Path
+    tokenizer: Path
+    train_data: Path
+    test_data: Path
+    config: WorldConfig
+    teacher_accuracy: float
+    student_accuracy: float
+    teacher_sft_seconds: float
+    student_sft_seconds: float
+    reused: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def summary(self) -> str:
+        """Human-readable paths and accuracies (what `vopd sft` prints)."""
+        how = "reused" if self.reused else "built"
+        return "\n".join([
+            f"tiny world ({how}): {self.root}",
+            f"  teacher   {self.teacher}  greedy test accuracy {self.teacher_accuracy:.1%}"
+            f"  (SFT {self.teacher_sft_seconds:.0f}s)",
+            f"  student   {self.student}  greedy test accuracy {self.student_accuracy:.1%}"
+            f"  (SFT {self.student_sft_seconds:.0f}s)",
+            f"  tokenizer {self.tokenizer}",
+            f"  data      {self.train_data}  {self.test_data}",
+        ])
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``.
+
+    Digits are split one per token before BPE (so no merge ever spans digits, and numbers are spelled digit by
+    digit); every byte is in the base alphabet (any text encodes, and decode(encode(x)) == x). The post-processor
+    prepends BOS, so ``vopd.data.encode_prompt`` yields BOS + prompt; PAD, BOS, EOS have ids 0, 1, 2.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Merges may cross spaces (no word regex), which makes the fixed phrases of the task one token each and keeps
+    # sequences short for CPU training. Arithmetic operators are isolated so that "+" in a problem and in a worked
+    # solution is the same token: copying an operation is then a literal copy, which small models learn faster.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex(r" [-+*/] "), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def make_model(shape: ModelShape, tokenizer: Any, *, seed: int) -> Any:
+    """A freshly initialised ``Qwen3ForCausalLM`` of ``shape`` over ``tokenizer``'s vocabulary (fp32)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if shape.hidden_size % shape.num_heads or shape.num_heads % shape.num_kv_heads:
+        raise UserError(f"{shape}: hidden_size must divide by num_heads and num_heads by num_kv_heads")
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.hidden_size // shape.num_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).float()
+    gen = model.generation_config
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+    )
+    return model
+
+
+def count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_table(root: Path) -> dict[str, dict[str, Any]]:
+    return {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def verify_world(root: Path) -> str | None:
+    """None when ``root`` holds a complete world matching its manifest, else the reason it does not."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        return f"no {MANIFEST}"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"unreadable {MANIFEST}"
+    if manifest.get("format") != FORMAT_VERSION:
+        return f"format {manifest.get('format')} != {FORMAT_VERSION}"
+    for rel, meta in files.items():
+        path = root / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{rel} has {path.stat().st_size} bytes, manifest says {meta['size']}"
+        if _sha256(path) != meta["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def _world_from(root: Path, config: WorldConfig, *, reused: bool) -> World:
+    metrics = json.loads((root / MANIFEST).read_text())["metrics"]
+    return World(
+        root=root,
+        teacher=root / "teacher",
+        student=root / "student",
+        tokenizer=root / "tokenizer",
+        train_data=root / "data" / "train.jsonl",
+        test_data=root / "data" / "test.jsonl",
+        config=config,
+        teacher_accuracy=metrics["teacher_accuracy"],
+        student_accuracy=metrics["student_accuracy"],
+        teacher_sft_seconds=metrics["teacher_sft_seconds"],
+        student_sft_seconds=metrics["student_sft_seconds"],
+        reused=reused,
+        metrics=metrics,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def default_cache_dir() -> Path:
+    """``$VOPD_CACHE`` or ``~/.cache/vopd``."""
+    env = os.environ.get("VOPD_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vopd"
+
+
+def _save(model: Any, tokenizer: Any, path: Path) -> None:
+    """``save_pretrained`` model + tokenizer, without transformers' per-shard progress bar in the build log."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _accuracy_reached(
+    model: Any, tokenizer: Any, val: list[dict[str, Any]], config: WorldConfig, log: Callable[[str], None]
+) -> Callable[[int], bool]:
+    """The student's stopping rule: validation accuracy >= the target (checked from ``student_check_from``)."""
+
+    def stop_when(step: int) -> bool:
+        if step < config.student_check_from or config.student_target_accuracy is None:
+            return False
+        acc = greedy_accuracy(model, tokenizer, val, max_new_tokens=config.eval_max_new_tokens)
+        log(f"  student step {step}: validation accuracy {acc:.1%}")
+        return acc >= config.student_target_accuracy
+
+    return stop_when
+
+
+def _build_into(tmp: Path, config: WorldConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """Build every artefact under ``tmp``; return the metrics."""
+    train_path, test_path = write_splits(
+        tmp / "data", n_train=config.n_train, n_test=config.n_test, seed=config.seed, config=config.task
+    )
+    train, test = read_jsonl(train_path), read_jsonl(test_path)
+    texts = [format_prompt(r["problem"]) for r in train] + [r["solution"] for r in train]
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    log(f"tokenizer: {len(tokenizer)} tokens; data: {len(train)} train / {len(test)} test problems")
+    metrics: dict[str, Any] = {"vocab_size": len(tokenizer)}
+    # The student's stopping rule looks at problems it does not train on (and never at the test split).
+    n_val = min(config.n_val, len(train) // 2) if config.student_target_accuracy is not None else 0
+    val, student_train = train[len(train) - n_val :], train[: len(train) - n_val]
+    for role, shape, sft_config, rows, seed_offset in (
+        ("teacher", config.teacher, config.teacher_sft, train, 1),
+        ("student", config.student, config.student_sft, student_train, 2),
+    ):
+        model = make_model(shape, tokenizer, seed=config.seed * 1000 + seed_offset)
+        log(f"{role}: Qwen3 {count_parameters(model):,} parameters, SFT up to {sft_config.steps} steps")
+        sft = dataclasses.replace(sft_config, seed=config.seed * 1000 + seed_offset)
+        stop_when = _accuracy_reached(model, tokenizer, val, config, log) if role == "student" and n_val else None
+        result = train_sft(model, tokenizer, rows, sft, log=log, log_every=max(1, sft.steps // 5),
+                           stop_when=stop_when, check_every=config.student_check_every)
+        t0 = time.perf_counter()
+        acc = greedy_accuracy(model, tokenizer, test, max_new_tokens=config.eval_max_new_tokens)
+        log(f"{role}: greedy test accuracy {acc:.1%} after {result.steps} steps "
+            f"(SFT {result.seconds:.0f}s, eval {time.perf_counter() - t0:.0f}s)")
+        _save(model, tokenizer, tmp / role)
+        metrics.update({
+            f"{role}_accuracy": acc,
+            f"{role}_sft_seconds": round(result.seconds, 2),
+            f"{role}_sft_steps": result.steps,
+            f"{role}_parameters": count_parameters(model),
+            f"{role}_final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+        })
+    return metrics
+
+
+def _remove_stale_builds(root: Path, max_age_s: float = 24 * 3600) -> None:
+    """Delete temporary build directories left by killed builds. Only old ones: a young one may be another
+    process's build in progress."""
+    now = time.time()
+    for path in root.glob(".world-*.tmp"):
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def build_world(
+    config: WorldConfig = WorldConfig(),
+    cache_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    threads: int | None = 1,
+) -> World:
+    """Build the tiny world, or reuse a verified cached copy of the same configuration.
+
+    The build happens in a temporary sibling directory renamed into place at the end, so an interrupted build
+    never leaves a half-written world where a reader would take it for a complete one. ``threads`` is torch's CPU
+    thread count during the build (restored afterwards; None leaves it alone). One thread is the default: these
+    models are too small to gain much from more, a fixed count makes the build reproducible, and on a shared CPU
+    extra threads were measured to make SFT up to 20x slower (threads spin-waiting on each other).
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = root / f"world-{config.key()}"
+    if final.exists() and not force:
+        problem = verify_world(final)
+        if problem is None:
+            return _world_from(final, config, reused=True)
+        log(f"cached tiny world {final} is corrupt or incomplete ({problem}); rebuilding it")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    except OSError as exc:
+        raise UserError(f"cannot write the tiny-world cache at {root} ({exc.strerror}); pass --cache-dir DIR "
+                        "or set VOPD_CACHE to a writable directory") from None
+    previous_threads = torch.get_num_threads()
+    try:
+        log(f"building tiny world {config.key()} in {root}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        metrics = _build_into(tmp, config, log)
+        metrics["build_seconds"] = round(time.perf_counter() - t0, 2)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "key": config.key(),
+            "config": dataclasses.asdict(config),
+            "metrics": metrics,
+            "torch_threads": torch.get_num_threads(),
+            "files": _file_table(tmp),
+        }
+        # The manifest is written last: its presence marks a complete build.
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            # Move the old (corrupt, or --force'd) copy aside first: rename cannot replace a non-empty directory.
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=root))
+            os.replace(final, trash / "world")
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process finished the same world first; keep theirs if it verifies.
+            if verify_world(final) is not None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _world_from(final, config, reused=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(previous_threads)
+    log(f"tiny world ready in {metrics['build_seconds']:.0f}s: {final}")
+    return _world_from(final, config, reused=False)
