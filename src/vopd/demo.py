@@ -49,7 +49,8 @@ def _evaluate_model(path: Path, world: Any, cfg: Any) -> dict[str, float]:
     return evaluate_student(model, teacher, tok, cfg, len(tok))
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, start: dict[str, float] | None = None) -> Path:
+    """Training curves per method; ``start`` (the student before training) is drawn as step 0 of the eval panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,6 +62,8 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     for ax, (key, title) in zip(axes, panels):
         for method, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if key.startswith("eval") and start and key in start:
+                pts = [(0, start[key]), *pts]
             if pts:
                 ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None, ms=3, label=method)
         ax.set_title(title, fontsize=10)
@@ -113,7 +116,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         method = name.removeprefix("student after ")
         t = f"{seconds[method]:.0f}s" if method in seconds else ""
         print(f"  {name:<22} {r['eval_avg_at_n']:>9.1%} {r['eval_kl']:>12.4f} {t:>11}")
-    plot = plot_curves(curves, out / "curves.png")
+    plot = plot_curves(curves, out / "curves.png", start=rows["student (before)"])
     summary = {"rows": rows, "train_seconds": seconds, "world": str(world.root), "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "total_seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
