@@ -98,8 +98,10 @@ def _metrics(out_dir: Path) -> list[dict[str, Any]]:
 def test_remote_teacher_gives_the_in_process_weights(method, servers, micro_world, train_overrides, tmp_path):
     # Sampling with generate (same seed in both runs), two steps: the second step samples from the updated student,
     # so equal step-2 weights also mean the first update was equal. Evaluation at the end runs in both.
+    # eps=1 makes Adam's update ~ lr * g: with the default eps, coordinates whose gradient is ~1e-9 (rows of tokens
+    # never sampled) take a full sign step, turning float rounding between the two code paths into lr-sized gaps.
     base = train_overrides + ["steps=2", f"loss.method={method}", f"data.eval={micro_world.test}", "eval.limit=2",
-                              "eval.max_new_tokens=6"]
+                              "eval.max_new_tokens=6", "optim.eps=1.0"]
     local = train(load_config(None, base + [f"output_dir={tmp_path / 'local'}"]), log=_quiet)
     url = servers["main"][1]
     logs: list[str] = []

@@ -39,7 +39,7 @@ def _worker(case: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     if case["device"] == "cpu":
-        torch.set_num_threads(case["threads"])  # a fixed thread count keeps timings comparable on a shared CPU
+        torch.set_num_threads(case.get("threads", 1))  # a fixed thread count keeps timings comparable on a shared CPU
     dev = torch.device(case["device"])
     dtype = getattr(torch, case["dtype"])
     n, v, ds, dt = case["tokens"], case["vocab"], case["hidden"], case["teacher_hidden"]
