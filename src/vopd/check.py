@@ -108,14 +108,22 @@ def preflight(student: Any, teacher: Any, student_tok: Any, teacher_tok: Any, cf
     compare_tokenizers(student_tok, teacher_tok)
     vocab = len(student_tok)
     check_heads(student, teacher, vocab)
-    notes = check_sampling(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                           allow_biased=cfg.rollout.allow_biased_sampling)
-    for note in notes:
-        warnings.warn(note, RuntimeWarning, stacklevel=2)
-    sc = self_check(student, student_tok, vocab)
     return [
         f"tokenizers identical ({vocab} tokens, special tokens match)",
         "output layers cover the tokenizer",
+        *student_checks(student, student_tok, vocab, cfg),
+    ]
+
+
+def student_checks(student: Any, student_tok: Any, vocab: int, cfg: Any) -> list[str]:
+    """The checks that need only the student and the config (sampling settings, self-check), shared by the
+    in-process and the remote-teacher pre-flights; biased-sampling overrides are warned about here."""
+    notes = check_sampling(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                           allow_biased=cfg.rollout.allow_biased_sampling)
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+    sc = self_check(student, student_tok, vocab)
+    return [
         "sampling settings: " + ("; ".join(notes) if notes else "temperature 1, no top-p/top-k (unbiased)"),
         f"self-check: KL(student||student) max {sc['self_kl_max']:.1e}, chunked vs model log p max error "
         f"{sc['logp_max_error']:.1e}",

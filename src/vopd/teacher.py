@@ -10,7 +10,6 @@ the server; a remote teacher returns per-token numbers instead of hidden states)
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -89,7 +88,7 @@ def is_remote(teacher: str) -> bool:
 def preflight_remote(student: Any, student_tok: Any, remote: Any, cfg: Any) -> list[str]:
     """``vopd.check.preflight`` for a teacher known only by its ``/health``: the tokenizer fingerprint stands in for
     comparing the tokenizers (the teacher's is never loaded here), then the same sampling and self-checks."""
-    from vopd.check import check_sampling, self_check
+    from vopd.check import student_checks
     from vopd.serve import tokenizer_fingerprint
 
     health = remote.health()
@@ -99,17 +98,10 @@ def preflight_remote(student: Any, student_tok: Any, remote: Any, cfg: Any) -> l
         raise UserError(f"the teacher server at {remote.url} uses another tokenizer than the student (fingerprint "
                         f"{str(theirs)[:12]}... vs {mine[:12]}..., {health.get('vocab_size')} vs {vocab} tokens); OPD "
                         "needs one shared tokenizer: serve a teacher from the student's model family")
-    notes = check_sampling(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                           allow_biased=cfg.rollout.allow_biased_sampling)
-    for note in notes:
-        warnings.warn(note, RuntimeWarning, stacklevel=2)
-    sc = self_check(student, student_tok, vocab)
     return [
         f"teacher server {remote.url} ({health.get('model')}, protocol {health.get('protocol')}): same tokenizer "
         f"({vocab} tokens, fingerprint {mine[:12]})",
-        "sampling settings: " + ("; ".join(notes) if notes else "temperature 1, no top-p/top-k (unbiased)"),
-        f"self-check: KL(student||student) max {sc['self_kl_max']:.1e}, chunked vs model log p max error "
-        f"{sc['logp_max_error']:.1e}",
+        *student_checks(student, student_tok, vocab, cfg),
     ]
 
 
