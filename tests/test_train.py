@@ -50,7 +50,8 @@ def test_every_method_lowers_the_kl_to_the_teacher(method, micro_world, train_ov
     lines = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 7))
     for key in ("kl_estimate", "grad_norm", "time_generate", "time_teacher", "time_student", "time_optimizer",
-                "tokens_per_s", "completion_len_mean", "truncation_rate", "peak_memory_mb"):
+                "tokens_per_s", "completion_len_mean", "truncation_rate", "peak_memory_mb", "grad_var",
+                "grad_sq_signal"):
         assert key in lines[-1], key
     # sampler and trainer agree on the log-prob of every sampled token (on-policy)
     assert lines[0]["logprob_diff_max"] < 1e-4
@@ -83,6 +84,18 @@ def test_gradient_accumulation_equals_big_batch(micro_world, train_overrides, tm
     assert one.last_metrics["tokens"] == acc.last_metrics["tokens"]
     assert one.last_metrics["grad_norm"] == pytest.approx(acc.last_metrics["grad_norm"], rel=1e-5)
     a, b = _weights(one.output_dir / "final"), _weights(acc.output_dir / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_variance_proxy_changes_nothing_but_the_metrics(micro_world, train_overrides, tmp_path):
+    # With one micro-batch per step the proxy runs the step as two halves: the update must be the same.
+    base = train_overrides + ["steps=2", "batch_size=4", "micro_batch_size=4", "optim.eps=1.0"]
+    on = train(load_config(None, base + ["grad_noise=true", f"output_dir={tmp_path / 'on'}"]), log=_quiet)
+    off = train(load_config(None, base + ["grad_noise=false", f"output_dir={tmp_path / 'off'}"]), log=_quiet)
+    assert "grad_var" in on.last_metrics and "grad_var" not in off.last_metrics
+    assert on.last_metrics["grad_sq_signal"] != 0.0
+    a, b = _weights(on.output_dir / "final"), _weights(off.output_dir / "final")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
 

@@ -173,6 +173,10 @@ class TrainConfig:
     max_bad_steps: int = _opt(3, "Consecutive steps with a non-finite loss or gradient tolerated before stopping.")
     loggers: list[Logger] = _opt([], "Metric loggers besides the console: tensorboard, wandb.")
     progress: bool = _opt(True, "Show a progress bar.")
+    grad_noise: bool = _opt(
+        True, "Log the online gradient-variance proxy (grad_var, grad_sq_signal; docs/metrics.md): one extra "
+        "gradient norm per step, measured after the first half of the micro-batches (a one-micro-batch step is "
+        "split in two).")
 
     @property
     def grad_accum_steps(self) -> int:

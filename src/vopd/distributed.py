@@ -226,6 +226,20 @@ class Engine:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return float(total)
 
+    def grad_sq_norm(self) -> float:
+        """Squared norm of the gradients accumulated so far, unclipped (the online variance proxy). Under DDP
+        before the last micro-batch it is this rank's own sum (``no_sync``); under FSDP2 gradients are already
+        reduced over ranks, and every rank must call it (the shard norms are combined by a collective)."""
+        grads = [p.grad for p in self.trainable() if p.grad is not None]
+        if not grads:
+            return 0.0
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        return float(total) ** 2
+
     def after_step(self) -> None:
         """FSDP2: copy the updated (gathered) trainable weights into ``full``. A collective: every rank calls it."""
         if self.strategy != "fsdp2":

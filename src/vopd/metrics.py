@@ -91,6 +91,25 @@ class TokenStats:
         return out
 
 
+def gradient_noise(half_sq_norm: float, half_units: int, full_sq_norm: float, full_units: int) -> dict[str, float]:
+    """The online variance proxy: two unbiased estimates from the squared norms of one step's gradient measured
+    on its first ``half_units`` rollouts and on all ``full_units`` (McCandlish et al. 2018, "An empirical model of
+    large-batch training", App. A).
+
+    With G_n the mean gradient of n independent rollouts, E|G_n|^2 = |G|^2 + tr(Sigma)/n, so two batch sizes give
+        tr(Sigma) = (|G_a|^2 - |G_n|^2) / (1/a - 1/n)       (per-rollout gradient covariance trace)
+        |G|^2     = (n |G_n|^2 - a |G_a|^2) / (n - a)
+    Returned: ``grad_var`` = tr(Sigma)/n, the trace of the covariance of the step's gradient estimate, and
+    ``grad_sq_signal`` = |G|^2. Each is unbiased but noisy on one step (either can be negative); average over steps,
+    and compare ``grad_var`` between methods only at equal batch size. Returns {} when the sizes cannot separate.
+    """
+    a, n = half_units, full_units
+    if not (0 < a < n) or not (math.isfinite(half_sq_norm) and math.isfinite(full_sq_norm)):
+        return {}
+    trace = (half_sq_norm - full_sq_norm) / (1.0 / a - 1.0 / n)
+    return {"grad_var": trace / n, "grad_sq_signal": (n * full_sq_norm - a * half_sq_norm) / (n - a)}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory since the last reset, or the process's peak RSS on the CPU."""
     if device.type == "cuda":

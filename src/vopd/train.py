@@ -29,7 +29,7 @@ from vopd.config import TrainConfig, config_to_dict, load_config, save_config
 from vopd.data import PromptStream, encode_prompt, format_prompt, load_problems, load_prompts
 from vopd.errors import UserError
 from vopd.estimators import TOPK_METHODS, LossOutput
-from vopd.metrics import MetricsWriter, PhaseTimer, TokenStats, peak_memory_mb, rollout_metrics
+from vopd.metrics import MetricsWriter, PhaseTimer, TokenStats, gradient_noise, peak_memory_mb, rollout_metrics
 from vopd.models import (apply_lora, enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device,
                          resolve_dtype)
 from vopd.remote import REMOTE_METHODS, RemoteTeacher, remote_distillation_loss, student_topk_ids
@@ -160,8 +160,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
                 batch_ids = stream.take(cfg.batch_size)[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
                 batch_prompts = [prompts[i] for i in batch_ids]
                 rollout = pack(batch_prompts, sample(batch_prompts), tok.pad_token_id)
-            micro = [rollout.select(lo, lo + cfg.micro_batch_size).to(device)
-                     for lo in range(0, rollout.size, cfg.micro_batch_size)]
+            # The variance proxy needs the gradient of a part of the batch: a one-micro-batch step runs as two.
+            mbs = cfg.micro_batch_size
+            if cfg.grad_noise and mbs >= rollout.size >= 2:
+                mbs = (rollout.size + 1) // 2
+            micro = [rollout.select(lo, lo + mbs).to(device) for lo in range(0, rollout.size, mbs)]
+            half = len(micro) // 2 if cfg.grad_noise else 0
             # The token mean is over the whole global batch (spec: "dapo" reduction): every micro-batch and rank
             # divides by N_global / world_size, and DDP/FSDP2 average the gradients over ranks, so the update is
             # (1/W) sum_r grad(sum_r / (N/W)) = grad(sum over all tokens) / N: the exact global token mean.
@@ -172,6 +176,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
             # reduced over ranks on the last micro-batch)
             stats = TokenStats()
             loss_sum = 0.0
+            half_probe: tuple[float, int] | None = None
             with timer("student"):
                 for i, mb in enumerate(micro):
                     with engine.sync(last=i == len(micro) - 1):
@@ -179,6 +184,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
                         out.loss.backward()
                     loss_sum += float(out.loss.detach())
                     stats.add(out, mb.completion_mask, mb.sampler_logprobs)
+                    if i + 1 == half:
+                        half_probe = _half_batch_probe(engine, micro[:half], total_tokens, normalizer)
             # Each rank's loss is its share of the global mean times W; any rank's NaN makes every rank skip.
             loss_sum = float(dist.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64))) / dist.world_size()
 
@@ -204,6 +211,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
                        "step_skipped": not finite, **rollout_metrics(rollout), **timer.metrics(),
                        "peak_memory_mb": peak_memory_mb(device)}
             metrics["tokens_per_s"] = total_tokens / max(timer.total, 1e-9)
+            if half_probe is not None:
+                metrics.update(gradient_noise(*half_probe, grad_norm**2, cfg.batch_size))
             if not finite:
                 info(f"step {step + 1}: non-finite loss ({loss_sum}) or gradient norm ({grad_norm}): update skipped "
                      f"({state['bad_in_a_row']} in a row)")
@@ -286,6 +295,24 @@ def _micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: InProcessT
         zero = weight.sum() * 0.0 + (0.0 if bias is None else bias.sum() * 0.0)
         out = dataclasses.replace(out, loss=out.loss + zero)
     return out
+
+
+def _half_batch_probe(engine: dist.Engine, first: list[Rollout], total_tokens: float,
+                      normalizer: float) -> tuple[float, int] | None:
+    """(|G_a|^2, a): the squared norm of the token-mean gradient of the first micro-batches' ``a`` rollouts, for
+    ``metrics.gradient_noise``. Each micro-batch's loss is divided by ``normalizer`` = N/W, so the accumulated
+    gradient is sum_a grad / normalizer; under DDP (``no_sync``) it is this rank's part alone, under FSDP2 already
+    the mean over ranks (sum over all ranks' first halves / N)."""
+    tokens = float(sum(mb.num_tokens for mb in first))
+    units = sum(mb.size for mb in first)
+    sq = engine.grad_sq_norm()
+    scale = normalizer
+    if engine.strategy == "fsdp2":
+        counts = dist.all_reduce_sum(torch.tensor([tokens, float(units)], dtype=torch.float64))
+        tokens, units, scale = float(counts[0]), int(counts[1]), total_tokens
+    if tokens == 0:
+        return None
+    return sq * (scale / tokens) ** 2, units
 
 
 def _save_final(model: Any, tokenizer: Any, path: Path) -> None:
