@@ -2,10 +2,16 @@
 
 It uses the same code as the real tiny world (``vopd.world``/``vopd.task``) at sizes that take a second, with no
 SFT, so trainer tests run in seconds. Tests that need trained models use the cached world and are marked slow.
+``launch_teacher_servers`` serves the micro world's teacher with real ``vopd serve-teacher`` processes.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +67,73 @@ def train_overrides(micro_world, tmp_path):
         "rollout.max_new_tokens=12", "batch_size=4", "micro_batch_size=2", "steps=3", "optim.lr=3e-3",
         "optim.schedule=constant", "progress=false", "loss.top_k=8",
     ]
+
+
+# --- teacher servers: real `vopd serve-teacher` processes over loopback (test_serve.py, test_remote_train.py) ------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, token: str | None) -> None:
+    import httpx  # the server extra; only tests that start a server need it
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", headers=headers, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not answer /health in time:\n{log.read_text()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def launch_teacher_servers(micro_world, tmp_path_factory):
+    """A function that serves the micro world's teacher with real ``vopd serve-teacher`` processes (CPU, one
+    thread, free loopback ports). Call it with ``{name: (extra CLI arguments, bearer token or None)}``: the servers
+    start together (their start-ups overlap), and it returns ``{name: (process, url)}`` once every one answers
+    ``/health``. They are stopped when the test module ends (a test may kill one first)."""
+    logs = tmp_path_factory.mktemp("teacher_servers")
+    started: list[subprocess.Popen] = []
+
+    def launch(specs: dict[str, tuple[list[str], str | None]]) -> dict[str, tuple[subprocess.Popen, str]]:
+        out = {}
+        for name, (extra, token) in specs.items():
+            port = _free_port()
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+            env.pop("VOPD_TEACHER_TOKEN", None)
+            if token:
+                env["VOPD_TEACHER_TOKEN"] = token
+            with (logs / f"{name}.log").open("w") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "vopd", "serve-teacher", str(micro_world.teacher),
+                                         "--port", str(port), "--device", "cpu", *extra],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT)
+            started.append(proc)
+            out[name] = (proc, f"http://127.0.0.1:{port}")
+        for name, (proc, url) in out.items():
+            _wait_ready(proc, url, logs / f"{name}.log", specs[name][1])
+        return out
+
+    try:
+        yield launch
+    finally:
+        for proc in started:
+            _stop(proc)

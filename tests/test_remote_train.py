@@ -1,21 +1,17 @@
 """The trainer with a teacher server (``model.teacher=http://...``) over loopback, against real
-``vopd serve-teacher`` processes: the same weights as the in-process teacher, the full-vocabulary methods and a
-foreign tokenizer refused up front, and a server that dies mid-run ends the run with one clear error while the last
-checkpoint stays valid."""
+``vopd serve-teacher`` processes: the same weights as the in-process teacher (``opd``, ``vopd-topk``, ``rb-topk``),
+the full-vocabulary methods and a foreign tokenizer refused up front, and a server that dies mid-run ends the run
+with one clear error while the last checkpoint stays valid."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -31,59 +27,10 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("VOPD_TEACHER_TOKEN", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vopd", "serve-teacher", str(model_dir), "--port", str(port),
-                                 "--device", "cpu"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not answer /health in time:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
-def servers(micro_world, tmp_path_factory):
-    """Two teacher servers started together (their start-up overlaps): "main" and "victim" (to be killed)."""
-    logs = tmp_path_factory.mktemp("remote_train")
-    started = {name: _start(micro_world.teacher, logs / f"{name}.log") for name in ("main", "victim")}
-    try:
-        for name, (proc, url) in started.items():
-            _wait_ready(proc, url, logs / f"{name}.log")
-        yield started
-    finally:
-        for proc, _ in started.values():
-            _stop(proc)
+def servers(launch_teacher_servers):
+    """Two teacher servers without a token: "main" and "victim" (to be killed)."""
+    return launch_teacher_servers({"main": ([], None), "victim": ([], None)})
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -94,7 +41,7 @@ def _metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["opd", "vopd-topk"])
+@pytest.mark.parametrize("method", ["opd", "vopd-topk", "rb-topk"])
 def test_remote_teacher_gives_the_in_process_weights(method, servers, micro_world, train_overrides, tmp_path):
     # Sampling with generate (same seed in both runs), two steps: the second step samples from the updated student,
     # so equal step-2 weights also mean the first update was equal. Evaluation at the end runs in both.
@@ -121,7 +68,7 @@ def test_remote_teacher_gives_the_in_process_weights(method, servers, micro_worl
     assert last_remote["eval_avg_at_n"] == last_local["eval_avg_at_n"]
 
 
-@pytest.mark.parametrize("method", ["vopd", "opd-full"])
+@pytest.mark.parametrize("method", ["vopd", "opd-full", "vopd-opt"])
 def test_full_vocabulary_methods_are_refused_up_front(method, train_overrides, tmp_path):
     cfg = load_config(None, train_overrides + [f"loss.method={method}", "model.teacher=http://127.0.0.1:9"])
     with pytest.raises(UserError, match=f"loss.method={method} needs the teacher's full distribution.*vopd-topk"):

@@ -3,13 +3,8 @@ what it must (no/wrong token, oversized or malformed requests); a killed server 
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -29,65 +24,14 @@ K = 8
 CPU = torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(model_dir: Path, log: Path, *extra: str, token: str | None = None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("VOPD_TEACHER_TOKEN", None)
-    if token:
-        env["VOPD_TEACHER_TOKEN"] = token
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vopd", "serve-teacher", str(model_dir), "--port", str(port),
-                                 "--device", "cpu", *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, token: str | None = None) -> None:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", headers=headers, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not answer /health in time:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
-def servers(micro_world, tmp_path_factory):
-    """Two real server processes, started together so their start-up overlaps: "main", the teacher behind a token
-    with small limits (splitting and 413s are cheap to exercise), and "victim", without a token, to be killed."""
-    logs = tmp_path_factory.mktemp("serve")
-    main = _launch(micro_world.teacher, logs / "main.log", "--max-batch", "4", "--max-tokens", "400", "--max-k", "16",
-                   "--max-body-mb", "0.05", token=TOKEN)
-    victim = _launch(micro_world.teacher, logs / "victim.log")
-    try:
-        _wait_ready(*main, logs / "main.log", token=TOKEN)
-        _wait_ready(*victim, logs / "victim.log")
-        yield {"main": main, "victim": victim}
-    finally:
-        _stop(main[0])
-        _stop(victim[0])
+def servers(launch_teacher_servers):
+    """Two real server processes: "main", the teacher behind a token with small limits (splitting and 413s are cheap
+    to exercise), and "victim", without a token, to be killed."""
+    return launch_teacher_servers({
+        "main": (["--max-batch", "4", "--max-tokens", "400", "--max-k", "16", "--max-body-mb", "0.05"], TOKEN),
+        "victim": ([], None),
+    })
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +72,7 @@ def student_side(models, rollout):
 
 def test_health_reports_model_vocab_tokenizer_and_limits(server, models, micro_world):
     info = RemoteTeacher(server, token=TOKEN).health()
-    assert info["vocab_size"] == len(models[0]) and info["protocol"] == 1
+    assert info["vocab_size"] == len(models[0]) and info["protocol"] == 2
     assert info["tokenizer_sha256"] == tokenizer_fingerprint(load_tokenizer(str(micro_world.student)))
     assert info["limits"] == {"max_batch": 4, "max_tokens": 400, "max_k": 16, "max_body_mb": 0.05}
 
@@ -138,7 +82,7 @@ def test_remote_scores_equal_in_process_teacher(server, models, rollout, student
     hidden, weight = student_side
     ids = student_topk_ids(hidden, weight, rollout.completion_mask, K)
     with RemoteTeacher(server, token=TOKEN) as remote:
-        got = remote.score(rollout, ids)  # 6 sequences: split into two requests by the server's max_batch
+        got = remote.score(rollout, ids, lse=True)  # 6 sequences: two requests (the server's max_batch is 4)
         plain = remote.score(rollout)
     t = teacher.score(rollout, CPU)
     z = t.hidden @ t.weight.T
@@ -147,11 +91,12 @@ def test_remote_scores_equal_in_process_teacher(server, models, rollout, student
     want_logits = z.gather(-1, ids) * mask.unsqueeze(-1)
     torch.testing.assert_close(got.logq, want_logq, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.topk_logits, want_logits, atol=1e-5, rtol=0)
-    assert plain.topk_logits is None
+    torch.testing.assert_close(got.lse, z.logsumexp(-1) * mask, atol=1e-5, rtol=0)
+    assert plain.topk_logits is None and plain.lse is None
     torch.testing.assert_close(plain.logq, got.logq, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["opd", "vopd-topk", "opd-topk"])
+@pytest.mark.parametrize("method", ["opd", "vopd-topk", "opd-topk", "rb-topk"])
 def test_remote_loss_equals_chunked_loss_with_in_process_teacher(server, models, rollout, student_side, method):
     _, teacher, _ = models
     t = teacher.score(rollout, CPU)
@@ -160,14 +105,14 @@ def test_remote_loss_equals_chunked_loss_with_in_process_teacher(server, models,
     extra = dict(sampler_logprobs=rollout.sampler_logprobs, ratio_cap=2.0) if method != "opd-topk" else {}
     ids = student_topk_ids(hidden, weight, mask, K)
     with RemoteTeacher(server, token=TOKEN) as remote:
-        scores = remote.score(rollout, ids if method != "opd" else None)
+        scores = remote.score(rollout, ids if method != "opd" else None, lse=method == "rb-topk")
     results = []
     for use_remote in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         if use_remote:
             out = remote_distillation_loss(h, w, rollout.targets, mask, method=method, teacher_logq=scores.logq,
                                            teacher_topk_logits=scores.topk_logits, topk_ids=ids, normalizer=40.0,
-                                           **extra)
+                                           teacher_lse=scores.lse, **extra)
         else:
             out = chunked_distillation_loss(h, w, t.hidden, t.weight, rollout.targets, mask, method=method, top_k=K,
                                             normalizer=40.0, **extra)
@@ -194,7 +139,7 @@ def test_remote_loss_equals_chunked_with_bias_and_many_chunks():
     slp = -3 * torch.rand(b, t, generator=gen)
     zt = ht @ wt.T + bt
     logq = zt.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    for method in ("opd", "vopd-topk", "opd-topk"):
+    for method in ("opd", "vopd-topk", "opd-topk", "rb-topk"):
         grads = []
         for use_remote in (False, True):
             hs, ws, bs = (x.clone().requires_grad_() for x in (hs0, ws0, bs0))
@@ -202,7 +147,8 @@ def test_remote_loss_equals_chunked_with_bias_and_many_chunks():
             if use_remote:
                 ids = student_topk_ids(hs, ws, mask, k, bias=bs, memory_budget_mb=1e-4)
                 out = remote_distillation_loss(hs, ws, y, mask, teacher_logq=logq, topk_ids=ids,
-                                               teacher_topk_logits=zt.gather(-1, ids), **kw)
+                                               teacher_topk_logits=zt.gather(-1, ids), teacher_lse=zt.logsumexp(-1),
+                                               **kw)
             else:
                 out = chunked_distillation_loss(hs, ws, ht, wt, y, mask, top_k=k, teacher_bias=bt, **kw)
             out.loss.backward()
@@ -211,12 +157,25 @@ def test_remote_loss_equals_chunked_with_bias_and_many_chunks():
             torch.testing.assert_close(c, a, atol=1e-5, rtol=0, msg=method)
 
 
-@pytest.mark.parametrize("method", ["vopd", "opd-full"])
+@pytest.mark.parametrize("method", ["vopd", "opd-full", "vopd-opt"])
 def test_full_vocabulary_methods_are_refused(method):
     h, w = torch.randn(1, 3, 4, requires_grad=True), torch.randn(10, 4)
     y, mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="full distribution.*vopd-topk"):
         remote_distillation_loss(h, w, y, mask, method=method, teacher_logq=torch.zeros(1, 3))
+
+
+def test_rb_topk_needs_the_teacher_lse_and_a_protocol_2_server(server, rollout, monkeypatch):
+    h, w = torch.randn(1, 3, 4, requires_grad=True), torch.randn(10, 4)
+    y, mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
+    ids = torch.zeros(1, 3, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs teacher_lse"):
+        remote_distillation_loss(h, w, y, mask, method="rb-topk", teacher_logq=torch.zeros(1, 3), topk_ids=ids,
+                                 teacher_topk_logits=torch.zeros(1, 3, 2))
+    real_health = RemoteTeacher.health
+    monkeypatch.setattr(RemoteTeacher, "health", lambda self: {**real_health(self), "protocol": 1})
+    with pytest.raises(UserError, match="speaks protocol 1.*rb-topk needs"):
+        RemoteTeacher(server, token=TOKEN).score(rollout, lse=True)
 
 
 def test_missing_or_wrong_token_is_refused(server):
@@ -266,6 +225,7 @@ def test_malformed_requests_are_refused_with_a_clear_message(server, models):
         ({"sequences": [{"ids": [1, 2, 4], "start": 0, "topk_ids": "!!"}], "k": 1, "encoding": "base64"}, 422,
          "base64"),
         ({"sequences": [{"ids": [1, 2], "begin": 0}]}, 422, "unknown field"),
+        ({"sequences": [{"ids": [1, 2]}], "lse": 1}, 422, "lse=1 must be true or false"),
         ({"sequences": []}, 422, "non-empty list"),
     ]
     for payload, status, text in cases:
@@ -277,13 +237,15 @@ def test_malformed_requests_are_refused_with_a_clear_message(server, models):
 
 def test_json_and_base64_encodings_agree(server):
     seq = {"ids": [1, 5, 6, 7, 8], "start": 1, "topk_ids": [[5, 6], [7, 8], [1, 2]]}
-    a = _post(server, {"sequences": [seq], "k": 2}).json()["results"][0]
+    a = _post(server, {"sequences": [seq], "k": 2, "lse": True}).json()["results"][0]
     from vopd.serve import b64_decode, b64_encode
 
     seq_b = {**seq, "topk_ids": b64_encode(torch.tensor(seq["topk_ids"]))}
-    b = _post(server, {"sequences": [seq_b], "k": 2, "encoding": "base64"}).json()["results"][0]
+    b = _post(server, {"sequences": [seq_b], "k": 2, "encoding": "base64", "lse": True}).json()["results"][0]
     torch.testing.assert_close(b64_decode(b["logq"], torch.float32, 3), torch.tensor(a["logq"]))
     torch.testing.assert_close(b64_decode(b["logits"], torch.float32, 6).reshape(3, 2), torch.tensor(a["logits"]))
+    torch.testing.assert_close(b64_decode(b["lse"], torch.float32, 3), torch.tensor(a["lse"]))
+    assert "lse" not in _post(server, {"sequences": [seq], "k": 2}).json()["results"][0]  # protocol 1's answer
 
 
 def test_killed_server_gives_one_clear_error_after_retries(servers, rollout):

@@ -19,6 +19,7 @@ and dL/dh = dL/dz_s @ W_s, dL/dW_s = dL/dz_s^T @ h, dL/db_s = sum of dL/dz_s.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,127 +77,175 @@ def _optimal_baseline(e: Tensor, inv_s: Tensor, d: Tensor, pd: Tensor, kl: Tenso
     return torch.where(den > 1e-12, b, -kl)
 
 
+@dataclass(frozen=True)
+class TeacherRows:
+    """The teacher's side of the fused head for the N live rows, in one of two forms.
+
+    In process: ``hidden`` (N, D_t), ``weight`` (V, D_t) and ``bias``; every teacher number is computed per chunk
+    from its full logits, so every method works. As numbers (a teacher server, ``vopd.remote``): ``logq`` (N,)
+    log q(y), ``topk_logits`` (N, k) its raw logits at ``topk_ids`` (N, k), the student's top-k ids, and ``lse``
+    (N,) its full-vocabulary log-sum-exp; enough for ``opd``, ``vopd-topk``, ``opd-topk`` and (with ``lse``)
+    ``rb-topk``. All detached.
+    """
+
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    logq: Tensor | None = None
+    topk_ids: Tensor | None = None
+    topk_logits: Tensor | None = None
+    lse: Tensor | None = None
+
+
+def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, method: str, top_k: int, inv_n: float, sampler_lp: Tensor | None,
+                ratio_cap: float | None, *, zt: Tensor | None = None, ids: Tensor | None = None,
+                logq: Tensor | None = None, zt_k: Tensor | None = None, lse_t: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """One chunk of c rows: (this chunk's loss term, dL/dz_s (c, V)), and its statistics written into ``st``.
+
+    ``zs``: the student's logits (c, V) in the compute dtype; consumed (the gradient is written into its buffer).
+    The teacher is either ``zt``, its logits (c, V) (consumed too), or its numbers: ``logq`` (c,), ``zt_k`` (c, k) at
+    ``ids`` and ``lse_t`` (c,) (``rb-topk`` only). Top-k ids are the student's own when ``ids`` is None."""
+    needs_kl = method in ("vopd", "opd-full", "vopd-opt")
+    # Everything that needs raw logits is read first; then both buffers are transformed in place, so a chunk holds
+    # two (c, V) buffers and the student side takes a single exp pass (performance.md).
+    zs_y = zs.gather(-1, y_c).squeeze(-1)
+    zt_y = None if zt is None else zt.gather(-1, y_c).squeeze(-1)
+    if method in TOPK_METHODS:
+        # Student's top-k ids; renormalising both models on the same ids cancels their full lse's.
+        if ids is None:
+            ids = zs.topk(top_k, dim=-1).indices
+        zs_k = zs.gather(-1, ids)
+        if zt is not None:
+            zt_k = zt.gather(-1, ids)
+        if method != "rb-topk":
+            logp_k, logq_k = zs_k.log_softmax(-1), zt_k.log_softmax(-1)  # type: ignore[union-attr]
+            p_k = logp_k.exp()
+            kl_k = (p_k * (logp_k - logq_k)).sum(-1)
+            st[:, _KL_TOPK] = kl_k
+    if zt is not None:
+        lse_t = zt.logsumexp(-1)
+        if needs_kl:
+            d = torch.sub(zs, zt, out=zt)  # z_s - z_t, written over the teacher's buffer in one pass
+    m_s = zs.amax(-1, keepdim=True)
+    e = zs.sub_(m_s).exp_()
+    sum_e = e.sum(-1, keepdim=True)
+    lse_s = (m_s + sum_e.log()).squeeze(-1)
+    # p = e / sum_e is folded into the scalars each method multiplies by, saving a pass over (c, V).
+    inv_s = 1.0 / sum_e.squeeze(-1)
+    logp = zs_y - lse_s
+    if zt_y is not None:
+        logq = zt_y - lse_t
+    st[:, _LOGP], st[:, _LOGQ] = logp, logq
+    if method in ("vopd-topk", "opd-topk"):
+        st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
+    if needs_kl:
+        pd = torch.linalg.vecdot(e, d) * inv_s  # sum_v p_v (z_s - z_t)_v
+        kl = pd - lse_s + lse_t  # KL_t = A/S - lse_s + lse_t (performance.md)
+        st[:, _KL] = kl
+
+    if method in SAMPLED_METHODS:
+        reward = logq - logp  # r_t
+        if method == "opd":
+            adv = reward
+        elif method == "vopd":
+            adv = reward + kl  # A_t = r_t + KL_t (spec `vopd`)
+        elif method == "vopd-topk":
+            adv = reward + kl_k  # A_t = r_t + KL~_t (spec `vopd-topk`)
+        elif method == "vopd-opt":
+            adv = reward - _optimal_baseline(e, inv_s, d, pd, kl, lse_s, lse_t)
+        else:  # rb-topk: baseline = mean reward on K, r_v = log q_v - log p_v exactly (full lse's)
+            logp_k, logq_k = zs_k - lse_s.unsqueeze(-1), zt_k - lse_t.unsqueeze(-1)  # type: ignore[operator]
+            p_k = logp_k.exp()
+            r_k = logq_k - logp_k
+            b = (p_k * r_k).sum(-1) / p_k.sum(-1)
+            adv = reward - b
+            st[:, _MASS] = p_k.sum(-1)
+        st[:, _ADV] = adv
+        ratio = importance_ratio(logp, sampler_lp, ratio_cap)
+        coef = adv if ratio is None else adv * ratio
+        if ratio is not None:
+            st[:, _RATIO] = ratio
+        if method == "rb-topk":
+            # Exact over K: sum_{v in K} p_v A_v (p - e_v); sampled only outside K: A_y (p - e_y).
+            coef = coef * ~(ids == y_c).any(-1)
+            pa_k = p_k * (r_k - b.unsqueeze(-1))
+            loss = -((pa_k * logp_k).sum() + (coef * logp).sum()) * inv_n
+            g = e.mul_(((pa_k.sum(-1) + coef) * inv_n * inv_s).unsqueeze(-1))
+            g.scatter_add_(-1, ids, -pa_k * inv_n)
+        else:
+            loss = -(coef * logp).sum() * inv_n
+            # dL/dz = w * coef * (p - onehot(y)), written into e's buffer (p = e * inv_s)
+            g = e.mul_((coef * inv_n * inv_s).unsqueeze(-1))
+        g.scatter_add_(-1, y_c, -(coef * inv_n).unsqueeze(-1))
+    elif method == "opd-full":
+        loss = kl.sum() * inv_n
+        # dL/dz = w p (log p - log q - KL_t) = w p (d - sum_v p_v d_v), in d's buffer.
+        g = d.sub_(pd.unsqueeze(-1)).mul_(e).mul_((inv_n * inv_s).unsqueeze(-1))
+    else:  # opd-topk
+        loss = kl_k.sum() * inv_n
+        g_k = p_k * (logp_k - logq_k - kl_k.unsqueeze(-1)) * inv_n
+        g = e.zero_().scatter_(-1, ids, g_k)
+    return loss, g
+
+
 class _FusedHead(torch.autograd.Function):
     """Forward computes the loss *and* its gradients chunk by chunk; backward rescales the stored gradients."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        hs: Tensor, ws: Tensor, bs: Tensor | None,
-        ht: Tensor, wt: Tensor, bt: Tensor | None,
-        y: Tensor, sampler_lp: Tensor | None,
-        method: str, top_k: int, inv_n: float, ratio_cap: float | None, rows: int,
+        ctx: Any, hs: Tensor, ws: Tensor, bs: Tensor | None, y: Tensor, sampler_lp: Tensor | None,
+        teacher: TeacherRows, method: str, top_k: int, inv_n: float, ratio_cap: float | None, rows: int,
     ) -> tuple[Tensor, Tensor]:
         cd = compute_dtype(hs.dtype)
         half_cuda = hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32
         ws_c = ws if half_cuda else ws.to(cd)  # converted once, not per chunk
-        wt_c = wt if half_cuda else wt.to(cd)
+        in_process = teacher.hidden is not None
+        if in_process:
+            wt_c = teacher.weight if half_cuda else teacher.weight.to(cd)  # type: ignore[union-attr]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         n, dev = hs.shape[0], hs.device
-        grad_h = torch.zeros(hs.shape, dtype=torch.float32 if half_cuda else cd, device=dev) if need_h else None
-        grad_w = torch.zeros(ws.shape, dtype=torch.float32 if half_cuda else cd, device=dev) if need_w else None
+        gdt = torch.float32 if half_cuda else cd
+        grad_h = torch.zeros(hs.shape, dtype=gdt, device=dev) if need_h else None
+        grad_w = torch.zeros(ws.shape, dtype=gdt, device=dev) if need_w else None
         grad_b = torch.zeros(ws.shape[0], dtype=cd, device=dev) if need_b else None
         stats = torch.zeros(n, _NUM_STATS, dtype=cd, device=dev)
         loss = torch.zeros((), dtype=cd, device=dev)
-        sampled = method in SAMPLED_METHODS
-        needs_kl = method in ("vopd", "opd-full", "vopd-opt")
+
+        def part(x: Tensor | None, lo: int, hi: int) -> Tensor | None:
+            return None if x is None else x[lo:hi].to(cd)
 
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             h_c, y_c = hs[lo:hi], y[lo:hi].unsqueeze(-1)
             zs = _logits(h_c, ws_c, bs, cd)  # (c, V)
-            with torch.no_grad():
-                zt = _logits(ht[lo:hi], wt_c, bt, cd)
-            st = stats[lo:hi]
-            # Everything that needs raw logits is read first; then both buffers are transformed in place, so a
-            # chunk holds two (c, V) buffers and the student side takes a single exp pass (performance.md).
-            zs_y, zt_y = zs.gather(-1, y_c).squeeze(-1), zt.gather(-1, y_c).squeeze(-1)
-            if method in TOPK_METHODS:
-                # Student's top-k ids; renormalising both models on the same ids cancels their full lse's.
-                ids = zs.topk(top_k, dim=-1).indices
-                zs_k, zt_k = zs.gather(-1, ids), zt.gather(-1, ids)
-                if method != "rb-topk":
-                    logp_k, logq_k = zs_k.log_softmax(-1), zt_k.log_softmax(-1)
-                    p_k = logp_k.exp()
-                    kl_k = (p_k * (logp_k - logq_k)).sum(-1)
-                    st[:, _KL_TOPK] = kl_k
-            lse_t = zt.logsumexp(-1)
-            if needs_kl:
-                d = torch.sub(zs, zt, out=zt)  # z_s - z_t, written over the teacher's buffer in one pass
-            m_s = zs.amax(-1, keepdim=True)
-            e = zs.sub_(m_s).exp_()
-            sum_e = e.sum(-1, keepdim=True)
-            lse_s = (m_s + sum_e.log()).squeeze(-1)
-            # p = e / sum_e is folded into the scalars each method multiplies by, saving a pass over (c, V).
-            inv_s = 1.0 / sum_e.squeeze(-1)
-            logp, logq = zs_y - lse_s, zt_y - lse_t
-            st[:, _LOGP], st[:, _LOGQ] = logp, logq
-            if method in ("vopd-topk", "opd-topk"):
-                st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
-            if needs_kl:
-                pd = torch.linalg.vecdot(e, d) * inv_s  # sum_v p_v (z_s - z_t)_v
-                kl = pd - lse_s + lse_t  # KL_t = A/S - lse_s + lse_t (performance.md)
-                st[:, _KL] = kl
-
-            if sampled:
-                reward = logq - logp  # r_t
-                if method == "opd":
-                    adv = reward
-                elif method == "vopd":
-                    adv = reward + kl  # A_t = r_t + KL_t (spec `vopd`)
-                elif method == "vopd-topk":
-                    adv = reward + st[:, _KL_TOPK]  # A_t = r_t + KL~_t (spec `vopd-topk`)
-                elif method == "vopd-opt":
-                    adv = reward - _optimal_baseline(e, inv_s, d, pd, kl, lse_s, lse_t)
-                else:  # rb-topk: baseline = mean reward on K, r_v = log q_v - log p_v exactly (full lse's)
-                    logp_k, logq_k = zs_k - lse_s.unsqueeze(-1), zt_k - lse_t.unsqueeze(-1)
-                    p_k = logp_k.exp()
-                    r_k = logq_k - logp_k
-                    b = (p_k * r_k).sum(-1) / p_k.sum(-1)
-                    adv = reward - b
-                    st[:, _MASS] = p_k.sum(-1)
-                st[:, _ADV] = adv
-                ratio = importance_ratio(logp, None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap)
-                coef = adv if ratio is None else adv * ratio
-                if ratio is not None:
-                    st[:, _RATIO] = ratio
-                if method == "rb-topk":
-                    # Exact over K: sum_{v in K} p_v A_v (p - e_v); sampled only outside K: A_y (p - e_y).
-                    coef = coef * ~(ids == y_c).any(-1)
-                    pa_k = p_k * (r_k - b.unsqueeze(-1))
-                    loss += -((pa_k * logp_k).sum() + (coef * logp).sum()) * inv_n
-                    g = e.mul_(((pa_k.sum(-1) + coef) * inv_n * inv_s).unsqueeze(-1))
-                    g.scatter_add_(-1, ids, -pa_k * inv_n)
-                else:
-                    loss += -(coef * logp).sum() * inv_n
-                    # dL/dz = w * coef * (p - onehot(y)), written into e's buffer (p = e * inv_s)
-                    g = e.mul_((coef * inv_n * inv_s).unsqueeze(-1))
-                g.scatter_add_(-1, y_c, -(coef * inv_n).unsqueeze(-1))
-            elif method == "opd-full":
-                loss += kl.sum() * inv_n
-                # dL/dz = w p (log p - log q - KL_t) = w p (d - sum_v p_v d_v), in d's buffer.
-                g = d.sub_(pd.unsqueeze(-1)).mul_(e).mul_((inv_n * inv_s).unsqueeze(-1))
-            else:  # opd-topk
-                loss += kl_k.sum() * inv_n
-                g_k = p_k * (logp_k - logq_k - kl_k.unsqueeze(-1)) * inv_n
-                g = e.zero_().scatter_(-1, ids, g_k)
-
+            if in_process:
+                with torch.no_grad():
+                    zt = _logits(teacher.hidden[lo:hi], wt_c, teacher.bias, cd)  # type: ignore[index]
+                given: dict[str, Tensor | None] = {"zt": zt}
+            else:
+                ids = None if teacher.topk_ids is None else teacher.topk_ids[lo:hi]
+                given = {"ids": ids, "logq": part(teacher.logq, lo, hi), "zt_k": part(teacher.topk_logits, lo, hi),
+                         "lse_t": part(teacher.lse, lo, hi)}
+            loss_c, g = _head_chunk(zs, y_c, stats[lo:hi], method, top_k, inv_n,
+                                    None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap, **given)
+            loss += loss_c
             if need_h:
                 gh = torch.mm(g.to(ws.dtype), ws, out_dtype=torch.float32) if half_cuda else g @ ws_c
-                grad_h[lo:hi] = gh
+                grad_h[lo:hi] = gh  # type: ignore[index]
             if need_w:
                 if half_cuda:
-                    grad_w += torch.mm(g.t().to(h_c.dtype), h_c, out_dtype=torch.float32)
+                    grad_w += torch.mm(g.t().to(h_c.dtype), h_c, out_dtype=torch.float32)  # type: ignore[operator]
                 else:
-                    grad_w.addmm_(g.t(), h_c.to(cd))
+                    grad_w.addmm_(g.t(), h_c.to(cd))  # type: ignore[union-attr]
             if need_b:
-                grad_b += g.sum(0)
-            del zs, zt, e, g
+                grad_b += g.sum(0)  # type: ignore[operator]
+            del zs, g, given
 
         ctx.grads = (
             None if grad_h is None else grad_h.to(hs.dtype),
             None if grad_w is None else grad_w.to(ws.dtype),
-            None if grad_b is None else grad_b.to(bs.dtype),
+            None if grad_b is None else grad_b.to(bs.dtype),  # type: ignore[union-attr]
         )
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -206,7 +255,51 @@ class _FusedHead(torch.autograd.Function):
         gh, gw, gb = ctx.grads
         scale = grad_loss.to(torch.float32)
         out = [None if g is None else g * scale.to(g.dtype) for g in (gh, gw, gb)]
-        return (out[0], out[1], out[2]) + (None,) * 10
+        return (out[0], out[1], out[2]) + (None,) * 8
+
+
+def fused_head_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None, tokens: Tensor,
+                    mask: Tensor, teacher: TeacherRows, *, method: str, top_k: int,
+                    normalizer: float | Tensor | None, sampler_logprobs: Tensor | None, ratio_cap: float | None,
+                    memory_budget_mb: float) -> LossOutput:
+    """The shared body of ``chunked_distillation_loss`` and ``vopd.remote.remote_distillation_loss`` (inputs
+    already validated): select the live rows, run the fused head, put the statistics back on the (B, T) grid.
+    ``teacher`` holds the live rows only (``mask.reshape(-1)`` order)."""
+    lead = tuple(student_hidden.shape[:-1])
+    cd = compute_dtype(student_hidden.dtype)
+    idx = mask.reshape(-1).bool().nonzero().squeeze(-1)
+    n = token_normalizer(mask, normalizer)
+    zeros = torch.zeros(lead, dtype=cd, device=student_hidden.device)
+    if n is None or idx.numel() == 0:
+        # Keep the graph connected (every rank/micro-batch must be able to call backward) with a zero gradient.
+        loss = torch.nan_to_num(student_hidden).sum() * 0.0
+        return LossOutput(loss=loss.to(cd), num_tokens=mask.sum().detach(), logp=zeros, logq=zeros, reward=zeros)
+
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
+    y = tokens.reshape(-1).long().index_select(0, idx)
+    slp = None if sampler_logprobs is None else sampler_logprobs.reshape(-1).index_select(0, idx).to(cd)
+    sampled = method in SAMPLED_METHODS
+    loss, stats = _FusedHead.apply(
+        hs, student_weight, student_bias, y, slp, teacher, method, top_k, 1.0 / float(n),
+        ratio_cap if sampled else None, chunk_rows(student_weight.shape[0], memory_budget_mb),
+    )
+
+    def per_token(col: int) -> Tensor:
+        out = zeros.reshape(-1).clone()
+        out[idx] = stats[:, col]
+        return out.reshape(lead)
+
+    logp, logq = per_token(_LOGP), per_token(_LOGQ)
+    reward = logq - logp
+    advantage = per_token(_ADV) if sampled else None
+    return LossOutput(
+        loss=loss, num_tokens=mask.sum().detach(), logp=logp, logq=logq, reward=reward,
+        baseline=None if advantage is None else reward - advantage, advantage=advantage,
+        kl=per_token(_KL) if method in ("vopd", "opd-full", "vopd-opt") else None,
+        kl_topk=per_token(_KL_TOPK) if method in ("vopd-topk", "opd-topk") else None,
+        topk_mass=per_token(_MASS) if method in TOPK_METHODS else None,
+        ratio=per_token(_RATIO) if (sampled and sampler_logprobs is not None) else None,
+    )
 
 
 def chunked_distillation_loss(
@@ -248,41 +341,11 @@ def chunked_distillation_loss(
             f"hidden size mismatch: student hidden {student_hidden.shape[-1]} vs weight {tuple(student_weight.shape)}, "
             f"teacher hidden {teacher_hidden.shape[-1]} vs weight {tuple(teacher_weight.shape)}"
         )
-    cd = compute_dtype(student_hidden.dtype)
-    live = mask.reshape(-1).bool()
-    idx = live.nonzero().squeeze(-1)
-    n = token_normalizer(mask, normalizer)
-    zeros = torch.zeros(lead, dtype=cd, device=student_hidden.device)
-    if n is None or idx.numel() == 0:
-        # Keep the graph connected (every rank/micro-batch must be able to call backward) with a zero gradient.
-        loss = torch.nan_to_num(student_hidden).sum() * 0.0
-        return LossOutput(loss=loss.to(cd), num_tokens=mask.sum().detach(), logp=zeros, logq=zeros, reward=zeros)
-
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
-    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, idx)
-    y = tokens.reshape(-1).long().index_select(0, idx)
-    slp = None if sampler_logprobs is None else sampler_logprobs.reshape(-1).index_select(0, idx).to(cd)
-    rows = chunk_rows(student_weight.shape[0], memory_budget_mb)
-    loss, stats = _FusedHead.apply(
-        hs, student_weight, student_bias, ht, teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
-        y, slp, method, top_k, 1.0 / float(n), ratio_cap if method in SAMPLED_METHODS else None, rows,
+    idx = mask.reshape(-1).bool().nonzero().squeeze(-1)
+    teacher = TeacherRows(
+        hidden=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, idx),
+        weight=teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),
     )
-
-    def per_token(col: int) -> Tensor:
-        out = zeros.reshape(-1).clone()
-        out[idx] = stats[:, col]
-        return out.reshape(lead)
-
-    logp, logq = per_token(_LOGP), per_token(_LOGQ)
-    reward = logq - logp
-    kl = per_token(_KL) if method in ("vopd", "opd-full", "vopd-opt") else None
-    kl_topk = per_token(_KL_TOPK) if method in ("vopd-topk", "opd-topk") else None
-    mass = per_token(_MASS) if method in TOPK_METHODS else None
-    advantage = per_token(_ADV) if method in SAMPLED_METHODS else None
-    baseline = None if advantage is None else reward - advantage
-    ratio = per_token(_RATIO) if (method in SAMPLED_METHODS and sampler_logprobs is not None) else None
-    return LossOutput(
-        loss=loss, num_tokens=mask.sum().detach(), logp=logp, logq=logq, reward=reward, baseline=baseline,
-        advantage=advantage, kl=kl, kl_topk=kl_topk, topk_mass=mass, ratio=ratio,
-    )
+    return fused_head_loss(student_hidden, student_weight, student_bias, tokens, mask, teacher, method=method,
+                           top_k=top_k, normalizer=normalizer, sampler_logprobs=sampler_logprobs, ratio_cap=ratio_cap,
+                           memory_budget_mb=memory_budget_mb)

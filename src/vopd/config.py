@@ -46,7 +46,7 @@ class ModelConfig:
     student: str = _opt("", "Required. Local Hugging Face directory of the student (the model that is trained).")
     teacher: str = _opt(
         "", "Required. Local Hugging Face directory of the frozen teacher; same tokenizer as the student. Or the URL of "
-        "a `vopd serve-teacher` server (http://host:port; methods opd, vopd-topk, opd-topk)."
+        "a `vopd serve-teacher` server (http://host:port; methods opd, vopd-topk, opd-topk, rb-topk)."
     )
     dtype: Dtype = _opt("auto", "Student weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     teacher_dtype: Dtype = _opt("auto", "Teacher weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
@@ -97,6 +97,10 @@ class RolloutConfig:
     top_k: int = _opt(0, "Sample among the k most likely tokens; 0 = off.")
     allow_biased_sampling: bool = _opt(False, "Allow sampling settings that make the loss estimate biased.")
     batch_size: int = _opt(64, "Completions generated per generation call (speed/memory only).")
+    cache: Literal["dynamic", "static"] = _opt(
+        "dynamic", "KV cache of generate: dynamic (grows with the sequence) or static (preallocated; on CUDA "
+        "transformers also compiles the decode step). Speed and memory only: the sampled distribution is the same."
+    )
 
 
 @dataclass

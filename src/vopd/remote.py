@@ -5,10 +5,12 @@ What it knows:
   server's limits, retrying with exponential back-off, and putting the answers back on the rollout's (B, L-1) grid.
 - ``student_topk_ids``: the student's top-k ids per completion position, chunk-wise, without gradient (the ids the
   teacher must be asked about; the same chunking as ``vopd.chunked``, so the same ids).
-- ``remote_distillation_loss``: `opd`, `vopd-topk` and `opd-topk` from the student's hidden states and output layer
-  plus the teacher's log q(y_t) and logits at the top-k ids, with closed-form gradients chunked over positions
-  (the formulas of ``vopd.chunked``). Renormalising on the same ids cancels the teacher's log-sum-exp (spec, notes),
-  so its logits at the ids suffice; `vopd` and `opd-full` need KL_t over the whole vocabulary and are refused.
+- ``remote_distillation_loss``: `opd`, `vopd-topk`, `opd-topk` and `rb-topk` from the student's hidden states and
+  output layer plus the teacher's log q(y_t), its logits at the top-k ids and (`rb-topk`) its log-sum-exp, through
+  ``vopd.chunked``'s own fused head (``fused_head_loss``: the same per-chunk code as the in-process path).
+  Renormalising on the same ids cancels the teacher's log-sum-exp (spec, notes), so its logits at the ids suffice
+  for the top-k KL; `rb-topk` uses log q_v = z_v - lse at the ids, hence the lse. `vopd`, `opd-full` and
+  `vopd-opt` need sums over the whole vocabulary at every position and are refused.
 
 What it does not know: the training loop, checkpoints (it only tells the user to resume), or the server side.
 """
@@ -23,24 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vopd.chunked import _logits, chunk_rows
+from vopd.chunked import TeacherRows, _logits, chunk_rows, fused_head_loss
 from vopd.errors import UserError
-from vopd.estimators import (
-    FULL_VOCAB_METHODS,
-    SAMPLED_METHODS,
-    TOPK_METHODS,
-    LossOutput,
-    Method,
-    check_inputs,
-    compute_dtype,
-    importance_ratio,
-    token_normalizer,
-)
+from vopd.estimators import FULL_VOCAB_METHODS, TOPK_METHODS, LossOutput, Method, check_inputs, compute_dtype
 from vopd.rollout import Rollout
 from vopd.serve import b64_decode, b64_encode
 
 #: Methods a remote teacher can serve: the teacher's numbers at y_t and at the student's top-k ids are enough.
-REMOTE_METHODS: frozenset[str] = frozenset({"opd", "vopd-topk", "opd-topk"})
+REMOTE_METHODS: frozenset[str] = frozenset({"opd", "vopd-topk", "opd-topk", "rb-topk"})
+#: Methods that also need the teacher's full-vocabulary log-sum-exp per position (``score(..., lse=True)``).
+LSE_METHODS: frozenset[str] = frozenset({"rb-topk"})
+#: The first server protocol that answers ``"lse": true``.
+LSE_PROTOCOL = 2
 TOKEN_ENV = "VOPD_TEACHER_TOKEN"
 
 
@@ -50,10 +46,12 @@ class RemoteScores:
 
     logq:        (B, L-1) fp32, log q(targets[:, t]).
     topk_logits: (B, L-1, k) fp32, the teacher's logits at the requested ids, or None when none were requested.
+    lse:         (B, L-1) fp32, the teacher's log-sum-exp over the whole vocabulary, or None when not requested.
     """
 
     logq: Tensor
     topk_logits: Tensor | None
+    lse: Tensor | None = None
 
 
 class RemoteTeacher:
@@ -98,10 +96,16 @@ class RemoteTeacher:
     def vocab_size(self) -> int:
         return int((self._info or self.health())["vocab_size"])
 
-    def score(self, rollout: Rollout, topk_ids: Tensor | None = None) -> RemoteScores:
-        """log q(y_t) at every completion position of ``rollout`` and, given ``topk_ids`` (B, L-1, k) aligned with
-        ``rollout.targets``, the teacher's logits at those ids. Results are on the rollout's device."""
-        limits = (self._info or self.health())["limits"]
+    def score(self, rollout: Rollout, topk_ids: Tensor | None = None, *, lse: bool = False) -> RemoteScores:
+        """log q(y_t) at every completion position of ``rollout``; given ``topk_ids`` (B, L-1, k) aligned with
+        ``rollout.targets``, the teacher's logits at those ids; with ``lse``, its full-vocabulary log-sum-exp
+        (protocol 2). Results are on the rollout's device."""
+        info = self._info or self.health()
+        limits = info["limits"]
+        if lse and int(info.get("protocol", 1)) < LSE_PROTOCOL:
+            raise UserError(f"teacher server at {self.url} speaks protocol {info.get('protocol')}, which does not send "
+                            f"the teacher's log-sum-exp that rb-topk needs (protocol {LSE_PROTOCOL}); update vopd on "
+                            "the server and restart it, or use loss.method=vopd-topk")
         ids, attention, mask = rollout.input_ids.cpu(), rollout.attention_mask.cpu(), rollout.completion_mask.cpu()
         b, t = mask.shape
         k = 0
@@ -115,6 +119,7 @@ class RemoteTeacher:
             topk_ids = topk_ids.cpu()
         logq = torch.zeros(b, t, dtype=torch.float32)
         logits = torch.zeros(b, t, k, dtype=torch.float32) if k else None
+        lse_out = torch.zeros(b, t, dtype=torch.float32) if lse else None
 
         # Per sequence, only tokens up to the last completion target are sent: positions start..end-1 are scored.
         spans: list[tuple[int, int, int]] = []  # (row, start, end)
@@ -133,10 +138,13 @@ class RemoteTeacher:
                 if k:
                     seq["topk_ids"] = b64_encode(topk_ids[i, start:end])  # type: ignore[index]
                 seqs.append(seq)
-            reply = self._request("POST", "/score", {"sequences": seqs, "k": k, "encoding": "base64"})
-            self._unpack(reply, group, k, logq, logits)
+            body: dict[str, Any] = {"sequences": seqs, "k": k, "encoding": "base64"}
+            if lse:
+                body["lse"] = True
+            self._unpack(self._request("POST", "/score", body), group, k, logq, logits, lse_out)
         dev = rollout.input_ids.device
-        return RemoteScores(logq.to(dev), None if logits is None else logits.to(dev))
+        return RemoteScores(logq.to(dev), None if logits is None else logits.to(dev),
+                            None if lse_out is None else lse_out.to(dev))
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -164,7 +172,7 @@ class RemoteTeacher:
         return groups
 
     def _unpack(self, reply: dict[str, Any], group: list[tuple[int, int, int]], k: int, logq: Tensor,
-                logits: Tensor | None) -> None:
+                logits: Tensor | None, lse: Tensor | None) -> None:
         results = reply.get("results", [])
         if len(results) != len(group):
             raise RuntimeError(f"teacher server at {self.url} answered {len(results)} results for {len(group)} "
@@ -174,6 +182,8 @@ class RemoteTeacher:
             logq[i, start:end] = b64_decode(res["logq"], torch.float32, n)
             if logits is not None:
                 logits[i, start:end] = b64_decode(res["logits"], torch.float32, n * k).reshape(n, k)
+            if lse is not None:
+                lse[i, start:end] = b64_decode(res["lse"], torch.float32, n)
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         httpx = self._httpx
@@ -240,94 +250,6 @@ def student_topk_ids(student_hidden: Tensor, student_weight: Tensor, mask: Tenso
     return out
 
 
-# Columns of the per-row statistics.
-_LOGP, _LOGQ, _KL_TOPK, _MASS, _RATIO, _ADV = range(6)
-
-
-class _RemoteHead(torch.autograd.Function):
-    """Forward computes the loss and its closed-form gradients chunk by chunk (``vopd.chunked``'s formulas with the
-    teacher's side given as numbers); backward rescales the stored gradients."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, hs: Tensor, ws: Tensor, bs: Tensor | None, y: Tensor, logq: Tensor, ids: Tensor | None,
-        tk: Tensor | None, sampler_lp: Tensor | None, method: str, inv_n: float, ratio_cap: float | None, rows: int,
-    ) -> tuple[Tensor, Tensor]:
-        cd = compute_dtype(hs.dtype)
-        half_cuda = hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32
-        ws_c = ws if half_cuda else ws.to(cd)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, dev = hs.shape[0], hs.device
-        gdt = torch.float32 if half_cuda else cd
-        grad_h = torch.zeros(hs.shape, dtype=gdt, device=dev) if need_h else None
-        grad_w = torch.zeros(ws.shape, dtype=gdt, device=dev) if need_w else None
-        grad_b = torch.zeros(ws.shape[0], dtype=cd, device=dev) if need_b else None
-        stats = torch.zeros(n, 6, dtype=cd, device=dev)
-        loss = torch.zeros((), dtype=cd, device=dev)
-        topk = method in TOPK_METHODS
-        for lo in range(0, n, rows):
-            hi = min(n, lo + rows)
-            h_c, y_c, st = hs[lo:hi], y[lo:hi].unsqueeze(-1), stats[lo:hi]
-            zs = _logits(h_c, ws_c, bs, cd)  # (c, V): the only vocabulary-sized buffer
-            zs_y = zs.gather(-1, y_c).squeeze(-1)
-            if topk:
-                # KL~_t between p and q renormalised on K: each model's own log-softmax over its k logits.
-                ids_c = ids[lo:hi]  # type: ignore[index]
-                zs_k = zs.gather(-1, ids_c)
-                logp_k, logq_k = zs_k.log_softmax(-1), tk[lo:hi].to(cd).log_softmax(-1)  # type: ignore[index]
-                p_k = logp_k.exp()
-                kl_k = (p_k * (logp_k - logq_k)).sum(-1)
-                st[:, _KL_TOPK] = kl_k
-            m_s = zs.amax(-1, keepdim=True)
-            e = zs.sub_(m_s).exp_()
-            sum_e = e.sum(-1, keepdim=True)
-            lse_s = (m_s + sum_e.log()).squeeze(-1)
-            p = e.div_(sum_e)
-            logp, lq = zs_y - lse_s, logq[lo:hi].to(cd)
-            st[:, _LOGP], st[:, _LOGQ] = logp, lq
-            if topk:
-                st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
-            if method in SAMPLED_METHODS:
-                adv = lq - logp  # r_t
-                if method == "vopd-topk":
-                    adv = adv + kl_k  # A_t = r_t + KL~_t (spec `vopd-topk`)
-                st[:, _ADV] = adv
-                ratio = importance_ratio(logp, None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap)
-                coef = adv if ratio is None else adv * ratio
-                if ratio is not None:
-                    st[:, _RATIO] = ratio
-                loss += -(coef * logp).sum() * inv_n
-                g = p.mul_((coef * inv_n).unsqueeze(-1))  # dL/dz = w A_t (p - onehot(y))
-                g.scatter_add_(-1, y_c, -(coef * inv_n).unsqueeze(-1))
-            else:  # opd-topk: dL/dz = w p~ (log p~ - log q~ - KL~_t) on K, 0 elsewhere
-                loss += kl_k.sum() * inv_n
-                g = p.zero_().scatter_(-1, ids_c, p_k * (logp_k - logq_k - kl_k.unsqueeze(-1)) * inv_n)
-            if need_h:
-                grad_h[lo:hi] = (torch.mm(g.to(ws.dtype), ws, out_dtype=torch.float32)  # type: ignore[index]
-                                 if half_cuda else g @ ws_c)
-            if need_w:
-                if half_cuda:
-                    grad_w += torch.mm(g.t().to(h_c.dtype), h_c, out_dtype=torch.float32)  # type: ignore[operator]
-                else:
-                    grad_w.addmm_(g.t(), h_c.to(cd))  # type: ignore[union-attr]
-            if need_b:
-                grad_b += g.sum(0)  # type: ignore[operator]
-            del zs, e, p, g
-        ctx.grads = (
-            None if grad_h is None else grad_h.to(hs.dtype),
-            None if grad_w is None else grad_w.to(ws.dtype),
-            None if grad_b is None else grad_b.to(bs.dtype),  # type: ignore[union-attr]
-        )
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, _grad_stats: Tensor) -> tuple[Tensor | None, ...]:
-        scale = grad_loss.to(torch.float32)
-        gh, gw, gb = (None if g is None else g * scale.to(g.dtype) for g in ctx.grads)
-        return (gh, gw, gb) + (None,) * 9
-
-
 def remote_distillation_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -338,6 +260,7 @@ def remote_distillation_loss(
     teacher_logq: Tensor,
     teacher_topk_logits: Tensor | None = None,
     topk_ids: Tensor | None = None,
+    teacher_lse: Tensor | None = None,
     student_bias: Tensor | None = None,
     normalizer: float | Tensor | None = None,
     sampler_logprobs: Tensor | None = None,
@@ -352,12 +275,14 @@ def remote_distillation_loss(
         teacher_logq:        (B, T) log q(tokens[:, t]).
         topk_ids:            (B, T, k) the student's top-k ids (``student_topk_ids``), top-k methods only.
         teacher_topk_logits: (B, T, k) the teacher's logits at ``topk_ids``, top-k methods only.
-    Methods: ``opd``, ``vopd-topk``, ``opd-topk``; ``vopd`` and ``opd-full`` raise (a ``ValueError``).
+        teacher_lse:         (B, T) the teacher's full-vocabulary log-sum-exp, ``rb-topk`` only.
+    Methods: ``REMOTE_METHODS``; ``vopd``, ``opd-full`` and ``vopd-opt`` raise a ``UserError`` (they need the full
+    distribution). The per-chunk math is ``vopd.chunked``'s own (``fused_head_loss``), with the teacher's numbers.
     """
     if method in FULL_VOCAB_METHODS:
-        raise UserError(f"loss.method={method} needs the teacher's full distribution at every position (KL_t over the "
-                        "whole vocabulary), which a remote teacher does not send; use vopd-topk (the same unbiased "
-                        "gradient with a top-k baseline) or an in-process teacher")
+        raise UserError(f"loss.method={method} needs the teacher's full distribution at every position (sums over "
+                        "the whole vocabulary), which a remote teacher does not send; use vopd-topk (the same "
+                        "unbiased gradient with a top-k baseline) or an in-process teacher")
     lead = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
     k = 0
@@ -368,17 +293,15 @@ def remote_distillation_loss(
         for name, x in (("topk_ids", topk_ids), ("teacher_topk_logits", teacher_topk_logits)):
             if tuple(x.shape) != lead + (k,):
                 raise ValueError(f"{name} shape {tuple(x.shape)} must be (B, T, k) = {lead + (k,)}")
+    if method in LSE_METHODS and (teacher_lse is None or tuple(teacher_lse.shape) != lead):
+        raise ValueError(f"method {method} needs teacher_lse (B, T) = {lead}, the teacher's log-sum-exp "
+                         "(RemoteTeacher.score(..., lse=True)); got "
+                         f"{None if teacher_lse is None else tuple(teacher_lse.shape)}")
     check_inputs(method, k, vocab, vocab, tokens, mask, lead, tuple(teacher_logq.shape))
     if student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"hidden size mismatch: student hidden {student_hidden.shape[-1]} vs weight "
                          f"{tuple(student_weight.shape)}")
-    cd = compute_dtype(student_hidden.dtype)
     idx = mask.reshape(-1).bool().nonzero().squeeze(-1)
-    n = token_normalizer(mask, normalizer)
-    zeros = torch.zeros(lead, dtype=cd, device=student_hidden.device)
-    if n is None or idx.numel() == 0:
-        loss = torch.nan_to_num(student_hidden).sum() * 0.0  # graph stays connected, zero gradient
-        return LossOutput(loss=loss.to(cd), num_tokens=mask.sum().detach(), logp=zeros, logq=zeros, reward=zeros)
 
     def rows_of(x: Tensor | None, width: int = 0) -> Tensor | None:
         if x is None:
@@ -386,27 +309,10 @@ def remote_distillation_loss(
         flat = x.detach().reshape(-1, width) if width else x.detach().reshape(-1)
         return flat.index_select(0, idx)
 
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
-    ids, tk = (rows_of(topk_ids, k), rows_of(teacher_topk_logits, k)) if k else (None, None)  # opd needs no ids
-    slp = rows_of(sampler_logprobs)
-    loss, stats = _RemoteHead.apply(
-        hs, student_weight, student_bias, rows_of(tokens).long(), rows_of(teacher_logq),  # type: ignore[union-attr]
-        None if ids is None else ids.long(), tk, None if slp is None else slp.to(cd),
-        method, 1.0 / float(n), ratio_cap if method in SAMPLED_METHODS else None, chunk_rows(vocab, memory_budget_mb),
-    )
-
-    def per_token(col: int) -> Tensor:
-        out = zeros.reshape(-1).clone()
-        out[idx] = stats[:, col]
-        return out.reshape(lead)
-
-    logp, logq = per_token(_LOGP), per_token(_LOGQ)
-    reward = logq - logp
-    topk = method in TOPK_METHODS
-    advantage = per_token(_ADV) if method in SAMPLED_METHODS else None
-    return LossOutput(
-        loss=loss, num_tokens=mask.sum().detach(), logp=logp, logq=logq, reward=reward,
-        baseline=None if advantage is None else reward - advantage, advantage=advantage,
-        kl_topk=per_token(_KL_TOPK) if topk else None, topk_mass=per_token(_MASS) if topk else None,
-        ratio=per_token(_RATIO) if (method in SAMPLED_METHODS and sampler_logprobs is not None) else None,
-    )
+    ids = rows_of(topk_ids, k) if k else None  # opd needs no ids
+    teacher = TeacherRows(logq=rows_of(teacher_logq), topk_ids=None if ids is None else ids.long(),
+                          topk_logits=rows_of(teacher_topk_logits, k) if k else None,
+                          lse=rows_of(teacher_lse) if method in LSE_METHODS else None)
+    return fused_head_loss(student_hidden, student_weight, student_bias, tokens, mask, teacher, method=method,
+                           top_k=k, normalizer=normalizer, sampler_logprobs=sampler_logprobs, ratio_cap=ratio_cap,
+                           memory_budget_mb=memory_budget_mb)

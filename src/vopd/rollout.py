@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from vopd.sampling import Samples, generate
+from vopd.sampling import Cache, Samples, generate
 
 
 @dataclass(frozen=True)
@@ -98,16 +98,20 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int) -> Rollout:
 
 
 #: A sampler maps prompt ids to ``Samples`` (completions + their sampler log-probs); this is the seam where an
-#: inference engine can replace Hugging Face generate.
+#: inference engine can replace Hugging Face generate (``train(cfg, sampler=...)``, docs/scaling.md). Contract: one
+#: completion per prompt, in order, drawn from the *current* student at the configured settings; ``logprobs[i]`` the
+#: sampler's log-prob of each completion token (they feed the importance ratio, so an engine whose numerics differ
+#: from the trainer's is corrected for, up to ``loss.ratio_cap``); ``truncated[i]`` when no EOS was generated.
 Sampler = Callable[[list[list[int]]], Samples]
 
 
 def hf_sampler(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-               batch_size: int) -> Sampler:
-    """Sampling with ``model.generate`` (KV cache), returning the sampler's log-probs for the importance ratio."""
+               batch_size: int, cache: Cache = "dynamic") -> Sampler:
+    """Sampling with ``model.generate`` and a ``cache`` KV cache ("dynamic" or "static"; the same tokens either way),
+    returning the sampler's log-probs for the importance ratio."""
 
     def sample(prompts: list[list[int]]) -> Samples:
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, top_k=top_k, return_logprobs=True, batch_size=batch_size)
+                        top_p=top_p, top_k=top_k, return_logprobs=True, batch_size=batch_size, cache=cache)
 
     return sample

@@ -1,7 +1,7 @@
 """Batched sampling from a Hugging Face causal LM, with the sampler's own per-token log-probs.
 
-What it knows: left-padding a batch of prompt ids, calling ``model.generate`` (KV cache) with *every* sampling
-setting written out (transformers otherwise fills in defaults such as top_k=50 that would bias the OPD estimators),
+What it knows: left-padding a batch of prompt ids, calling ``model.generate`` (a dynamic or a static KV cache)
+with *every* sampling setting written out (transformers otherwise fills in defaults such as top_k=50 that would bias the OPD estimators),
 and reading back the log-prob of each sampled token under the distribution it was actually drawn from (the
 processed scores: after temperature/top-k/top-p). What it does not know: which settings are allowed for a method
 (the trainer validates that), grading, or training.
@@ -10,9 +10,15 @@ processed scores: after temperature/top-k/top-p). What it does not know: which s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
+
+
+#: KV caches of ``generate``: "dynamic" is transformers' default (a cache that grows with the sequence); "static" is
+#: preallocated for prompt + max_new_tokens, and on CUDA transformers then also compiles the decode step.
+Cache = Literal["dynamic", "static"]
+CACHES: tuple[str, ...] = get_args(Cache)
 
 
 @dataclass(frozen=True)
@@ -42,13 +48,17 @@ def generate(
     greedy: bool = False,
     return_logprobs: bool = False,
     batch_size: int = 64,
+    cache: Cache = "dynamic",
 ) -> Samples:
     """Sample one completion per prompt (repeat a prompt in ``prompts`` to get several).
 
     Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for reproducible samples.
+    ``cache`` picks the KV cache (``CACHES``); it changes speed and memory, not the distribution sampled from.
     """
     from transformers import GenerationConfig
 
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r}; valid caches: {', '.join(CACHES)}")
     if not prompts:
         return Samples([], [], [])
     device = next(model.parameters()).device
@@ -70,6 +80,9 @@ def generate(
         bos_token_id=tokenizer.bos_token_id,
         output_scores=return_logprobs,
         return_dict_in_generate=True,
+        # None keeps the model's default (a dynamic cache); a static cache is sized prompt width + max_new_tokens
+        # (transformers keeps the largest size seen, so later calls reuse one shape instead of recompiling).
+        cache_implementation=None if cache == "dynamic" else cache,
     )
     was_training = model.training
     model.eval()

@@ -1,9 +1,11 @@
 """`vopd serve-teacher`: a frozen teacher behind an HTTP API (FastAPI + uvicorn) that scores token sequences.
 
 What it knows: the wire protocol (``docs/teacher_server.md``): per sequence, the token ids, the first scored
-position and optionally k token ids per scored position; back, log q(next token) at each scored position and the
-teacher's logits at the requested ids. That is all `opd` (log q(y_t)) and the top-k methods need: renormalising
-both models on the same ids cancels the teacher's log-sum-exp, so its raw logits suffice (spec, notes). It also
+position and optionally k token ids per scored position; back, log q(next token) at each scored position, the
+teacher's logits at the requested ids and, on request, its log-sum-exp over the whole vocabulary (one float per
+position). That is all `opd` (log q(y_t)) and the top-k methods need: renormalising both models on the same ids
+cancels the teacher's log-sum-exp, so its raw logits suffice for the top-k KL (spec, notes); `rb-topk` weighs the
+ids by the exact log q_v = z_v - lse, hence the lse. It also
 knows request limits (413), validation (400/422, one-line JSON errors), an optional bearer token (401), batched
 padded forwards under a lock, and fp32 head math whatever the model's dtype.
 
@@ -31,7 +33,8 @@ from torch import Tensor
 
 from vopd.errors import UserError
 
-PROTOCOL_VERSION = 1
+#: 2 added the optional request field ``"lse"``; a request without it is answered exactly as in version 1.
+PROTOCOL_VERSION = 2
 TOKEN_ENV = "VOPD_TEACHER_TOKEN"
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_TOKENS = 65536
@@ -40,7 +43,7 @@ DEFAULT_MAX_BODY_MB = 256.0
 #: Budget of the fp32 (rows x V) logits chunk of the head; the forward itself is bounded by ``max_tokens``.
 HEAD_MEMORY_MB = 512
 _ENCODINGS = ("json", "base64")
-_REQUEST_FIELDS = {"sequences", "k", "encoding"}
+_REQUEST_FIELDS = {"sequences", "k", "encoding", "lse"}
 _SEQUENCE_FIELDS = {"ids", "start", "topk_ids"}
 
 
@@ -120,8 +123,8 @@ def _check_range(t: Tensor, where: str, vocab: int) -> None:
         raise ApiError(422, f"{where} holds token id {bad}, outside the teacher's vocabulary [0, {vocab})")
 
 
-def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[_Sequence], int, str]:
-    """Validated (sequences, k, encoding) of a ``/score`` body, or an ``ApiError`` naming the problem."""
+def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[_Sequence], int, str, bool]:
+    """Validated (sequences, k, encoding, lse) of a ``/score`` body, or an ``ApiError`` naming the problem."""
     try:
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -133,6 +136,9 @@ def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[_Sequen
     encoding = req.get("encoding", "json")
     if encoding not in _ENCODINGS:
         raise ApiError(422, f"encoding={encoding!r}; valid encodings: {', '.join(_ENCODINGS)}")
+    want_lse = req.get("lse", False)
+    if type(want_lse) is not bool:
+        raise ApiError(422, f"lse={want_lse!r} must be true or false (true: also return the teacher's log-sum-exp)")
     k = req.get("k", 0)
     if type(k) is not int or k < 0:
         raise ApiError(422, f"k={k!r} must be a non-negative integer (0: no logits requested)")
@@ -190,7 +196,7 @@ def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[_Sequen
                                     "of k ids per scored position start..n-2")
             _check_range(topk_t, f"{where}.topk_ids", vocab)
         out.append(_Sequence(ids, start, topk_t if k > 0 else None))
-    return out, k, encoding
+    return out, k, encoding, want_lse
 
 
 # --- scoring ----------------------------------------------------------------------------------------------------
@@ -214,8 +220,9 @@ class TeacherScorer:
         self.lock = threading.Lock()  # one forward at a time: the threadpool may run several requests
 
     @torch.inference_mode()
-    def score(self, seqs: list[_Sequence], k: int) -> list[tuple[Tensor, Tensor | None]]:
-        """Per sequence: (logq (t,), logits at the requested ids (t, k) or None), fp32 on the CPU."""
+    def score(self, seqs: list[_Sequence], k: int) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """Per sequence: (logq (t,), logits at the requested ids (t, k) or None, log-sum-exp (t,)), fp32 on the
+        CPU."""
         from vopd.chunked import _logits, chunk_rows
         from vopd.models import last_hidden
 
@@ -232,6 +239,7 @@ class TeacherScorer:
         y = ids.reshape(-1)[idx + 1]
         topk = torch.cat([s.topk_ids for s in seqs]) if k else None  # type: ignore[misc]
         logq = torch.empty(idx.numel(), dtype=torch.float32)
+        lse = torch.empty(idx.numel(), dtype=torch.float32)
         logits = torch.empty(idx.numel(), k, dtype=torch.float32) if k else None
         with self.lock:
             hidden = last_hidden(self.model, ids.to(self.device), attention.to(self.device))
@@ -241,13 +249,13 @@ class TeacherScorer:
                 hi = min(idx.numel(), lo + step)
                 z = _logits(h[lo:hi], self.weight, self.bias, torch.float32)
                 z_y = z.gather(-1, y[lo:hi].to(self.device).unsqueeze(-1)).squeeze(-1)
-                logq[lo:hi] = (z_y - z.logsumexp(-1)).cpu()
+                lse_c = z.logsumexp(-1)
+                logq[lo:hi], lse[lo:hi] = (z_y - lse_c).cpu(), lse_c.cpu()
                 if logits is not None and topk is not None:
                     logits[lo:hi] = z.gather(-1, topk[lo:hi].to(self.device)).cpu()
                 del z
-        lq = logq.split(sizes)
         lg = logits.split(sizes) if logits is not None else [None] * b
-        return list(zip(lq, lg))
+        return list(zip(logq.split(sizes), lg, lse.split(sizes)))
 
 
 def _encode(x: Tensor, encoding: str) -> Any:
@@ -310,7 +318,7 @@ def create_app(model: Any, tokenizer: Any, *, token: str | None, max_batch: int 
                 "device": str(scorer.device), "limits": limits.__dict__}
 
     def handle(body: bytes) -> bytes:
-        seqs, k, encoding = parse_request(body, limits, scorer.vocab_size)
+        seqs, k, encoding, want_lse = parse_request(body, limits, scorer.vocab_size)
         try:
             scored = scorer.score(seqs, k)
         except torch.OutOfMemoryError:
@@ -319,8 +327,12 @@ def create_app(model: Any, tokenizer: Any, *, token: str | None, max_batch: int 
             # Not a 5xx: retrying the same request cannot help, a smaller one can.
             raise ApiError(413, "request ran out of teacher memory; send fewer tokens per request or restart the "
                                 "server with a smaller --max-tokens") from None
-        results = [{"logq": _encode(lq, encoding), "logits": None if lg is None else _encode(lg, encoding)}
-                   for lq, lg in scored]
+        results = []
+        for lq, lg, ls in scored:
+            res = {"logq": _encode(lq, encoding), "logits": None if lg is None else _encode(lg, encoding)}
+            if want_lse:
+                res["lse"] = _encode(ls, encoding)
+            results.append(res)
         return json.dumps({"encoding": encoding, "k": k, "results": results}).encode()
 
     @app.post("/score")

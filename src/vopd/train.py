@@ -140,7 +140,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
     stream = PromptStream(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle, **state["data"])
     sample = sampler or hf_sampler(engine.full, tok, max_new_tokens=cfg.rollout.max_new_tokens,
                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                   top_k=cfg.rollout.top_k, batch_size=cfg.rollout.batch_size)
+                                   top_k=cfg.rollout.top_k, batch_size=cfg.rollout.batch_size,
+                                   cache=cfg.rollout.cache)
     writer = MetricsWriter(out_dir, cfg.loggers, config_dict) if dist.is_main() else None
     bar = _progress(cfg, state["step"]) if dist.is_main() else None
     last_ckpt: Path | None = start_from
@@ -286,9 +287,10 @@ def _micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: InProcessT
                                    bias=None if bias is None else bias.detach(),
                                    memory_budget_mb=cfg.loss.chunk_memory_mb)  # the same chunks, so the same ids
         with timer("teacher"):
-            r_scores = teacher.score(mb, ids)
+            r_scores = teacher.score(mb, ids, lse=cfg.loss.method == "rb-topk")  # rb-topk: the teacher's lse too
         out = remote_distillation_loss(hidden, weight, mb.targets, mb.completion_mask, teacher_logq=r_scores.logq,
-                                       teacher_topk_logits=r_scores.topk_logits, topk_ids=ids, **common)
+                                       teacher_topk_logits=r_scores.topk_logits, topk_ids=ids,
+                                       teacher_lse=r_scores.lse, **common)
     if mb.num_tokens == 0:
         # Without completion tokens the loss only touches the hidden states; DDP expects a gradient for every
         # parameter in every backward, so the output layer gets an explicit zero one.
