@@ -181,7 +181,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
             with timer("student"):
                 for i, mb in enumerate(micro):
                     with engine.sync(last=i == len(micro) - 1):
-                        out = _micro_batch_loss(cfg, engine, teacher, mb, normalizer, timer)
+                        out = micro_batch_loss(cfg, engine, teacher, mb, normalizer, timer)
                         out.loss.backward()
                     loss_sum += float(out.loss.detach())
                     stats.add(out, mb.completion_mask, mb.sampler_logprobs)
@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
     return TrainResult(out_dir, state["step"], state["skipped_steps"], last_ckpt, metrics)
 
 
-def _micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: InProcessTeacher | RemoteTeacher,
+def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: InProcessTeacher | RemoteTeacher,
                       mb: Rollout, normalizer: float, timer: PhaseTimer) -> LossOutput:
     """One micro-batch's loss, its graph ready for ``backward``. The teacher's time is charged to the teacher phase.
 
