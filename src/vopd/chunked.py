@@ -5,8 +5,10 @@ What it knows: for the completion positions only (the mask selects rows before a
 rows sized from a memory budget; per chunk it forms both models' logits once, takes log p(y), log q(y), both
 log-sum-exps and (when the method needs it) KL_t in the same pass, and writes the gradient w.r.t. the student's
 hidden states and output weights right there. No (B, T, V) tensor of either model ever exists, the student head runs
-once, and backward only scales the stored gradients. What it does not know: models (the caller passes the last hidden
-states and the head), sampling, optimisers. ``vopd.estimators`` is the dense reference it is tested against.
+once, and backward only scales the stored gradients. The per-chunk math (``_head_chunk``) takes the teacher either as
+its full logits (in process) or as the numbers a teacher server sends (``TeacherRows``); ``vopd.remote`` runs the
+same head through ``fused_head_loss``. What it does not know: models (the caller passes the last hidden states and
+the head), sampling, optimisers, HTTP. ``vopd.estimators`` is the dense reference it is tested against.
 
 Closed forms per position (z_s, z_t student/teacher logits, p = softmax z_s, y the sampled id, w = 1/N the token
 weight, spec and ``shared/spec/performance.md``):
