@@ -223,8 +223,8 @@ class _FusedHead(torch.autograd.Function):
             zs = _logits(h_c, ws_c, bs, cd)  # (c, V)
             if in_process:
                 with torch.no_grad():
-                    zt = _logits(teacher.hidden[lo:hi], wt_c, teacher.bias, cd)  # type: ignore[index]
-                given: dict[str, Tensor | None] = {"zt": zt}
+                    given: dict[str, Tensor | None] = {
+                        "zt": _logits(teacher.hidden[lo:hi], wt_c, teacher.bias, cd)}  # type: ignore[index]
             else:
                 ids = None if teacher.topk_ids is None else teacher.topk_ids[lo:hi]
                 given = {"ids": ids, "logq": part(teacher.logq, lo, hi), "zt_k": part(teacher.topk_logits, lo, hi),
@@ -242,7 +242,7 @@ class _FusedHead(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h_c.to(cd))  # type: ignore[union-attr]
             if need_b:
                 grad_b += g.sum(0)  # type: ignore[operator]
-            del zs, g, given
+            del zs, g, given  # the chunk's (c, V) buffers are gone before the next chunk allocates its own
 
         ctx.grads = (
             None if grad_h is None else grad_h.to(hs.dtype),
