@@ -142,10 +142,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
     # One sub-parser per benchmark: training/generation reuse flag names (--tokens, --methods, --device, ...) with
     # other defaults, which a single flat parser cannot hold.
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation,trl}")
     add_bench_arguments(sub.add_parser("training", help="training-side step at real shapes (needs CUDA)"), "training")
     add_bench_arguments(sub.add_parser("generation", help="model.generate tokens/s, static vs dynamic KV cache"),
                         "generation")
+    from vopd.bench_trl import add_trl_arguments  # TRL itself is imported only when the benchmark runs
+
+    add_trl_arguments(sub.add_parser("trl", help="vopd's trainer side by side with TRL's DistillationTrainer "
+                                     "(needs `pip install 'vopd[trl]'`)"))
     parser = sub.add_parser("estimators", help="loss head alone: every method, dense vs chunked")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="completion tokens per step")
@@ -163,6 +167,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.what == "trl":
+        from vopd.bench_trl import run_trl_bench
+
+        return run_trl_bench(args)
     if args.what in ("training", "generation"):
         from vopd.bench_training import run_generation_bench, run_training_bench
 
