@@ -35,7 +35,7 @@ def build_micro_world(root: Path) -> MicroWorld:
     from vopd.data import format_prompt
     from vopd.sft import SFTConfig, train_sft
     from vopd.task import TaskConfig, read_jsonl, write_splits
-    from vopd.world import ModelShape, make_model, train_tokenizer
+    from vopd.tiny_models import ModelShape, make_model, train_tokenizer
 
     task = TaskConfig(n_steps=2, max_start=20, max_value=40)
     train, test = write_splits(root / "data", n_train=64, n_test=16, seed=0, config=task)
@@ -51,6 +51,17 @@ def build_micro_world(root: Path) -> MicroWorld:
         model.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     return MicroWorld(root, paths["teacher"], paths["student"], train, test)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (restored after it), whatever earlier modules set: the tiny models are as
+    fast on one thread when the CPU is idle and far faster when it is shared. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from vopd.bench_training import (_worker, add_bench_arguments, format_generation, format_training,
-                                 run_training_bench)
+from vopd.bench_training import add_bench_arguments, format_generation, format_training, run_training_bench
+from vopd.bench_worker import measure_case
 from vopd.errors import UserError
 
 
@@ -71,7 +71,7 @@ def test_head_cases_run_and_format():
     common = dict(kind="head", shapes="tiny", device="cpu", repeats=1, warmup=1, student="1.7b", vocab=1024,
                   tokens=32, method="opd-full", hidden=32, teacher_hidden=64, top_k=100, budget_mb=64,
                   dtype="bfloat16")
-    head = [_worker({**common, "path": path}) for path in ("chunked", "dense")]
+    head = [measure_case({**common, "path": path}) for path in ("chunked", "dense")]
     assert all(r["time_ms"] > 0 and "error" not in r for r in head)
     table = format_training({"training": [], "head": head})
     assert "loss head only, opd-full" in table and len(_rows(table, "1.7b")) == 1

@@ -17,18 +17,17 @@ import torch
 
 from vopd.checkpoint import (
     MANIFEST,
-    RUN_MARKER,
-    export_merged,
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    prepare_output_dir,
     rng_state,
     save_checkpoint,
     set_rng_state,
     verify_checkpoint,
 )
 from vopd.errors import UserError
+from vopd.export import export_merged
+from vopd.rundir import RUN_MARKER, prepare_output_dir
 
 transformers = pytest.importorskip("transformers")
 

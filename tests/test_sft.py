@@ -10,19 +10,11 @@ from vopd.data import encode_completion, encode_prompt, format_prompt
 from vopd.errors import UserError
 from vopd.sft import IGNORE, SFTConfig, _lr_factor, collate, completion_loss, encode_rows, greedy_accuracy, train_sft
 from vopd.task import TaskConfig, generate_problems, write_jsonl
-from vopd.world import ModelShape, make_model, train_tokenizer
+from vopd.tiny_models import ModelShape, make_model, tokenizer_corpus, train_tokenizer
 
 TASK = TaskConfig(n_steps=2, max_start=20, max_value=40)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast when the CPU is idle and far faster when it is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict[str, str]]:
@@ -31,7 +23,7 @@ def rows() -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def tokenizer(rows):
-    return train_tokenizer([format_prompt(r["problem"]) for r in rows] + [r["solution"] for r in rows], 300)
+    return train_tokenizer(tokenizer_corpus(rows), 300)
 
 
 def _model(tokenizer, seed: int = 0):

@@ -94,7 +94,7 @@ def test_exclude_is_honoured() -> None:
 def test_read_jsonl_reports_bad_lines(tmp_path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"problem": "x", "solution": "y"}\nnot json\n')
-    with pytest.raises(UserError, match=r"bad.jsonl:2"):
+    with pytest.raises(UserError, match=r"bad.jsonl: line 2: not valid JSON"):
         read_jsonl(path)
     with pytest.raises(UserError, match="no such file"):
         read_jsonl(tmp_path / "missing.jsonl")

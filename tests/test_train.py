@@ -142,7 +142,7 @@ def test_long_prompts_skipped_and_counted_or_refused(micro_world, train_override
 
 
 def test_mismatched_tokenizers(micro_world, train_overrides, tmp_path):
-    from vopd.world import ModelShape, make_model, train_tokenizer
+    from vopd.tiny_models import ModelShape, make_model, train_tokenizer
 
     other = train_tokenizer(["completely different text for another tokenizer 0123456789"] * 4, vocab_size=280)
     model = make_model(ModelShape(hidden_size=32, num_layers=1, intermediate_size=64), other, seed=0)

@@ -11,7 +11,8 @@ import torch
 from vopd.data import encode_completion, encode_prompt, format_prompt
 from vopd.sft import SFTConfig
 from vopd.task import TaskConfig, generate_problems
-from vopd.world import ModelShape, World, WorldConfig, build_world, make_model, train_tokenizer, verify_world
+from vopd.tiny_models import ModelShape, make_model, tokenizer_corpus, train_tokenizer
+from vopd.world import World, WorldConfig, build_world, verify_world
 
 MICRO = WorldConfig(
     task=TaskConfig(n_steps=2, max_start=20, max_value=40),
@@ -28,16 +29,8 @@ MICRO = WorldConfig(
     n_val=4,
     eval_max_new_tokens=8,
 )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast when the CPU is idle and far faster when it is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict[str, str]]:
@@ -48,7 +41,7 @@ def rows() -> list[dict[str, str]]:
 def tokenizer(rows, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    tok = train_tokenizer([format_prompt(r["problem"]) for r in rows] + [r["solution"] for r in rows])
+    tok = train_tokenizer(tokenizer_corpus(rows))
     path = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)  # test what everyone else loads, not the in-memory object

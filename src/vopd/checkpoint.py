@@ -1,29 +1,26 @@
-"""Checkpoints of a run: atomic writes, verification, pruning, resuming, and guarding a run's output directory.
+"""Checkpoints of a run: atomic writes, verification, pruning and loading back (weights, optimizer, RNG).
 
-Layout: ``OUTPUT_DIR/vopd_run.yaml`` marks a vopd run (and holds its config); ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/``
-holds ``model/`` (``save_pretrained`` output: full weights, or the adapter of a PEFT model; plus tokenizer files),
-``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``, ``rng.pt``, ``config.yaml`` and, written last,
-``manifest.json`` (size and sha256 of every other file). A checkpoint is built in a temporary directory next to the
-others and renamed into place, so a killed writer leaves either the complete checkpoint or nothing that counts as one.
+Layout: ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/`` holds ``model/`` (``save_pretrained`` output: full weights, or the
+adapter of a PEFT model; plus tokenizer files), ``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``,
+``rng.pt``, ``config.yaml`` and, written last, ``manifest.json`` (size and sha256 of every other file). A checkpoint
+is built in a temporary directory next to the others and renamed into place, so a killed writer leaves either the
+complete checkpoint or nothing that counts as one.
 
 What it knows: files, hashes, the RNGs of python/numpy/torch, how to put saved weights back into a live model (plain
 Hugging Face or PEFT). What it does NOT know: the config's schema (it sees a plain dict), the training loop, what
-the trainer keeps in ``trainer_state``.
+the trainer keeps in ``trainer_state``, the run directory around the checkpoints (claiming it, the run marker,
+resume rules: ``vopd.rundir``), or the final merged export (``vopd.export``).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import logging
 import os
 import random
 import re
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +28,11 @@ import torch
 import yaml
 
 from vopd.errors import UserError
-
-log = logging.getLogger(__name__)
+from vopd.models import is_peft
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
-RUN_MARKER = "vopd_run.yaml"
 REQUIRED_FILES = ("trainer_state.json", "rng.pt", "config.yaml")
-#: Config keys (and sections) that may change when a run is resumed: they do not change what is being trained.
-RESUME_MUTABLE_KEYS = (
-    "steps", "output_dir", "loggers", "progress", "log_every", "save_every", "keep_last", "max_bad_steps",
-    "eval", "data.eval", "model.device", "model.gradient_checkpointing", "rollout.batch_size", "loss.chunk_memory_mb",
-    "distributed", "model.teacher_timeout_s", "model.teacher_retries",
-)
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _TMP_PID_RE = re.compile(r"^\.tmp-.*\.(\d+)\.[^.]+$")  # .tmp-<what>.<pid>.<random>
@@ -211,7 +200,8 @@ def _prune(ckdir: Path, keep: Path, keep_last: int) -> None:
     for path in reversed(_complete(ckdir)):
         if path == keep:
             continue
-        valid = _problem(path, hashes=False) is None  # sizes only: hashing every old checkpoint each save is slow
+        # Sizes only: hashing every old checkpoint on each save is slow.
+        valid = checkpoint_problem(path, hashes=False) is None
         if _step_of(path) > _step_of(keep):
             if not valid:
                 _remove_dir(path)
@@ -231,7 +221,7 @@ def _complete(ckdir: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def _problem(path: Path, *, hashes: bool) -> tuple[str, str] | None:
+def checkpoint_problem(path: Path, *, hashes: bool) -> tuple[str, str] | None:
     """(file, what is wrong) for the first problem of checkpoint ``path``; None if it is intact."""
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
@@ -265,7 +255,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_valid_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest checkpoint whose files all match the manifest (sha256); None if there is none."""
     for path in reversed(list_checkpoints(output_dir)):
-        if _problem(path, hashes=True) is None:
+        if checkpoint_problem(path, hashes=True) is None:
             return path
     return None
 
@@ -275,13 +265,13 @@ def verify_checkpoint(path: str | Path) -> None:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist: pass a checkpoints/step-NNNNNNNN directory")
-    problem = _problem(path, hashes=True)
+    problem = checkpoint_problem(path, hashes=True)
     if problem is None:
         return
     file, detail = problem
     output_dir = path.parent.parent
     others = [p for p in reversed(list_checkpoints(output_dir)) if p.resolve() != path.resolve()]
-    fallback = next((p for p in others if _problem(p, hashes=True) is None), None)
+    fallback = next((p for p in others if checkpoint_problem(p, hashes=True) is None), None)
     hint = (f"the last valid one is {fallback}: resume from it instead (--resume picks the newest valid one)"
             if fallback is not None else f"no valid checkpoint is left in {output_dir / CHECKPOINTS}: start the run "
             "again (--overwrite)")
@@ -289,11 +279,6 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-
-
-def _is_peft(model: Any) -> bool:
-    peft = sys.modules.get("peft")  # a PeftModel cannot exist unless peft was imported; avoid importing it here
-    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -306,12 +291,12 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model_dir: Path, model: Any, where: Path) -> None:
-    if _is_peft(model) != (model_dir / "adapter_config.json").is_file():
-        kinds = ("a LoRA adapter", "a full model") if _is_peft(model) else ("a full model", "a LoRA adapter")
+    if is_peft(model) != (model_dir / "adapter_config.json").is_file():
+        kinds = ("a LoRA adapter", "a full model") if is_peft(model) else ("a full model", "a LoRA adapter")
         raise UserError(f"checkpoint {where} holds {kinds[1]} but the model to resume is {kinds[0]}: "
                         "resume with the same lora.enabled setting")
     state = _read_safetensors(model_dir)
-    if _is_peft(model):
+    if is_peft(model):
         from peft.utils import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, state, adapter_name=getattr(model, "active_adapter", "default"))
@@ -362,150 +347,3 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-
-
-# ------------------------------------------------------------------------------------------------ merged export
-
-
-def _merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor] | None:
-    """Base weights + LoRA deltas as a plain model's CPU state dict, computed layer by layer (the live model is not
-    touched, and only one merged weight at a time is on its device). None when the model uses PEFT features other
-    than unmerged plain-LoRA linear layers; the caller then merges a deep copy."""
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    base = peft_model.get_base_model()
-    lora = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLinear):
-            adapters = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
-            if module.merged or any(module.use_dora.get(a, False) for a in adapters):
-                return None
-            lora[name] = (module, adapters)
-        elif isinstance(module, BaseTunerLayer) or type(module).__name__ == "ModulesToSaveWrapper":
-            return None
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in base.state_dict().items():
-        if key.split(".lora_", 1)[0] in lora:
-            continue  # the adapter's own parameters (lora_A/lora_B)
-        owner, _, leaf = key.rpartition(".")
-        module_name = owner.removesuffix(".base_layer")
-        if owner.endswith(".base_layer") and module_name in lora:
-            module, adapters = lora[module_name]
-            if leaf == "weight":
-                with torch.no_grad():
-                    for adapter in adapters:
-                        tensor = tensor + module.get_delta_weight(adapter)
-            key = f"{module_name}.{leaf}"
-        state[key] = tensor.detach().to("cpu", copy=True)
-    return state
-
-
-def export_merged(model: Any, tokenizer: Any, path: str | Path) -> Path:
-    """Write a full model (adapters merged, for a PEFT model) that ``AutoModelForCausalLM.from_pretrained`` loads,
-    plus the tokenizer (if given), to ``path``. The live model is left unchanged."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if not _is_peft(model):
-        model.save_pretrained(path, safe_serialization=True)
-    else:
-        state = _merged_lora_state_dict(model)
-        if state is not None:
-            model.get_base_model().save_pretrained(path, state_dict=state, safe_serialization=True)
-        else:
-            copy.deepcopy(model).merge_and_unload().save_pretrained(path, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- run directory
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE_KEYS
-                       ) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, except keys under ``ignore``."""
-    a, b = _flatten(old), _flatten(new)
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys
-            if a.get(k, "<unset>") != b.get(k, "<unset>") and not any(k == i or k.startswith(i + ".") for i in ignore)]
-
-
-def _write_marker(output_dir: Path, config: dict[str, Any]) -> None:
-    text = yaml.safe_dump({"vopd_run": 1, "config": config}, sort_keys=False, width=4096)
-    tmp = output_dir / f"{RUN_MARKER}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, output_dir / RUN_MARKER)
-
-
-def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
-                       resume_from: str | Path | None = None) -> Path | None:
-    """Claim ``output_dir`` for a run with ``config``. Returns the checkpoint to resume from, or None to start fresh.
-
-    Empty or absent directory: a new run. A directory holding a vopd run: refused unless ``resume`` (the config must
-    match except ``RESUME_MUTABLE_KEYS``; returns the newest valid checkpoint, None if none was saved yet) or
-    ``overwrite`` (the old run is renamed to ``<dir>.old-<time>``, never deleted). A non-empty directory that is not
-    a vopd run is never touched."""
-    out = Path(output_dir)
-    if resume and overwrite:
-        raise UserError("resume and overwrite exclude each other: pass only one")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} is a file: choose a directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
-        _write_marker(out, config)
-        return None
-    marker = out / RUN_MARKER
-    if not marker.is_file():
-        raise UserError(f"output_dir {out} is not empty and holds no vopd run ({RUN_MARKER} is missing): "
-                        "choose another output_dir")
-    if overwrite:
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while aside.exists():
-            aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
-        os.rename(out, aside)
-        log.warning("moved the previous run in %s to %s", out, aside)
-        out.mkdir(parents=True)
-        _write_marker(out, config)
-        return None
-    if not resume:
-        raise UserError(f"output_dir {out} already holds a vopd run: continue it with resume (--resume), move it "
-                        "aside with overwrite (--overwrite), or choose another output_dir")
-    try:
-        old = yaml.safe_load(marker.read_text(encoding="utf-8"))["config"]
-    except (yaml.YAMLError, KeyError, TypeError):
-        raise UserError(f"{marker} is unreadable: restore it or start a new run in another output_dir") from None
-    diffs = config_differences(old, config)
-    if diffs:
-        flat_old, flat_new = _flatten(old), _flatten(config)
-        shown = ", ".join(f"{k} ({flat_old.get(k, '<unset>')!r} -> {flat_new.get(k, '<unset>')!r})" for k in diffs)
-        raise UserError(f"cannot resume the run in {out}: its config differs in {shown}; undo these changes, or "
-                        "start a new run (overwrite or another output_dir)")
-    if resume_from is not None:
-        chosen = Path(resume_from)
-        verify_checkpoint(chosen)
-        _write_marker(out, config)
-        return chosen
-    saved = list_checkpoints(out)
-    latest = latest_valid_checkpoint(out)
-    if latest is None and saved:
-        raise UserError(f"cannot resume the run in {out}: none of its checkpoints is valid; start again with "
-                        "overwrite (--overwrite)")
-    if saved and latest != saved[-1]:
-        # Never skip silently past a damaged newest checkpoint: name it and the one that would be used.
-        problem = _problem(saved[-1], hashes=True)
-        raise UserError(f"checkpoint {saved[-1]} is corrupt ({problem[0]}: {problem[1]}); the last valid one is "
-                        f"{latest}: resume from it with --resume-from {latest}")
-    _write_marker(out, config)
-    return latest

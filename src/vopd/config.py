@@ -1,29 +1,28 @@
-"""The training configuration: typed dataclasses, loading from YAML/TOML plus ``key=value`` overrides, validation.
+"""The training configuration: typed dataclasses, their validation rules, loading, saving and the reference docs.
 
-What it knows: every option of a run (its name, type, default, meaning and allowed values), how to read it from a
-file and the command line, how to check it, and how to write it back so that it loads to an equal config. The
-dataclasses are the one source of truth: ``docs/config.md`` is generated from them (``config_reference_markdown``).
-What it does NOT know: what the options do (models, sampling, losses, checkpoints live elsewhere), torch, devices;
-which sampling settings suit which loss method (the trainer checks that). Derived values (gradient accumulation, the
-evaluation length, the resolved dtype) are computed by properties/functions and never written back into a config.
+What it knows: every option of a run (its name, type, default, meaning and allowed values), how to check it, how to
+load it (defaults, then a YAML/TOML file, then ``key=value`` overrides) and how to write it back so that it loads to
+an equal config. The dataclasses are the one source of truth: ``docs/config.md`` is generated from them
+(``config_reference_markdown``). What it does NOT know: how text becomes typed values (``vopd.config_io`` parses
+files and overrides and checks types, for any dataclass tree); what the options do (models, sampling, losses,
+checkpoints live elsewhere), torch, devices; which sampling settings suit which loss method (the trainer checks
+that). Derived values (gradient accumulation, the evaluation length, the resolved dtype) are computed by
+properties/functions and never written back into a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import re
 import sys
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args, get_origin
+from typing import Any, Literal, Sequence
 
 import yaml
 
+from vopd.config_io import apply_overrides, build, field_types, read_config_file, type_name
 from vopd.data import PROMPT_TEMPLATE
 from vopd.errors import UserError
 from vopd.estimators import Method  # the one definition of the method names
@@ -281,111 +280,6 @@ def _validate(c: TrainConfig, require_paths: bool) -> None:
     _check(len(set(c.loggers)) == len(c.loggers), "loggers", c.loggers, "a list without repeats")
 
 
-# ---------------------------------------------------------------------------------------- generic typed conversion
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    """Resolved field types of a dataclass (annotations are strings under ``from __future__ import annotations``)."""
-    return typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(json.dumps(a) for a in get_args(tp))
-    if origin is list:
-        (item,) = get_args(tp)
-        return f"list[{_type_name(item)}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _bad(key: str, value: Any, expected: str) -> UserError:
-    return UserError(f"config key {key}={value!r} is invalid: expected {expected}")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """``value`` checked against (and, where lossless, converted to) type ``tp``; ``key`` is for messages."""
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            value = dataclasses.asdict(value)
-        if value is None:  # an empty section in YAML (`loss:` with every line commented out)
-            value = {}
-        if not isinstance(value, dict):
-            raise _bad(key, value, f"a table of keys ({', '.join(f.name for f in dataclasses.fields(tp))})")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices or isinstance(value, bool):
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise _bad(key, value, f"one of {', '.join(map(str, choices))}{hint}")
-        return value
-    if origin is list:
-        (item_tp,) = get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise _bad(key, value, f"a list, e.g. {key}=[a,b]")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):  # strict: "1", 1, "yes-ish" strings are mistakes, not booleans
-            raise _bad(key, value, "true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(key, value, "an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-5" (no dot) as a string; accept numeric text for float keys.
-            try:
-                value = float(value)
-            except ValueError:
-                raise _bad(key, value, "a number") from None
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _bad(key, value, "a number")
-        if not math.isfinite(value):
-            raise _bad(key, value, "a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _bad(key, value, f"a string (quote it: {key}: \"{value}\")")
-        return value
-    raise TypeError(f"config field {key} has an unsupported type {tp!r}")
-
-
-def _unknown_key(key: str, cls: type, prefix: str) -> UserError:
-    """Unknown ``prefix + key`` in section ``cls``: suggest a close key here, or the same name in another section."""
-    valid = [f.name for f in dataclasses.fields(cls)]
-    # The same name in another section (lr -> optim.lr) beats a spelling neighbour here (lr -> lora).
-    elsewhere = [p for p in _all_keys(TrainConfig) if p.rsplit(".", 1)[-1] == key]
-    close = [prefix + c for c in difflib.get_close_matches(key, valid, n=1)]
-    hint = f"did you mean {(elsewhere or close)[0]}?" if elsewhere or close else "no close match."
-    section = f"[{prefix[:-1]}]" if prefix else "at the top level"
-    return UserError(f"unknown config key {prefix}{key}: {hint} Valid keys {section}: {', '.join(valid)}")
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of a config dataclass."""
-    keys: list[str] = []
-    for name, tp in _hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """An instance of dataclass ``cls`` from a (possibly partial) dict; missing keys keep their defaults."""
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise _unknown_key(str(key), cls, prefix)
-        kwargs[key] = _coerce(prefix + key, value, hints[key])
-    return cls(**kwargs)
-
-
 # -------------------------------------------------------------------------------------------------- public API
 
 
@@ -398,65 +292,9 @@ def config_from_dict(d: dict[str, Any], *, require_paths: bool = True) -> TrainC
     """A checked, validated ``TrainConfig`` from a (possibly partial) nested dict; missing keys take defaults."""
     if not isinstance(d, dict):
         raise UserError(f"a config must be a table of keys, got {type(d).__name__}: write `key: value` lines")
-    cfg = _build(TrainConfig, d)
+    cfg = build(TrainConfig, d)
     cfg.validate(require_paths=require_paths)
     return cfg
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist: check the path")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        elif suffix in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        else:
-            raise UserError(f"config file {path} has an unknown extension: use .yaml, .yml or .toml")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        detail = " ".join(str(exc).split())
-        raise UserError(f"config file {path} cannot be parsed ({detail}): fix its syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a table of keys, not a {type(data).__name__}")
-    return data
-
-
-def _field_type(dotted: str) -> Any:
-    """The type of dotted key ``dotted``; unknown keys raise with a suggestion."""
-    cls: Any = TrainConfig
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(cls):
-            raise UserError(f"unknown config key {dotted}: {'.'.join(parts[:i])} is not a section")
-        hints = _hints(cls)
-        if part not in hints:
-            raise _unknown_key(part, cls, "".join(p + "." for p in parts[:i]))
-        cls = hints[part]
-    return cls
-
-
-def _is_text(tp: Any) -> bool:
-    return tp is str or (get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp)))
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise UserError(f"override {item!r} is not key=value: write e.g. optim.lr=3e-5")
-    tp = _field_type(key)
-    if _is_text(tp) and not (len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""):
-        # Text keys take the text as written: a template with "{...}" or ": ", or a path like "no" or "1e3",
-        # must not be reinterpreted by YAML. Quote it to get YAML's reading (e.g. data.eval="" for empty).
-        return key.split("."), raw
-    try:
-        return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise UserError(f"override {item!r} has a value YAML cannot read: quote it or fix the brackets") from None
 
 
 def load_config(
@@ -464,17 +302,8 @@ def load_config(
 ) -> TrainConfig:
     """Defaults, updated by the YAML/TOML file at ``path`` (if any), then by ``key=value`` overrides (dotted keys,
     values read as YAML: ``lora.target_modules=[q_proj,v_proj]``, ``lora.enabled=true``); checked and validated."""
-    data = _read_file(Path(path)) if path is not None else {}
-    for item in overrides:
-        parts, value = _parse_override(item)
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[parts[-1]] = value
-    return config_from_dict(data, require_paths=require_paths)
+    data = read_config_file(Path(path)) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides, TrainConfig), require_paths=require_paths)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -509,7 +338,7 @@ def config_reference_markdown() -> str:
         "CUDA, float32 on CPU. Which sampling settings suit which `loss.method` is checked by the trainer.",
         "",
     ]
-    hints = _hints(TrainConfig)
+    hints = field_types(TrainConfig)
     top = [(n, t) for n, t in hints.items() if not dataclasses.is_dataclass(t)]
     sections = [(n, t) for n, t in hints.items() if dataclasses.is_dataclass(t)]
     for title, cls, prefix, names in [("Top level", TrainConfig, "", [n for n, _ in top])] + [
@@ -520,11 +349,11 @@ def config_reference_markdown() -> str:
         lines += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         instance = cls()
-        cls_hints = _hints(cls)
+        cls_hints = field_types(cls)
         for name in names:
             f = fields[name]
             lines.append(
-                f"| `{prefix}{name}` | {_type_name(cls_hints[name]).replace('|', chr(92) + '|')} "
+                f"| `{prefix}{name}` | {type_name(cls_hints[name]).replace('|', chr(92) + '|')} "
                 f"| {_md_code(getattr(instance, name))} | {f.metadata.get('doc', '')} |"
             )
         lines.append("")

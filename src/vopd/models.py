@@ -8,6 +8,7 @@ checkpointing, and how to run a model's body without its output layer so that th
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,12 @@ def apply_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                      task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
+
+
+def is_peft(model: Any) -> bool:
+    """Whether ``model`` is a PEFT model (LoRA adapters around a base model)."""
+    peft = sys.modules.get("peft")  # a PeftModel cannot exist unless peft was imported; avoid importing it here
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def base_model(model: Any) -> Any:

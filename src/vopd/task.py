@@ -8,7 +8,8 @@ find the operation of step k by matching its name instead of counting. Rows use 
 (``problem``, ``solution``, ``answer``).
 
 What it knows: how to generate, write and read problems, and how to recompute an answer from a problem's text.
-What it does not know: tokenizers, models, prompts (``vopd.data.format_prompt`` wraps a problem) or grading.
+What it does not know: tokenizers, models, prompts (``vopd.data.format_prompt`` wraps a problem), grading, or how
+files are parsed (``read_jsonl`` leaves that, and its error messages, to ``vopd.data.read_rows``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from vopd.data import read_rows
 from vopd.errors import UserError
 
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
@@ -140,23 +142,9 @@ def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a jsonl file; ``UserError`` naming the file and line when one is not a JSON object."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; pass an existing .jsonl file")
-    rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{i}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object with 'problem' and 'solution' fields")
-            rows.append(row)
-    return rows
+    """The rows of a jsonl file, read by ``vopd.data.read_rows`` (one-line ``UserError`` naming the file and line
+    for a missing, empty or malformed file)."""
+    return [row for _, row in read_rows(path)]
 
 
 def write_splits(

@@ -6,9 +6,9 @@ What it knows: the order of work of a step and everything around it (set-up, pre
 metrics, checkpoints), and which work is global under torchrun (token counts, the loss, the skip decision) and which
 is rank 0's (logs, evaluation, files). It leaves the math to ``vopd.chunked``/``vopd.estimators`` (in-process
 teacher) and ``vopd.remote`` (teacher server), sampling to ``vopd.rollout``, the teacher to ``vopd.teacher``, ranks
-and the DDP/FSDP2 wrapping to ``vopd.distributed`` (no-ops on one process) and files to ``vopd.checkpoint``. What it
-does not know: which method is used beyond passing its name (a ``Literal`` resolved by the estimators), or where the
-models came from.
+and the DDP/FSDP2 wrapping to ``vopd.distributed`` (no-ops on one process) and files to ``vopd.checkpoint``,
+``vopd.rundir`` (the output directory) and ``vopd.export`` (the merged final model). What it does not know: which
+method is used beyond passing its name (a ``Literal`` resolved by the estimators), or where the models came from.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ from vopd.config import TrainConfig, config_to_dict, load_config, save_config
 from vopd.data import PromptStream, encode_prompt, format_prompt, load_problems, load_prompts
 from vopd.errors import UserError
 from vopd.estimators import TOPK_METHODS, LossOutput
+from vopd.export import export_merged
 from vopd.metrics import MetricsWriter, PhaseTimer, TokenStats, gradient_noise, peak_memory_mb, rollout_metrics
 from vopd.models import (apply_lora, enable_gradient_checkpointing, load_model, load_tokenizer, resolve_device,
                          resolve_dtype)
 from vopd.remote import REMOTE_METHODS, RemoteTeacher, remote_distillation_loss, student_topk_ids
 from vopd.rollout import Rollout, Sampler, hf_sampler, pack
+from vopd.rundir import prepare_output_dir
 from vopd.teacher import InProcessTeacher, is_remote, open_teacher, rollout_kl
 
 
@@ -107,8 +109,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
     config_dict = config_to_dict(cfg)
 
     def claim_output_dir() -> Path | None:
-        found = ckpt.prepare_output_dir(out_dir, config_dict, resume=resume or resume_from is not None,
-                                        overwrite=overwrite, resume_from=resume_from)
+        found = prepare_output_dir(out_dir, config_dict, resume=resume or resume_from is not None,
+                                   overwrite=overwrite, resume_from=resume_from)
         save_config(cfg, out_dir / "config.yaml")
         return found
 
@@ -253,7 +255,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
 
     if state["step"] == cfg.steps:
         final = out_dir / "final"
-        dist.on_main(lambda: ckpt.export_merged(engine.full, tok, final) if cfg.lora.enabled
+        dist.on_main(lambda: export_merged(engine.full, tok, final) if cfg.lora.enabled
                      else _save_final(engine.full, tok, final))
         info(f"final model: {final}")
     return TrainResult(out_dir, state["step"], state["skipped_steps"], last_ckpt, metrics)

@@ -1,16 +1,18 @@
 """The tiny world: an offline tokenizer, a tiny Qwen3 teacher and a weaker tiny Qwen3 student, built and cached.
 
-``build_world`` generates the arithmetic task (``vopd.task``), trains a byte-level BPE tokenizer on it (digits split
-one per token so arithmetic is learnable), creates two ``Qwen3ForCausalLM`` models of different sizes, fine-tunes
-both on the worked solutions (``vopd.sft``) and measures their greedy test accuracy. Everything is saved in the
-formats real models use (``save_pretrained``: safetensors + tokenizer in the model directory), so the rest of vopd
-loads the tiny world with ``AutoTokenizer`` / ``AutoModelForCausalLM`` like any other checkpoint.
+``build_world`` generates the arithmetic task (``vopd.task``), trains a byte-level BPE tokenizer on it and creates
+two ``Qwen3ForCausalLM`` models of different sizes (``vopd.tiny_models``), fine-tunes both on the worked solutions
+(``vopd.sft``) and measures their greedy test accuracy. Everything is saved in the formats real models use
+(``save_pretrained``: safetensors + tokenizer in the model directory), so the rest of vopd loads the tiny world with
+``AutoTokenizer`` / ``AutoModelForCausalLM`` like any other checkpoint.
 
 The world is cached under ``$VOPD_CACHE`` (default ``~/.cache/vopd``) in a directory keyed by a hash of the
 configuration, built in a temporary directory and renamed into place, with a manifest (``world.json``: sizes and
 sha256 of every file) that is verified on reuse so a partial or corrupt cache is rebuilt.
 
-What it does not know: distillation, the estimators, or evaluation beyond greedy accuracy.
+What it knows: the world's recipe (``WorldConfig``), its cache (key, manifest, verification, atomic build).
+What it does not know: distillation, the estimators, or evaluation beyond greedy accuracy; how the tokenizer and
+the models are made (``vopd.tiny_models``).
 """
 
 from __future__ import annotations
@@ -24,31 +26,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
-from vopd.data import format_prompt
 from vopd.errors import UserError
 from vopd.sft import SFTConfig, greedy_accuracy, train_sft
 from vopd.task import TaskConfig, read_jsonl, write_splits
+from vopd.tiny_models import ModelShape, count_parameters, make_model, tokenizer_corpus, train_tokenizer
 
 #: Bump when the layout or the build recipe changes, so old caches are not mistaken for new ones.
 FORMAT_VERSION = 1
 MANIFEST = "world.json"
-PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The size of a tiny Qwen3 model (vocabulary size comes from the tokenizer)."""
-
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
-    max_positions: int = 256
 
 
 @dataclass(frozen=True)
@@ -112,79 +101,6 @@ class World:
             f"  tokenizer {self.tokenizer}",
             f"  data      {self.train_data}  {self.test_data}",
         ])
-
-
-# ------------------------------------------------------------------------------------------------ tokenizer
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``.
-
-    Digits are split one per token before BPE (so no merge ever spans digits, and numbers are spelled digit by
-    digit); every byte is in the base alphabet (any text encodes, and decode(encode(x)) == x). The post-processor
-    prepends BOS, so ``vopd.data.encode_prompt`` yields BOS + prompt; PAD, BOS, EOS have ids 0, 1, 2.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    # Merges may cross spaces (no word regex), which makes the fixed phrases of the task one token each and keeps
-    # sequences short for CPU training. Arithmetic operators are isolated so that "+" in a problem and in a worked
-    # solution is the same token: copying an operation is then a literal copy, which small models learn faster.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.Split(Regex(r" [-+*/] "), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
-
-
-# ------------------------------------------------------------------------------------------------ models
-
-
-def make_model(shape: ModelShape, tokenizer: Any, *, seed: int) -> Any:
-    """A freshly initialised ``Qwen3ForCausalLM`` of ``shape`` over ``tokenizer``'s vocabulary (fp32)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    if shape.hidden_size % shape.num_heads or shape.num_heads % shape.num_kv_heads:
-        raise UserError(f"{shape}: hidden_size must divide by num_heads and num_heads by num_kv_heads")
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        head_dim=shape.hidden_size // shape.num_heads,
-        max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).float()
-    gen = model.generation_config
-    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = (
-        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
-    )
-    return model
-
-
-def count_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -292,8 +208,7 @@ def _build_into(tmp: Path, config: WorldConfig, log: Callable[[str], None]) -> d
         tmp / "data", n_train=config.n_train, n_test=config.n_test, seed=config.seed, config=config.task
     )
     train, test = read_jsonl(train_path), read_jsonl(test_path)
-    texts = [format_prompt(r["problem"]) for r in train] + [r["solution"] for r in train]
-    tokenizer = train_tokenizer(texts, config.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(train), config.vocab_size)
     tokenizer.save_pretrained(tmp / "tokenizer")
     log(f"tokenizer: {len(tokenizer)} tokens; data: {len(train)} train / {len(test)} test problems")
     metrics: dict[str, Any] = {"vocab_size": len(tokenizer)}

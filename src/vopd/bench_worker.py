@@ -1,0 +1,201 @@
+"""The measuring side of `vopd bench training` / `vopd bench generation`: model shapes and one case per process.
+
+What it knows: how to build random-initialised ``Qwen3ForCausalLM`` models from configs written here (Qwen3-1.7B and
+-4B students, Qwen3-8B teacher, V = 151,936, bf16 weights; and a ``tiny`` set for CPU smoke tests), and how to time
+one case: a training-side step the way the trainer runs it (teacher ``last_hidden`` without grad, student
+``last_hidden`` with gradient checkpointing, LoRA or all weights trainable, ``chunked_distillation_loss`` on the
+completion positions, backward, optionally an AdamW step), the loss head alone (``vopd.bench``'s worker), or
+``model.generate`` with a static or dynamic KV cache. Median of repeats after warm-up, peak memory from
+``torch.cuda.max_memory_allocated`` (CPU: peak RSS, indicative only); an out-of-memory error becomes a result row.
+``python -m vopd.bench_worker CASE_JSON`` runs one case and prints its result as one JSON line.
+
+What it does NOT know: which cases make a benchmark, defaults, tables or targets (``vopd.bench_training``, which
+runs each case in a fresh process), real weights, or what any number will be: all are measured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+from vopd.bench import _rss_mb
+from vopd.bench import _worker as _head_case  # the loss head alone from random hidden states, dense or chunked
+
+_QWEN3 = dict(head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=40960,
+              rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+
+
+def _tiny(hidden: int, layers: int, tie: bool) -> dict[str, Any]:
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=hidden // 4, intermediate_size=2 * hidden, tie_word_embeddings=tie)
+
+
+#: Shapes of the public Qwen3 configs (random weights); "tiny" keeps the same structure at CPU-test size.
+SHAPES: dict[str, dict[str, dict[str, Any]]] = {
+    "real": {
+        "1.7b": dict(_QWEN3, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                     intermediate_size=6144, tie_word_embeddings=True),
+        "4b": dict(_QWEN3, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                   intermediate_size=9728, tie_word_embeddings=True),
+        "8b": dict(_QWEN3, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                   intermediate_size=12288, tie_word_embeddings=False),
+    },
+    "tiny": {"1.7b": _tiny(32, 2, True), "4b": _tiny(48, 2, True), "8b": _tiny(64, 3, False)},
+}
+TEACHER = "8b"
+VOCAB = {"real": 151_936, "tiny": 1024}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _build(size: dict[str, Any], vocab: int, device: Any, dtype: Any, *, use_cache: bool) -> Any:
+    """A random-initialised Qwen3 model built directly on ``device`` (an 8B model never passes through CPU RAM)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=vocab, use_cache=use_cache, pad_token_id=0, bos_token_id=None,
+                         eos_token_id=None, **size)
+    with torch.device(device):
+        return Qwen3ForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+
+
+def _memory(dev: Any) -> tuple[float, float]:
+    """(peak, current) in MiB: CUDA allocator statistics, else process RSS (peak since the process started)."""
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20, torch.cuda.memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mb()
+
+
+def _timed(fn: Any, dev: Any, warmup: int, repeats: int) -> tuple[list[float], float, float]:
+    """Warm-up calls, then ``repeats`` timed calls; returns (seconds each, peak MiB, resident MiB before)."""
+    import torch
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = _memory(dev)[1]
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times, _memory(dev)[0], base
+
+
+def _train_case(case: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from vopd.chunked import chunked_distillation_loss
+    from vopd.models import apply_lora, enable_gradient_checkpointing, last_hidden, output_layer
+
+    torch.manual_seed(0)
+    dev, dtype = torch.device(case["device"]), torch.bfloat16
+    shapes, vocab = SHAPES[case["shapes"]], VOCAB[case["shapes"]]
+    teacher = _build(shapes[TEACHER], vocab, dev, dtype, use_cache=False).eval().requires_grad_(False)
+    student = _build(shapes[case["student"]], vocab, dev, dtype, use_cache=False)
+    if case["trainable"] == "lora":  # the authors' setup: r=64, alpha=128 on every linear projection
+        student = apply_lora(student, r=64, alpha=128, dropout=0.0, target_modules=LORA_TARGETS)
+    enable_gradient_checkpointing(student)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0) if case["optimizer"] == "adamw" else None
+
+    b, p_len, c_len = case["batch"], case["prompt_len"], case["completion_len"]
+    ids = torch.randint(0, vocab, (b, p_len + c_len), device=dev)
+    attention = torch.ones_like(ids)
+    targets = ids[:, 1:]
+    # Hidden state j predicts token j+1: the completion tokens p_len.. are predicted from positions p_len-1..
+    mask = (torch.arange(p_len + c_len - 1, device=dev) >= p_len - 1).expand(b, -1)
+    wt, bt = output_layer(teacher, vocab)
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        with torch.no_grad():
+            ht = last_hidden(teacher, ids, attention)[:, :-1]
+        hs = last_hidden(student, ids, attention)[:, :-1]
+        ws, bs = output_layer(student, vocab)
+        out = chunked_distillation_loss(hs, ws, ht, wt, targets, mask, method=case["method"], top_k=case["top_k"],
+                                        student_bias=bs, teacher_bias=bt, memory_budget_mb=case["budget_mb"])
+        out.loss.backward()
+        if opt is not None:
+            opt.step()
+
+    times, peak, base = _timed(step, dev, case["warmup"], case["repeats"])
+    return {"time_ms": 1000 * statistics.median(times), "peak_mb": peak, "step_mb": max(peak - base, 0.0),
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def _generation_case(case: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(0)
+    dev = torch.device(case["device"])
+    model = _build(SHAPES[case["shapes"]][case["student"]], VOCAB[case["shapes"]], dev, torch.bfloat16,
+                   use_cache=True).eval()
+    b, n_new = case["batch"], case["new_tokens"]
+    ids = torch.randint(1, VOCAB[case["shapes"]], (b, case["prompt_len"]), device=dev)
+    cache = case["cache"]
+    # Every setting written out (as vopd.sampling does): temperature-1 sampling, no top-k/top-p, and no EOS, so
+    # every row generates exactly n_new tokens. "static" lets transformers compile the decode step on CUDA;
+    # "static-eager" is the same cache with compilation off, to separate the two effects.
+    gen = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=True, temperature=1.0, top_k=0,
+                           top_p=1.0, num_beams=1, pad_token_id=0, eos_token_id=None,
+                           cache_implementation=None if cache == "dynamic" else "static",
+                           disable_compile=cache != "static")
+    model.generation_config = GenerationConfig()  # nothing filled in from the model's own defaults
+    lengths: list[int] = []
+
+    def call() -> None:
+        with torch.no_grad():
+            lengths.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                          generation_config=gen).shape[1])
+
+    t0 = time.perf_counter()
+    call()  # the first call pays for compilation (static on CUDA) and allocator growth; reported, not timed
+    first = time.perf_counter() - t0
+    times, peak, _base = _timed(call, dev, max(case["warmup"] - 1, 0), case["repeats"])
+    if set(lengths) != {case["prompt_len"] + n_new}:
+        raise RuntimeError(f"generate returned lengths {sorted(set(lengths))}, expected {case['prompt_len'] + n_new}")
+    med = statistics.median(times)
+    return {"time_ms": 1000 * med, "tokens_per_s": b * n_new / med, "peak_mb": peak, "first_call_s": first}
+
+
+def measure_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Run one case (meant for a fresh process); an out-of-memory error becomes a result with what the allocator
+    had and wanted."""
+    import torch
+
+    run = {"train": _train_case, "generation": _generation_case, "head": _head_case}[case["kind"]]
+    if case["shapes"] == "tiny" and case["device"] == "cpu":
+        torch.set_num_threads(1)  # tiny matmuls gain nothing from threads, and idle-spinning ones add noise
+    try:
+        return {**case, **run(case)}
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        msg = str(exc)
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in msg:  # CPU allocator
+            raise
+        tried = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB)", msg)
+        tried_mb = None if tried is None else float(tried.group(1)) * (1024 if tried.group(2) == "GiB" else 1)
+        peak = _memory(torch.device(case["device"]))[0]
+        if case["kind"] == "head":  # vopd.bench reports the head's memory above its inputs; do the same here
+            n, v, dims = case["tokens"], case["vocab"], case["hidden"] + case["teacher_hidden"]
+            peak -= ((n + v) * dims * 2 + n * 9) / 2**20  # bf16 hidden states and weights, int64 ids, bool mask
+        return {**case, "oom": True, "peak_mb": max(peak, 0.0), "tried_mb": tried_mb,
+                "error": msg.splitlines()[0][:300]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_case(json.loads(sys.argv[1]))))
