@@ -50,3 +50,16 @@ def test_summary_on_the_micro_world(micro_world):
     # On identical states, opd-full has no token-sampling noise: its gradients vary less than opd's.
     assert summary["opd-full"]["trace_cov"]["estimate"] < summary["opd"]["trace_cov"]["estimate"]
     assert "| vopd |" in format_table(summary)
+
+
+def test_squared_bias_interval_covers_zero_for_unbiased_differences():
+    # A percentile bootstrap of ||mean||^2 - tr Cov/R is shifted up by ~tr Cov/R (a resample repeats rows, and a
+    # repeated row pairs with itself), i.e. by sqrt(dim/2) standard errors for isotropic noise: with a gradient's
+    # many dimensions the shift alone would push 0 out of every interval.
+    gen = torch.Generator().manual_seed(2)
+    trials, covered = 60, 0
+    for t in range(trials):
+        d = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+        est = squared_bias(d, boot=200, seed=t)
+        covered += est.low <= 0.0 <= est.high
+    assert covered >= 0.85 * trials, f"95% interval covered the true value 0 in {covered}/{trials} trials"

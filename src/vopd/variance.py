@@ -55,15 +55,25 @@ def trace_covariance(g: Tensor, *, boot: int = 1000, level: float = 0.95, seed: 
 
 
 def squared_bias(diff: Tensor, *, boot: int = 1000, level: float = 0.95, seed: int = 0) -> Interval:
-    """Unbiased estimate of ||E[diff]||^2 from rows of ``diff`` (R, P): ||mean||^2 - tr Cov / R."""
+    """Unbiased estimate of ||E[diff]||^2 from rows of ``diff`` (R, P): ||mean||^2 - tr Cov / R, which is the
+    U-statistic mean_{i != j} <d_i, d_j>.
+
+    In a bootstrap resample a row drawn twice would pair with itself and add ||d_i||^2 terms, shifting every
+    resample up by about tr Cov / R (for isotropic noise sqrt(P/2) standard errors: the interval would miss 0 for
+    an unbiased method). So a resample averages <d_a, d_b> over pairs of *distinct original* rows only, weighted
+    by how often each was drawn."""
     r = diff.shape[0]
+    if r < 2:
+        raise ValueError("need at least 2 replicates to estimate a bias")
     gram = diff.double() @ diff.double().T
+    diag = gram.diagonal()
 
     def stat(idx: Tensor) -> float:
-        sq, total = _gram_stats(gram, idx)
-        mean_sq = total / r**2
-        tr_cov = (sq - total / r) / (r - 1)
-        return float(mean_sq - tr_cov / r)
+        c = torch.bincount(idx, minlength=r).to(gram.dtype)
+        pairs = c.sum() ** 2 - (c * c).sum()
+        if pairs <= 0:  # every draw was the same row: no pair of distinct rows
+            return math.nan
+        return float((c @ gram @ c - (c * c * diag).sum()) / pairs)
 
     return _bootstrap(stat, r, boot, level, seed)
 
@@ -72,6 +82,7 @@ def _bootstrap(stat: Any, r: int, boot: int, level: float, seed: int) -> Interva
     gen = torch.Generator().manual_seed(seed)
     point = stat(torch.arange(r))
     draws = torch.tensor([stat(torch.randint(0, r, (r,), generator=gen)) for _ in range(boot)])
+    draws = draws[~draws.isnan()]
     lo, hi = torch.quantile(draws, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=draws.dtype)).tolist()
     return Interval(point, lo, hi)
 
