@@ -15,14 +15,13 @@ round; medians over rounds x steps. It also cross-checks, on one fixed batch, vo
 (the trainer's ``compute_loss`` and GKD's ``generalized_jsd_loss``), values and gradients.
 
 What it does not know: GPUs, vLLM, LoRA, or any number in advance. Two hooks are this file's: a callback and a wrapper
-around TRL's generation call on TRL's side, and on vopd's side a patch of ``vopd.train.hf_sampler`` in the worker
-process only (``train`` takes no sampler factory, and fixed-length sampling needs a sampler that ignores EOS).
+around TRL's generation call on TRL's side, and on vopd's side a sampler factory handed to ``train(make_sampler=...)``
+(fixed-length sampling needs a sampler that ignores EOS).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import itertools
@@ -36,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from vopd.bench import _ratio
 from vopd.errors import UserError
@@ -148,31 +147,26 @@ def _exactly(n: int, out: Any, completions: Callable[[Any], list[list[int]]]) ->
     return out
 
 
-@contextlib.contextmanager
-def _fixed_length_sampler(clock: _StepClock, length: int) -> Iterator[None]:
-    """vopd's trainer with its own Hugging Face sampler, EOS ignored, and the clock at the start of each step."""
-    import vopd.train as trainer
+def _fixed_length_sampler(clock: _StepClock, length: int) -> Callable[[Any, Any, dict[str, Any]], Any]:
+    """``train(make_sampler=...)``: vopd's own Hugging Face sampler with EOS ignored, and the clock at the start of
+    each step."""
     from vopd.rollout import hf_sampler
 
-    def factory(model: Any, tok: Any, **kw: Any) -> Callable[[list[list[int]]], Any]:
+    def factory(model: Any, tok: Any, settings: dict[str, Any]) -> Callable[[list[list[int]]], Any]:
         # generate() reads these three ids; without an EOS id every completion runs to max_new_tokens
         view = SimpleNamespace(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=None)
-        sample = clock.timed(hf_sampler(model, view, **kw))
+        sample = clock.timed(hf_sampler(model, view, **settings))
 
         def step_start(prompts: list[list[int]]) -> Any:
             clock.mark()  # train() calls the sampler first thing in every step
             return _exactly(length, sample(prompts), lambda out: out.completions)
         return step_start
 
-    saved, trainer.hf_sampler = trainer.hf_sampler, factory
-    try:
-        yield
-    finally:
-        trainer.hf_sampler = saved
+    return factory
 
 
 def _vopd_case(case: dict[str, Any], clock: _StepClock, tmp: Path) -> None:
-    from vopd.config import TrainConfig, load_config
+    from vopd.config import load_config
     from vopd.train import train
 
     b = case["batch_size"]
@@ -184,10 +178,9 @@ def _vopd_case(case: dict[str, Any], clock: _StepClock, tmp: Path) -> None:
         "data.shuffle=false", "progress=false", f"seed={case['seed']}", "model.device=cpu", "model.dtype=float32",
         "model.teacher_dtype=float32", "model.gradient_checkpointing=false",
     ]
-    if "grad_noise" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        overrides.append("grad_noise=false")  # an optional diagnostic costing an extra micro-batch; TRL has none
-    with _fixed_length_sampler(clock, case["max_new_tokens"]):
-        train(load_config(None, overrides + list(case["overrides"])), log=lambda _msg: None)
+    overrides.append("grad_noise=false")  # an optional diagnostic costing an extra micro-batch; TRL has none
+    train(load_config(None, overrides + list(case["overrides"])), log=lambda _msg: None,
+          make_sampler=_fixed_length_sampler(clock, case["max_new_tokens"]))
 
 
 def _trl_args(case: dict[str, Any], out: Path, steps: int) -> Any:

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("vopd.sft", "build the tiny world: tokenizer, SFT teacher and student"),
     "eval": ("vopd.eval", "sample n answers per problem and grade them (Avg@n, Pass@n, Maj@n)"),
     "check": ("vopd.check", "pre-flight checks of a student/teacher pair without training"),
-    "bench": ("vopd.bench", "benchmarks: `vopd bench estimators|training|generation`"),
+    "bench": ("vopd.bench", "benchmarks: `vopd bench estimators|training|generation|trl`"),
     "serve-teacher": ("vopd.serve", "serve a frozen teacher over HTTP for remote scoring"),
     "reproduce": ("vopd.reproduce", "the paper's claims on the tiny world: methods x seeds, same budget"),
     "variance": ("vopd.variance", "variance and bias of each method's parameter gradient over many rollouts"),

@@ -70,12 +70,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_from: str | None = None,
           stop_at: int | None = None, log: Callable[[str], None] = print,
-          sampler: Sampler | None = None) -> TrainResult:
+          sampler: Sampler | None = None,
+          make_sampler: Callable[[Any, Any, dict[str, Any]], Sampler] | None = None) -> TrainResult:
     """Distil ``cfg.model.teacher`` (a model directory, or the URL of a teacher server) into ``cfg.model.student``.
 
     ``resume`` continues from the newest checkpoint in ``output_dir`` (refusing a damaged one), ``resume_from`` from
     a given checkpoint; ``stop_at`` ends after that step as if interrupted (no final export), which is how resume
-    is tested; ``sampler`` replaces Hugging Face generate. Under torchrun every rank calls this; rank 0 logs,
+    is tested; ``sampler`` replaces Hugging Face generate, or ``make_sampler(model, tokenizer, settings)`` builds
+    one from the live student (``model`` is updated in place every step) and the rollout settings of the config. Under torchrun every rank calls this; rank 0 logs,
     evaluates and writes files (docs/scaling.md)."""
     remote = is_remote(cfg.model.teacher)
     if remote and cfg.loss.method not in REMOTE_METHODS:
@@ -140,10 +142,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
                  "batch and its token mean are unchanged, but rollouts are sampled on other ranks with other seeds")
     state["world_size"] = dist.world_size()
     stream = PromptStream(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle, **state["data"])
-    sample = sampler or hf_sampler(engine.full, tok, max_new_tokens=cfg.rollout.max_new_tokens,
-                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                   top_k=cfg.rollout.top_k, batch_size=cfg.rollout.batch_size,
-                                   cache=cfg.rollout.cache)
+    settings = dict(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                    top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, batch_size=cfg.rollout.batch_size,
+                    cache=cfg.rollout.cache)
+    sample = sampler or (make_sampler or _hf_sampler)(engine.full, tok, settings)
     writer = MetricsWriter(out_dir, cfg.loggers, config_dict) if dist.is_main() else None
     bar = _progress(cfg, state["step"]) if dist.is_main() else None
     last_ckpt: Path | None = start_from
@@ -317,6 +319,10 @@ def _half_batch_probe(engine: dist.Engine, first: list[Rollout], total_tokens: f
     if tokens == 0:
         return None
     return sq * (scale / tokens) ** 2, units
+
+
+def _hf_sampler(model: Any, tok: Any, settings: dict[str, Any]) -> Sampler:
+    return hf_sampler(model, tok, **settings)
 
 
 def _save_final(model: Any, tokenizer: Any, path: Path) -> None:
