@@ -35,6 +35,39 @@ def _run_name(method: str, lr: float, seed: int, top_k: int | None = None) -> st
     return f"{method}{'' if top_k is None else f'-k{top_k}'}-lr{lr:g}-seed{seed}"
 
 
+def _config(world: Any, args: argparse.Namespace, method: str, lr: float, seed: int, top_k: int,
+            run_dir: Path) -> Any:
+    """The one training budget every method gets (only method, lr, seed and k vary)."""
+    return load_config(None, [
+        f"model.student={world.student}", f"model.teacher={world.teacher}",
+        f"data.train={world.train_data}", f"data.eval={world.test_data}", f"loss.method={method}",
+        f"loss.top_k={top_k}", f"output_dir={run_dir}", f"steps={args.steps}",
+        f"batch_size={args.batch_size}", f"micro_batch_size={args.batch_size}",
+        f"rollout.max_new_tokens={world.config.eval_max_new_tokens}",
+        f"rollout.batch_size={args.batch_size}", f"optim.lr={lr}", "optim.schedule=constant",
+        "optim.warmup_steps=5", "optim.grad_clip=1.0", f"seed={seed}", f"eval.every={args.eval_every}",
+        "eval.greedy=true", f"eval.limit={args.eval_problems}", "progress=false",
+    ])
+
+
+def evaluate_initial_student(world: Any, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The student before training, evaluated as every run's final model is (per seed: the held-out KL's samples
+    depend on the seed; greedy accuracy does not)."""
+    from vopd.models import load_model, load_tokenizer
+    from vopd.teacher import InProcessTeacher
+    from vopd.train import evaluate_student
+
+    cpu = torch.device("cpu")
+    tok = load_tokenizer(str(world.student))
+    student = load_model(str(world.student), role="student", dtype=torch.float32, device=cpu)
+    teacher = InProcessTeacher(load_model(str(world.teacher), role="teacher", dtype=torch.float32, device=cpu),
+                               len(tok))
+    rows = [evaluate_student(student, teacher, tok, _config(world, args, "opd", args.lrs[0], seed, args.top_k, out),
+                             len(tok)) for seed in args.seeds]
+    return {"accuracy": _mean_sd([r["eval_avg_at_n"] for r in rows]),
+            "heldout_kl": _mean_sd([r["eval_kl"] for r in rows])}
+
+
 def _train_one(world: Any, out: Path, args: argparse.Namespace, method: str, lr: float, seed: int,
                top_k: int) -> list[dict[str, Any]]:
     """One training run (reused when its final model exists: an interrupted grid resumes cheaply)."""
@@ -44,16 +77,7 @@ def _train_one(world: Any, out: Path, args: argparse.Namespace, method: str, lr:
     name = _run_name(method, lr, seed, None if top_k == args.top_k else top_k)
     run_dir = out / "runs" / name
     if not (run_dir / "final").is_dir():
-        cfg = load_config(None, [
-            f"model.student={world.student}", f"model.teacher={world.teacher}",
-            f"data.train={world.train_data}", f"data.eval={world.test_data}", f"loss.method={method}",
-            f"loss.top_k={top_k}", f"output_dir={run_dir}", f"steps={args.steps}",
-            f"batch_size={args.batch_size}", f"micro_batch_size={args.batch_size}",
-            f"rollout.max_new_tokens={world.config.eval_max_new_tokens}",
-            f"rollout.batch_size={args.batch_size}", f"optim.lr={lr}", "optim.schedule=constant",
-            "optim.warmup_steps=5", "optim.grad_clip=1.0", f"seed={seed}", f"eval.every={args.eval_every}",
-            "eval.greedy=true", f"eval.limit={args.eval_problems}", "progress=false",
-        ])
+        cfg = _config(world, args, method, lr, seed, top_k, run_dir)
         t = time.perf_counter()
         train(cfg, overwrite=True, log=lambda m: None)
         print(f"  {name}: {time.perf_counter() - t:.0f}s", flush=True)
@@ -93,7 +117,7 @@ def summarise_grid(runs: dict[str, list[dict[str, Any]]], methods: list[str], se
                                        if any("grad_var" in x for x in r)]),
             "time": phases,
         }
-    if "opd" in table:
+    if "opd" in table:  # per-run wall clock: comparable only on a quiet machine (see interleaved_step_times)
         base = table["opd"]["time"]
         for row in table.values():
             row["time_ratio_to_opd"] = {p: row["time"][p]["mean"] / base[p]["mean"] for p in base if base[p]["mean"]}
@@ -303,6 +327,7 @@ def cli_main(args: argparse.Namespace) -> int:
           "rollouts", flush=True)
     runs = run_grid(world, out, args)
     tables = {lr: summarise_grid(runs, args.methods, args.seeds, lr) for lr in args.lrs}
+    initial = evaluate_initial_student(world, out, args)
     topk = topk_baseline_error(world, args.ks, prompts=64, max_new_tokens=world.config.eval_max_new_tokens, seed=0)
     sweep: dict[str, Any] = {}
     if not args.no_sweep:
@@ -315,24 +340,27 @@ def cli_main(args: argparse.Namespace) -> int:
     pngs = [plot(runs, tables, out / "reproduce.png"), plot_topk(topk, sweep, out / "topk.png")]
     result = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "world": str(world.root),
               "tables": {f"{lr:g}": t for lr, t in tables.items()}, "topk_baseline": topk, "accuracy_vs_k": sweep,
+              "initial_student": initial,
               "interleaved_step_times": timing,
               "seconds": time.perf_counter() - t0}
     (out / "reproduce.json").write_text(json.dumps(result, indent=1, default=str))
     for lr, table in tables.items():
         print(f"\nlr {lr:g}: final greedy accuracy and held-out KL (mean ± sd over seeds {args.seeds}), gradient "
               "statistics, step time")
-        print("| method | accuracy | held-out KL | grad norm mean | grad norm sd (steps) | grad var proxy | "
-              "step time / opd |")
-        print("|---|---|---|---|---|---|---|")
+        print("| method | accuracy | held-out KL | grad norm mean | grad norm sd (steps) | grad var proxy |")
+        print("|---|---|---|---|---|---|")
+        print(f"| (student before) | {initial['accuracy']['mean']:.3f} | {initial['heldout_kl']['mean']:.4f} ± "
+              f"{initial['heldout_kl']['sd']:.4f} | | | |")
         for m, row in table.items():
-            ratio = row.get("time_ratio_to_opd", {}).get("step", float("nan"))
             print(f"| {m} | {row['accuracy']['mean']:.3f} ± {row['accuracy']['sd']:.3f} | "
                   f"{row['heldout_kl']['mean']:.4f} ± {row['heldout_kl']['sd']:.4f} | "
-                  f"{row['grad_norm_mean']['mean']:.3f} | {row['grad_norm_sd_over_steps']['mean']:.3f} | "
-                  f"{row['grad_var_mean']['mean']:.3e} | {ratio:.2f} |")
+                  f"{row['grad_norm_mean']['mean']:.3f} ± {row['grad_norm_mean']['sd']:.3f} | "
+                  f"{row['grad_norm_sd_over_steps']['mean']:.3f} ± {row['grad_norm_sd_over_steps']['sd']:.3f} | "
+                  f"{row['grad_var_mean']['mean']:.3e} |")
     print(f"\nstep time on one fixed batch ({timing['batch_size']} rollouts, {timing['tokens']} completion tokens), "
           f"interleaved, median of {timing['repeats']}: generation {timing['generate_s'] * 1e3:.0f} ms")
-    print("| method | teacher ms | student fwd+bwd ms | optimizer ms | training side / opd | step incl. generation / opd |")
+    print("| method | teacher ms | student fwd+bwd ms | optimizer ms | training side / opd | "
+          "step incl. generation / opd |")
     print("|---|---|---|---|---|---|")
     for m, row in timing["methods"].items():
         print(f"| {m} | {row['teacher'] * 1e3:.1f} | {row['student'] * 1e3:.1f} | {row['optimizer'] * 1e3:.1f} | "

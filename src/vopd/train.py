@@ -77,8 +77,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
     ``resume`` continues from the newest checkpoint in ``output_dir`` (refusing a damaged one), ``resume_from`` from
     a given checkpoint; ``stop_at`` ends after that step as if interrupted (no final export), which is how resume
     is tested; ``sampler`` replaces Hugging Face generate, or ``make_sampler(model, tokenizer, settings)`` builds
-    one from the live student (``model`` is updated in place every step) and the rollout settings of the config. Under torchrun every rank calls this; rank 0 logs,
-    evaluates and writes files (docs/scaling.md)."""
+    one from the live student (``model`` is updated in place every step) and the rollout settings of the config.
+    Under torchrun every rank calls this; rank 0 logs, evaluates and writes files (docs/scaling.md)."""
     remote = is_remote(cfg.model.teacher)
     if remote and cfg.loss.method not in REMOTE_METHODS:
         raise UserError(f"loss.method={cfg.loss.method} needs the teacher's full distribution at every position, "

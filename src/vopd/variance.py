@@ -135,6 +135,8 @@ def summarise(grads: dict[str, Tensor], *, boot: int = 1000, seed: int = 0) -> d
             b = squared_bias(g - full, boot=boot, seed=seed)
             row["squared_bias"] = asdict(b)
             row["relative_bias"] = math.sqrt(max(b.estimate, 0.0)) / ref_norm if ref_norm > 0 else math.nan
+            row["relative_bias_high"] = math.sqrt(max(b.high, 0.0)) / ref_norm if ref_norm > 0 else math.nan
+            row["bias_detected"] = b.low > 0.0  # the interval excludes 0
         out[method] = row
     if "opd" in out:
         base = out["opd"]["trace_cov"]["estimate"]
@@ -144,15 +146,16 @@ def summarise(grads: dict[str, Tensor], *, boot: int = 1000, seed: int = 0) -> d
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    lines = ["| method | tr Cov(grad) [95% CI] | ratio to opd | squared bias vs opd-full [95% CI] | relative bias |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | tr Cov(grad) [95% CI] | ratio to opd | squared bias vs opd-full [95% CI] | "
+             "relative bias (upper bound) | bias detected |", "|---|---|---|---|---|---|"]
     for method, row in summary.items():
         tc = row["trace_cov"]
         sb = row.get("squared_bias")
         bias = f"{sb['estimate']:.3e} [{sb['low']:.2e}, {sb['high']:.2e}]" if sb else "(reference)"
-        rel = f"{row['relative_bias']:.3f}" if "relative_bias" in row else "-"
+        rel = f"{row['relative_bias']:.3f} (≤ {row['relative_bias_high']:.3f})" if "relative_bias" in row else "-"
+        detected = ("yes" if row["bias_detected"] else "no") if "bias_detected" in row else "-"
         lines.append(f"| {method} | {tc['estimate']:.4e} [{tc['low']:.3e}, {tc['high']:.3e}] | "
-                     f"{row.get('variance_ratio_to_opd', math.nan):.3f} | {bias} | {rel} |")
+                     f"{row.get('variance_ratio_to_opd', math.nan):.3f} | {bias} | {rel} | {detected} |")
     return "\n".join(lines)
 
 
