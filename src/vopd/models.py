@@ -126,7 +126,10 @@ def last_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor
 
 def enable_gradient_checkpointing(model: Any) -> None:
     base = base_model(model)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns, goes in v6
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # PEFT: frozen embeddings would otherwise cut the checkpointed graph

@@ -1,0 +1,49 @@
+"""`vopd reproduce` end to end at micro scale: the grid, its summary, the top-k error sweep, the interleaved timing
+and the plots, on the micro world standing in for the tiny world."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from types import SimpleNamespace
+
+from vopd import reproduce
+
+
+def test_reproduce_pipeline_on_the_micro_world(micro_world, tmp_path):
+    world = SimpleNamespace(student=micro_world.student, teacher=micro_world.teacher, train_data=micro_world.train,
+                            test_data=micro_world.test, root=micro_world.root,
+                            config=SimpleNamespace(eval_max_new_tokens=10))
+    parser = argparse.ArgumentParser()
+    reproduce.add_cli_arguments(parser)
+    args = parser.parse_args(["--methods", "opd", "vopd", "--seeds", "0", "1", "--lrs", "1e-3", "--steps", "2",
+                              "--batch-size", "4", "--top-k", "4", "--eval-every", "2", "--eval-problems", "6",
+                              "--ks", "1", "4", "1000000"])
+    args.sweep_lr = args.lrs[0]
+
+    runs = reproduce.run_grid(world, tmp_path, args)
+    assert sorted(runs) == sorted(f"{m}-lr0.001-seed{s}" for m in ("opd", "vopd") for s in (0, 1))
+    assert all(len(rows) == 2 for rows in runs.values())
+    table = reproduce.summarise_grid(runs, args.methods, args.seeds, 1e-3)
+    for row in table.values():
+        assert 0.0 <= row["accuracy"]["mean"] <= 1.0 and row["accuracy"]["n"] == 2
+        assert math.isfinite(row["heldout_kl"]["mean"]) and row["heldout_kl"]["mean"] > 0
+        assert math.isfinite(row["grad_var_mean"]["mean"])
+    assert table["opd"]["time_ratio_to_opd"]["step"] == 1.0
+    # A finished run is reused, not retrained: the second grid reads the same rows.
+    assert reproduce.run_grid(world, tmp_path, args) == runs
+
+    topk = reproduce.topk_baseline_error(world, args.ks, prompts=4, max_new_tokens=8, seed=0)
+    vocab = topk["vocab"]
+    mse = [topk["k"][k]["mse"] for k in ("1", "4", str(vocab))]
+    assert mse[0] >= mse[1] >= mse[2] and mse[2] < 1e-10  # k = V is the exact KL
+    timing = reproduce.interleaved_step_times(world, args.methods, batch_size=4, top_k=4, repeats=2)
+    assert set(timing["methods"]) == {"opd", "vopd"} and timing["methods"]["opd"]["step_ratio_to_opd"] == 1.0
+    sweep = reproduce.run_k_sweep(world, tmp_path, args, vocab)
+    assert sorted(sweep) == [1, 4, vocab]
+    initial = reproduce.evaluate_initial_student(world, tmp_path, args)
+    assert initial["accuracy"]["n"] == 2
+
+    assert reproduce.plot(runs, {1e-3: table}, tmp_path / "grid.png").stat().st_size > 0
+    sweep_rows = {str(k): {"accuracy": r[-1]["eval_avg_at_n"], "seed": 0} for k, r in sweep.items()}
+    assert reproduce.plot_topk(topk, sweep_rows, tmp_path / "topk.png").stat().st_size > 0
