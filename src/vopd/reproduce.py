@@ -346,7 +346,7 @@ def cli_main(args: argparse.Namespace) -> int:
     (out / "reproduce.json").write_text(json.dumps(result, indent=1, default=str))
     for lr, table in tables.items():
         print(f"\nlr {lr:g}: final greedy accuracy and held-out KL (mean ± sd over seeds {args.seeds}), gradient "
-              "statistics, step time")
+              "statistics")
         print("| method | accuracy | held-out KL | grad norm mean | grad norm sd (steps) | grad var proxy |")
         print("|---|---|---|---|---|---|")
         print(f"| (student before) | {initial['accuracy']['mean']:.3f} | {initial['heldout_kl']['mean']:.4f} ± "
