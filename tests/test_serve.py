@@ -16,8 +16,8 @@ from vopd.models import last_hidden, load_model, load_tokenizer, output_layer
 from vopd.remote import RemoteTeacher, remote_distillation_loss, student_topk_ids
 from vopd.rollout import pack
 from vopd.sampling import Samples
-from vopd.serve import tokenizer_fingerprint
 from vopd.teacher import InProcessTeacher
+from vopd.wire import tokenizer_fingerprint
 
 TOKEN = "s3cret-test-token"
 K = 8
@@ -238,7 +238,7 @@ def test_malformed_requests_are_refused_with_a_clear_message(server, models):
 def test_json_and_base64_encodings_agree(server):
     seq = {"ids": [1, 5, 6, 7, 8], "start": 1, "topk_ids": [[5, 6], [7, 8], [1, 2]]}
     a = _post(server, {"sequences": [seq], "k": 2, "lse": True}).json()["results"][0]
-    from vopd.serve import b64_decode, b64_encode
+    from vopd.wire import b64_decode, b64_encode
 
     seq_b = {**seq, "topk_ids": b64_encode(torch.tensor(seq["topk_ids"]))}
     b = _post(server, {"sequences": [seq_b], "k": 2, "encoding": "base64", "lse": True}).json()["results"][0]

@@ -29,7 +29,7 @@ from vopd.chunked import TeacherRows, _logits, chunk_rows, fused_head_loss
 from vopd.errors import UserError
 from vopd.estimators import FULL_VOCAB_METHODS, TOPK_METHODS, LossOutput, Method, check_inputs, compute_dtype
 from vopd.rollout import Rollout
-from vopd.serve import b64_decode, b64_encode
+from vopd.wire import TOKEN_ENV, b64_decode, b64_encode
 
 #: Methods a remote teacher can serve: the teacher's numbers at y_t and at the student's top-k ids are enough.
 REMOTE_METHODS: frozenset[str] = frozenset({"opd", "vopd-topk", "opd-topk", "rb-topk"})
@@ -37,7 +37,6 @@ REMOTE_METHODS: frozenset[str] = frozenset({"opd", "vopd-topk", "opd-topk", "rb-
 LSE_METHODS: frozenset[str] = frozenset({"rb-topk"})
 #: The first server protocol that answers ``"lse": true``.
 LSE_PROTOCOL = 2
-TOKEN_ENV = "VOPD_TEACHER_TOKEN"
 
 
 @dataclass(frozen=True)

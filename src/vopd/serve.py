@@ -1,202 +1,40 @@
 """`vopd serve-teacher`: a frozen teacher behind an HTTP API (FastAPI + uvicorn) that scores token sequences.
 
-What it knows: the wire protocol (``docs/teacher_server.md``): per sequence, the token ids, the first scored
-position and optionally k token ids per scored position; back, log q(next token) at each scored position, the
-teacher's logits at the requested ids and, on request, its log-sum-exp over the whole vocabulary (one float per
-position). That is all `opd` (log q(y_t)) and the top-k methods need: renormalising both models on the same ids
-cancels the teacher's log-sum-exp, so its raw logits suffice for the top-k KL (spec, notes); `rb-topk` weighs the
-ids by the exact log q_v = z_v - lse, hence the lse. It also
-knows request limits (413), validation (400/422, one-line JSON errors), an optional bearer token (401), batched
-padded forwards under a lock, and fp32 head math whatever the model's dtype.
+What it knows: answering the wire protocol (``vopd.wire``, ``docs/teacher_server.md``): per sequence, the token ids,
+the first scored position and optionally k token ids per scored position; back, log q(next token) at each scored
+position, the teacher's logits at the requested ids and, on request, its log-sum-exp over the whole vocabulary (one
+float per position). That is all `opd` (log q(y_t)) and the top-k methods need: renormalising both models on the same
+ids cancels the teacher's log-sum-exp, so its raw logits suffice for the top-k KL (spec, notes); `rb-topk` weighs the
+ids by the exact log q_v = z_v - lse, hence the lse. It also knows the HTTP side: the request body limit (413), the
+errors as one-line JSON, an optional bearer token (401), batched padded forwards under a lock, fp32 head math whatever
+the model's dtype, and the command line.
 
-What it does not know: estimators, students or training (``vopd.remote`` is the client side and the loss); TLS
-(put it behind a reverse proxy to cross machines); the full distribution, which it never sends.
+What it does not know: the protocol's fields, codec and request validation (``vopd.wire``); estimators, students or
+training (``vopd.remote`` is the client side and the loss); TLS (put it behind a reverse proxy to cross machines); the
+full distribution, which it never sends.
 
 This module deliberately does not use ``from __future__ import annotations``: FastAPI reads the endpoint
 annotations (``Request``) at runtime, and they are local to ``create_app`` so that fastapi stays an optional import.
 """
 
 import argparse
-import base64
-import hashlib
 import hmac
 import ipaddress
 import json
 import os
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from vopd.errors import UserError
+from vopd.wire import (DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_K, DEFAULT_MAX_TOKENS, PROTOCOL_VERSION,
+                       TOKEN_ENV, ApiError, Limits, ParsedSequence, b64_encode, parse_request, tokenizer_fingerprint)
 
-#: 2 added the optional request field ``"lse"``; a request without it is answered exactly as in version 1.
-PROTOCOL_VERSION = 2
-TOKEN_ENV = "VOPD_TEACHER_TOKEN"
-DEFAULT_MAX_BATCH = 64
-DEFAULT_MAX_TOKENS = 65536
-DEFAULT_MAX_K = 1024
-DEFAULT_MAX_BODY_MB = 256.0
 #: Budget of the fp32 (rows x V) logits chunk of the head; the forward itself is bounded by ``max_tokens``.
 HEAD_MEMORY_MB = 512
-_ENCODINGS = ("json", "base64")
-_REQUEST_FIELDS = {"sequences", "k", "encoding", "lse"}
-_SEQUENCE_FIELDS = {"ids", "start", "topk_ids"}
-
-
-# --- array codec, shared with the client ------------------------------------------------------------------------
-
-def b64_encode(x: Tensor) -> str:
-    """Little-endian float32 (floating tensors) or int32 (integer tensors), flattened row-major, base64."""
-    x = x.detach().cpu().contiguous()
-    arr = (x.to(torch.float32) if x.is_floating_point() else x.to(torch.int32)).numpy()
-    return base64.b64encode(arr.astype(arr.dtype.newbyteorder("<")).tobytes()).decode("ascii")
-
-
-def b64_decode(text: str, dtype: torch.dtype, count: int) -> Tensor:
-    """Inverse of ``b64_encode`` for ``count`` values of ``dtype`` (torch.float32 or torch.int32); ValueError
-    when the payload is not base64 or holds a different number of values."""
-    import numpy as np
-
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"is not valid base64 ({exc})") from None
-    if len(raw) != 4 * count:
-        raise ValueError(f"holds {len(raw) / 4:g} values, expected {count}")
-    wire = np.dtype("<f4") if dtype == torch.float32 else np.dtype("<i4")
-    return torch.from_numpy(np.frombuffer(raw, dtype=wire).astype(wire.newbyteorder("=")))
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the token->id map and the special tokens: equal fingerprints mean the student may use this teacher
-    (``vopd.check.compare_tokenizers`` is the in-process version of this check, with a better message)."""
-    special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    payload = json.dumps([sorted(tokenizer.get_vocab().items()), special], default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-# --- validation -------------------------------------------------------------------------------------------------
-
-class ApiError(Exception):
-    """An HTTP error with a one-line message, returned as ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_batch: int = DEFAULT_MAX_BATCH    # sequences per request
-    max_tokens: int = DEFAULT_MAX_TOKENS  # padded tokens per request: sequences x longest sequence
-    max_k: int = DEFAULT_MAX_K            # ids per scored position
-    max_body_mb: float = DEFAULT_MAX_BODY_MB
-
-
-@dataclass(frozen=True)
-class _Sequence:
-    ids: Tensor            # (n,) int64
-    start: int             # first scored position; positions start..n-2 are scored
-    topk_ids: Tensor | None  # (n-1-start, k) int64
-
-
-def _int_tensor(value: Any, where: str, dims: int) -> Tensor:
-    try:
-        t = torch.tensor(value)
-    except (TypeError, ValueError, RuntimeError) as exc:  # ragged rows, strings, nested junk
-        raise ApiError(422, f"{where} must be a {'list' if dims == 1 else 'rectangular list of lists'} of integer "
-                            f"token ids ({str(exc).splitlines()[0]})") from None
-    if dims == 1 and t.dim() == 1 and t.numel() == 0:
-        return t.long()  # [] parses as float; the length check names the problem
-    if t.dtype != torch.int64 or t.dim() != dims:
-        raise ApiError(422, f"{where} must be a {dims}-d list of integer token ids, got {t.dim()}-d {t.dtype}")
-    return t
-
-
-def _check_range(t: Tensor, where: str, vocab: int) -> None:
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
-        bad = int(t[(t < 0) | (t >= vocab)][0])
-        raise ApiError(422, f"{where} holds token id {bad}, outside the teacher's vocabulary [0, {vocab})")
-
-
-def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[_Sequence], int, str, bool]:
-    """Validated (sequences, k, encoding, lse) of a ``/score`` body, or an ``ApiError`` naming the problem."""
-    try:
-        req = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(req, dict):
-        raise ApiError(422, 'request body must be a JSON object {"sequences": [...], "k": K, "encoding": ...}')
-    if unknown := sorted(set(req) - _REQUEST_FIELDS):
-        raise ApiError(422, f"unknown request field(s) {unknown}; valid fields: {sorted(_REQUEST_FIELDS)}")
-    encoding = req.get("encoding", "json")
-    if encoding not in _ENCODINGS:
-        raise ApiError(422, f"encoding={encoding!r}; valid encodings: {', '.join(_ENCODINGS)}")
-    want_lse = req.get("lse", False)
-    if type(want_lse) is not bool:
-        raise ApiError(422, f"lse={want_lse!r} must be true or false (true: also return the teacher's log-sum-exp)")
-    k = req.get("k", 0)
-    if type(k) is not int or k < 0:
-        raise ApiError(422, f"k={k!r} must be a non-negative integer (0: no logits requested)")
-    if k > limits.max_k:
-        raise ApiError(413, f"k={k} exceeds this server's limit max_k={limits.max_k} ids per position")
-    if k > vocab:
-        raise ApiError(422, f"k={k} exceeds the vocabulary size {vocab}")
-    seqs = req.get("sequences")
-    if not isinstance(seqs, list) or not seqs:
-        raise ApiError(422, "sequences must be a non-empty list of {\"ids\": [...], \"start\": int} objects")
-    if len(seqs) > limits.max_batch:
-        raise ApiError(413, f"{len(seqs)} sequences exceed this server's limit max_batch={limits.max_batch} per "
-                            "request; split the batch")
-    out: list[_Sequence] = []
-    longest = 0
-    for i, s in enumerate(seqs):
-        where = f"sequences[{i}]"
-        if not isinstance(s, dict):
-            raise ApiError(422, f"{where} must be an object with ids and start")
-        if unknown := sorted(set(s) - _SEQUENCE_FIELDS):
-            raise ApiError(422, f"unknown field(s) {unknown} in {where}; valid fields: {sorted(_SEQUENCE_FIELDS)}")
-        if "ids" not in s:
-            raise ApiError(422, f"{where} has no ids")
-        ids = _int_tensor(s["ids"], f"{where}.ids", 1)
-        n = ids.numel()
-        longest = max(longest, n)
-        if longest * (i + 1) > limits.max_tokens:
-            raise ApiError(413, f"request needs at least {longest * (i + 1)} padded tokens (sequences x longest "
-                                f"sequence), over this server's limit max_tokens={limits.max_tokens}; split the batch")
-        if n < 2:
-            raise ApiError(422, f"{where}.ids has {n} token(s); at least 2 are needed to score a next token")
-        _check_range(ids, f"{where}.ids", vocab)
-        start = s.get("start", 0)
-        if type(start) is not int or not 0 <= start <= n - 2:
-            raise ApiError(422, f"{where}.start={start!r} is outside the sequence: it must be an integer in "
-                                f"[0, {n - 2}] (positions start..n-2 predict ids[start+1..n-1])")
-        t = n - 1 - start
-        topk = s.get("topk_ids")
-        if k == 0 and topk is not None:
-            raise ApiError(422, f"{where}.topk_ids given but k is 0; set k to the number of ids per position")
-        if k > 0:
-            if topk is None:
-                raise ApiError(422, f"{where}.topk_ids missing: k={k} needs {t} rows of {k} ids")
-            if encoding == "base64":
-                if not isinstance(topk, str):
-                    raise ApiError(422, f"{where}.topk_ids must be a base64 string of int32 with encoding=base64")
-                try:
-                    topk_t = b64_decode(topk, torch.int32, t * k).to(torch.int64).reshape(t, k)
-                except ValueError as exc:
-                    raise ApiError(422, f"{where}.topk_ids {exc} ({t} positions x k={k})") from None
-            else:
-                topk_t = _int_tensor(topk, f"{where}.topk_ids", 2)
-            if tuple(topk_t.shape) != (t, k):
-                raise ApiError(422, f"{where}.topk_ids has shape {tuple(topk_t.shape)}, expected ({t}, {k}): one row "
-                                    "of k ids per scored position start..n-2")
-            _check_range(topk_t, f"{where}.topk_ids", vocab)
-        out.append(_Sequence(ids, start, topk_t if k > 0 else None))
-    return out, k, encoding, want_lse
 
 
 # --- scoring ----------------------------------------------------------------------------------------------------
@@ -220,7 +58,7 @@ class TeacherScorer:
         self.lock = threading.Lock()  # one forward at a time: the threadpool may run several requests
 
     @torch.inference_mode()
-    def score(self, seqs: list[_Sequence], k: int) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+    def score(self, seqs: list[ParsedSequence], k: int) -> list[tuple[Tensor, Tensor | None, Tensor]]:
         """Per sequence: (logq (t,), logits at the requested ids (t, k) or None, log-sum-exp (t,)), fp32 on the
         CPU."""
         from vopd.chunked import _logits, chunk_rows
