@@ -99,21 +99,23 @@ def _ratio(num: float | None, den: float | None) -> str:
 
 
 def run_estimator_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every case in a fresh process, the whole list ``args.rounds`` times with its order rotated each round, so a
+    change of machine load hits every method alike; per case the median time over rounds, the largest peak."""
     methods = args.methods or list(METHOD_ORDER[:5])
-    results = []
-    for vocab in args.vocab:
-        for tokens in args.tokens:
-            for method in methods:
-                for path in args.paths:
-                    case = dict(vocab=vocab, tokens=tokens, method=method, path=path, hidden=args.hidden,
-                                teacher_hidden=args.teacher_hidden, top_k=args.top_k, repeats=args.repeats,
-                                budget_mb=args.budget_mb, device=args.device, dtype=args.dtype,
-                                threads=args.threads)
-                    r = _run_case(case)
-                    print(f"  V={vocab:>6} T={tokens:>5} {method:<9} {path:<7} {r['time_ms']:9.1f} ms "
-                          f"{r['peak_mb']:9.1f} MB", file=sys.stderr, flush=True)
-                    results.append(r)
-    return results
+    cases = [dict(vocab=vocab, tokens=tokens, method=method, path=path, hidden=args.hidden,
+                  teacher_hidden=args.teacher_hidden, top_k=args.top_k, repeats=args.repeats,
+                  budget_mb=args.budget_mb, device=args.device, dtype=args.dtype, threads=args.threads)
+             for vocab in args.vocab for tokens in args.tokens for method in methods for path in args.paths]
+    runs: list[list[dict[str, Any]]] = [[] for _ in cases]
+    for rnd in range(args.rounds):
+        shift = rnd % len(cases)
+        for i in [*range(shift, len(cases)), *range(shift)]:
+            r = _run_case(cases[i])
+            print(f"  round {rnd + 1} V={r['vocab']:>6} T={r['tokens']:>5} {r['method']:<9} {r['path']:<7} "
+                  f"{r['time_ms']:9.1f} ms {r['peak_mb']:9.1f} MB", file=sys.stderr, flush=True)
+            runs[i].append(r)
+    return [{**rs[0], "time_ms": statistics.median(r["time_ms"] for r in rs),
+             "peak_mb": max(r["peak_mb"] for r in rs), "round_times_ms": [r["time_ms"] for r in rs]} for rs in runs]
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -158,7 +160,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, help="default: the five methods of the paper")
     parser.add_argument("--paths", nargs="+", choices=["dense", "chunked"], default=["dense", "chunked"])
     parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per process (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every case this many times, rotating the order (median over rounds)")
     parser.add_argument("--budget-mb", type=float, default=256, help="chunked path memory budget per chunk")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -183,7 +187,8 @@ def cli_main(args: argparse.Namespace) -> int:
     results = run_estimator_bench(args)
     table = format_table(results)
     print(f"vopd bench estimators: hidden={args.hidden} teacher_hidden={args.teacher_hidden} top_k={args.top_k} "
-          f"device={args.device} dtype={args.dtype} repeats={args.repeats} budget_mb={args.budget_mb} "
+          f"device={args.device} dtype={args.dtype} repeats={args.repeats} rounds={args.rounds} "
+          f"budget_mb={args.budget_mb} "
           f"threads={args.threads}")
     print(table)
     by = {(r["vocab"], r["tokens"], r["method"], r["path"]): r for r in results}

@@ -264,7 +264,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
 
 
 def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: InProcessTeacher | RemoteTeacher,
-                      mb: Rollout, normalizer: float, timer: PhaseTimer) -> LossOutput:
+                     mb: Rollout, normalizer: float, timer: PhaseTimer) -> LossOutput:
     """One micro-batch's loss, its graph ready for ``backward``. The teacher's time is charged to the teacher phase.
 
     In process the teacher runs first (only its last hidden states stay alive during the student's forward); a
