@@ -50,18 +50,36 @@ def _config(world: Any, args: argparse.Namespace, method: str, lr: float, seed: 
     ])
 
 
+def _world_models(world: Any) -> tuple[Any, Any, Any]:
+    """(tokenizer, student, teacher) of the world, fp32 on the CPU, as the grid's runs start."""
+    from vopd.models import load_model, load_tokenizer
+
+    cpu = torch.device("cpu")
+    return (load_tokenizer(str(world.student)),
+            load_model(str(world.student), role="student", dtype=torch.float32, device=cpu),
+            load_model(str(world.teacher), role="teacher", dtype=torch.float32, device=cpu))
+
+
+def _sample(student: Any, tok: Any, data: Any, n: int, max_new_tokens: int, seed: int) -> tuple[Any, Any, Any]:
+    """(prompt ids, sampler, rollout): one temperature-1 completion from ``student`` for the first ``n`` problems."""
+    from vopd.data import encode_prompt, format_prompt, load_problems
+    from vopd.rollout import hf_sampler, pack
+
+    ids = [encode_prompt(tok, format_prompt(p.problem)) for p in load_problems(data, limit=n)]
+    sampler = hf_sampler(student, tok, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                         batch_size=len(ids))
+    torch.manual_seed(seed)
+    return ids, sampler, pack(ids, sampler(ids), tok.pad_token_id)
+
+
 def evaluate_initial_student(world: Any, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The student before training, evaluated as every run's final model is (per seed: the held-out KL's samples
     depend on the seed; greedy accuracy does not)."""
-    from vopd.models import load_model, load_tokenizer
     from vopd.teacher import InProcessTeacher
     from vopd.train import evaluate_student
 
-    cpu = torch.device("cpu")
-    tok = load_tokenizer(str(world.student))
-    student = load_model(str(world.student), role="student", dtype=torch.float32, device=cpu)
-    teacher = InProcessTeacher(load_model(str(world.teacher), role="teacher", dtype=torch.float32, device=cpu),
-                               len(tok))
+    tok, student, teacher_model = _world_models(world)
+    teacher = InProcessTeacher(teacher_model, len(tok))
     rows = [evaluate_student(student, teacher, tok, _config(world, args, "opd", args.lrs[0], seed, args.top_k, out),
                              len(tok)) for seed in args.seeds]
     return {"accuracy": _mean_sd([r["eval_avg_at_n"] for r in rows]),
@@ -128,20 +146,10 @@ def summarise_grid(runs: dict[str, list[dict[str, Any]]], methods: list[str], se
 def topk_baseline_error(world: Any, ks: list[int], *, prompts: int, max_new_tokens: int, seed: int) -> dict[str, Any]:
     """Mean squared error of the top-k KL (the `vopd-topk` baseline) against the exact KL_t, per k, on the
     student's own samples."""
-    from vopd.data import encode_prompt, format_prompt, load_problems
     from vopd.estimators import distillation_loss
-    from vopd.models import load_model, load_tokenizer
-    from vopd.rollout import hf_sampler, pack
 
-    cpu = torch.device("cpu")
-    tok = load_tokenizer(str(world.student))
-    student = load_model(str(world.student), role="student", dtype=torch.float32, device=cpu)
-    teacher = load_model(str(world.teacher), role="teacher", dtype=torch.float32, device=cpu)
-    ids = [encode_prompt(tok, format_prompt(p.problem)) for p in load_problems(world.test_data, limit=prompts)]
-    torch.manual_seed(seed)
-    sampler = hf_sampler(student, tok, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                         batch_size=len(ids))
-    r = pack(ids, sampler(ids), tok.pad_token_id)
+    tok, student, teacher = _world_models(world)
+    _, _, r = _sample(student, tok, world.test_data, prompts, max_new_tokens, seed)
     zs = student(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, :-1]
     zt = teacher(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, :-1]
     vocab = zs.shape[-1]
@@ -166,25 +174,17 @@ def interleaved_step_times(world: Any, methods: list[str], *, batch_size: int, t
     import random
 
     from vopd import distributed as dist
-    from vopd.data import encode_prompt, format_prompt, load_problems
     from vopd.metrics import PhaseTimer
-    from vopd.models import load_model, load_tokenizer
-    from vopd.rollout import hf_sampler, pack
     from vopd.teacher import InProcessTeacher
     from vopd.train import micro_batch_loss
 
     cpu = torch.device("cpu")
-    tok = load_tokenizer(str(world.student))
-    engine = dist.wrap(load_model(str(world.student), role="student", dtype=torch.float32, device=cpu), len(tok),
-                       "single", cpu)
-    teacher = InProcessTeacher(load_model(str(world.teacher), role="teacher", dtype=torch.float32, device=cpu),
-                               len(tok))
+    tok, student, teacher_model = _world_models(world)
+    engine = dist.wrap(student, len(tok), "single", cpu)
+    teacher = InProcessTeacher(teacher_model, len(tok))
     optimizer = torch.optim.AdamW(engine.trainable(), lr=0.0)
-    ids = [encode_prompt(tok, format_prompt(p.problem)) for p in load_problems(world.train_data, limit=batch_size)]
-    sampler = hf_sampler(engine.full, tok, max_new_tokens=world.config.eval_max_new_tokens, temperature=1.0,
-                         top_p=1.0, top_k=0, batch_size=batch_size)
-    torch.manual_seed(seed)
-    batch = pack(ids, sampler(ids), tok.pad_token_id)
+    ids, sampler, batch = _sample(engine.full, tok, world.train_data, batch_size, world.config.eval_max_new_tokens,
+                                  seed)
     cfgs = {m: load_config(None, [f"model.student={world.student}", f"model.teacher={world.teacher}",
                                   f"data.train={world.train_data}", f"loss.method={m}", f"loss.top_k={top_k}"])
             for m in methods}
