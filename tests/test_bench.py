@@ -22,3 +22,8 @@ def test_estimator_bench_rounds_take_the_median_and_print_ratios(tmp_path, capsy
         assert r["time_ms"] > 0 and r["peak_mb"] >= 0
     printed = capsys.readouterr().out
     assert "rounds=2" in printed and "| 64 | 16 | vopd |" in printed and "vopd/opd time" in printed
+
+
+def test_estimator_bench_refuses_zero_rounds(capsys):
+    assert main(["bench", "estimators", "--rounds", "0"]) != 0
+    assert "--rounds 0" in capsys.readouterr().err

@@ -47,3 +47,10 @@ def test_reproduce_pipeline_on_the_micro_world(micro_world, tmp_path):
     assert reproduce.plot(runs, {1e-3: table}, tmp_path / "grid.png").stat().st_size > 0
     sweep_rows = {str(k): {"accuracy": r[-1]["eval_avg_at_n"], "seed": 0} for k, r in sweep.items()}
     assert reproduce.plot_topk(topk, sweep_rows, tmp_path / "topk.png").stat().st_size > 0
+
+
+def test_reproduce_refuses_a_zero_budget_before_building_anything(capsys):
+    from vopd.cli import main
+
+    assert main(["reproduce", "--steps", "0"]) != 0
+    assert "--steps 0: must be >= 1" in capsys.readouterr().err

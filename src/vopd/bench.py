@@ -184,6 +184,8 @@ def cli_main(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device} but CUDA is not available here; use --device cpu")
+    if args.rounds < 1 or args.repeats < 1:
+        raise UserError(f"--rounds {args.rounds} --repeats {args.repeats}: both must be >= 1")
     results = run_estimator_bench(args)
     table = format_table(results)
     print(f"vopd bench estimators: hidden={args.hidden} teacher_hidden={args.teacher_hidden} top_k={args.top_k} "

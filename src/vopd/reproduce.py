@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vopd.config import load_config
+from vopd.errors import UserError
 from vopd.estimators import METHODS
 
 PAPER_METHODS = ("opd", "vopd", "vopd-topk", "opd-full", "opd-topk")
@@ -319,6 +320,9 @@ def cli_main(args: argparse.Namespace) -> int:
         (args.seeds, args.lrs, args.steps, args.eval_every, args.eval_problems,
          args.timing_repeats) = args.seeds[:2], args.lrs[-1:], 8, 4, 64, 5
     args.sweep_lr = args.lrs[-1] if args.sweep_lr is None else args.sweep_lr
+    for name in ("steps", "batch_size", "top_k", "eval_problems", "timing_repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     world = build_world()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
