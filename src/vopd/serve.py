@@ -45,9 +45,7 @@ class TeacherScorer:
     def __init__(self, model: Any, vocab_size: int) -> None:
         from vopd.models import output_layer
 
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)  # frozen: no gradient is ever taken through the teacher
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

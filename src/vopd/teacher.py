@@ -36,9 +36,7 @@ class InProcessTeacher:
     """A frozen Hugging Face causal LM living in this process."""
 
     def __init__(self, model: Any, vocab_size: int) -> None:
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)  # frozen: no gradient is ever taken through the teacher
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
 
