@@ -213,32 +213,33 @@ class Engine:
             return self.forward.no_sync()  # type: ignore[operator,no-any-return]
         return contextlib.nullcontext()
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Total gradient norm over all ranks' shards (before clipping), then clip to ``max_norm`` in place."""
+    def _grad_norm(self) -> tuple[list[nn.Parameter], Tensor | None]:
+        """(parameters with a gradient, their total gradient norm), the norm combined over FSDP2 shards: a partial
+        norm over this rank's shards becomes the full one by ``full_tensor`` (a collective every rank joins)."""
         params = [p for p in self.trainable() if p.grad is not None]
         if not params:
-            return 0.0
+            return params, None
         total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         from torch.distributed.tensor import DTensor
 
-        if isinstance(total, DTensor):  # FSDP2: a partial norm over this rank's shards; full_tensor reduces it
+        if isinstance(total, DTensor):
             total = total.full_tensor()
+        return params, total
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Total gradient norm over all ranks' shards (before clipping), then clip to ``max_norm`` in place."""
+        params, total = self._grad_norm()
+        if total is None:
+            return 0.0
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return float(total)
 
     def grad_sq_norm(self) -> float:
         """Squared norm of the gradients accumulated so far, unclipped (the online variance proxy). Under DDP
         before the last micro-batch it is this rank's own sum (``no_sync``); under FSDP2 gradients are already
-        reduced over ranks, and every rank must call it (the shard norms are combined by a collective)."""
-        grads = [p.grad for p in self.trainable() if p.grad is not None]
-        if not grads:
-            return 0.0
-        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
-        return float(total) ** 2
+        reduced over ranks, and every rank must call it."""
+        _, total = self._grad_norm()
+        return 0.0 if total is None else float(total) ** 2
 
     def after_step(self) -> None:
         """FSDP2: copy the updated (gathered) trainable weights into ``full``. A collective: every rank calls it."""
