@@ -1,6 +1,6 @@
 """Shared fixtures: a micro world (tokenizer, tiny random teacher/student, task files) built once per session.
 
-It uses the same code as the real tiny world (``vopd.world``/``vopd.task``) at sizes that take a second, with no
+It uses the same code as the real tiny world (``vopd.world.build``/``vopd.world.task``) at sizes that take a second, with no
 SFT, so trainer tests run in seconds. Tests that need trained models use the cached world and are marked slow.
 ``launch_teacher_servers`` serves the micro world's teacher with real ``vopd serve-teacher`` processes.
 """
@@ -33,9 +33,9 @@ class MicroWorld:
 
 def build_micro_world(root: Path) -> MicroWorld:
     from vopd.data import format_prompt
-    from vopd.sft import SFTConfig, train_sft
-    from vopd.task import TaskConfig, read_jsonl, write_splits
-    from vopd.tiny_models import ModelShape, make_model, train_tokenizer
+    from vopd.world.sft import SFTConfig, train_sft
+    from vopd.world.task import TaskConfig, read_jsonl, write_splits
+    from vopd.world.tiny_models import ModelShape, make_model, train_tokenizer
 
     task = TaskConfig(n_steps=2, max_start=20, max_value=40)
     train, test = write_splits(root / "data", n_train=64, n_test=16, seed=0, config=task)

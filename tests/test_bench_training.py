@@ -14,14 +14,14 @@ import sys
 import pytest
 import torch
 
-from vopd.bench_training import add_bench_arguments, format_generation, format_training, run_training_bench
-from vopd.bench_worker import measure_case
+from vopd.tools.bench.training import add_bench_arguments, format_generation, format_training, run_training_bench
+from vopd.tools.bench.worker import measure_case
 from vopd.errors import UserError
 
 
 def _bench(*argv: str, tmp_path) -> tuple[str, dict]:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "vopd.bench_training", *argv, "--shapes", "tiny", "--device", "cpu",
+    proc = subprocess.run([sys.executable, "-m", "vopd.tools.bench.training", *argv, "--shapes", "tiny", "--device", "cpu",
                            "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())

@@ -11,8 +11,8 @@ import argparse
 import pytest
 import torch
 
-from vopd.chunked import chunked_distillation_loss
-from vopd.estimators import distillation_loss
+from vopd.loss.chunked import chunked_distillation_loss
+from vopd.loss.estimators import distillation_loss
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def _args(micro_world, **kw) -> argparse.Namespace:
 def test_bench_trl_smoke_and_trainer_level_crosscheck(trl, micro_world):
     """Every case of the benchmark in this process at tiny settings; the cross-check compares the losses and
     parameter gradients of the real trainers' code paths on one batch of sampled sequences."""
-    from vopd.bench_trl import bench_results, format_report, summarize
+    from vopd.tools.bench.trl import bench_results, format_report, summarize
 
     res = bench_results(_args(micro_world, max_new_tokens=12))
     summ = summarize(res)
@@ -100,7 +100,7 @@ def test_bench_trl_smoke_and_trainer_level_crosscheck(trl, micro_world):
 def test_missing_trl_is_one_line_error(monkeypatch):
     import importlib.util
 
-    from vopd.bench_trl import require_trl
+    from vopd.tools.bench.trl import require_trl
     from vopd.errors import UserError
 
     real = importlib.util.find_spec

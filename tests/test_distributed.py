@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], kwargs: dict
     from vopd import distributed as dist
 
     try:
-        train(load_config(None, overrides), sampler=FixedSampler(), log=_quiet, **kwargs)
+        train(load_config(None, overrides), make_sampler=lambda *_: FixedSampler(), log=_quiet, **kwargs)
     finally:
         dist.shutdown()
 
@@ -137,7 +137,7 @@ LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q
                                                                                               "fsdp2-lora"])
 def test_two_ranks_equal_one_process(strategy, extra, dist_overrides, tmp_path):
     base = dist_overrides + ["steps=2", f"distributed.strategy={strategy}", *extra]
-    train(load_config(None, base + [f"output_dir={tmp_path / 'one'}"]), sampler=FixedSampler(), log=_quiet)
+    train(load_config(None, base + [f"output_dir={tmp_path / 'one'}"]), make_sampler=lambda *_: FixedSampler(), log=_quiet)
     _two_ranks(base + [f"output_dir={tmp_path / 'two'}"])
     _assert_same_run(tmp_path / "one", tmp_path / "two")
     assert _metrics(tmp_path / "two")[0]["grad_norm"] > 0.001  # the clip was active
@@ -148,7 +148,7 @@ def test_two_ranks_equal_one_process(strategy, extra, dist_overrides, tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_rank_checkpoint_resumes_to_the_uninterrupted_run(strategy, dist_overrides, tmp_path):
     base = dist_overrides + ["steps=3", "optim.schedule=cosine", f"distributed.strategy={strategy}"]
-    train(load_config(None, base + [f"output_dir={tmp_path / 'ref'}"]), sampler=FixedSampler(), log=_quiet)
+    train(load_config(None, base + [f"output_dir={tmp_path / 'ref'}"]), make_sampler=lambda *_: FixedSampler(), log=_quiet)
     split = base + [f"output_dir={tmp_path / 'split'}"]
     _two_ranks(split, stop_at=1)
     saved = ckpt.list_checkpoints(tmp_path / "split")
@@ -162,7 +162,7 @@ def test_two_rank_checkpoint_resumes_to_the_uninterrupted_run(strategy, dist_ove
         tuple(w.shape) for w in weights.values())
     # The same checkpoint resumed by one process (a world-size change) ...
     shutil.copytree(tmp_path / "split", tmp_path / "single")
-    train(load_config(None, base + [f"output_dir={tmp_path / 'single'}"]), resume=True, sampler=FixedSampler(),
+    train(load_config(None, base + [f"output_dir={tmp_path / 'single'}"]), resume=True, make_sampler=lambda *_: FixedSampler(),
           log=_quiet)
     # ... and by two ranks, as it was written.
     _two_ranks(split, resume=True)

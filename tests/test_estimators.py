@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from vopd import METHODS, distillation_loss
-from vopd.chunked import chunked_distillation_loss
-from vopd.enumeration import exact_moments
+from vopd.loss.chunked import chunked_distillation_loss
+from vopd.loss.enumeration import exact_moments
 
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from vopd import METHODS, distillation_loss
-from vopd.chunked import chunked_distillation_loss
+from vopd.loss.chunked import chunked_distillation_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: these tests cover the bf16/CUDA code paths only")
@@ -72,7 +72,7 @@ def cuda_teacher(micro_world):
     prompts of different lengths (left padding differs between rows)."""
     from vopd.data import format_prompt
     from vopd.models import load_model, load_tokenizer
-    from vopd.task import read_jsonl
+    from vopd.world.task import read_jsonl
 
     tok = load_tokenizer(str(micro_world.teacher))
     model = load_model(str(micro_world.teacher), role="teacher", dtype=torch.float32, device=CUDA)

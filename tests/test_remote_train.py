@@ -77,7 +77,7 @@ def test_full_vocabulary_methods_are_refused_up_front(method, train_overrides, t
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(servers, train_overrides, monkeypatch):
-    from vopd import remote
+    from vopd.teacher import client as remote
 
     real_health = remote.RemoteTeacher.health
 
@@ -113,7 +113,7 @@ def test_server_killed_mid_run_ends_it_with_one_error_and_keeps_the_checkpoint(s
     t0 = time.monotonic()
     with pytest.raises(UserError, match=r"teacher server at .* is unreachable after 2 tries .* the last checkpoint "
                                         r"is kept"):
-        train(cfg, sampler=_KillOnSecondCall(proc), log=_quiet)
+        train(cfg, make_sampler=lambda *_: _KillOnSecondCall(proc), log=_quiet)
     assert time.monotonic() - t0 < 60
     good = ckpt.latest_valid_checkpoint(cfg.output_dir)
     assert good is not None and good.name == "step-00000001"

@@ -7,7 +7,7 @@ import argparse
 import math
 from types import SimpleNamespace
 
-from vopd import reproduce
+from vopd.tools import reproduce
 
 
 def test_reproduce_pipeline_on_the_micro_world(micro_world, tmp_path):

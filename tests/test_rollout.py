@@ -18,7 +18,7 @@ from vopd.train import train
 def student(micro_world):
     """The micro world's teacher (SFT'd, so some rows end with EOS and others run to max_new_tokens), real prompts."""
     from vopd.data import format_prompt
-    from vopd.task import read_jsonl
+    from vopd.world.task import read_jsonl
 
     tok = load_tokenizer(str(micro_world.teacher))
     model = load_model(str(micro_world.teacher), role="teacher", dtype=torch.float32, device=torch.device("cpu"))

@@ -10,14 +10,16 @@ import httpx
 import pytest
 import torch
 
-from vopd.chunked import chunked_distillation_loss
+from vopd.loss.chunked import chunked_distillation_loss
 from vopd.errors import UserError
 from vopd.models import last_hidden, load_model, load_tokenizer, output_layer
-from vopd.remote import RemoteTeacher, remote_distillation_loss, student_topk_ids
+from vopd.loss.chunked import fused_distillation_loss, student_topk_ids
+from vopd.loss.scores import TeacherNumbers
+from vopd.teacher.client import RemoteTeacher
 from vopd.rollout import pack
 from vopd.sampling import Samples
-from vopd.teacher import InProcessTeacher
-from vopd.wire import tokenizer_fingerprint
+from vopd.teacher.local import InProcessTeacher
+from vopd.teacher.wire import tokenizer_fingerprint
 
 TOKEN = "s3cret-test-token"
 K = 8
@@ -84,7 +86,7 @@ def test_remote_scores_equal_in_process_teacher(server, models, rollout, student
     with RemoteTeacher(server, token=TOKEN) as remote:
         got = remote.score(rollout, ids, lse=True)  # 6 sequences: two requests (the server's max_batch is 4)
         plain = remote.score(rollout)
-    t = teacher.score(rollout, CPU)
+    t = teacher.score(rollout)
     z = t.hidden @ t.weight.T
     mask = rollout.completion_mask
     want_logq = z.log_softmax(-1).gather(-1, rollout.targets.unsqueeze(-1)).squeeze(-1) * mask
@@ -99,7 +101,7 @@ def test_remote_scores_equal_in_process_teacher(server, models, rollout, student
 @pytest.mark.parametrize("method", ["opd", "vopd-topk", "opd-topk", "rb-topk"])
 def test_remote_loss_equals_chunked_loss_with_in_process_teacher(server, models, rollout, student_side, method):
     _, teacher, _ = models
-    t = teacher.score(rollout, CPU)
+    t = teacher.score(rollout)
     hidden, weight = student_side
     mask = rollout.completion_mask
     extra = dict(sampler_logprobs=rollout.sampler_logprobs, ratio_cap=2.0) if method != "opd-topk" else {}
@@ -110,9 +112,8 @@ def test_remote_loss_equals_chunked_loss_with_in_process_teacher(server, models,
     for use_remote in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         if use_remote:
-            out = remote_distillation_loss(h, w, rollout.targets, mask, method=method, teacher_logq=scores.logq,
-                                           teacher_topk_logits=scores.topk_logits, topk_ids=ids, normalizer=40.0,
-                                           teacher_lse=scores.lse, **extra)
+            out = fused_distillation_loss(h, w, rollout.targets, mask, scores, method=method, normalizer=40.0,
+                                          **extra)
         else:
             out = chunked_distillation_loss(h, w, t.hidden, t.weight, rollout.targets, mask, method=method, top_k=K,
                                             normalizer=40.0, **extra)
@@ -146,9 +147,8 @@ def test_remote_loss_equals_chunked_with_bias_and_many_chunks():
             kw = dict(method=method, student_bias=bs, sampler_logprobs=slp, ratio_cap=1.5, memory_budget_mb=1e-4)
             if use_remote:
                 ids = student_topk_ids(hs, ws, mask, k, bias=bs, memory_budget_mb=1e-4)
-                out = remote_distillation_loss(hs, ws, y, mask, teacher_logq=logq, topk_ids=ids,
-                                               teacher_topk_logits=zt.gather(-1, ids), teacher_lse=zt.logsumexp(-1),
-                                               **kw)
+                numbers = TeacherNumbers(logq, ids, zt.gather(-1, ids), zt.logsumexp(-1))
+                out = fused_distillation_loss(hs, ws, y, mask, numbers, **kw)
             else:
                 out = chunked_distillation_loss(hs, ws, ht, wt, y, mask, top_k=k, teacher_bias=bt, **kw)
             out.loss.backward()
@@ -162,7 +162,7 @@ def test_full_vocabulary_methods_are_refused(method):
     h, w = torch.randn(1, 3, 4, requires_grad=True), torch.randn(10, 4)
     y, mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="full distribution.*vopd-topk"):
-        remote_distillation_loss(h, w, y, mask, method=method, teacher_logq=torch.zeros(1, 3))
+        fused_distillation_loss(h, w, y, mask, TeacherNumbers(torch.zeros(1, 3)), method=method)
 
 
 def test_rb_topk_needs_the_teacher_lse_and_a_protocol_2_server(server, rollout, monkeypatch):
@@ -170,8 +170,8 @@ def test_rb_topk_needs_the_teacher_lse_and_a_protocol_2_server(server, rollout, 
     y, mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
     ids = torch.zeros(1, 3, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="needs teacher_lse"):
-        remote_distillation_loss(h, w, y, mask, method="rb-topk", teacher_logq=torch.zeros(1, 3), topk_ids=ids,
-                                 teacher_topk_logits=torch.zeros(1, 3, 2))
+        fused_distillation_loss(h, w, y, mask, TeacherNumbers(torch.zeros(1, 3), ids, torch.zeros(1, 3, 2)),
+                                method="rb-topk")
     real_health = RemoteTeacher.health
     monkeypatch.setattr(RemoteTeacher, "health", lambda self: {**real_health(self), "protocol": 1})
     with pytest.raises(UserError, match="speaks protocol 1.*rb-topk needs"):
@@ -238,7 +238,7 @@ def test_malformed_requests_are_refused_with_a_clear_message(server, models):
 def test_json_and_base64_encodings_agree(server):
     seq = {"ids": [1, 5, 6, 7, 8], "start": 1, "topk_ids": [[5, 6], [7, 8], [1, 2]]}
     a = _post(server, {"sequences": [seq], "k": 2, "lse": True}).json()["results"][0]
-    from vopd.wire import b64_decode, b64_encode
+    from vopd.teacher.wire import b64_decode, b64_encode
 
     seq_b = {**seq, "topk_ids": b64_encode(torch.tensor(seq["topk_ids"]))}
     b = _post(server, {"sequences": [seq_b], "k": 2, "encoding": "base64", "lse": True}).json()["results"][0]

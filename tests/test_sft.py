@@ -8,9 +8,9 @@ import torch
 from vopd.cli import main as vopd_main
 from vopd.data import encode_completion, encode_prompt, format_prompt
 from vopd.errors import UserError
-from vopd.sft import IGNORE, SFTConfig, _lr_factor, collate, completion_loss, encode_rows, greedy_accuracy, train_sft
-from vopd.task import TaskConfig, generate_problems, write_jsonl
-from vopd.tiny_models import ModelShape, make_model, tokenizer_corpus, train_tokenizer
+from vopd.world.sft import IGNORE, SFTConfig, _lr_factor, collate, completion_loss, encode_rows, greedy_accuracy, train_sft
+from vopd.world.task import TaskConfig, generate_problems, write_jsonl
+from vopd.world.tiny_models import ModelShape, make_model, tokenizer_corpus, train_tokenizer
 
 TASK = TaskConfig(n_steps=2, max_start=20, max_value=40)
 pytestmark = pytest.mark.usefixtures("one_thread")

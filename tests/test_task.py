@@ -9,7 +9,7 @@ import pytest
 
 from vopd.errors import UserError
 from vopd.grading import extract_boxed, grade_answer
-from vopd.task import TaskConfig, generate_problems, read_jsonl, solve, write_splits
+from vopd.world.task import TaskConfig, generate_problems, read_jsonl, solve, write_splits
 
 
 def test_same_seed_same_problems_different_seed_different() -> None:

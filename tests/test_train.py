@@ -16,9 +16,10 @@ from vopd import checkpoint as ckpt
 from vopd.config import load_config
 from vopd.errors import UserError
 from vopd.models import load_model, load_tokenizer
-from vopd.task import read_jsonl
-from vopd.teacher import InProcessTeacher
-from vopd.train import TrainingAborted, heldout_kl, train
+from vopd.world.task import read_jsonl
+from vopd.teacher.local import InProcessTeacher
+from vopd.eval import heldout_kl
+from vopd.train import TrainingAborted, train
 
 
 def _quiet(_msg: str) -> None:
@@ -142,7 +143,7 @@ def test_long_prompts_skipped_and_counted_or_refused(micro_world, train_override
 
 
 def test_mismatched_tokenizers(micro_world, train_overrides, tmp_path):
-    from vopd.tiny_models import ModelShape, make_model, train_tokenizer
+    from vopd.world.tiny_models import ModelShape, make_model, train_tokenizer
 
     other = train_tokenizer(["completely different text for another tokenizer 0123456789"] * 4, vocab_size=280)
     model = make_model(ModelShape(hidden_size=32, num_layers=1, intermediate_size=64), other, seed=0)

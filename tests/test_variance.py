@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from vopd.variance import squared_bias, summarise, trace_covariance
+from vopd.tools.variance import squared_bias, summarise, trace_covariance
 
 
 def test_trace_covariance_recovers_a_known_variance():
@@ -31,9 +31,9 @@ def test_squared_bias_is_zero_for_zero_mean_noise_and_finds_a_real_bias():
 def test_summary_on_the_micro_world(micro_world):
     from vopd.data import encode_prompt, format_prompt
     from vopd.models import load_model, load_tokenizer
-    from vopd.task import read_jsonl
-    from vopd.teacher import InProcessTeacher
-    from vopd.variance import collect_gradients, format_table
+    from vopd.world.task import read_jsonl
+    from vopd.teacher.local import InProcessTeacher
+    from vopd.tools.variance import collect_gradients, format_table
 
     cpu = torch.device("cpu")
     tok = load_tokenizer(str(micro_world.student))

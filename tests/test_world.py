@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from vopd.data import encode_completion, encode_prompt, format_prompt
-from vopd.sft import SFTConfig
-from vopd.task import TaskConfig, generate_problems
-from vopd.tiny_models import ModelShape, make_model, tokenizer_corpus, train_tokenizer
-from vopd.world import World, WorldConfig, build_world, verify_world
+from vopd.world.sft import SFTConfig
+from vopd.world.task import TaskConfig, generate_problems
+from vopd.world.tiny_models import ModelShape, make_model, tokenizer_corpus, train_tokenizer
+from vopd.world.build import World, WorldConfig, build_world, verify_world
 
 MICRO = WorldConfig(
     task=TaskConfig(n_steps=2, max_start=20, max_value=40),
@@ -156,7 +156,7 @@ def test_build_then_reuse_then_detect_corruption(tmp_path) -> None:
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch) -> None:
-    from vopd.world import default_cache_dir
+    from vopd.world.build import default_cache_dir
 
     monkeypatch.setenv("VOPD_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"

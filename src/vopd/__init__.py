@@ -5,8 +5,9 @@ Public API (see docs/estimators.md):
     chunked_distillation_loss  hidden states + output-layer weights, chunked over positions -> LossOutput
 """
 
-from vopd.chunked import chunked_distillation_loss
-from vopd.estimators import METHODS, LossOutput, Method, distillation_loss
+from vopd.loss.chunked import chunked_distillation_loss
+from vopd.loss.estimators import LossOutput, distillation_loss
+from vopd.loss.methods import METHODS, Method
 
 __all__ = ["METHODS", "LossOutput", "Method", "chunked_distillation_loss", "distillation_loss"]
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """Pre-flight checks of a student/teacher pair, run before step 0 of every training run and as `vopd check`.
 
-What it knows: that student and teacher must share one token->id map and the same special tokens (else every
-per-token reward compares different tokens), that both output layers must cover the tokenizer, which sampling
+What it knows: the order of the checks (the teacher's pairing with the student first: one token->id map and the
+same special tokens, else every per-token reward compares different tokens; each placement checks that its own way,
+``Teacher.pairing_checks``), which sampling
 settings keep the estimators unbiased (temperature 1, no top-p, no top-k: spec "Setting"), and how to self-check the
 hidden-state path (teacher = student must give KL = 0, and the chunked log p(y) must equal the model's own forward).
 What it does not know: training. Each failed check is a ``UserError`` naming the problem and the fix.
@@ -11,44 +12,15 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vopd.errors import UserError
 
-_SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-
-def compare_tokenizers(student_tok: Any, teacher_tok: Any) -> None:
-    """Identical token->id maps and special tokens, or a UserError naming the first difference."""
-    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if sv != tv:
-        for token in sorted(set(sv) | set(tv), key=lambda t: (sv.get(t, tv.get(t, -1)), t)):
-            if sv.get(token) != tv.get(token):
-                raise UserError(
-                    f"student and teacher tokenizers differ: token {token!r} has id {sv.get(token)} in the student "
-                    f"and {tv.get(token)} in the teacher ({len(sv)} vs {len(tv)} tokens); OPD needs one shared "
-                    "tokenizer: pick a teacher from the student's model family"
-                )
-    for name in _SPECIAL:
-        a, b = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
-        if a != b:
-            raise UserError(f"student and teacher {name} differ ({a!r} vs {b!r}); set the same special tokens in "
-                            "both tokenizers")
-
-
-def check_heads(student: Any, teacher: Any, vocab_size: int) -> None:
-    """Both output layers must have at least the tokenizer's rows (extra rows are padding, sliced off)."""
-    from vopd.models import base_model
-
-    for role, model in (("student", student), ("teacher", teacher)):
-        head = base_model(model).get_output_embeddings()
-        rows = head.weight.shape[0]
-        if rows < vocab_size:
-            raise UserError(f"the {role}'s output layer has {rows} rows but the tokenizer has {vocab_size} tokens; "
-                            "the model does not belong to this tokenizer")
-
+if TYPE_CHECKING:
+    from vopd.config import TrainConfig
+    from vopd.teacher.base import Teacher
 
 def check_sampling(*, temperature: float, top_p: float, top_k: int, allow_biased: bool) -> list[str]:
     """Refuse sampling settings that bias every estimator unless explicitly allowed; returns warnings to log."""
@@ -72,7 +44,7 @@ def check_sampling(*, temperature: float, top_p: float, top_k: int, allow_biased
 def self_check(student: Any, tokenizer: Any, vocab_size: int, *, text: str = "1 + 2 = 3. \\boxed{3}") -> dict[str, float]:
     """KL(student || student) through the chunked path must be ~0, and its log p(y) must equal the model's own
     forward (a model whose logits are not ``hidden @ W.T + b`` — softcapping, logit scaling — fails here)."""
-    from vopd.chunked import chunked_distillation_loss
+    from vopd.loss.chunked import chunked_distillation_loss
     from vopd.models import last_hidden, output_layer
 
     device = next(student.parameters()).device
@@ -103,19 +75,13 @@ def self_check(student: Any, tokenizer: Any, vocab_size: int, *, text: str = "1 
     return {"self_kl_max": kl, "logp_max_error": logp_err}
 
 
-def preflight(student: Any, teacher: Any, student_tok: Any, teacher_tok: Any, cfg: Any) -> list[str]:
-    """All checks for a training config; returns human-readable lines describing what passed."""
-    compare_tokenizers(student_tok, teacher_tok)
-    vocab = len(student_tok)
-    check_heads(student, teacher, vocab)
-    return [
-        f"tokenizers identical ({vocab} tokens, special tokens match)",
-        "output layers cover the tokenizer",
-        *student_checks(student, student_tok, vocab, cfg),
-    ]
+def preflight(student: Any, student_tok: Any, teacher: Teacher, cfg: TrainConfig) -> list[str]:
+    """All checks for a training config, for any teacher placement; returns human-readable lines of what passed.
+    The teacher checks its pairing with the student (``Teacher.pairing_checks``), then the student-side checks."""
+    return [*teacher.pairing_checks(student, student_tok), *student_checks(student, student_tok, len(student_tok), cfg)]
 
 
-def student_checks(student: Any, student_tok: Any, vocab: int, cfg: Any) -> list[str]:
+def student_checks(student: Any, student_tok: Any, vocab: int, cfg: TrainConfig) -> list[str]:
     """The checks that need only the student and the config (sampling settings, self-check), shared by the
     in-process and the remote-teacher pre-flights; biased-sampling overrides are warned about here."""
     notes = check_sampling(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
@@ -137,19 +103,21 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     from vopd.config import load_config
-    from vopd.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from vopd.models import load_student, resolve_device
+    from vopd.teacher.base import open_teacher
 
     cfg = load_config(args.config, args.overrides, require_paths=False)  # no training data needed to check models
     for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)):
         if not value:
             raise UserError(f"config key {key} is required: set it to a local model directory ({key}=PATH)")
     device = resolve_device(cfg.model.device)
-    s_tok = load_tokenizer(cfg.model.student, role="student", trust_remote_code=cfg.model.trust_remote_code)
-    t_tok = load_tokenizer(cfg.model.teacher, role="teacher", trust_remote_code=cfg.model.trust_remote_code)
-    student = load_model(cfg.model.student, role="student", dtype=resolve_dtype(cfg.model.dtype, device),
-                         device=device, trust_remote_code=cfg.model.trust_remote_code)
-    teacher = load_model(cfg.model.teacher, role="teacher", dtype=resolve_dtype(cfg.model.teacher_dtype, device),
-                         device=device, trust_remote_code=cfg.model.trust_remote_code)
-    for line in preflight(student, teacher, s_tok, t_tok, cfg):
-        print(f"ok  {line}")
+    tok, student = load_student(cfg.model, device)
+    teacher = open_teacher(cfg.model.teacher, vocab_size=len(tok), device=device, dtype=cfg.model.teacher_dtype,
+                           trust_remote_code=cfg.model.trust_remote_code, timeout_s=cfg.model.teacher_timeout_s,
+                           retries=cfg.model.teacher_retries)
+    try:
+        for line in preflight(student, tok, teacher, cfg):
+            print(f"ok  {line}")
+    finally:
+        teacher.close()
     return 0

@@ -16,15 +16,15 @@ from typing import Sequence
 
 # command -> (module, one-line help). Order is the order shown in `vopd --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("vopd.demo", "distil the tiny teacher into the tiny student with vopd and opd; print and plot"),
+    "demo": ("vopd.tools.demo", "distil the tiny teacher into the tiny student with vopd and opd; print and plot"),
     "train": ("vopd.train", "on-policy distillation of a student from a teacher (any HF causal LM)"),
-    "sft": ("vopd.sft", "build the tiny world: tokenizer, SFT teacher and student"),
+    "sft": ("vopd.world.cli", "build the tiny world: tokenizer, SFT teacher and student"),
     "eval": ("vopd.eval", "sample n answers per problem and grade them (Avg@n, Pass@n, Maj@n)"),
     "check": ("vopd.check", "pre-flight checks of a student/teacher pair without training"),
-    "bench": ("vopd.bench", "benchmarks: `vopd bench estimators|training|generation|trl`"),
-    "serve-teacher": ("vopd.serve", "serve a frozen teacher over HTTP for remote scoring"),
-    "reproduce": ("vopd.reproduce", "the paper's claims on the tiny world: methods x seeds, same budget"),
-    "variance": ("vopd.variance", "variance and bias of each method's parameter gradient over many rollouts"),
+    "bench": ("vopd.tools.bench.cli", "benchmarks: `vopd bench estimators|training|generation|trl`"),
+    "serve-teacher": ("vopd.teacher.server", "serve a frozen teacher over HTTP for remote scoring"),
+    "reproduce": ("vopd.tools.reproduce", "the paper's claims on the tiny world: methods x seeds, same budget"),
+    "variance": ("vopd.tools.variance", "variance and bias of each method's parameter gradient over many rollouts"),
 }
 
 

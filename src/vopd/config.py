@@ -25,7 +25,7 @@ import yaml
 from vopd.config_io import apply_overrides, build, field_types, read_config_file, type_name
 from vopd.data import PROMPT_TEMPLATE
 from vopd.errors import UserError
-from vopd.estimators import Method  # the one definition of the method names
+from vopd.loss.methods import Method  # the one definition of the method names
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Logger = Literal["tensorboard", "wandb"]

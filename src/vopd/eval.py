@@ -2,9 +2,10 @@
 
 What it knows: the authors' evaluation protocol (spec "The authors' evaluation protocol": 8 samples at temperature
 0.6, last boxed answer, math-verify; multiple choice at top-p 0.95, top-k 20 with a JSON letter), how the three
-metrics follow from graded samples (``compute_metrics``, a pure function), and how to load a local model for the
-CLI. What it does not know: how answers are extracted and compared (``vopd.grading``), file formats and field names
-(``vopd.data``), or how tokens are drawn (``vopd.sampling``).
+metrics follow from graded samples (``compute_metrics``, a pure function), and what a training run evaluates
+(``evaluate_student``: accuracy on ``data.eval`` and the exact held-out KL to the teacher, ``heldout_kl`` and
+``rollout_kl``). What it does not know: how answers are extracted and compared (``vopd.grading``), file formats and
+field names (``vopd.data``), how tokens are drawn (``vopd.sampling``), or how models are loaded (``vopd.models``).
 
 Metrics, for P problems with n samples each (c_ij = 1 when sample j of problem i is correct):
   Avg@n  = (1 / sum_i n_i) * sum_ij c_ij          mean accuracy over all samples
@@ -22,11 +23,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 from vopd.data import MCQ_PROMPT_TEMPLATE, PROMPT_TEMPLATE, Problem, encode_prompt, format_prompt, load_problems
 from vopd.errors import UserError
 from vopd.grading import DEFAULT_TIMEOUT_S, answers_match, extract_answer
+
+if TYPE_CHECKING:
+    from vopd.config import TrainConfig
+    from vopd.rollout import Rollout
+    from vopd.teacher.base import Teacher
 
 Kind = Literal["math", "mcq"]
 
@@ -273,30 +279,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         a(f"--field-{name}", default=None, help=f"name of the {name} field in the data file")
 
 
-def load_model(
-    path: str, *, tokenizer_path: str | None = None, device: str = "auto", dtype: str = "auto"
-) -> tuple[Any, Any]:
-    """(model, tokenizer) from local directories, in eval mode on ``device``. Never downloads."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    for p, what in [(path, "model"), (tokenizer_path or path, "tokenizer")]:
-        if not Path(p).is_dir():
-            raise UserError(f"{p}: no such {what} directory (vopd eval reads local Hugging Face directories only)")
-    if not (Path(path) / "config.json").is_file():
-        raise UserError(f"{path}: no config.json, so not a Hugging Face model directory")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot load the model or tokenizer ({' '.join(str(exc).split())[:300]})") from None
-    return model.to(device).eval(), tokenizer
-
-
 def cli_main(args: argparse.Namespace) -> int:
     """``vopd eval``: load, evaluate, print the summary, write it (and the samples) to ``--out``."""
     problems = load_problems(
@@ -308,7 +290,11 @@ def cli_main(args: argparse.Namespace) -> int:
     top_p = defaults["top_p"] if args.top_p is None else args.top_p
     top_k = int(defaults["top_k"] if args.top_k is None else args.top_k)
     greedy = args.greedy or args.temperature == 0
-    model, tokenizer = load_model(args.model, tokenizer_path=args.tokenizer, device=args.device, dtype=args.dtype)
+    from vopd.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, role="evaluated")
+    model = load_model(args.model, role="evaluated", dtype=resolve_dtype(args.dtype, device), device=device).eval()
     result = evaluate(
         model, tokenizer, problems, n=1 if greedy else args.n, temperature=args.temperature, top_p=top_p,
         top_k=top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, kind=kind,
@@ -323,3 +309,75 @@ def cli_main(args: argparse.Namespace) -> int:
         for path in write_outputs(result, args.out):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+# --------------------------------------------------------------------------------- evaluation inside a training run
+
+def evaluate_student(student: Any, teacher: Teacher, tok: Any, cfg: TrainConfig, vocab: int) -> dict[str, float]:
+    """Accuracy on ``data.eval`` (Avg/Pass/Maj@n) and the exact held-out KL on fresh temperature-1 samples. The KL
+    needs the teacher's full distribution: with a teacher that sends per-token numbers ``eval_kl`` is left out."""
+    problems = load_problems(cfg.data.eval, kind="math", problem_field=cfg.data.prompt_field,
+                             answer_field=cfg.data.answer_field, limit=cfg.eval.limit or None)
+    result = evaluate(student, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                      max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed,
+                      greedy=cfg.eval.greedy, template=cfg.data.template)
+    m = result.metrics
+    out = {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n}
+    if teacher.full_distribution:
+        out["eval_kl"] = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab)
+    return out
+
+
+def heldout_kl(student: Any, teacher: Teacher, tok: Any, problems: list[str], cfg: TrainConfig,
+               vocab: int, seed: int | None = None) -> float:
+    """Mean exact KL_t(student || teacher) on one temperature-1 completion per problem; RNG state is restored."""
+    import torch
+
+    from vopd.rollout import hf_sampler, pack
+
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg.seed + 12345 if seed is None else seed)
+    try:
+        ids = [encode_prompt(tok, format_prompt(p, cfg.data.template)) for p in problems]
+        sampler = hf_sampler(student, tok, max_new_tokens=cfg.eval_max_new_tokens, temperature=1.0, top_p=1.0,
+                             top_k=0, batch_size=cfg.rollout.batch_size)
+        rollout = pack(ids, sampler(ids), tok.pad_token_id)
+        kl, _ = rollout_kl(student, teacher, rollout, vocab_size=vocab, micro_batch_size=cfg.micro_batch_size)
+    finally:
+        torch.set_rng_state(rng)
+    return kl
+
+
+def rollout_kl(student: Any, teacher: Teacher, rollout: Rollout, *, vocab_size: int,
+               micro_batch_size: int, memory_budget_mb: float = 256) -> tuple[float, float]:
+    """Exact mean KL_t(student || teacher) over the rollout's completion tokens, and the token count.
+
+    Uses the ``opd-full`` fused head without gradients (its value is the mean KL_t), so the teacher must have the
+    full distribution. The student's train/eval mode is left as it was."""
+    import torch
+
+    from vopd.loss.chunked import fused_distillation_loss
+    from vopd.models import last_hidden, output_layer
+
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for lo in range(0, rollout.size, micro_batch_size):
+                mb = rollout.select(lo, lo + micro_batch_size).to(device)
+                n = int(mb.completion_mask.sum())
+                if n == 0:
+                    continue
+                scores = teacher.score(mb)
+                hs = last_hidden(student, mb.input_ids, mb.attention_mask)[:, :-1]
+                w, b = output_layer(student, vocab_size)
+                out = fused_distillation_loss(hs, w, mb.targets, mb.completion_mask, scores, method="opd-full",
+                                              student_bias=b, memory_budget_mb=memory_budget_mb)
+                assert out.kl is not None  # opd-full always reports the exact KL_t
+                total += float(out.kl.sum())
+                count += n
+    finally:
+        student.train(was_training)
+    return (total / count if count else float("nan")), float(count)

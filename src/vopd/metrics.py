@@ -19,7 +19,7 @@ import torch
 
 from vopd import distributed as dist
 from vopd.errors import UserError
-from vopd.estimators import LossOutput
+from vopd.loss.estimators import LossOutput
 
 # Names of the sums accumulated per step, in the order they are all-reduced.
 _SUMS = ("tokens", "r", "r2", "adv", "adv2", "adv_tokens", "kl", "kl_tokens", "kl_topk", "mass", "topk_tokens",

@@ -3,19 +3,23 @@
 What it knows: device/dtype resolution, ``AutoModelForCausalLM``/``AutoTokenizer`` loading with
 ``local_files_only`` (nothing is ever downloaded) and one-line errors for bad paths, LoRA through PEFT, gradient
 checkpointing, and how to run a model's body without its output layer so that the chunked estimator path
-(``vopd.chunked``) can form logits chunk by chunk. What it does not know: estimators, sampling, training.
+(``vopd.loss.chunked``) can form logits chunk by chunk. What it does not know: estimators, sampling, training.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from vopd.config import resolve_dtype as dtype_name
 from vopd.errors import UserError
+
+if TYPE_CHECKING:
+    from vopd.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,10 +34,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on CUDA and fp32 on the CPU (the loss math is fp32 either way)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    """The torch dtype of a config dtype name on ``device`` ('auto': ``vopd.config.resolve_dtype``'s rule)."""
+    return _DTYPES[dtype_name(name, str(device))]
 
 
 def _check_model_dir(path: str, role: str) -> Path:
@@ -73,6 +75,15 @@ def load_model(path: str, *, role: str, dtype: torch.dtype, device: torch.device
     except Exception as exc:
         raise UserError(f"cannot load the {role} model from {str(p)!r}: {str(exc).splitlines()[0]}") from exc
     return model.to(device)
+
+
+def load_student(model: ModelConfig, device: torch.device) -> tuple[Any, Any]:
+    """(tokenizer, model) of ``model.student`` at ``model.dtype`` on ``device``: the one way the student is loaded
+    (the teacher's is ``vopd.teacher.base.open_teacher``)."""
+    tok = load_tokenizer(model.student, role="student", trust_remote_code=model.trust_remote_code)
+    student = load_model(model.student, role="student", dtype=resolve_dtype(model.dtype, device), device=device,
+                         trust_remote_code=model.trust_remote_code)
+    return tok, student
 
 
 def apply_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str]) -> Any:

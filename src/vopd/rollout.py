@@ -9,12 +9,15 @@ an inference engine later: anything returning ``vopd.sampling.Samples`` fits), m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
 
 from vopd.sampling import Cache, Samples, generate
+
+if TYPE_CHECKING:
+    from vopd.config import RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int) -> Rollout:
 
 
 #: A sampler maps prompt ids to ``Samples`` (completions + their sampler log-probs); this is the seam where an
-#: inference engine can replace Hugging Face generate (``train(cfg, sampler=...)``, docs/scaling.md). Contract: one
+#: inference engine can replace Hugging Face generate (``train(cfg, make_sampler=...)``, docs/scaling.md). Contract: one
 #: completion per prompt, in order, drawn from the *current* student at the configured settings; ``logprobs[i]`` the
 #: sampler's log-prob of each completion token (they feed the importance ratio, so an engine whose numerics differ
 #: from the trainer's is corrected for, up to ``loss.ratio_cap``); ``truncated[i]`` when no EOS was generated.
@@ -115,3 +118,14 @@ def hf_sampler(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: 
                         top_p=top_p, top_k=top_k, return_logprobs=True, batch_size=batch_size, cache=cache)
 
     return sample
+
+
+#: Builds the run's sampler from the live student (updated in place every step), its tokenizer and the ``rollout``
+#: section of the config: the one argument through which ``train`` takes another rollout engine.
+SamplerFactory = Callable[[Any, Any, "RolloutConfig"], Sampler]
+
+
+def hf_engine(model: Any, tokenizer: Any, rollout: RolloutConfig) -> Sampler:
+    """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings."""
+    return hf_sampler(model, tokenizer, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                      top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache)

@@ -3,10 +3,10 @@
 What it knows: the flags and their defaults per shape set, which cases a benchmark runs (per student and token
 count: every method's training-side step, then the loss head alone, chunked ``opd-full`` vs naive dense logits; or
 ``model.generate`` tokens/s per batch size with a static vs a dynamic KV cache), the targets, and the markdown
-tables with the ratio columns. Every case runs in a fresh process (``python -m vopd.bench_worker``), so each memory
+tables with the ratio columns. Every case runs in a fresh process (``python -m vopd.tools.bench.worker``), so each memory
 number is clean and an out-of-memory case or a crash becomes one row ("OOM", "ERROR") instead of ending the run.
 
-What it does not know: how a case is built and timed (models, shapes, memory: ``vopd.bench_worker``), real weights
+What it does not know: how a case is built and timed (models, shapes, memory: ``vopd.tools.bench.worker``), real weights
 (random weights give the same FLOPs and memory, not meaningful text), rollouts from a real sampler (vLLM),
 multi-GPU, or what any number will be: nothing here is a constant, all are measured.
 """
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from typing import Any
 
-from vopd.bench import METHOD_ORDER, _ratio
-from vopd.bench_worker import SHAPES, TEACHER, VOCAB
+from vopd.loss.methods import METHODS, PAPER_METHODS
+from vopd.tools.bench.common import ratio, spawn_case
+from vopd.tools.bench.worker import SHAPES, TEACHER, VOCAB
 from vopd.errors import UserError
 
 # Defaults per shape set: completion tokens per step, completion/prompt length per sequence (the authors' setup:
@@ -34,12 +34,10 @@ TARGETS = {"vopd": 1.02, "opd-full": 1.05, "head": 0.10}
 
 
 def _run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """``vopd.bench_worker.measure_case`` in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "vopd.bench_worker", json.dumps(case)],
-                          capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
+    """``vopd.tools.bench.worker.measure_case`` in a fresh process."""
+    result, proc = spawn_case("vopd.tools.bench.worker", case)
+    if result is not None:
+        return result
     # A crash (host OOM kill, CUDA error) is one failed row, not a lost run of forty cases.
     tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
     print(f"  case failed (exit {proc.returncode}): {proc.stderr[-1500:]}", file=sys.stderr)
@@ -74,7 +72,7 @@ def _print_case(r: dict[str, Any], label: str) -> None:
 
 def training_results(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     common = _common(args, "training")
-    methods = args.methods or list(METHOD_ORDER[:5])
+    methods = args.methods or list(PAPER_METHODS)
     c_len, p_len = _opt(args, "completion_len"), _opt(args, "prompt_len")
     tokens_list = _opt(args, "tokens")
     bad = [t for t in tokens_list if t > c_len and t % c_len]
@@ -118,19 +116,19 @@ def format_training(res: dict[str, list[dict[str, Any]]]) -> str:
     for student, tokens in sorted({k[:2] for k in by}, key=lambda k: (float(k[0][:-1]), k[1])):
         base = by.get((student, tokens, "opd"))
         base, parts = (base if _ok(base) else None), []
-        for method in (m for m in METHOD_ORDER if (student, tokens, m) in by):
+        for method in (m for m in METHODS if (student, tokens, m) in by):
             r = by[(student, tokens, method)]
             good = _ok(r)
             lines.append("| " + " | ".join([
                 student, str(tokens), f"{r['batch']} x {r['completion_len']}", method, _cell_ms(r),
                 f"{r['peak_mb'] / 1024:.2f}" if "peak_mb" in r else "-", f"{r['step_mb'] / 1024:.2f}" if good else "-",
-                _ratio(good and r["time_ms"], base and base["time_ms"]),
-                _ratio(good and r["peak_mb"], base and base["peak_mb"]),
+                ratio(good and r["time_ms"], base and base["time_ms"]),
+                ratio(good and r["peak_mb"], base and base["peak_mb"]),
             ]) + " |")
             if method in ("vopd", "opd-full"):
-                ratio = r["time_ms"] / base["time_ms"] if good and base else None
-                parts.append(f"{method}/opd -" if ratio is None else
-                             f"{method}/opd {ratio:.3f} ({'met' if ratio <= TARGETS[method] else 'missed'})")
+                rel = r["time_ms"] / base["time_ms"] if good and base else None
+                parts.append(f"{method}/opd -" if rel is None else
+                             f"{method}/opd {rel:.3f} ({'met' if rel <= TARGETS[method] else 'missed'})")
         summary.append(f"  {student} T={tokens}: " + ("; ".join(parts) or "-"))
     return "\n".join(lines + summary + format_head(res["head"]))
 
@@ -152,9 +150,9 @@ def format_head(head: list[dict[str, Any]]) -> list[str]:
         if d is not None and d.get("oom"):
             naive, bound = d["peak_mb"] + (d.get("tried_mb") or 0.0), "<= "
             naive_cell = f"OOM (needs >= {naive / 1024:.1f})"
-        ratio = f"{bound}{chunked / naive:.3f}" if chunked and naive else "-"
+        cell = f"{bound}{chunked / naive:.3f}" if chunked and naive else "-"
         lines.append(f"| {student} | {(c or d or {}).get('tokens', '-')} | {_cell_ms(c)} | {_cell_ms(d)} | "
-                     f"{'-' if chunked is None else f'{chunked / 1024:.2f}'} | {naive_cell} | {ratio} |")
+                     f"{'-' if chunked is None else f'{chunked / 1024:.2f}'} | {naive_cell} | {cell} |")
     return lines
 
 
@@ -181,7 +179,7 @@ def format_generation(res: dict[str, list[dict[str, Any]]]) -> str:
             f"{r['tokens_per_s']:.0f}" if good else _cell_ms(r), _cell_ms(r),
             f"{r['first_call_s']:.1f}" if good else "-",
             f"{r['peak_mb'] / 1024:.2f}" if "peak_mb" in r else "-",
-            _ratio(good and r["tokens_per_s"], _ok(dyn) and dyn["tokens_per_s"]),
+            ratio(good and r["tokens_per_s"], _ok(dyn) and dyn["tokens_per_s"]),
         ]) + " |")
     return "\n".join(lines)
 
@@ -232,7 +230,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser, what: str = "training")
                         "16384; tiny 64), as B sequences of --completion-len")
     parser.add_argument("--completion-len", type=int, help="completion tokens per sequence (default 2048; tiny 32)")
     parser.add_argument("--prompt-len", type=int, help="masked prompt tokens per sequence (default 256; tiny 8)")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, help="default: the five methods of the paper")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: the five methods of the paper")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--budget-mb", type=float, default=1024, help="chunked loss head budget per chunk (MiB)")
     parser.add_argument("--trainable", choices=["lora", "full"], default="lora",
@@ -243,8 +241,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser, what: str = "training")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m vopd.bench_training {training,generation} ...` (the same as `vopd bench ...`)."""
-    parser = argparse.ArgumentParser(prog="python -m vopd.bench_training")
+    """`python -m vopd.tools.bench.training {training,generation} ...` (the same as `vopd bench ...`)."""
+    parser = argparse.ArgumentParser(prog="python -m vopd.tools.bench.training")
     sub = parser.add_subparsers(dest="what", required=True)
     for what in ("training", "generation"):
         add_bench_arguments(sub.add_parser(what), what)

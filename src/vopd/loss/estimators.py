@@ -3,7 +3,7 @@
 What it knows: given the student's and teacher's logits at each completion position and the sampled tokens, build
 a scalar loss whose gradient w.r.t. the student logits is the chosen method's gradient estimator, reduced as a mean
 over completion tokens, plus detached per-token diagnostics. The gradient here comes from autograd on the spec's
-surrogates, so this module is also the *reference* the memory-efficient path (``vopd.chunked``, closed-form
+surrogates, so this module is also the *reference* the memory-efficient path (``vopd.loss.chunked``, closed-form
 gradients from hidden states) is tested against.
 
 What it does not know: models, sampling, optimisers, distributed reduction (pass ``normalizer`` to keep a global
@@ -18,21 +18,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-#: The paper's five methods, then two beyond it (docs/estimators.md, "Beyond the paper"): ``vopd-opt`` uses the
-#: variance-optimal closed-form baseline; ``rb-topk`` is exact on the student's top-k ids and samples only the tail.
-Method = Literal["opd", "vopd", "vopd-topk", "opd-full", "opd-topk", "vopd-opt", "rb-topk"]
-METHODS: tuple[str, ...] = get_args(Method)
-#: Methods whose gradient is a per-token weight on grad log p(y_t) (score-function estimators).
-SAMPLED_METHODS: frozenset[str] = frozenset({"opd", "vopd", "vopd-topk", "vopd-opt", "rb-topk"})
-#: Methods that need the student's top-k ids and the teacher's logits at them.
-TOPK_METHODS: frozenset[str] = frozenset({"vopd-topk", "opd-topk", "rb-topk"})
-#: Methods that need the teacher's full distribution at every position.
-FULL_VOCAB_METHODS: frozenset[str] = frozenset({"vopd", "opd-full", "vopd-opt"})
+from vopd.loss.methods import Method, MethodSpec, method_spec
 
 
 @dataclass(frozen=True)
@@ -82,16 +72,16 @@ def check_inputs(
     mask: Tensor,
     leading_student: tuple[int, ...],
     leading_teacher: tuple[int, ...],
-) -> None:
-    """Shared argument validation: one ``ValueError`` naming the problem and the fix."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+) -> MethodSpec:
+    """Shared argument validation: one ``ValueError`` naming the problem and the fix. Returns the method's row
+    of the table (``vopd.loss.methods``), resolved once here so the math below reads properties, not names."""
+    spec = method_spec(method)
     if vocab_student != vocab_teacher:
         raise ValueError(
             f"student vocabulary size {vocab_student} != teacher vocabulary size {vocab_teacher}; both models "
             "must share a tokenizer (slice padded output rows to the tokenizer's size first)"
         )
-    if method in TOPK_METHODS and not 1 <= top_k <= vocab_student:
+    if spec.topk and not 1 <= top_k <= vocab_student:
         raise ValueError(f"top_k={top_k} is outside [1, V={vocab_student}]; choose 1 <= top_k <= V")
     if tuple(tokens.shape) != leading_student:
         raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal the student's leading shape {leading_student}")
@@ -101,6 +91,7 @@ def check_inputs(
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal the student's leading shape {leading_student}")
     if tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"tokens must be an integer tensor of ids, got {tokens.dtype}")
+    return spec
 
 
 def token_normalizer(mask: Tensor, normalizer: float | Tensor | None) -> Tensor | None:
@@ -207,7 +198,7 @@ def distillation_loss(
 
     All softmax/KL math runs in fp32 (fp64 if the inputs are fp64), whatever the input dtype.
     """
-    check_inputs(
+    spec = check_inputs(
         method, top_k, student_logits.shape[-1], teacher_logits.shape[-1], tokens, mask,
         tuple(student_logits.shape[:-1]), tuple(teacher_logits.shape[:-1]),
     )
@@ -227,24 +218,24 @@ def distillation_loss(
     reward = (logq - logp).detach() * m  # r_t, spec "Setting"
 
     kl = kl_topk = topk_mass = baseline = advantage = ratio = None
-    if method == "opd-full":
+    if spec.full_distribution and not spec.sampled:  # opd-full
         per_token = _xlogy_diff(logp_all.exp(), logp_all, logq_all)  # KL_t, differentiated analytically
         kl = per_token.detach() * m
-    elif method == "opd-topk":
+    elif not spec.sampled:  # opd-topk
         per_token, topk_mass = _topk_kl(s, t, top_k)  # biased: ignores the tail mass
         kl_topk, topk_mass = per_token.detach() * m, topk_mass * m
     else:
-        if method == "opd":
+        if spec.baseline == "none":  # opd
             baseline = torch.zeros_like(reward)
-        elif method == "vopd":
+        elif spec.baseline == "kl":  # vopd
             # Value function V(s_t) = -KL_t over the full vocabulary (spec, `vopd`), detached.
             kl = _xlogy_diff(logp_all.detach().exp(), logp_all.detach(), logq_all) * m
             baseline = -kl
-        elif method == "vopd-topk":  # the baseline uses the top-k KL; the sampled terms keep the full softmax
+        elif spec.baseline == "kl-topk":  # vopd-topk: the baseline uses the top-k KL; the sampled terms keep the full softmax
             kl_k, topk_mass = _topk_kl(s.detach(), t, top_k)
             kl_topk, topk_mass = kl_k * m, topk_mass * m
             baseline = -kl_topk
-        elif method == "vopd-opt":
+        elif spec.baseline == "optimal":  # vopd-opt
             kl = _xlogy_diff(logp_all.detach().exp(), logp_all.detach(), logq_all) * m
             baseline = _optimal_baseline(logp_all.detach(), logq_all) * m
         else:  # rb-topk
@@ -254,7 +245,7 @@ def distillation_loss(
         ratio = importance_ratio(logp, sampler_logprobs, ratio_cap)
         weight = advantage if ratio is None else advantage * ratio
         per_token = -weight * logp  # surrogate -sg(A_t) log p(y_t); its gradient is the estimator
-        if method == "rb-topk":
+        if spec.baseline == "topk-mean":  # rb-topk:
             # exact over K, plus the sampled token only when it falls outside K (Rao-Blackwellised over K)
             per_token = exact_part - (~in_k) * weight * logp
         if ratio is not None:

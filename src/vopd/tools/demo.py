@@ -18,7 +18,7 @@ import torch
 
 from vopd.config import load_config
 from vopd.errors import UserError
-from vopd.estimators import METHODS
+from vopd.loss.methods import METHODS
 
 
 def _overrides(world: Any, method: str, out: Path, args: argparse.Namespace) -> list[str]:
@@ -38,8 +38,8 @@ def _overrides(world: Any, method: str, out: Path, args: argparse.Namespace) -> 
 def _evaluate_model(path: Path, world: Any, cfg: Any) -> dict[str, float]:
     """Greedy accuracy and held-out KL to the teacher of the model at ``path`` (for the 'before' rows)."""
     from vopd.models import load_model, load_tokenizer
-    from vopd.teacher import InProcessTeacher
-    from vopd.train import evaluate_student
+    from vopd.teacher.local import InProcessTeacher
+    from vopd.eval import evaluate_student
 
     tok = load_tokenizer(str(path))
     cpu = torch.device("cpu")
@@ -79,7 +79,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, start: dict[s
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from vopd.metrics import read_metrics
     from vopd.train import train
-    from vopd.world import build_world
+    from vopd.world.build import build_world
 
     t0 = time.perf_counter()
     if torch.get_num_threads() > 1 and not torch.cuda.is_available():

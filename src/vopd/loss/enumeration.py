@@ -6,7 +6,7 @@ covariance, to compare with the exact KL gradient (``opd-full``). This is how th
 "checkable exactly by enumerating the sampled token") and how docs/estimators.md reports exact variances.
 What it does not know: models or batches (it works on one state at a time, in float64).
 
-Run ``python -m vopd.enumeration`` to print the exact-variance table quoted in docs/estimators.md.
+Run ``python -m vopd.loss.enumeration`` to print the exact-variance table quoted in docs/estimators.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vopd.estimators import SAMPLED_METHODS, distillation_loss
+from vopd.loss.estimators import distillation_loss
+from vopd.loss.methods import SAMPLED_METHODS
 
 
 @dataclass(frozen=True)

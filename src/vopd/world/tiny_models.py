@@ -2,8 +2,8 @@
 
 What it knows: how to train the tokenizer (digits one per token, arithmetic operators isolated, BOS prepended) on
 the task's text, and how to create a freshly initialised Qwen3 model of a given ``ModelShape`` over a tokenizer's
-vocabulary, seeded. What it does NOT know: the task itself (``vopd.task``), training (``vopd.sft``), or building
-and caching a whole world (``vopd.world``).
+vocabulary, seeded. What it does NOT know: the task itself (``vopd.world.task``), training (``vopd.world.sft``), or building
+and caching a whole world (``vopd.world.build``).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ rows sized from a memory budget; per chunk it forms both models' logits once, ta
 log-sum-exps and (when the method needs it) KL_t in the same pass, and writes the gradient w.r.t. the student's
 hidden states and output weights right there. No (B, T, V) tensor of either model ever exists, the student head runs
 once, and backward only scales the stored gradients. The per-chunk math (``_head_chunk``) takes the teacher either as
-its full logits (in process) or as the numbers a teacher server sends (``TeacherRows``); ``vopd.remote`` runs the
-same head through ``fused_head_loss``. What it does not know: models (the caller passes the last hidden states and
-the head), sampling, optimisers, HTTP. ``vopd.estimators`` is the dense reference it is tested against.
+its full logits (``TeacherHidden``: in process) or as the numbers a teacher server sends (``TeacherNumbers``), through
+one entry point, ``fused_distillation_loss``. What it does not know: models (the caller passes the last hidden states
+and the head), sampling, optimisers, HTTP. ``vopd.loss.estimators`` is the dense reference it is tested against.
 
 Closed forms per position (z_s, z_t student/teacher logits, p = softmax z_s, y the sampled id, w = 1/N the token
 weight, spec and ``shared/spec/performance.md``):
@@ -21,22 +21,15 @@ and dL/dh = dL/dz_s @ W_s, dL/dW_s = dL/dz_s^T @ h, dL/db_s = sum of dL/dz_s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from vopd.estimators import (
-    SAMPLED_METHODS,
-    TOPK_METHODS,
-    LossOutput,
-    Method,
-    check_inputs,
-    compute_dtype,
-    importance_ratio,
-    token_normalizer,
-)
+from vopd.errors import UserError
+from vopd.loss.estimators import LossOutput, check_inputs, compute_dtype, importance_ratio, token_normalizer
+from vopd.loss.methods import Method, MethodSpec
+from vopd.loss.scores import TeacherHidden, TeacherNumbers, TeacherScores
 
 # Columns of the per-row statistics returned by the fused head.
 _LOGP, _LOGQ, _KL, _KL_TOPK, _MASS, _RATIO, _ADV = range(7)
@@ -79,27 +72,7 @@ def _optimal_baseline(e: Tensor, inv_s: Tensor, d: Tensor, pd: Tensor, kl: Tenso
     return torch.where(den > 1e-12, b, -kl)
 
 
-@dataclass(frozen=True)
-class TeacherRows:
-    """The teacher's side of the fused head for the N live rows, in one of two forms.
-
-    In process: ``hidden`` (N, D_t), ``weight`` (V, D_t) and ``bias``; every teacher number is computed per chunk
-    from its full logits, so every method works. As numbers (a teacher server, ``vopd.remote``): ``logq`` (N,)
-    log q(y), ``topk_logits`` (N, k) its raw logits at ``topk_ids`` (N, k), the student's top-k ids, and ``lse``
-    (N,) its full-vocabulary log-sum-exp; enough for ``opd``, ``vopd-topk``, ``opd-topk`` and (with ``lse``)
-    ``rb-topk``. All detached.
-    """
-
-    hidden: Tensor | None = None
-    weight: Tensor | None = None
-    bias: Tensor | None = None
-    logq: Tensor | None = None
-    topk_ids: Tensor | None = None
-    topk_logits: Tensor | None = None
-    lse: Tensor | None = None
-
-
-def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, method: str, top_k: int, inv_n: float, sampler_lp: Tensor | None,
+def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: int, inv_n: float, sampler_lp: Tensor | None,
                 ratio_cap: float | None, *, zt: Tensor | None = None, ids: Tensor | None = None,
                 logq: Tensor | None = None, zt_k: Tensor | None = None, lse_t: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
@@ -108,19 +81,19 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, method: str, top_k: int, in
     ``zs``: the student's logits (c, V) in the compute dtype; consumed (the gradient is written into its buffer).
     The teacher is either ``zt``, its logits (c, V) (consumed too), or its numbers: ``logq`` (c,), ``zt_k`` (c, k) at
     ``ids`` and ``lse_t`` (c,) (``rb-topk`` only). Top-k ids are the student's own when ``ids`` is None."""
-    needs_kl = method in ("vopd", "opd-full", "vopd-opt")
+    needs_kl = spec.exact_kl
     # Everything that needs raw logits is read first; then both buffers are transformed in place, so a chunk holds
     # two (c, V) buffers and the student side takes a single exp pass (performance.md).
     zs_y = zs.gather(-1, y_c).squeeze(-1)
     zt_y = None if zt is None else zt.gather(-1, y_c).squeeze(-1)
-    if method in TOPK_METHODS:
+    if spec.topk:
         # Student's top-k ids; renormalising both models on the same ids cancels their full lse's.
         if ids is None:
             ids = zs.topk(top_k, dim=-1).indices
         zs_k = zs.gather(-1, ids)
         if zt is not None:
             zt_k = zt.gather(-1, ids)
-        if method != "rb-topk":
+        if spec.topk_kl:
             logp_k, logq_k = zs_k.log_softmax(-1), zt_k.log_softmax(-1)  # type: ignore[union-attr]
             p_k = logp_k.exp()
             kl_k = (p_k * (logp_k - logq_k)).sum(-1)
@@ -139,22 +112,22 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, method: str, top_k: int, in
     if zt_y is not None:
         logq = zt_y - lse_t
     st[:, _LOGP], st[:, _LOGQ] = logp, logq
-    if method in ("vopd-topk", "opd-topk"):
+    if spec.topk_kl:
         st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
     if needs_kl:
         pd = torch.linalg.vecdot(e, d) * inv_s  # sum_v p_v (z_s - z_t)_v
         kl = pd - lse_s + lse_t  # KL_t = A/S - lse_s + lse_t (performance.md)
         st[:, _KL] = kl
 
-    if method in SAMPLED_METHODS:
+    if spec.sampled:
         reward = logq - logp  # r_t
-        if method == "opd":
+        if spec.baseline == "none":  # opd
             adv = reward
-        elif method == "vopd":
-            adv = reward + kl  # A_t = r_t + KL_t (spec `vopd`)
-        elif method == "vopd-topk":
-            adv = reward + kl_k  # A_t = r_t + KL~_t (spec `vopd-topk`)
-        elif method == "vopd-opt":
+        elif spec.baseline == "kl":  # vopd
+            adv = reward + kl  # A_t = r_t + KL_t (docs/estimators.md, `vopd`)
+        elif spec.baseline == "kl-topk":  # vopd-topk
+            adv = reward + kl_k  # A_t = r_t + KL~_t (docs/estimators.md, `vopd-topk`)
+        elif spec.baseline == "optimal":  # vopd-opt
             adv = reward - _optimal_baseline(e, inv_s, d, pd, kl, lse_s, lse_t)
         else:  # rb-topk: baseline = mean reward on K, r_v = log q_v - log p_v exactly (full lse's)
             logp_k, logq_k = zs_k - lse_s.unsqueeze(-1), zt_k - lse_t.unsqueeze(-1)  # type: ignore[operator]
@@ -168,7 +141,7 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, method: str, top_k: int, in
         coef = adv if ratio is None else adv * ratio
         if ratio is not None:
             st[:, _RATIO] = ratio
-        if method == "rb-topk":
+        if spec.baseline == "topk-mean":  # rb-topk
             # Exact over K: sum_{v in K} p_v A_v (p - e_v); sampled only outside K: A_y (p - e_y).
             coef = coef * ~(ids == y_c).any(-1)
             pa_k = p_k * (r_k - b.unsqueeze(-1))
@@ -180,7 +153,7 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, method: str, top_k: int, in
             # dL/dz = w * coef * (p - onehot(y)), written into e's buffer (p = e * inv_s)
             g = e.mul_((coef * inv_n * inv_s).unsqueeze(-1))
         g.scatter_add_(-1, y_c, -(coef * inv_n).unsqueeze(-1))
-    elif method == "opd-full":
+    elif spec.full_distribution:  # opd-full
         loss = kl.sum() * inv_n
         # dL/dz = w p (log p - log q - KL_t) = w p (d - sum_v p_v d_v), in d's buffer.
         g = d.sub_(pd.unsqueeze(-1)).mul_(e).mul_((inv_n * inv_s).unsqueeze(-1))
@@ -197,14 +170,13 @@ class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hs: Tensor, ws: Tensor, bs: Tensor | None, y: Tensor, sampler_lp: Tensor | None,
-        teacher: TeacherRows, method: str, top_k: int, inv_n: float, ratio_cap: float | None, rows: int,
+        teacher: TeacherScores, spec: MethodSpec, top_k: int, inv_n: float, ratio_cap: float | None, rows: int,
     ) -> tuple[Tensor, Tensor]:
         cd = compute_dtype(hs.dtype)
         half_cuda = hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32
         ws_c = ws if half_cuda else ws.to(cd)  # converted once, not per chunk
-        in_process = teacher.hidden is not None
-        if in_process:
-            wt_c = teacher.weight if half_cuda else teacher.weight.to(cd)  # type: ignore[union-attr]
+        if isinstance(teacher, TeacherHidden):
+            wt_c = teacher.weight if half_cuda else teacher.weight.to(cd)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         n, dev = hs.shape[0], hs.device
         gdt = torch.float32 if half_cuda else cd
@@ -221,15 +193,15 @@ class _FusedHead(torch.autograd.Function):
             hi = min(n, lo + rows)
             h_c, y_c = hs[lo:hi], y[lo:hi].unsqueeze(-1)
             zs = _logits(h_c, ws_c, bs, cd)  # (c, V)
-            if in_process:
+            given: dict[str, Tensor | None]
+            if isinstance(teacher, TeacherHidden):
                 with torch.no_grad():
-                    given: dict[str, Tensor | None] = {
-                        "zt": _logits(teacher.hidden[lo:hi], wt_c, teacher.bias, cd)}  # type: ignore[index]
+                    given = {"zt": _logits(teacher.hidden[lo:hi], wt_c, teacher.bias, cd)}
             else:
                 ids = None if teacher.topk_ids is None else teacher.topk_ids[lo:hi]
                 given = {"ids": ids, "logq": part(teacher.logq, lo, hi), "zt_k": part(teacher.topk_logits, lo, hi),
                          "lse_t": part(teacher.lse, lo, hi)}
-            loss_c, g = _head_chunk(zs, y_c, stats[lo:hi], method, top_k, inv_n,
+            loss_c, g = _head_chunk(zs, y_c, stats[lo:hi], spec, top_k, inv_n,
                                     None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap, **given)
             loss += loss_c
             if need_h:
@@ -260,14 +232,51 @@ class _FusedHead(torch.autograd.Function):
         return (out[0], out[1], out[2]) + (None,) * 8
 
 
-def fused_head_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None, tokens: Tensor,
-                    mask: Tensor, teacher: TeacherRows, *, method: str, top_k: int,
-                    normalizer: float | Tensor | None, sampler_logprobs: Tensor | None, ratio_cap: float | None,
-                    memory_budget_mb: float) -> LossOutput:
-    """The shared body of ``chunked_distillation_loss`` and ``vopd.remote.remote_distillation_loss`` (inputs
-    already validated): select the live rows, run the fused head, put the statistics back on the (B, T) grid.
-    ``teacher`` holds the live rows only (``mask.reshape(-1)`` order)."""
+def fused_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    teacher: TeacherScores,
+    *,
+    method: Method,
+    top_k: int = 100,
+    student_bias: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    sampler_logprobs: Tensor | None = None,
+    ratio_cap: float | None = None,
+    memory_budget_mb: float = 1024,
+) -> LossOutput:
+    """The trainer's one loss entry point: the student's hidden states and output layer, and the teacher's scores in
+    either form, through the fused chunked head. The same loss and gradients as ``distillation_loss``.
+
+    Shapes:
+        student_hidden: (B, T, D_s), the student's last hidden states (after the final norm), requires grad.
+        student_weight: (V, D_s), the student's output layer; gets a gradient if it requires one. student_bias (V,).
+        tokens, mask, sampler_logprobs: (B, T), as in ``distillation_loss``.
+        teacher: ``TeacherHidden`` (hidden (B, T, D_t), weight (V, D_t), bias): every method; or ``TeacherNumbers``
+                 (logq (B, T); topk_ids/topk_logits (B, T, k) for top-k methods; lse (B, T) for ``rb-topk``): the
+                 methods whose ``MethodSpec.per_token_teacher`` holds. With numbers, k is the width of the ids.
+    Options: as ``distillation_loss``, plus ``memory_budget_mb``, the budget for a chunk's (rows x V) fp32 buffers
+    (``chunk_rows``).
+    """
     lead = tuple(student_hidden.shape[:-1])
+    vocab = student_weight.shape[0]
+    if isinstance(teacher, TeacherHidden):
+        t_vocab, t_lead = teacher.weight.shape[0], tuple(teacher.hidden.shape[:-1])
+        if teacher.weight.shape[1] != teacher.hidden.shape[-1]:
+            raise ValueError(f"hidden size mismatch: teacher hidden {teacher.hidden.shape[-1]} vs weight "
+                             f"{tuple(teacher.weight.shape)}")
+    else:
+        t_vocab, t_lead = vocab, tuple(teacher.logq.shape)
+        top_k = teacher.k or top_k
+    spec = check_inputs(method, top_k, vocab, t_vocab, tokens, mask, lead, t_lead)
+    if student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"hidden size mismatch: student hidden {student_hidden.shape[-1]} vs weight "
+                         f"{tuple(student_weight.shape)}")
+    if isinstance(teacher, TeacherNumbers):
+        _check_numbers(teacher, spec, lead)
+
     cd = compute_dtype(student_hidden.dtype)
     idx = mask.reshape(-1).bool().nonzero().squeeze(-1)
     n = token_normalizer(mask, normalizer)
@@ -280,10 +289,9 @@ def fused_head_loss(student_hidden: Tensor, student_weight: Tensor, student_bias
     hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
     y = tokens.reshape(-1).long().index_select(0, idx)
     slp = None if sampler_logprobs is None else sampler_logprobs.reshape(-1).index_select(0, idx).to(cd)
-    sampled = method in SAMPLED_METHODS
     loss, stats = _FusedHead.apply(
-        hs, student_weight, student_bias, y, slp, teacher, method, top_k, 1.0 / float(n),
-        ratio_cap if sampled else None, chunk_rows(student_weight.shape[0], memory_budget_mb),
+        hs, student_weight, student_bias, y, slp, teacher.rows(idx), spec, top_k, 1.0 / float(n),
+        ratio_cap if spec.sampled else None, chunk_rows(vocab, memory_budget_mb),
     )
 
     def per_token(col: int) -> Tensor:
@@ -293,15 +301,33 @@ def fused_head_loss(student_hidden: Tensor, student_weight: Tensor, student_bias
 
     logp, logq = per_token(_LOGP), per_token(_LOGQ)
     reward = logq - logp
-    advantage = per_token(_ADV) if sampled else None
+    advantage = per_token(_ADV) if spec.sampled else None
     return LossOutput(
         loss=loss, num_tokens=mask.sum().detach(), logp=logp, logq=logq, reward=reward,
         baseline=None if advantage is None else reward - advantage, advantage=advantage,
-        kl=per_token(_KL) if method in ("vopd", "opd-full", "vopd-opt") else None,
-        kl_topk=per_token(_KL_TOPK) if method in ("vopd-topk", "opd-topk") else None,
-        topk_mass=per_token(_MASS) if method in TOPK_METHODS else None,
-        ratio=per_token(_RATIO) if (sampled and sampler_logprobs is not None) else None,
+        kl=per_token(_KL) if spec.exact_kl else None,
+        kl_topk=per_token(_KL_TOPK) if spec.topk_kl else None,
+        topk_mass=per_token(_MASS) if spec.topk else None,
+        ratio=per_token(_RATIO) if (spec.sampled and sampler_logprobs is not None) else None,
     )
+
+
+def _check_numbers(teacher: TeacherNumbers, spec: MethodSpec, lead: tuple[int, ...]) -> None:
+    """A teacher known only by its numbers must have sent what ``spec`` needs, on the student's grid."""
+    if spec.full_distribution:
+        raise UserError(f"loss.method={spec.name} needs the teacher's full distribution at every position (sums over "
+                        "the whole vocabulary), which a teacher sending per-token numbers does not give; use vopd-topk "
+                        "(the same unbiased gradient with a top-k baseline) or an in-process teacher")
+    if spec.topk:
+        if teacher.topk_ids is None or teacher.topk_logits is None:
+            raise ValueError(f"method {spec.name} needs topk_ids and topk_logits (B, T, k) from the teacher")
+        for name, x in (("topk_ids", teacher.topk_ids), ("topk_logits", teacher.topk_logits)):
+            if tuple(x.shape) != lead + (teacher.k,):
+                raise ValueError(f"{name} shape {tuple(x.shape)} must be (B, T, k) = {lead + (teacher.k,)}")
+    if spec.teacher_lse and (teacher.lse is None or tuple(teacher.lse.shape) != lead):
+        raise ValueError(f"method {spec.name} needs teacher_lse (B, T) = {lead}, the teacher's log-sum-exp "
+                         "(TeacherNumbers.lse, RemoteTeacher.score(..., lse=True)); got "
+                         f"{None if teacher.lse is None else tuple(teacher.lse.shape)}")
 
 
 def chunked_distillation_loss(
@@ -321,7 +347,8 @@ def chunked_distillation_loss(
     ratio_cap: float | None = None,
     memory_budget_mb: float = 1024,
 ) -> LossOutput:
-    """The same loss and gradients as ``distillation_loss`` without materialising (B, T, V) logits.
+    """The same loss and gradients as ``distillation_loss`` without materialising (B, T, V) logits: the public
+    form of ``fused_distillation_loss`` for a teacher given as its hidden states and output layer.
 
     Shapes:
         student_hidden: (B, T, D_s), the student's last hidden states (after the final norm), requires grad.
@@ -333,21 +360,33 @@ def chunked_distillation_loss(
     Options: as ``distillation_loss``, plus ``memory_budget_mb``, the budget for a chunk's (rows x V) fp32
     buffers (``chunk_rows``).
     """
+    return fused_distillation_loss(
+        student_hidden, student_weight, tokens, mask, TeacherHidden(teacher_hidden, teacher_weight, teacher_bias),
+        method=method, top_k=top_k, student_bias=student_bias, normalizer=normalizer,
+        sampler_logprobs=sampler_logprobs, ratio_cap=ratio_cap, memory_budget_mb=memory_budget_mb)
+
+
+@torch.no_grad()
+def student_topk_ids(student_hidden: Tensor, student_weight: Tensor, mask: Tensor, k: int, *,
+                     bias: Tensor | None = None, memory_budget_mb: float = 1024) -> Tensor:
+    """The student's top-k ids (B, T, k) int64 at masked positions (0 elsewhere), in the head's own chunks (same
+    rows per chunk for the same budget), so no (B, T, V) tensor exists and the ids are the ones the head would pick.
+    A teacher that sends per-token numbers is asked about these ids (``TeacherNumbers.topk_ids``)."""
     lead = tuple(student_hidden.shape[:-1])
-    check_inputs(
-        method, top_k, student_weight.shape[0], teacher_weight.shape[0], tokens, mask, lead,
-        tuple(teacher_hidden.shape[:-1]),
-    )
-    if student_weight.shape[1] != student_hidden.shape[-1] or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
-        raise ValueError(
-            f"hidden size mismatch: student hidden {student_hidden.shape[-1]} vs weight {tuple(student_weight.shape)}, "
-            f"teacher hidden {teacher_hidden.shape[-1]} vs weight {tuple(teacher_weight.shape)}"
-        )
+    vocab = student_weight.shape[0]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k={k} is outside [1, V={vocab}]")
+    cd = compute_dtype(student_hidden.dtype)
+    out = torch.zeros(*lead, k, dtype=torch.long, device=student_hidden.device)
     idx = mask.reshape(-1).bool().nonzero().squeeze(-1)
-    teacher = TeacherRows(
-        hidden=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, idx),
-        weight=teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),
-    )
-    return fused_head_loss(student_hidden, student_weight, student_bias, tokens, mask, teacher, method=method,
-                           top_k=top_k, normalizer=normalizer, sampler_logprobs=sampler_logprobs, ratio_cap=ratio_cap,
-                           memory_budget_mb=memory_budget_mb)
+    if idx.numel() == 0:
+        return out
+    half_cuda = student_hidden.is_cuda and student_hidden.dtype in (torch.bfloat16, torch.float16)
+    w = student_weight if half_cuda and cd == torch.float32 else student_weight.to(cd)
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
+    rows = chunk_rows(vocab, memory_budget_mb)
+    flat = out.reshape(-1, k)
+    for lo in range(0, idx.numel(), rows):
+        hi = min(idx.numel(), lo + rows)
+        flat[idx[lo:hi]] = _logits(hs[lo:hi], w, bias, cd).topk(k, dim=-1).indices
+    return out

@@ -1,14 +1,14 @@
 """`vopd bench trl`: vopd's trainer side by side with Hugging Face TRL's on-policy distillation trainer; the driver.
 
 What it knows: which cases run (TRL's ``DistillationTrainer`` with ``beta=1.0``, vopd's ``opd-full`` and ``vopd``;
-timing rounds, then memory rounds, then the loss cross-check), each in a fresh process (``python -m vopd.bench_trl
+timing rounds, then memory rounds, then the loss cross-check), each in a fresh process (``python -m vopd.tools.bench.trl
 --worker CASE``) with the same torch thread count, set before any model exists; implementations alternate in rotated
 order every round; memory processes get glibc's mmap threshold lowered so the resident set follows live memory;
 medians over rounds x steps; the report table and the raw JSON; the command line; whether TRL is recent enough. The
 inputs are the cached tiny world unless paths are given.
 
-What it does not know: how a case runs a trainer and measures its steps (``vopd.trl_cases``), how the loss cross-check
-is computed (``vopd.trl_crosscheck``), GPUs, vLLM, LoRA, or any number in advance.
+What it does not know: how a case runs a trainer and measures its steps (``vopd.tools.bench.trl_cases``), how the loss cross-check
+is computed (``vopd.tools.bench.trl_crosscheck``), GPUs, vLLM, LoRA, or any number in advance.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from vopd.bench import _ratio
+from vopd.tools.bench.common import ratio, spawn_case
 from vopd.errors import UserError
-from vopd.trl_cases import measure
-from vopd.trl_crosscheck import crosscheck, crosscheck_lines
+from vopd.tools.bench.trl_cases import measure
+from vopd.tools.bench.trl_crosscheck import crosscheck, crosscheck_lines
 
 IMPLS = ("trl", "opd-full", "vopd")
 MIN_TRL = "1.16"  # the first release with the stable DistillationTrainer used here is at most this one (measured)
@@ -67,12 +66,10 @@ def _run(case: dict[str, Any], in_process: bool) -> dict[str, Any]:
         # glibc then hands every freed block of 64 KiB or more back to the OS (by default its threshold grows and
         # freed memory stays resident), so the resident set follows live memory. Timing runs keep the defaults.
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    proc = subprocess.run([sys.executable, "-m", "vopd.bench_trl", "--worker", json.dumps(case)],
-                          capture_output=True, text=True, env=env)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
+    result, proc = spawn_case("vopd.tools.bench.trl", case, flag="--worker", env=env)
+    if result is None:
         raise RuntimeError(f"benchmark case {case['impl']} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return result
 
 
 def _paths(args: argparse.Namespace) -> dict[str, str]:
@@ -81,7 +78,7 @@ def _paths(args: argparse.Namespace) -> dict[str, str]:
         return {"student": args.student, "teacher": args.teacher, "data": args.data}
     if any(given):
         raise UserError("--student, --teacher and --data go together (or none: the tiny world)")
-    from vopd.world import build_world
+    from vopd.world.build import build_world
 
     w = build_world(cache_dir=args.cache_dir)
     return {"student": str(w.student), "teacher": str(w.teacher), "data": str(w.train_data)}
@@ -138,7 +135,7 @@ def format_report(res: dict[str, Any]) -> str:
                  for k in ("step_ms", "gen_ms", "rest_ms", "rss_step_mb", "tensor_peak_mb", "process_peak_mb")]
         cells.insert(3, " / ".join(f"{x:.0f}" for x in m.get("round_ms", [])) or "-")
         name = "TRL DistillationTrainer, beta=1" if impl == "trl" else f"vopd train, loss.method={impl}"
-        ratios = [_ratio(m.get(k), trl.get(k)) for k in ("step_ms", "rest_ms", "rss_step_mb", "tensor_peak_mb")]
+        ratios = [ratio(m.get(k), trl.get(k)) for k in ("step_ms", "rest_ms", "rss_step_mb", "tensor_peak_mb")]
         lines.append("| " + " | ".join([name, *cells, *ratios]) + " |")
     threads = {t for m in summ.values() for t in m["threads"]}
     if threads != {s["threads"]}:

@@ -14,8 +14,8 @@ start (torch profiler allocation events). Two hooks are this file's: a callback 
 call on TRL's side, and on vopd's side a sampler factory handed to ``train(make_sampler=...)`` (fixed-length sampling
 needs a sampler that ignores EOS). ``load_pair``, ``prompt_texts`` and ``trl_args`` also serve the loss cross-check.
 
-What it does not know: fresh processes, thread counts, rounds, medians or the report (``vopd.bench_trl``), the loss
-cross-check (``vopd.trl_crosscheck``), GPUs, vLLM or LoRA.
+What it does not know: fresh processes, thread counts, rounds, medians or the report (``vopd.tools.bench.trl``), the loss
+cross-check (``vopd.tools.bench.trl_crosscheck``), GPUs, vLLM or LoRA.
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from vopd.errors import UserError
+
+if TYPE_CHECKING:
+    from vopd.config import RolloutConfig
+    from vopd.rollout import Sampler, SamplerFactory
 
 
 class _StepClock:
@@ -121,15 +125,15 @@ def _exactly(n: int, out: Any, completions: Callable[[Any], list[list[int]]]) ->
     return out
 
 
-def _fixed_length_sampler(clock: _StepClock, length: int) -> Callable[[Any, Any, dict[str, Any]], Any]:
+def _fixed_length_sampler(clock: _StepClock, length: int) -> SamplerFactory:
     """``train(make_sampler=...)``: vopd's own Hugging Face sampler with EOS ignored, and the clock at the start of
     each step."""
-    from vopd.rollout import hf_sampler
+    from vopd.rollout import hf_engine
 
-    def factory(model: Any, tok: Any, settings: dict[str, Any]) -> Callable[[list[list[int]]], Any]:
+    def factory(model: Any, tok: Any, rollout: RolloutConfig) -> Sampler:
         # generate() reads these three ids; without an EOS id every completion runs to max_new_tokens
         view = SimpleNamespace(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=None)
-        sample = clock.timed(hf_sampler(model, view, **settings))
+        sample = clock.timed(hf_engine(model, view, rollout))
 
         def step_start(prompts: list[list[int]]) -> Any:
             clock.mark()  # train() calls the sampler first thing in every step

@@ -1,8 +1,8 @@
 """The tiny world: an offline tokenizer, a tiny Qwen3 teacher and a weaker tiny Qwen3 student, built and cached.
 
-``build_world`` generates the arithmetic task (``vopd.task``), trains a byte-level BPE tokenizer on it and creates
-two ``Qwen3ForCausalLM`` models of different sizes (``vopd.tiny_models``), fine-tunes both on the worked solutions
-(``vopd.sft``) and measures their greedy test accuracy. Everything is saved in the formats real models use
+``build_world`` generates the arithmetic task (``vopd.world.task``), trains a byte-level BPE tokenizer on it and creates
+two ``Qwen3ForCausalLM`` models of different sizes (``vopd.world.tiny_models``), fine-tunes both on the worked solutions
+(``vopd.world.sft``) and measures their greedy test accuracy. Everything is saved in the formats real models use
 (``save_pretrained``: safetensors + tokenizer in the model directory), so the rest of vopd loads the tiny world with
 ``AutoTokenizer`` / ``AutoModelForCausalLM`` like any other checkpoint.
 
@@ -12,7 +12,7 @@ sha256 of every file) that is verified on reuse so a partial or corrupt cache is
 
 What it knows: the world's recipe (``WorldConfig``), its cache (key, manifest, verification, atomic build).
 What it does not know: distillation, the estimators, or evaluation beyond greedy accuracy; how the tokenizer and
-the models are made (``vopd.tiny_models``).
+the models are made (``vopd.world.tiny_models``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any, Callable
 import torch
 
 from vopd.errors import UserError
-from vopd.sft import SFTConfig, greedy_accuracy, train_sft
-from vopd.task import TaskConfig, read_jsonl, write_splits
-from vopd.tiny_models import ModelShape, count_parameters, make_model, tokenizer_corpus, train_tokenizer
+from vopd.world.sft import SFTConfig, greedy_accuracy, train_sft
+from vopd.world.task import TaskConfig, read_jsonl, write_splits
+from vopd.world.tiny_models import ModelShape, count_parameters, make_model, tokenizer_corpus, train_tokenizer
 
 #: Bump when the layout or the build recipe changes, so old caches are not mistaken for new ones.
 FORMAT_VERSION = 1

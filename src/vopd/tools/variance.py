@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.estimators import METHODS
+from vopd.loss.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def collect_gradients(student: Any, teacher: Any, tok: Any, prompts: list[list[i
                       replicates: int, max_new_tokens: int, top_k: int, seed: int,
                       memory_budget_mb: float = 256) -> dict[str, Tensor]:
     """(R, P) parameter gradients per method, every method on the same R rollout batches."""
-    from vopd.chunked import chunked_distillation_loss
+    from vopd.loss.chunked import chunked_distillation_loss
     from vopd.models import last_hidden, output_layer
     from vopd.rollout import hf_sampler, pack
 
@@ -108,7 +108,7 @@ def collect_gradients(student: Any, teacher: Any, tok: Any, prompts: list[list[i
     for rep in range(replicates):
         torch.manual_seed(seed + rep)
         rollout = pack(prompts, sampler(prompts), tok.pad_token_id).to(device)
-        scores = teacher.score(rollout, device)
+        scores = teacher.score(rollout)
         for method in methods:
             student.zero_grad(set_to_none=True)
             hidden = last_hidden(student, rollout.input_ids, rollout.attention_mask)[:, :-1]
@@ -176,13 +176,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     from vopd.data import encode_prompt, format_prompt, load_problems
     from vopd.models import load_model, load_tokenizer
-    from vopd.teacher import InProcessTeacher
+    from vopd.teacher.local import InProcessTeacher
 
     if args.replicates < 2:
         raise UserError("--replicates must be at least 2 to estimate a variance")
     student_dir, teacher_dir, data = args.student, args.teacher, args.data
     if not (student_dir and teacher_dir and data):
-        from vopd.world import build_world
+        from vopd.world.build import build_world
 
         world = build_world()
         student_dir, teacher_dir = student_dir or str(world.student), teacher_dir or str(world.teacher)

@@ -5,8 +5,8 @@ padded), and on it vopd's chunked ``opd-full`` loss, TRL's ``DistillationTrainer
 GKD's dense ``generalized_jsd_loss``: their values and their gradients w.r.t. the student's parameters (max |gradient
 difference| / max |gradient|); and the report's lines for the result.
 
-What it does not know: timing, memory, processes or rounds (``vopd.bench_trl``); loading the models and the prompts,
-and TRL's trainer settings, which it takes from ``vopd.trl_cases``.
+What it does not know: timing, memory, processes or rounds (``vopd.tools.bench.trl``); loading the models and the prompts,
+and TRL's trainer settings, which it takes from ``vopd.tools.bench.trl_cases``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vopd.trl_cases import load_pair, prompt_texts, trl_args
+from vopd.tools.bench.trl_cases import load_pair, prompt_texts, trl_args
 
 
 def crosscheck(case: dict[str, Any]) -> dict[str, Any]:
@@ -27,12 +27,12 @@ def crosscheck(case: dict[str, Any]) -> dict[str, Any]:
     from trl import DistillationTrainer
     from trl.experimental.gkd import GKDTrainer
 
-    from vopd.chunked import chunked_distillation_loss
+    from vopd.loss.chunked import chunked_distillation_loss
     from vopd.data import encode_prompt
     from vopd.models import last_hidden, output_layer
     from vopd.rollout import pack
     from vopd.sampling import generate
-    from vopd.teacher import InProcessTeacher
+    from vopd.teacher.local import InProcessTeacher
 
     tok, student, teacher = load_pair(case)
     vocab, pad = len(tok), tok.pad_token_id
@@ -41,7 +41,7 @@ def crosscheck(case: dict[str, Any]) -> dict[str, Any]:
     r = pack(prompts, generate(student, tok, prompts, max_new_tokens=case["max_new_tokens"]), pad)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    scores = InProcessTeacher(teacher, vocab).score(r, torch.device("cpu"))
+    scores = InProcessTeacher(teacher, vocab).score(r)
     weight, bias = output_layer(student, vocab)
     ours = chunked_distillation_loss(last_hidden(student, r.input_ids, r.attention_mask)[:, :-1], weight,
                                      scores.hidden, scores.weight, r.targets, r.completion_mask, method="opd-full",

@@ -4,12 +4,12 @@ What it knows: how to build random-initialised ``Qwen3ForCausalLM`` models from 
 -4B students, Qwen3-8B teacher, V = 151,936, bf16 weights; and a ``tiny`` set for CPU smoke tests), and how to time
 one case: a training-side step the way the trainer runs it (teacher ``last_hidden`` without grad, student
 ``last_hidden`` with gradient checkpointing, LoRA or all weights trainable, ``chunked_distillation_loss`` on the
-completion positions, backward, optionally an AdamW step), the loss head alone (``vopd.bench``'s worker), or
+completion positions, backward, optionally an AdamW step), the loss head alone (``vopd.tools.bench.estimators``'s worker), or
 ``model.generate`` with a static or dynamic KV cache. Median of repeats after warm-up, peak memory from
 ``torch.cuda.max_memory_allocated`` (CPU: peak RSS, indicative only); an out-of-memory error becomes a result row.
-``python -m vopd.bench_worker CASE_JSON`` runs one case and prints its result as one JSON line.
+``python -m vopd.tools.bench.worker CASE_JSON`` runs one case and prints its result as one JSON line.
 
-What it does NOT know: which cases make a benchmark, defaults, tables or targets (``vopd.bench_training``, which
+What it does NOT know: which cases make a benchmark, defaults, tables or targets (``vopd.tools.bench.training``, which
 runs each case in a fresh process), real weights, or what any number will be: all are measured.
 """
 
@@ -23,8 +23,7 @@ import sys
 import time
 from typing import Any
 
-from vopd.bench import _rss_mb
-from vopd.bench import _worker as _head_case  # the loss head alone from random hidden states, dense or chunked
+from vopd.tools.bench.common import rss_mb
 
 _QWEN3 = dict(head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=40960,
               rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
@@ -69,7 +68,7 @@ def _memory(dev: Any) -> tuple[float, float]:
 
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20, torch.cuda.memory_allocated(dev) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mb()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mb()
 
 
 def _timed(fn: Any, dev: Any, warmup: int, repeats: int) -> tuple[list[float], float, float]:
@@ -96,7 +95,7 @@ def _timed(fn: Any, dev: Any, warmup: int, repeats: int) -> tuple[list[float], f
 def _train_case(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from vopd.chunked import chunked_distillation_loss
+    from vopd.loss.chunked import chunked_distillation_loss
     from vopd.models import apply_lora, enable_gradient_checkpointing, last_hidden, output_layer
 
     torch.manual_seed(0)
@@ -173,13 +172,69 @@ def _generation_case(case: dict[str, Any]) -> dict[str, Any]:
     return {"time_ms": 1000 * med, "tokens_per_s": b * n_new / med, "peak_mb": peak, "first_call_s": first}
 
 
+def _head_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One measurement, meant to run in a fresh process."""
+    import torch
+
+    from vopd.loss.chunked import chunked_distillation_loss
+    from vopd.loss.estimators import distillation_loss
+
+    torch.manual_seed(0)
+    if case["device"] == "cpu":
+        torch.set_num_threads(case.get("threads", 1))  # a fixed thread count keeps timings comparable on a shared CPU
+    dev = torch.device(case["device"])
+    dtype = getattr(torch, case["dtype"])
+    n, v, ds, dt = case["tokens"], case["vocab"], case["hidden"], case["teacher_hidden"]
+    hs = (torch.randn(1, n, ds, device=dev) ).to(dtype).requires_grad_(True)
+    ws = (torch.randn(v, ds, device=dev) * ds**-0.5).to(dtype).requires_grad_(True)
+    ht = torch.randn(1, n, dt, device=dev).to(dtype)
+    wt = (torch.randn(v, dt, device=dev) * dt**-0.5).to(dtype)
+    y = torch.randint(0, v, (1, n), device=dev)
+    mask = torch.ones(1, n, dtype=torch.bool, device=dev)
+
+    def step() -> None:
+        hs.grad = ws.grad = None
+        if case["path"] == "dense":
+            with torch.no_grad():
+                zt = ht @ wt.T
+            out = distillation_loss(hs @ ws.T, zt, y, mask, method=case["method"], top_k=case["top_k"])
+        else:
+            out = chunked_distillation_loss(hs, ws, ht, wt, y, mask, method=case["method"], top_k=case["top_k"],
+                                            memory_budget_mb=case["budget_mb"])
+        out.loss.backward()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up (allocator, kernels)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_mb()
+    times = []
+    for _ in range(case["repeats"]):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {**case, "time_ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0.0)}
+
+
 def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     """Run one case (meant for a fresh process); an out-of-memory error becomes a result with what the allocator
     had and wanted."""
     import torch
 
     run = {"train": _train_case, "generation": _generation_case, "head": _head_case}[case["kind"]]
-    if case["shapes"] == "tiny" and case["device"] == "cpu":
+    if case.get("shapes") == "tiny" and case["device"] == "cpu":
         torch.set_num_threads(1)  # tiny matmuls gain nothing from threads, and idle-spinning ones add noise
     try:
         return {**case, **run(case)}
@@ -190,7 +245,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
         tried = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB)", msg)
         tried_mb = None if tried is None else float(tried.group(1)) * (1024 if tried.group(2) == "GiB" else 1)
         peak = _memory(torch.device(case["device"]))[0]
-        if case["kind"] == "head":  # vopd.bench reports the head's memory above its inputs; do the same here
+        if case["kind"] == "head":  # vopd.tools.bench.estimators reports the head's memory above its inputs; do the same here
             n, v, dims = case["tokens"], case["vocab"], case["hidden"] + case["teacher_hidden"]
             peak -= ((n + v) * dims * 2 + n * 9) / 2**20  # bf16 hidden states and weights, int64 ids, bool mask
         return {**case, "oom": True, "peak_mb": max(peak, 0.0), "tried_mb": tried_mb,

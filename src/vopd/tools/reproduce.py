@@ -20,7 +20,7 @@ import torch
 
 from vopd.config import load_config
 from vopd.errors import UserError
-from vopd.estimators import METHODS
+from vopd.loss.methods import METHODS
 
 PAPER_METHODS = ("opd", "vopd", "vopd-topk", "opd-full", "opd-topk")
 
@@ -76,8 +76,8 @@ def _sample(student: Any, tok: Any, data: Any, n: int, max_new_tokens: int, seed
 def evaluate_initial_student(world: Any, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The student before training, evaluated as every run's final model is (per seed: the held-out KL's samples
     depend on the seed; greedy accuracy does not)."""
-    from vopd.teacher import InProcessTeacher
-    from vopd.train import evaluate_student
+    from vopd.teacher.local import InProcessTeacher
+    from vopd.eval import evaluate_student
 
     tok, student, teacher_model = _world_models(world)
     teacher = InProcessTeacher(teacher_model, len(tok))
@@ -147,7 +147,7 @@ def summarise_grid(runs: dict[str, list[dict[str, Any]]], methods: list[str], se
 def topk_baseline_error(world: Any, ks: list[int], *, prompts: int, max_new_tokens: int, seed: int) -> dict[str, Any]:
     """Mean squared error of the top-k KL (the `vopd-topk` baseline) against the exact KL_t, per k, on the
     student's own samples."""
-    from vopd.estimators import distillation_loss
+    from vopd.loss.estimators import distillation_loss
 
     tok, student, teacher = _world_models(world)
     _, _, r = _sample(student, tok, world.test_data, prompts, max_new_tokens, seed)
@@ -176,8 +176,8 @@ def interleaved_step_times(world: Any, methods: list[str], *, batch_size: int, t
 
     from vopd import distributed as dist
     from vopd.metrics import PhaseTimer
-    from vopd.teacher import InProcessTeacher
-    from vopd.train import micro_batch_loss
+    from vopd.teacher.local import InProcessTeacher
+    from vopd.step import micro_batch_loss
 
     cpu = torch.device("cpu")
     tok, student, teacher_model = _world_models(world)
@@ -314,7 +314,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from vopd.world import build_world
+    from vopd.world.build import build_world
 
     if args.quick:
         (args.seeds, args.lrs, args.steps, args.eval_every, args.eval_problems,

@@ -3,7 +3,7 @@
 What it knows: turning ``{"problem", "solution"}`` rows into token ids with exactly the encoders the sampler and the
 evaluator use (``vopd.data.encode_prompt`` / ``encode_completion``), a plain AdamW + cosine training loop with the
 loss on completion tokens only, and greedy accuracy with ``vopd.sampling.generate`` + ``vopd.grading.grade_answer``.
-What it does not know: how the tiny world is assembled or cached (``vopd.world``), distillation, or the estimators.
+What it does not know: how the tiny world is assembled or cached (``vopd.world.build``), distillation, or the estimators.
 """
 
 from __future__ import annotations
@@ -188,83 +188,3 @@ def greedy_accuracy(
         for ids, r in zip(samples.completions, rows)
     )
     return correct / len(rows)
-
-
-# ----------------------------------------------------------------------------------------------- command line
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `vopd sft`."""
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="root of the tiny-world cache (default $VOPD_CACHE or ~/.cache/vopd)")
-    parser.add_argument("--force", action="store_true", help="rebuild even when a valid cached world exists")
-    parser.add_argument("--seed", type=int, default=None, help="world seed (data, init, batches)")
-    parser.add_argument("--steps", type=int, default=None, help="arithmetic steps per problem")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher SFT optimizer steps")
-    parser.add_argument("--student-steps", type=int, default=None,
-                        help="most student SFT steps (it stops earlier once it reaches --student-target)")
-    parser.add_argument("--student-target", type=float, default=None,
-                        help="validation accuracy at which the student's SFT stops (default 0.3; 0 = never stop early)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: tiny models gain little from more, and it is reproducible)")
-    custom = parser.add_argument_group("SFT of your own model (instead of building the tiny world)")
-    custom.add_argument("--model", type=Path, default=None, help="local HF causal-LM directory to fine-tune")
-    custom.add_argument("--data", type=Path, default=None, help="jsonl with 'problem' and 'solution' fields")
-    custom.add_argument("--out", type=Path, default=None, help="directory to save the fine-tuned model to")
-    custom.add_argument("--lr", type=float, default=1e-5, help="peak learning rate for --model (default 1e-5)")
-    custom.add_argument("--batch-size", type=int, default=8, help="sequences per step for --model (default 8)")
-    custom.add_argument("--max-steps", type=int, default=100, help="optimizer steps for --model (default 100)")
-
-
-def _sft_custom(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from vopd.task import read_jsonl
-
-    if args.data is None or args.out is None:
-        raise UserError("--model needs --data train.jsonl and --out DIR as well")
-    if not (args.model / "config.json").is_file():
-        raise UserError(f"{args.model}: not a Hugging Face model directory (no config.json); pass --model DIR")
-    rows = read_jsonl(args.data)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    config = SFTConfig(steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                       warmup_steps=min(10, args.max_steps // 10))
-    result = train_sft(model, tokenizer, rows, config, log_every=max(1, args.max_steps // 10))
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"saved {args.out}  (final loss {result.losses[-1]:.4f}, {result.seconds:.0f}s)")
-    return 0
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """`vopd sft`: build or reuse the tiny world (default), or fine-tune ``--model`` on ``--data``."""
-    import dataclasses
-
-    if args.threads < 1:
-        raise UserError(f"--threads {args.threads}: pass a positive number of CPU threads")
-    if args.model is not None:
-        torch.set_num_threads(args.threads)
-        return _sft_custom(args)
-    if args.data is not None or args.out is not None:
-        raise UserError("--data/--out are for fine-tuning your own model; add --model DIR (or drop them)")
-    from vopd.world import WorldConfig, build_world
-
-    config = WorldConfig()
-    changes: dict[str, Any] = {}
-    if args.seed is not None:
-        changes["seed"] = args.seed
-    if args.steps is not None:
-        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps)
-    if args.teacher_steps is not None:
-        changes["teacher_sft"] = dataclasses.replace(config.teacher_sft, steps=args.teacher_steps)
-    if args.student_steps is not None:
-        changes["student_sft"] = dataclasses.replace(config.student_sft, steps=args.student_steps)
-    if args.student_target is not None:
-        if not 0.0 <= args.student_target <= 1.0:
-            raise UserError(f"--student-target {args.student_target}: pass an accuracy in [0, 1] (0 disables it)")
-        changes["student_target_accuracy"] = args.student_target or None
-    world = build_world(dataclasses.replace(config, **changes), args.cache_dir, force=args.force, threads=args.threads)
-    print(world.summary())
-    return 0

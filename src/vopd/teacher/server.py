@@ -1,6 +1,6 @@
 """`vopd serve-teacher`: a frozen teacher behind an HTTP API (FastAPI + uvicorn) that scores token sequences.
 
-What it knows: answering the wire protocol (``vopd.wire``, ``docs/teacher_server.md``): per sequence, the token ids,
+What it knows: answering the wire protocol (``vopd.teacher.wire``, ``docs/teacher_server.md``): per sequence, the token ids,
 the first scored position and optionally k token ids per scored position; back, log q(next token) at each scored
 position, the teacher's logits at the requested ids and, on request, its log-sum-exp over the whole vocabulary (one
 float per position). That is all `opd` (log q(y_t)) and the top-k methods need: renormalising both models on the same
@@ -9,8 +9,8 @@ ids by the exact log q_v = z_v - lse, hence the lse. It also knows the HTTP side
 errors as one-line JSON, an optional bearer token (401), batched padded forwards under a lock, fp32 head math whatever
 the model's dtype, and the command line.
 
-What it does not know: the protocol's fields, codec and request validation (``vopd.wire``); estimators, students or
-training (``vopd.remote`` is the client side and the loss); TLS (put it behind a reverse proxy to cross machines); the
+What it does not know: the protocol's fields, codec and request validation (``vopd.teacher.wire``); estimators, students or
+training (``vopd.teacher.client`` is the client side and the loss); TLS (put it behind a reverse proxy to cross machines); the
 full distribution, which it never sends.
 
 This module deliberately does not use ``from __future__ import annotations``: FastAPI reads the endpoint
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.wire import (DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_K, DEFAULT_MAX_TOKENS, PROTOCOL_VERSION,
+from vopd.teacher.wire import (DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_K, DEFAULT_MAX_TOKENS, PROTOCOL_VERSION,
                        TOKEN_ENV, ApiError, Limits, ParsedSequence, b64_encode, parse_request, tokenizer_fingerprint)
 
 #: Budget of the fp32 (rows x V) logits chunk of the head; the forward itself is bounded by ``max_tokens``.
@@ -59,7 +59,7 @@ class TeacherScorer:
     def score(self, seqs: list[ParsedSequence], k: int) -> list[tuple[Tensor, Tensor | None, Tensor]]:
         """Per sequence: (logq (t,), logits at the requested ids (t, k) or None, log-sum-exp (t,)), fp32 on the
         CPU."""
-        from vopd.chunked import _logits, chunk_rows
+        from vopd.loss.chunked import _logits, chunk_rows
         from vopd.models import last_hidden
 
         b, width = len(seqs), max(s.ids.numel() for s in seqs)

@@ -2,12 +2,12 @@
 
 What it knows: the protocol version, the token environment variable, the default request limits (``Limits``), the
 request and sequence field names and the two encodings, the base64 array codec (``b64_encode``/``b64_decode``, used
-by the server for its answers and by ``vopd.remote`` for its requests), the tokenizer fingerprint that ``/health``
+by the server for its answers and by ``vopd.teacher.client`` for its requests), the tokenizer fingerprint that ``/health``
 reports, and what a valid ``/score`` body is: ``parse_request`` returns the validated sequences or raises an
 ``ApiError`` with the HTTP status (400/413/422) and a one-line message naming the problem.
 
-What it does not know: HTTP, FastAPI or authentication, the model and its scoring (``vopd.serve``), or the client's
-request splitting and retries (``vopd.remote``).
+What it does not know: HTTP, FastAPI or authentication, the model and its scoring (``vopd.teacher.server``), or the client's
+request splitting and retries (``vopd.teacher.client``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def b64_decode(text: str, dtype: torch.dtype, count: int) -> Tensor:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of the token->id map and the special tokens: equal fingerprints mean the student may use this teacher
-    (``vopd.check.compare_tokenizers`` is the in-process version of this check, with a better message)."""
+    (``vopd.teacher.local.compare_tokenizers`` is the in-process version of this check, with a better message)."""
     special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     payload = json.dumps([sorted(tokenizer.get_vocab().items()), special], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()

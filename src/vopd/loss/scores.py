@@ -1,0 +1,80 @@
+"""What the fused head takes from a teacher: its hidden states and output layer, or its per-token numbers.
+
+What it knows: the two typed forms a teacher's scores come in, their shapes, and how to select the live rows (the
+completion positions) of each. ``TeacherHidden`` carries the teacher's whole distribution (logits are formed chunk
+by chunk inside the head), so every method can use it; ``TeacherNumbers`` carries only what a teacher server sends
+per position, enough for the methods whose ``MethodSpec.per_token_teacher`` is true. What it does not know: where
+the numbers came from (``vopd.teacher`` produces them), or any loss math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TeacherHidden:
+    """The teacher as its last hidden states (after the final norm) and its output layer.
+
+    hidden: (*lead, D_t), aligned with the rollout's targets; weight: (V, D_t) sliced to the shared vocabulary;
+    bias: (V,) or None. All detached (the teacher never receives a gradient).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+    def rows(self, idx: Tensor) -> "TeacherHidden":
+        """The live rows ``idx`` of the flattened leading dimensions: hidden becomes (N, D_t)."""
+        flat = self.hidden.detach().reshape(-1, self.hidden.shape[-1])
+        return TeacherHidden(flat.index_select(0, idx), self.weight.detach(),
+                             None if self.bias is None else self.bias.detach())
+
+    def to(self, device: torch.device) -> "TeacherHidden":
+        return TeacherHidden(self.hidden.to(device), self.weight.to(device),
+                             None if self.bias is None else self.bias.to(device))
+
+
+@dataclass(frozen=True)
+class TeacherNumbers:
+    """The teacher as per-token numbers (a teacher server), 0 outside completion positions.
+
+    logq:        (*lead) log q(y_t), the teacher's log-prob of each sampled token.
+    topk_ids:    (*lead, k) int64, the student's top-k ids the teacher was asked about (top-k methods), else None.
+    topk_logits: (*lead, k) the teacher's raw logits at ``topk_ids``, else None.
+    lse:         (*lead) the teacher's full-vocabulary log-sum-exp (``rb-topk``), else None.
+    """
+
+    logq: Tensor
+    topk_ids: Tensor | None = None
+    topk_logits: Tensor | None = None
+    lse: Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return 0 if self.topk_ids is None else int(self.topk_ids.shape[-1])
+
+    def rows(self, idx: Tensor) -> "TeacherNumbers":
+        """The live rows ``idx`` of the flattened leading dimensions."""
+        lead = self.logq.dim()
+
+        def pick(x: Tensor) -> Tensor:
+            return x.detach().reshape(-1, *x.shape[lead:]).index_select(0, idx)
+
+        return TeacherNumbers(pick(self.logq), None if self.topk_ids is None else pick(self.topk_ids).long(),
+                              None if self.topk_logits is None else pick(self.topk_logits),
+                              None if self.lse is None else pick(self.lse))
+
+    def to(self, device: torch.device) -> "TeacherNumbers":
+        def move(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(device)
+
+        return TeacherNumbers(self.logq.to(device), move(self.topk_ids), move(self.topk_logits), move(self.lse))
+
+
+#: A teacher's scores for one micro-batch, in either form (``vopd.teacher.base.Teacher.score`` returns one).
+TeacherScores = Union[TeacherHidden, TeacherNumbers]

@@ -1,0 +1,67 @@
+"""The one teacher seam: the ``Teacher`` protocol every placement implements, and ``open_teacher`` to pick one.
+
+What it knows: what the training loop may ask of a teacher (scores for a micro-batch of rollouts, in one of the two
+typed forms of ``vopd.loss.scores``; whether they carry the teacher's full distribution; its pre-flight pairing
+checks against the student; closing), and which placement ``model.teacher`` names (a local model directory, or the
+URL of a `vopd serve-teacher` server). What it does not know: how a placement computes its scores
+(``vopd.teacher.local``, ``vopd.teacher.client``), the loss math, or the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from vopd.loss.scores import TeacherScores
+from vopd.rollout import Rollout
+
+
+class Teacher(Protocol):
+    """A frozen teacher as the loop sees it.
+
+    ``full_distribution``: ``score`` returns ``TeacherHidden`` (the whole distribution at every position: every
+    method, and the exact held-out KL); otherwise ``TeacherNumbers`` (log q(y_t), logits at asked ids, lse), enough
+    for the methods whose ``MethodSpec.per_token_teacher`` holds, and such a teacher must be asked about the
+    student's top-k ids (``topk_ids``) for the top-k methods, so it scores after the student's forward.
+    """
+
+    @property
+    def full_distribution(self) -> bool: ...
+
+    def score(self, rollout: Rollout, *, topk_ids: Tensor | None = None, lse: bool = False) -> TeacherScores:
+        """Scores aligned with ``rollout.targets`` (B, L-1), on the rollout's device. ``topk_ids`` (B, L-1, k):
+        the ids to return the teacher's logits at; ``lse``: also its full-vocabulary log-sum-exp. A teacher with the
+        full distribution needs neither."""
+        ...
+
+    def pairing_checks(self, student: Any, student_tok: Any) -> list[str]:
+        """Pre-flight: the teacher shares the student's tokenizer (and covers it); one line per passed check, a
+        ``UserError`` naming the first difference otherwise."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def is_remote(teacher: str) -> bool:
+    """``model.teacher`` names a ``vopd serve-teacher`` server rather than a model directory."""
+    return teacher.startswith(("http://", "https://"))
+
+
+def open_teacher(path: str, *, vocab_size: int, device: torch.device, dtype: str = "auto",
+                 trust_remote_code: bool = False, timeout_s: float = 60.0, retries: int = 3) -> Teacher:
+    """The teacher that ``path`` (``model.teacher``) names: a frozen model loaded here from a local directory, or
+    the client of a teacher server for a URL (nothing is sent until it is first used). No pre-flight here: the
+    caller runs ``vopd.check.preflight`` with it."""
+    if is_remote(path):
+        from vopd.teacher.client import RemoteTeacher
+
+        return RemoteTeacher(path, timeout_s=timeout_s, retries=retries)
+    from vopd.models import load_model, load_tokenizer, resolve_dtype
+    from vopd.teacher.local import InProcessTeacher
+
+    tokenizer = load_tokenizer(path, role="teacher", trust_remote_code=trust_remote_code)
+    model = load_model(path, role="teacher", dtype=resolve_dtype(dtype, device), device=device,
+                       trust_remote_code=trust_remote_code)
+    return InProcessTeacher(model, vocab_size, tokenizer=tokenizer)
