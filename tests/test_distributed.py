@@ -127,7 +127,8 @@ def dist_overrides(train_overrides):
     # Adam's update ~ lr * g, so equal weights mean equal gradients; the clip threshold sits below the gradient
     # norm, so clipping (of sharded gradients, under FSDP2) is part of every step.
     return train_overrides + ["batch_size=8", "micro_batch_size=2", "optim.eps=1.0", "optim.grad_clip=0.001",
-                              "loss.method=vopd", "save_every=0"]
+                              "loss.method=vopd", "save_every=0",
+                              "rollout.check_sync=false"]  # FixedSampler's log-probs are not the student's
 
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj,down_proj]"]

@@ -274,6 +274,46 @@ def test_importance_ratio_is_one_on_policy_and_capped():
     assert off.ratio.max().item() == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("method", ["opd", "vopd", "rb-topk"])
+def test_masked_ratio_drops_exactly_the_tokens_over_the_cap(method):
+    """loss.ratio_mode=mask: tokens whose ratio exceeds the cap get weight 0 (their gradient vanishes), the others
+    keep their ratio; the chunked head agrees with the dense reference."""
+    hs, ws, bs, ht, wt, y, mask = _batch(seed=8, bias=True)
+    zs = hs @ ws.T + bs
+    logp = zs.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1).detach()
+    shift = torch.where(torch.rand(y.shape, generator=torch.Generator().manual_seed(1)) < 0.5, 3.0, 0.1)
+    slp = logp - shift  # ratio e^3 > 2 on about half of the tokens, e^0.1 < 2 on the rest
+    kw = dict(method=method, top_k=5, sampler_logprobs=slp, ratio_cap=2.0, ratio_mode="mask")
+    d = _dense(hs, ws, bs, ht, wt, y, mask, **kw)
+    over = (shift > 1.0) & mask.bool()
+    assert over.any() and (mask.bool() & ~over).any()
+    torch.testing.assert_close(d.ratio[over], torch.zeros(int(over.sum())))
+    torch.testing.assert_close(d.ratio[mask.bool() & ~over], torch.full((int((mask.bool() & ~over).sum()),), 0.1).exp())
+    c = chunked_distillation_loss(hs, ws, ht, wt, y, mask, student_bias=bs, memory_budget_mb=0.002, **kw)
+    torch.testing.assert_close(c.loss, d.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(c.loss, (hs, ws)), torch.autograd.grad(d.loss, (hs, ws))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Masking every over-cap token == truncating with those tokens removed from the batch (same normaliser).
+    trunc = _dense(hs, ws, bs, ht, wt, y, mask & ~over, **{**kw, "ratio_mode": "truncate"}, normalizer=mask.sum())
+    if method != "rb-topk":  # rb-topk's exact top-k part does not carry the ratio
+        torch.testing.assert_close(d.loss, trunc.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_token_stats_report_how_often_the_cap_binds():
+    from vopd.metrics import TokenStats
+
+    hs, ws, _, ht, wt, y, mask = _batch(seed=9)
+    zs = hs @ ws.T
+    logp = zs.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1).detach()
+    slp = logp - torch.where(torch.arange(y.shape[1]) % 4 == 0, 2.0, 0.0)  # every 4th position: ratio e^2 > 2
+    out = distillation_loss(zs, ht @ wt.T, y, mask, method="vopd", sampler_logprobs=slp, ratio_cap=2.0)
+    stats = TokenStats(ratio_cap=2.0)
+    stats.add(out, mask, slp)
+    m = mask.bool()
+    want = float((m & (torch.arange(y.shape[1]) % 4 == 0)).sum()) / float(m.sum())
+    assert stats.reduce()["ratio_capped_frac"] == pytest.approx(want)
+
+
 # ---------------------------------------------------------------- validation
 
 

@@ -109,7 +109,8 @@ def test_server_killed_mid_run_ends_it_with_one_error_and_keeps_the_checkpoint(s
     proc, url = servers["victim"]
     cfg = load_config(None, train_overrides + [f"model.teacher={url}", "loss.method=vopd-topk", "steps=4",
                                                "save_every=1", "model.teacher_retries=1",
-                                               "model.teacher_timeout_s=5"])
+                                               "model.teacher_timeout_s=5",
+                                               "rollout.check_sync=false"])  # a fixed sampler: not on-policy
     t0 = time.monotonic()
     with pytest.raises(UserError, match=r"teacher server at .* is unreachable after 2 tries .* the last checkpoint "
                                         r"is kept"):

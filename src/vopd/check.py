@@ -3,7 +3,7 @@
 What it knows: the order of the checks (the teacher's pairing with the student first: one token->id map and the
 same special tokens, else every per-token reward compares different tokens; each placement checks that its own way,
 ``Teacher.pairing_checks``), which sampling
-settings keep the estimators unbiased (temperature 1, no top-p, no top-k: spec "Setting"), and how to self-check the
+settings keep the estimators unbiased (temperature 1, no top-p, no top-k: docs/estimators.md, "Background"), and how to self-check the
 hidden-state path (teacher = student must give KL = 0, and the chunked log p(y) must equal the model's own forward).
 What it does not know: training. Each failed check is a ``UserError`` naming the problem and the fix.
 """

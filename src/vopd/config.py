@@ -100,6 +100,15 @@ class RolloutConfig:
         "dynamic", "KV cache of generate: dynamic (grows with the sequence) or static (preallocated; on CUDA "
         "transformers also compiles the decode step). Speed and memory only: the sampled distribution is the same."
     )
+    engine: Literal["hf", "vllm"] = _opt(
+        "hf", "Rollout engine: hf (Hugging Face generate) or vllm (a colocated vLLM engine in this process, its "
+        "weights pushed from the student before every step; options in [vllm]; docs/scaling.md).")
+    check_sync: bool = _opt(
+        True, "Fail when the sampler's log-probs of the sampled tokens drift from the trainer's by more than "
+        "rollout.sync_tolerance (a stale or half-applied weight sync).")
+    sync_tolerance: float = _opt(
+        0.0, "Largest allowed logprob_diff_mean (mean |log p_trainer - log p_sampler| per token) when "
+        "rollout.check_sync; 0 = auto: 1e-3 with float32 weights, 5e-2 with bfloat16/float16.")
 
 
 @dataclass
@@ -112,6 +121,9 @@ class LossConfig:
     ratio_cap: float = _opt(
         2.0, "Cap on the detached importance ratio against the sampler's log-probs; 0 disables the ratio, else >= 1."
     )
+    ratio_mode: Literal["truncate", "mask"] = _opt(
+        "truncate", "What a ratio above loss.ratio_cap does: truncate (weight min(ratio, cap): truncated importance "
+        "sampling) or mask (the token gets weight 0: masked importance sampling).")
 
 
 @dataclass
@@ -143,6 +155,21 @@ class EvalConfig:
 
 
 @dataclass
+class VllmConfig:
+    """[vllm] The colocated vLLM engine (rollout.engine=vllm; docs/scaling.md)."""
+
+    gpu_memory_utilization: float = _opt(
+        0.3, "GPU only: fraction of the GPU's memory vLLM may take (weights + KV cache); the trainer keeps the rest.")
+    max_model_len: int = _opt(0, "Longest prompt + completion the engine serves; 0 = data.max_prompt_tokens + "
+                              "rollout.max_new_tokens.")
+    enforce_eager: bool = _opt(False, "GPU only: no CUDA-graph capture (less memory, slower decoding); always "
+                               "eager on the CPU.")
+    sleep: bool = _opt(False, "GPU only: release vLLM's memory while the trainer runs (sleep/wake around "
+                       "every sampling phase).")
+    cpu_kv_cache_gb: float = _opt(1.0, "CPU only: KV-cache size in GiB.")
+
+
+@dataclass
 class DistributedConfig:
     """[distributed] Data parallelism under torchrun; the world size comes from torchrun (docs/scaling.md)."""
 
@@ -165,6 +192,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     steps: int = _opt(100, "Optimizer steps.")
     batch_size: int = _opt(8, "Sequences (prompt + sampled completion) per optimizer step.")
     micro_batch_size: int = _opt(8, "Sequences per forward/backward pass; must divide batch_size.")
@@ -242,6 +270,11 @@ def _validate(c: TrainConfig, require_paths: bool) -> None:
     _check(0.0 <= r.top_p <= 1.0, "rollout.top_p", r.top_p, "in [0, 1]")
     _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0 = off)")
     _check(r.batch_size >= 1, "rollout.batch_size", r.batch_size, ">= 1")
+    _check(r.sync_tolerance >= 0, "rollout.sync_tolerance", r.sync_tolerance, ">= 0 (0 = auto)")
+    v = c.vllm
+    _check(0.0 < v.gpu_memory_utilization <= 1.0, "vllm.gpu_memory_utilization", v.gpu_memory_utilization, "in (0, 1]")
+    _check(v.max_model_len >= 0, "vllm.max_model_len", v.max_model_len, ">= 0 (0 = auto)")
+    _check(v.cpu_kv_cache_gb > 0, "vllm.cpu_kv_cache_gb", v.cpu_kv_cache_gb, "> 0")
     _check(c.loss.top_k >= 1, "loss.top_k", c.loss.top_k, ">= 1")
     _check(c.loss.chunk_memory_mb >= 1, "loss.chunk_memory_mb", c.loss.chunk_memory_mb, ">= 1")
     # A cap below 1 would clip every ratio under its unbiased value 1; 0 is the documented "off".

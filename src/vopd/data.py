@@ -21,7 +21,7 @@ import torch
 
 from vopd.errors import UserError
 
-#: The authors' prompt, spec "training setup". ``{problem}`` is replaced literally (no str.format, so LaTeX braces
+#: The authors' prompt, docs/tiny_world.md and docs/evaluation.md. ``{problem}`` is replaced literally (no str.format, so LaTeX braces
 #: in problems and in ``\boxed{}`` need no escaping).
 PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 

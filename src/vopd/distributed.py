@@ -97,18 +97,19 @@ def shutdown() -> None:
 
 def all_reduce_sum(x: Tensor) -> Tensor:
     """Sum over ranks (a copy; the input is untouched)."""
-    if not is_initialized():
-        return x
-    y = x.clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(x: Tensor) -> Tensor:
+    """Maximum over ranks (a copy; the input is untouched)."""
+    return _all_reduce(x, dist.ReduceOp.MAX)
+
+
+def _all_reduce(x: Tensor, op: "dist.ReduceOp.RedOpType") -> Tensor:
     if not is_initialized():
         return x
     y = x.clone()
-    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    dist.all_reduce(y, op=op)
     return y
 
 

@@ -1,6 +1,6 @@
 """Evaluation: sample n completions per problem, grade them, report Avg@n, Pass@n and Maj@n; the `vopd eval` command.
 
-What it knows: the authors' evaluation protocol (spec "The authors' evaluation protocol": 8 samples at temperature
+What it knows: the authors' evaluation protocol (docs/evaluation.md, "Background: the authors' protocol": 8 samples at temperature
 0.6, last boxed answer, math-verify; multiple choice at top-p 0.95, top-k 20 with a JSON letter), how the three
 metrics follow from graded samples (``compute_metrics``, a pure function), and what a training run evaluates
 (``evaluate_student``: accuracy on ``data.eval`` and the exact held-out KL to the teacher, ``heldout_kl`` and

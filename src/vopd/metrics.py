@@ -23,14 +23,15 @@ from vopd.loss.estimators import LossOutput
 
 # Names of the sums accumulated per step, in the order they are all-reduced.
 _SUMS = ("tokens", "r", "r2", "adv", "adv2", "adv_tokens", "kl", "kl_tokens", "kl_topk", "mass", "topk_tokens",
-         "ratio", "ratio_tokens", "lp_diff", "lp_tokens")
+         "ratio", "ratio_tokens", "ratio_over_cap", "lp_diff", "lp_tokens")
 
 
 class TokenStats:
     """Sums of per-token diagnostics over every micro-batch of a step."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ratio_cap: float = 0.0) -> None:
         self.sums = dict.fromkeys(_SUMS, 0.0)
+        self.ratio_cap = ratio_cap  # for how often the cap binds (loss.ratio_cap; 0 = no cap)
         self.lp_diff_max = 0.0
 
     def add(self, out: LossOutput, mask: torch.Tensor, sampler_logprobs: torch.Tensor | None = None) -> None:
@@ -53,6 +54,9 @@ class TokenStats:
         if out.ratio is not None:
             s["ratio"] += float((out.ratio * m).sum())
             s["ratio_tokens"] += float(m.sum())
+            if self.ratio_cap and sampler_logprobs is not None:
+                raw = torch.exp(out.logp - sampler_logprobs.to(out.logp.dtype))
+                s["ratio_over_cap"] += float(((raw > self.ratio_cap) * m).sum())
         if sampler_logprobs is not None:
             # Sampler vs trainer log-prob of the same token: 0 up to numerics when on-policy.
             diff = (out.logp - sampler_logprobs.to(out.logp.dtype)).abs() * m
@@ -85,6 +89,7 @@ class TokenStats:
             out["topk_mass_mean"] = mean("mass", "topk_tokens")
         if s["ratio_tokens"]:
             out["ratio_mean"] = mean("ratio", "ratio_tokens")
+            out["ratio_capped_frac"] = mean("ratio_over_cap", "ratio_tokens")
         if s["lp_tokens"]:
             out["logprob_diff_mean"] = mean("lp_diff", "lp_tokens")
             out["logprob_diff_max"] = lp_max

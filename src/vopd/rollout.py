@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
+from vopd.errors import UserError
 from vopd.sampling import Cache, Samples, generate
 
 if TYPE_CHECKING:
-    from vopd.config import RolloutConfig
+    from vopd.config import RolloutConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -129,3 +130,34 @@ def hf_engine(model: Any, tokenizer: Any, rollout: RolloutConfig) -> Sampler:
     """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings."""
     return hf_sampler(model, tokenizer, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                       top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache)
+
+
+def engine_factory(cfg: TrainConfig) -> SamplerFactory:
+    """The ``SamplerFactory`` of ``rollout.engine``, resolved once: ``hf_engine``, or the colocated vLLM engine
+    (``vopd.vllm_engine``, imported only when asked for) built for the student's directory and ``[vllm]`` options."""
+    if cfg.rollout.engine == "hf":
+        return hf_engine
+    max_len = cfg.vllm.max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+
+    def vllm_engine(model: Any, tokenizer: Any, rollout: RolloutConfig) -> Sampler:
+        from vopd.vllm_engine import VllmSampler
+
+        return VllmSampler(model, tokenizer, rollout, cfg.vllm, model_dir=cfg.model.student, max_model_len=max_len)
+
+    return vllm_engine
+
+
+def check_sync(rollout: RolloutConfig, token_metrics: dict[str, float], weight_dtype: torch.dtype) -> None:
+    """With ``rollout.check_sync``, a one-line error when the sampler's log-probs of the sampled tokens drifted from
+    the trainer's (``logprob_diff_mean``) by more than ``rollout.sync_tolerance`` (0: 1e-3 for float32 weights,
+    5e-2 for half precision, where engine and trainer kernels round differently): the rollouts did not come from
+    the weights being trained, e.g. a skipped or half-applied weight sync."""
+    gap = token_metrics.get("logprob_diff_mean")
+    if not rollout.check_sync or gap is None:
+        return
+    tol = rollout.sync_tolerance or (1e-3 if weight_dtype == torch.float32 else 5e-2)
+    if not gap <= tol:  # NaN fails too
+        raise UserError(f"the {rollout.engine} sampler's log-probs differ from the trainer's by {gap:.3g} per token "
+                        f"(rollout.sync_tolerance={tol:g}): the rollouts were not sampled from the weights being "
+                        "trained (a stale or partial weight sync); nothing of this step was applied. Raise "
+                        "rollout.sync_tolerance for a lower-precision engine, or set rollout.check_sync=false")

@@ -27,11 +27,12 @@ from vopd.teacher.base import Teacher
 
 @dataclass(frozen=True)
 class StepGradient:
-    """What one step's backward passes left besides the gradients: per-token statistics, the loss (the global
-    token mean, summed over ranks), the global completion-token count, and the half-batch probe
-    ((|G_a|^2, a) for ``vopd.metrics.gradient_noise``; None when off or not separable)."""
+    """What one step's backward passes left besides the gradients: the per-token statistics reduced over every
+    micro-batch and rank (``TokenStats.reduce``, docs/metrics.md), the loss (the global token mean, summed over
+    ranks), the global completion-token count, and the half-batch probe ((|G_a|^2, a) for
+    ``vopd.metrics.gradient_noise``; None when off or not separable)."""
 
-    stats: TokenStats
+    token_metrics: dict[str, float]
     loss: float
     total_tokens: float
     half_probe: tuple[float, int] | None
@@ -53,7 +54,7 @@ def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher
     total_tokens = dist.all_reduce_sum(torch.tensor(float(rollout.num_tokens))).item()
     normalizer = max(total_tokens, 1.0) / dist.world_size()
 
-    stats = TokenStats()
+    stats = TokenStats(ratio_cap=cfg.loss.ratio_cap)
     loss_sum = 0.0
     half_probe: tuple[float, int] | None = None
     for i, mb in enumerate(micro):
@@ -66,7 +67,7 @@ def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher
             half_probe = _half_batch_probe(engine, micro[:half], total_tokens, normalizer)
     # Each rank's loss is its share of the global mean times W; any rank's NaN makes every rank skip.
     loss = float(dist.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64))) / dist.world_size()
-    return StepGradient(stats, loss, total_tokens, half_probe)
+    return StepGradient(stats.reduce(), loss, total_tokens, half_probe)
 
 
 def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher, mb: Rollout, normalizer: float,
@@ -94,7 +95,8 @@ def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher, mb
     out = fused_distillation_loss(
         hidden, weight, mb.targets, mb.completion_mask, scores, method=cfg.loss.method, top_k=cfg.loss.top_k,
         student_bias=bias, normalizer=normalizer, memory_budget_mb=cfg.loss.chunk_memory_mb,
-        sampler_logprobs=mb.sampler_logprobs if use_ratio else None, ratio_cap=cfg.loss.ratio_cap if use_ratio else None)
+        sampler_logprobs=mb.sampler_logprobs if use_ratio else None, ratio_cap=cfg.loss.ratio_cap if use_ratio else None,
+        ratio_mode=cfg.loss.ratio_mode)
     if mb.num_tokens == 0:
         # Without completion tokens the loss only touches the hidden states; DDP expects a gradient for every
         # parameter in every backward, so the output layer gets an explicit zero one.

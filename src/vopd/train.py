@@ -34,7 +34,7 @@ from vopd.export import export_merged
 from vopd.loss.methods import method_spec
 from vopd.metrics import MetricsWriter, PhaseTimer, gradient_noise, peak_memory_mb, rollout_metrics
 from vopd.models import apply_lora, enable_gradient_checkpointing, load_student, resolve_device
-from vopd.rollout import SamplerFactory, hf_engine, pack
+from vopd.rollout import SamplerFactory, check_sync, engine_factory, pack
 from vopd.rundir import prepare_output_dir
 from vopd.step import accumulate_gradients
 from vopd.teacher.base import Teacher, open_teacher
@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
         for line in preflight(student, tok, teacher, cfg):
             info(f"pre-flight ok: {line}")
         return _run(cfg, student, tok, teacher, device, info, resume=resume, overwrite=overwrite,
-                    resume_from=resume_from, stop_at=stop_at, make_sampler=make_sampler or hf_engine)
+                    resume_from=resume_from, stop_at=stop_at, make_sampler=make_sampler or engine_factory(cfg))
     finally:
         teacher.close()
 
@@ -141,6 +141,10 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
     if per_rank * dist.world_size() != cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
 
+    # The student under DDP/FSDP2 (one process: unwrapped) and the rollout engine on its full weights, before the
+    # output directory is claimed: an engine that cannot start leaves no run behind.
+    engine = dist.wrap(student, vocab, cfg.distributed.strategy, device)
+    sample = make_sampler(engine.full, tok, cfg.rollout)
     out_dir = Path(cfg.output_dir)
     config_dict = config_to_dict(cfg)
 
@@ -154,8 +158,7 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
     if resume and start_from is None:
         info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
 
-    # ---- the student under DDP/FSDP2 (one process: unwrapped), the optimizer over what is trained, the resume
-    engine = dist.wrap(student, vocab, cfg.distributed.strategy, device)
+    # ---- the optimizer over what is trained, the resume
     optimizer = torch.optim.AdamW(engine.trainable(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(optimizer, cfg)
@@ -164,7 +167,6 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
         state = _resume(start_from, engine, optimizer, scheduler, info)
     state.world_size = dist.world_size()
     stream = PromptStream(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle, **state.data)
-    sample = make_sampler(engine.full, tok, cfg.rollout)
     writer = MetricsWriter(out_dir, cfg.loggers, config_dict) if dist.is_main() else None
     bar = _progress(cfg, state.step) if dist.is_main() else None
     last_ckpt: Path | None = start_from
@@ -188,6 +190,8 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
             # 2-4. per micro-batch: teacher scores, student forward, advantages + loss, backward (vopd.step)
             with timer("student"):
                 grad = accumulate_gradients(cfg, engine, teacher, rollout, device, timer)
+            # the sampler must have drawn from these very weights: a stale or half-applied sync shows here
+            check_sync(cfg.rollout, grad.token_metrics, next(engine.full.parameters()).dtype)
 
             # 5. step: skip (and count) non-finite updates; abort after max_bad_steps in a row
             with timer("optimizer"):
@@ -206,7 +210,7 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
             state.data = stream.state()
 
             # 6. log
-            metrics = {**grad.stats.reduce(), "loss": grad.loss, "grad_norm": grad_norm,
+            metrics = {**grad.token_metrics, "loss": grad.loss, "grad_norm": grad_norm,
                        "lr": scheduler.get_last_lr()[0], "skipped_steps": state.skipped_steps,
                        "step_skipped": not finite, **rollout_metrics(rollout), **timer.metrics(),
                        "peak_memory_mb": peak_memory_mb(device)}

@@ -11,7 +11,7 @@ one entry point, ``fused_distillation_loss``. What it does not know: models (the
 and the head), sampling, optimisers, HTTP. ``vopd.loss.estimators`` is the dense reference it is tested against.
 
 Closed forms per position (z_s, z_t student/teacher logits, p = softmax z_s, y the sampled id, w = 1/N the token
-weight, spec and ``shared/spec/performance.md``):
+weight, docs/estimators.md, "Key equations" and "Pseudocode"):
     KL_t            = sum_v p_v (z_s - z_t)_v - lse_s + lse_t          (one extra reduction, no extra exp)
     opd/vopd/topk:  dL/dz_s = w * A_t * (p - onehot(y)),  A_t = r_t (+ KL_t or + KL~_t), detached
     opd-full:       dL/dz_s = w * p * (d - sum_v p_v d_v),   d = z_s - z_t   (= p (log p - log q - KL_t))
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.loss.estimators import LossOutput, check_inputs, compute_dtype, importance_ratio, token_normalizer
+from vopd.loss.estimators import (LossOutput, RatioMode, check_inputs, compute_dtype, importance_ratio,
+                                  token_normalizer)
 from vopd.loss.methods import Method, MethodSpec
 from vopd.loss.scores import TeacherHidden, TeacherNumbers, TeacherScores
 
@@ -49,7 +50,7 @@ def chunk_rows(vocab_size: int, memory_budget_mb: float, *, itemsize: int = 4, m
 
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None, cd: torch.dtype) -> Tensor:
-    """h @ w.T (+ b) in ``cd``. On CUDA with half inputs, accumulate the matmul straight into fp32 (spec: rounding
+    """h @ w.T (+ b) in ``cd``. On CUDA with half inputs, accumulate the matmul straight into fp32 (docs/estimators.md, "Pseudocode": rounding
     logits to bf16 first costs ~1e-2 nats); elsewhere ``w`` already arrives in ``cd``."""
     if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32:
         z = torch.mm(h, w.t(), out_dtype=torch.float32)
@@ -73,7 +74,7 @@ def _optimal_baseline(e: Tensor, inv_s: Tensor, d: Tensor, pd: Tensor, kl: Tenso
 
 
 def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: int, inv_n: float, sampler_lp: Tensor | None,
-                ratio_cap: float | None, *, zt: Tensor | None = None, ids: Tensor | None = None,
+                ratio_cap: float | None, ratio_mode: RatioMode, *, zt: Tensor | None = None, ids: Tensor | None = None,
                 logq: Tensor | None = None, zt_k: Tensor | None = None, lse_t: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
     """One chunk of c rows: (this chunk's loss term, dL/dz_s (c, V)), and its statistics written into ``st``.
@@ -83,7 +84,7 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: in
     ``ids`` and ``lse_t`` (c,) (``rb-topk`` only). Top-k ids are the student's own when ``ids`` is None."""
     needs_kl = spec.exact_kl
     # Everything that needs raw logits is read first; then both buffers are transformed in place, so a chunk holds
-    # two (c, V) buffers and the student side takes a single exp pass (performance.md).
+    # two (c, V) buffers and the student side takes a single exp pass (docs/estimators.md, "Key equations": single-pass KL).
     zs_y = zs.gather(-1, y_c).squeeze(-1)
     zt_y = None if zt is None else zt.gather(-1, y_c).squeeze(-1)
     if spec.topk:
@@ -116,7 +117,7 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: in
         st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
     if needs_kl:
         pd = torch.linalg.vecdot(e, d) * inv_s  # sum_v p_v (z_s - z_t)_v
-        kl = pd - lse_s + lse_t  # KL_t = A/S - lse_s + lse_t (performance.md)
+        kl = pd - lse_s + lse_t  # KL_t = A/S - lse_s + lse_t (docs/estimators.md, "Key equations": single-pass KL)
         st[:, _KL] = kl
 
     if spec.sampled:
@@ -137,7 +138,7 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: in
             adv = reward - b
             st[:, _MASS] = p_k.sum(-1)
         st[:, _ADV] = adv
-        ratio = importance_ratio(logp, sampler_lp, ratio_cap)
+        ratio = importance_ratio(logp, sampler_lp, ratio_cap, ratio_mode)
         coef = adv if ratio is None else adv * ratio
         if ratio is not None:
             st[:, _RATIO] = ratio
@@ -170,7 +171,8 @@ class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hs: Tensor, ws: Tensor, bs: Tensor | None, y: Tensor, sampler_lp: Tensor | None,
-        teacher: TeacherScores, spec: MethodSpec, top_k: int, inv_n: float, ratio_cap: float | None, rows: int,
+        teacher: TeacherScores, spec: MethodSpec, top_k: int, inv_n: float, ratio_cap: float | None, ratio_mode: RatioMode,
+        rows: int,
     ) -> tuple[Tensor, Tensor]:
         cd = compute_dtype(hs.dtype)
         half_cuda = hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32
@@ -202,7 +204,8 @@ class _FusedHead(torch.autograd.Function):
                 given = {"ids": ids, "logq": part(teacher.logq, lo, hi), "zt_k": part(teacher.topk_logits, lo, hi),
                          "lse_t": part(teacher.lse, lo, hi)}
             loss_c, g = _head_chunk(zs, y_c, stats[lo:hi], spec, top_k, inv_n,
-                                    None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap, **given)
+                                    None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap, ratio_mode,
+                                    **given)
             loss += loss_c
             if need_h:
                 gh = torch.mm(g.to(ws.dtype), ws, out_dtype=torch.float32) if half_cuda else g @ ws_c
@@ -229,7 +232,7 @@ class _FusedHead(torch.autograd.Function):
         gh, gw, gb = ctx.grads
         scale = grad_loss.to(torch.float32)
         out = [None if g is None else g * scale.to(g.dtype) for g in (gh, gw, gb)]
-        return (out[0], out[1], out[2]) + (None,) * 8
+        return (out[0], out[1], out[2]) + (None,) * 9
 
 
 def fused_distillation_loss(
@@ -245,6 +248,7 @@ def fused_distillation_loss(
     normalizer: float | Tensor | None = None,
     sampler_logprobs: Tensor | None = None,
     ratio_cap: float | None = None,
+    ratio_mode: RatioMode = "truncate",
     memory_budget_mb: float = 1024,
 ) -> LossOutput:
     """The trainer's one loss entry point: the student's hidden states and output layer, and the teacher's scores in
@@ -291,7 +295,7 @@ def fused_distillation_loss(
     slp = None if sampler_logprobs is None else sampler_logprobs.reshape(-1).index_select(0, idx).to(cd)
     loss, stats = _FusedHead.apply(
         hs, student_weight, student_bias, y, slp, teacher.rows(idx), spec, top_k, 1.0 / float(n),
-        ratio_cap if spec.sampled else None, chunk_rows(vocab, memory_budget_mb),
+        ratio_cap if spec.sampled else None, ratio_mode, chunk_rows(vocab, memory_budget_mb),
     )
 
     def per_token(col: int) -> Tensor:
@@ -345,6 +349,7 @@ def chunked_distillation_loss(
     normalizer: float | Tensor | None = None,
     sampler_logprobs: Tensor | None = None,
     ratio_cap: float | None = None,
+    ratio_mode: RatioMode = "truncate",
     memory_budget_mb: float = 1024,
 ) -> LossOutput:
     """The same loss and gradients as ``distillation_loss`` without materialising (B, T, V) logits: the public
@@ -363,7 +368,8 @@ def chunked_distillation_loss(
     return fused_distillation_loss(
         student_hidden, student_weight, tokens, mask, TeacherHidden(teacher_hidden, teacher_weight, teacher_bias),
         method=method, top_k=top_k, student_bias=student_bias, normalizer=normalizer,
-        sampler_logprobs=sampler_logprobs, ratio_cap=ratio_cap, memory_budget_mb=memory_budget_mb)
+        sampler_logprobs=sampler_logprobs, ratio_cap=ratio_cap, ratio_mode=ratio_mode,
+        memory_budget_mb=memory_budget_mb)
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
 What it knows: at one fixed state (student logits z_s, teacher logits z_t, both (V,)), every sampled-token method's
 gradient w.r.t. z_s is a function of the sampled id y; weighting each y by p(y) gives the estimator's exact mean and
-covariance, to compare with the exact KL gradient (``opd-full``). This is how the tests prove unbiasedness (spec:
-"checkable exactly by enumerating the sampled token") and how docs/estimators.md reports exact variances.
+covariance, to compare with the exact KL gradient (``opd-full``). This is how the tests prove unbiasedness
+(docs/estimators.md, "What proves what") and how docs/estimators.md reports exact variances.
 What it does not know: models or batches (it works on one state at a time, in float64).
 
 Run ``python -m vopd.loss.enumeration`` to print the exact-variance table quoted in docs/estimators.md.

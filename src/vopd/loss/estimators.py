@@ -1,15 +1,15 @@
-"""The five OPD estimators of ``shared/spec/estimators.md`` as pure tensor functions on dense logits.
+"""The seven OPD estimators of docs/estimators.md as pure tensor functions on dense logits.
 
 What it knows: given the student's and teacher's logits at each completion position and the sampled tokens, build
 a scalar loss whose gradient w.r.t. the student logits is the chosen method's gradient estimator, reduced as a mean
-over completion tokens, plus detached per-token diagnostics. The gradient here comes from autograd on the spec's
-surrogates, so this module is also the *reference* the memory-efficient path (``vopd.loss.chunked``, closed-form
+over completion tokens, plus detached per-token diagnostics. The gradient here comes from autograd on the
+surrogates of docs/estimators.md, so this module is also the *reference* the memory-efficient path (``vopd.loss.chunked``, closed-form
 gradients from hidden states) is tested against.
 
 What it does not know: models, sampling, optimisers, distributed reduction (pass ``normalizer`` to keep a global
 token mean across micro-batches or ranks).
 
-Notation (spec "Setting"): p = student, q = teacher, y_t the sampled token, s_t the state.
+Notation (docs/estimators.md, "Background"): p = student, q = teacher, y_t the sampled token, s_t the state.
     r_t  = log q(y_t|s_t) - log p(y_t|s_t)                     single-sample reward, E_p[r_t] = -KL_t
     KL_t = sum_v p(v|s_t) (log p(v|s_t) - log q(v|s_t))         per-token reverse KL
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -59,7 +60,7 @@ class LossOutput:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax/KL precision: fp32 at least (spec "Numerics"), fp64 kept for exact tests."""
+    """Softmax/KL precision: fp32 at least (docs/estimators.md, "API": fp32 math), fp64 kept for exact tests."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -103,12 +104,22 @@ def token_normalizer(mask: Tensor, normalizer: float | Tensor | None) -> Tensor 
     return n
 
 
-def importance_ratio(logp: Tensor, sampler_logprobs: Tensor | None, ratio_cap: float | None) -> Tensor | None:
-    """Detached, truncated ratio p_train(y)/p_sampler(y): on-policy it is 1 up to numerical mismatch."""
+#: What a ratio above the cap does (docs/estimators.md, "Key equations"): ``truncate`` weighs the token by the cap
+#: (truncated importance sampling, the default: it keeps every token's gradient, bounded), ``mask`` by 0 (masked
+#: importance sampling: a token the sampler and trainer disagree on that much contributes nothing).
+RatioMode = Literal["truncate", "mask"]
+
+
+def importance_ratio(logp: Tensor, sampler_logprobs: Tensor | None, ratio_cap: float | None,
+                     mode: RatioMode = "truncate") -> Tensor | None:
+    """Detached ratio p_train(y)/p_sampler(y), truncated at (or masked above) ``ratio_cap``: on-policy it is 1 up
+    to numerical mismatch between the sampler's and the trainer's kernels."""
     if sampler_logprobs is None:
         return None
     ratio = torch.exp(logp.detach() - sampler_logprobs.to(logp.dtype))
-    return ratio.clamp(max=ratio_cap) if ratio_cap else ratio
+    if not ratio_cap:
+        return ratio
+    return ratio.clamp(max=ratio_cap) if mode == "truncate" else torch.where(ratio > ratio_cap, 0.0, ratio)
 
 
 def _xlogy_diff(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
@@ -124,7 +135,7 @@ def _xlogy_diff(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
 def _topk_kl(s: Tensor, t: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """KL between p and q renormalised on the student's top-k ids K, and the student mass on K.
 
-    Renormalising on the same K cancels each model's full log-sum-exp (spec, notes): only the k logits of each
+    Renormalising on the same K cancels each model's full log-sum-exp (docs/estimators.md, "Key equations"): only the k logits of each
     model at K are needed. Differentiable w.r.t. ``s`` (the id selection itself is not)."""
     ids = s.detach().topk(k, dim=-1).indices
     s_k, t_k = s.gather(-1, ids), t.gather(-1, ids)
@@ -136,7 +147,7 @@ def _topk_kl(s: Tensor, t: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def _optimal_baseline(logp_all: Tensor, logq_all: Tensor) -> Tensor:
     """Variance-optimal state baseline b* = sum_v p_v w_v r_v / sum_v p_v w_v, w_v = 1 - 2 p_v + sum_u p_u^2
-    (spec, notes): w_v = ||p - e_v||^2 is the squared norm of the logit score, so b* minimises E[(r - b)^2 w].
+    (docs/estimators.md, "Key equations"): w_v = ||p - e_v||^2 is the squared norm of the logit score, so b* minimises E[(r - b)^2 w].
     Falls back to the value -KL_t when p is one-hot (then every baseline gives a zero gradient)."""
     p = logp_all.exp()
     live = p > 0
@@ -180,6 +191,7 @@ def distillation_loss(
     normalizer: float | Tensor | None = None,
     sampler_logprobs: Tensor | None = None,
     ratio_cap: float | None = None,
+    ratio_mode: RatioMode = "truncate",
 ) -> LossOutput:
     """On-policy distillation loss from dense logits.
 
@@ -190,11 +202,12 @@ def distillation_loss(
         mask:             (B, T) bool/0-1, 1 on completion tokens, 0 on prompt and padding.
         sampler_logprobs: (B, T) optional, the sampler's log p(y_t); gives the importance ratio (sampled methods).
     Options:
-        method:     one of ``METHODS`` (spec table).
+        method:     one of ``METHODS`` (docs/estimators.md, "Key equations").
         top_k:      |K| for the top-k methods (student's top-k ids per position).
         normalizer: token count to divide by; default ``mask.sum()``. Pass the global count when the batch is
-                    split into micro-batches or over ranks so the token mean stays global (spec, "dapo" reduction).
+                    split into micro-batches or over ranks so the token mean stays global (docs/estimators.md, "Key equations": the "dapo" reduction).
         ratio_cap:  truncation of the importance ratio (None: no cap).
+        ratio_mode: what a ratio above ``ratio_cap`` does: ``truncate`` (weight = cap) or ``mask`` (weight = 0).
 
     All softmax/KL math runs in fp32 (fp64 if the inputs are fp64), whatever the input dtype.
     """
@@ -215,7 +228,7 @@ def distillation_loss(
     logq_all = t.log_softmax(-1)
     logp = logp_all.gather(-1, y).squeeze(-1)
     logq = logq_all.gather(-1, y).squeeze(-1)
-    reward = (logq - logp).detach() * m  # r_t, spec "Setting"
+    reward = (logq - logp).detach() * m  # r_t, docs/estimators.md, "Background"
 
     kl = kl_topk = topk_mass = baseline = advantage = ratio = None
     if spec.full_distribution and not spec.sampled:  # opd-full
@@ -228,7 +241,7 @@ def distillation_loss(
         if spec.baseline == "none":  # opd
             baseline = torch.zeros_like(reward)
         elif spec.baseline == "kl":  # vopd
-            # Value function V(s_t) = -KL_t over the full vocabulary (spec, `vopd`), detached.
+            # Value function V(s_t) = -KL_t over the full vocabulary (docs/estimators.md, `vopd`), detached.
             kl = _xlogy_diff(logp_all.detach().exp(), logp_all.detach(), logq_all) * m
             baseline = -kl
         elif spec.baseline == "kl-topk":  # vopd-topk: the baseline uses the top-k KL; the sampled terms keep the full softmax
@@ -241,8 +254,8 @@ def distillation_loss(
         else:  # rb-topk
             baseline, exact_part, in_k, topk_mass = _rb_topk_parts(logp_all, logq_all, s.detach(), y, top_k)
             baseline, topk_mass = baseline * m, topk_mass * m
-        advantage = reward - baseline  # A_t = r_t - b_t, detached (spec: sg(r_t + KL_t) for vopd)
-        ratio = importance_ratio(logp, sampler_logprobs, ratio_cap)
+        advantage = reward - baseline  # A_t = r_t - b_t, detached (docs/estimators.md: sg(r_t + KL_t) for vopd)
+        ratio = importance_ratio(logp, sampler_logprobs, ratio_cap, ratio_mode)
         weight = advantage if ratio is None else advantage * ratio
         per_token = -weight * logp  # surrogate -sg(A_t) log p(y_t); its gradient is the estimator
         if spec.baseline == "topk-mean":  # rb-topk:

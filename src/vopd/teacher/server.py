@@ -4,7 +4,7 @@ What it knows: answering the wire protocol (``vopd.teacher.wire``, ``docs/teache
 the first scored position and optionally k token ids per scored position; back, log q(next token) at each scored
 position, the teacher's logits at the requested ids and, on request, its log-sum-exp over the whole vocabulary (one
 float per position). That is all `opd` (log q(y_t)) and the top-k methods need: renormalising both models on the same
-ids cancels the teacher's log-sum-exp, so its raw logits suffice for the top-k KL (spec, notes); `rb-topk` weighs the
+ids cancels the teacher's log-sum-exp, so its raw logits suffice for the top-k KL (docs/estimators.md, "Key equations"); `rb-topk` weighs the
 ids by the exact log q_v = z_v - lse, hence the lse. It also knows the HTTP side: the request body limit (413), the
 errors as one-line JSON, an optional bearer token (401), batched padded forwards under a lock, fp32 head math whatever
 the model's dtype, and the command line.
@@ -51,7 +51,7 @@ class TeacherScorer:
         self.dtype = next(model.parameters()).dtype
         weight, self.bias = output_layer(model, vocab_size)
         self.half_cuda = self.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
-        # fp32 head math (spec "Numerics"); on CUDA half weights are accumulated into fp32 by the matmul itself.
+        # fp32 head math (docs/estimators.md, "API": fp32 math); on CUDA half weights are accumulated into fp32 by the matmul itself.
         self.weight = weight if self.half_cuda else weight.to(torch.float32)
         self.lock = threading.Lock()  # one forward at a time: the threadpool may run several requests
 

