@@ -53,7 +53,7 @@ def test_generation_bench_tiny_static_cache(tmp_path):
     # One case (one process, to keep the suite fast): the static cache is the path with something to go wrong.
     stdout, res = _bench("generation", "--batch-sizes", "2", "--new-tokens", "4", "--prompt-len", "4",
                          "--caches", "static", tmp_path=tmp_path)
-    assert "| batch | prompt | new tokens | cache | tokens/s |" in stdout
+    assert "| batch | prompt | new tokens | engine | cache | tokens/s |" in stdout
     (r,) = res["generation"]
     assert r["cache"] == "static" and r["tokens_per_s"] > 0 and "error" not in r
     assert _rows(stdout, "static")[0][:3] == ["2", "4", "4"]
@@ -109,4 +109,4 @@ def test_oom_cases_are_rows_not_crashes():
     assert head[5] == "OOM (needs >= 80.0)" and head[6] == "<= 0.037"
     gen = format_generation({"generation": [dict(batch=128, prompt_len=256, new_tokens=512, cache="static",
                                                  oom=True, error="CUDA out of memory", peak_mb=1024.0)]})
-    assert "| 128 | 256 | 512 | static | OOM |" in gen
+    assert "| 128 | 256 | 512 | hf | static | OOM |" in gen

@@ -155,6 +155,45 @@ def test_build_then_reuse_then_detect_corruption(tmp_path) -> None:
     assert len(list(tmp_path.iterdir())) == 1
 
 
+def test_the_same_seed_gives_the_same_models_whatever_the_thread_count(tmp_path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    worlds = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the caller's setting; the build runs on one thread regardless
+        worlds.append(build_world(MICRO, tmp_path / f"t{threads}", log=lambda _m: None))
+        assert torch.get_num_threads() == threads  # and gives the caller's setting back
+    torch.set_num_threads(1)
+    for role in ("teacher", "student"):
+        a, b = (load_file(str(w.root / role / "model.safetensors")) for w in worlds)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+
+
+def test_the_student_keeps_the_check_closest_to_its_target(monkeypatch) -> None:
+    """Validation accuracy jumps 10% -> 28% -> 42% across checks with target 30%: the 28% weights are kept."""
+    import dataclasses
+
+    import torch
+
+    from vopd.world import build
+
+    model = torch.nn.Linear(2, 2)
+    script = iter([0.10, 0.28, 0.42])
+    monkeypatch.setattr(build, "greedy_accuracy", lambda *a, **k: next(script))
+    config = dataclasses.replace(MICRO, student_target_accuracy=0.3, student_check_from=1)
+    stop_when = build._accuracy_reached(model, None, [], config, log=lambda _m: None)
+    assert stop_when(1) is False
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    assert stop_when(2) is False  # 28%: below the target, remembered
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert stop_when(3) is True  # 42%: over it, and farther from 30% than 28% is
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+
+
 def test_cache_dir_from_environment(tmp_path, monkeypatch) -> None:
     from vopd.world.build import default_cache_dir
 

@@ -148,13 +148,14 @@ def engine_factory(cfg: TrainConfig) -> SamplerFactory:
 
 
 def check_sync(rollout: RolloutConfig, token_metrics: dict[str, float], weight_dtype: torch.dtype) -> None:
-    """With ``rollout.check_sync``, a one-line error when the sampler's log-probs of the sampled tokens drifted from
-    the trainer's (``logprob_diff_mean``) by more than ``rollout.sync_tolerance`` (0: 1e-3 for float32 weights,
+    """With ``rollout.check_sync`` and unbiased sampling settings, a one-line error when the sampler's log-probs of
+    the sampled tokens drifted from the trainer's (``logprob_diff_mean``) by more than ``rollout.sync_tolerance`` (0: 1e-3 for float32 weights,
     5e-2 for half precision, where engine and trainer kernels round differently): the rollouts did not come from
     the weights being trained, e.g. a skipped or half-applied weight sync."""
     gap = token_metrics.get("logprob_diff_mean")
-    if not rollout.check_sync or gap is None:
-        return
+    biased = rollout.temperature != 1.0 or rollout.top_p < 1.0 or rollout.top_k > 0
+    if not rollout.check_sync or gap is None or biased:
+        return  # biased sampling (allowed by override) draws from another distribution than the trainer's by design
     tol = rollout.sync_tolerance or (1e-3 if weight_dtype == torch.float32 else 5e-2)
     if not gap <= tol:  # NaN fails too
         raise UserError(f"the {rollout.engine} sampler's log-probs differ from the trainer's by {gap:.3g} per token "

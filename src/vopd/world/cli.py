@@ -32,7 +32,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-target", type=float, default=None,
                         help="validation accuracy at which the student's SFT stops (default 0.3; 0 = never stop early)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: tiny models gain little from more, and it is reproducible)")
+                        help="torch CPU threads for --model SFT (default 1); the tiny world always builds on one "
+                        "thread, so that a seed gives the same models on any machine setting")
     custom = parser.add_argument_group("SFT of your own model (instead of building the tiny world)")
     custom.add_argument("--model", type=Path, default=None, help="local HF causal-LM directory to fine-tune")
     custom.add_argument("--data", type=Path, default=None, help="jsonl with 'problem' and 'solution' fields")
@@ -85,6 +86,6 @@ def cli_main(args: argparse.Namespace) -> int:
         if not 0.0 <= args.student_target <= 1.0:
             raise UserError(f"--student-target {args.student_target}: pass an accuracy in [0, 1] (0 disables it)")
         changes["student_target_accuracy"] = args.student_target or None
-    world = build_world(dataclasses.replace(config, **changes), args.cache_dir, force=args.force, threads=args.threads)
+    world = build_world(dataclasses.replace(config, **changes), args.cache_dir, force=args.force)
     print(world.summary())
     return 0

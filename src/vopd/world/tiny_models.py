@@ -29,6 +29,7 @@ class ModelShape:
     num_kv_heads: int = 2
     intermediate_size: int = 256
     max_positions: int = 256
+    head_dim: int = 0  # 0: hidden_size // num_heads; vLLM's CPU attention needs 32, 64, 128, ...
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -82,8 +83,9 @@ def make_model(shape: ModelShape, tokenizer: Any, *, seed: int) -> Any:
     """A freshly initialised ``Qwen3ForCausalLM`` of ``shape`` over ``tokenizer``'s vocabulary (fp32)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    if shape.hidden_size % shape.num_heads or shape.num_heads % shape.num_kv_heads:
-        raise UserError(f"{shape}: hidden_size must divide by num_heads and num_heads by num_kv_heads")
+    if (not shape.head_dim and shape.hidden_size % shape.num_heads) or shape.num_heads % shape.num_kv_heads:
+        raise UserError(f"{shape}: hidden_size must divide by num_heads (or set head_dim) and num_heads by "
+                        "num_kv_heads")
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
@@ -91,7 +93,7 @@ def make_model(shape: ModelShape, tokenizer: Any, *, seed: int) -> Any:
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
         num_key_value_heads=shape.num_kv_heads,
-        head_dim=shape.hidden_size // shape.num_heads,
+        head_dim=shape.head_dim or shape.hidden_size // shape.num_heads,
         max_position_embeddings=shape.max_positions,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,

@@ -29,6 +29,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "real": dict(tokens=[2048, 4096, 8192, 16384], completion_len=2048, prompt_len=256,
                  batch_sizes=[32, 128], new_tokens=512, gen_prompt_len=256),
     "tiny": dict(tokens=[64], completion_len=32, prompt_len=8, batch_sizes=[2], new_tokens=8, gen_prompt_len=8),
+    "cpu": dict(tokens=[256], completion_len=128, prompt_len=32, batch_sizes=[32], new_tokens=256,
+                gen_prompt_len=32),
 }
 TARGETS = {"vopd": 1.02, "opd-full": 1.05, "head": 0.10}
 
@@ -49,6 +51,9 @@ def _device(args: argparse.Namespace, what: str) -> str:
 
     cuda = torch.cuda.is_available()
     device = args.device if args.device != "auto" else ("cuda" if cuda else "cpu")
+    student = getattr(args, "student", None)
+    if student is not None and student not in SHAPES[args.shapes]:
+        raise UserError(f"--student {student} is not in --shapes {args.shapes} (it has {', '.join(SHAPES[args.shapes])})")
     if args.shapes == "real" and (not device.startswith("cuda") or not cuda):
         raise UserError(f"{what} benchmark with --shapes real needs a CUDA device (none here); use --shapes tiny "
                         "to smoke-test")
@@ -159,26 +164,29 @@ def format_head(head: list[dict[str, Any]]) -> list[str]:
 def generation_results(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     common = _common(args, "generation")
     out = []
+    runs = [("hf", cache) for cache in args.caches if "hf" in args.engines]
+    runs += [("vllm", "-")] if "vllm" in args.engines else []
     for batch in _opt(args, "batch_sizes"):
-        for cache in args.caches:
-            case = dict(common, kind="generation", student=args.student, batch=batch, cache=cache,
+        for engine, cache in runs:
+            case = dict(common, kind="generation", student=args.student, batch=batch, cache=cache, engine=engine,
                         new_tokens=_opt(args, "new_tokens"), prompt_len=_opt(args, "gen_prompt_len"))
             out.append(_run_case(case))
-            _print_case(out[-1], f"{args.student} batch={batch} {cache}")
+            _print_case(out[-1], f"{args.student} batch={batch} {engine} {cache}")
     return {"generation": out}
 
 
 def format_generation(res: dict[str, list[dict[str, Any]]]) -> str:
-    by = {(r["batch"], r["cache"]): r for r in res["generation"]}
-    lines = ["| batch | prompt | new tokens | cache | tokens/s | ms per call | first call s | peak GiB | "
-             "tokens/s vs dynamic |", "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["batch"], r.get("engine", "hf"), r["cache"]): r for r in res["generation"]}
+    lines = ["| batch | prompt | new tokens | engine | cache | tokens/s | ms per call | first call s | peak GiB | "
+             "weight sync ms | tokens/s vs hf dynamic |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["generation"]:
-        good, dyn = _ok(r), by.get((r["batch"], "dynamic"))
+        good, dyn = _ok(r), by.get((r["batch"], "hf", "dynamic"))
         lines.append("| " + " | ".join([
-            str(r["batch"]), str(r["prompt_len"]), str(r["new_tokens"]), r["cache"],
+            str(r["batch"]), str(r["prompt_len"]), str(r["new_tokens"]), r.get("engine", "hf"), r["cache"],
             f"{r['tokens_per_s']:.0f}" if good else _cell_ms(r), _cell_ms(r),
             f"{r['first_call_s']:.1f}" if good else "-",
             f"{r['peak_mb'] / 1024:.2f}" if "peak_mb" in r else "-",
+            f"{r['sync_ms']:.1f}" if good and "sync_ms" in r else "-",
             ratio(good and r["tokens_per_s"], _ok(dyn) and dyn["tokens_per_s"]),
         ]) + " |")
     return "\n".join(lines)
@@ -203,20 +211,25 @@ def run_training_bench(args: argparse.Namespace) -> int:
 
 def run_generation_bench(args: argparse.Namespace) -> int:
     res = generation_results(args)
-    return _finish(args, res, f"vopd bench generation: shapes={args.shapes} student={args.student} bf16, sampling at "
+    return _finish(args, res, f"vopd bench generation: shapes={args.shapes} student={args.student} (bf16 on CUDA, fp32 on the CPU), sampling at "
                    f"temperature 1, fixed lengths, device={res['generation'][0]['device']}", format_generation(res))
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser, what: str = "training") -> None:
     """Flags of `vopd bench training` (``what="training"``) or `vopd bench generation`."""
-    parser.add_argument("--shapes", choices=["real", "tiny"], default="real",
-                        help="real: Qwen3 1.7B/4B students, 8B teacher (needs CUDA); tiny: CPU smoke test")
+    parser.add_argument("--shapes", choices=["real", "tiny", "cpu"], default="real",
+                        help="real: Qwen3 1.7B/4B students, 8B teacher (needs CUDA); tiny: CPU smoke test; cpu "
+                        "(generation): the tiny world's student ('world') and a 512x8 model with V=32k ('wide')")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per case (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
     parser.add_argument("--json", help="also write the raw results here")
     if what == "generation":
-        parser.add_argument("--student", choices=["1.7b", "4b"], default="1.7b")
+        parser.add_argument("--student", choices=["1.7b", "4b", "world", "wide"], default="1.7b",
+                            help="1.7b/4b with --shapes real or tiny; world/wide with --shapes cpu")
+        parser.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf"],
+                            help="rollout engines to compare on the same model, prompts and lengths (vllm: the "
+                            "colocated engine of rollout.engine=vllm, weight push included in each call)")
         parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 32 128 (tiny: 2)")
         parser.add_argument("--new-tokens", type=int, help="tokens generated per sequence (default 512; tiny 8)")
         parser.add_argument("--prompt-len", dest="gen_prompt_len", type=int,

@@ -29,9 +29,10 @@ _QWEN3 = dict(head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=40960,
               rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
 
 
-def _tiny(hidden: int, layers: int, tie: bool) -> dict[str, Any]:
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=hidden // 4, intermediate_size=2 * hidden, tie_word_embeddings=tie)
+def _tiny(hidden: int, layers: int, tie: bool, heads: int = 4, head_dim: int = 0) -> dict[str, Any]:
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2), head_dim=head_dim or hidden // heads,
+                intermediate_size=2 * hidden, tie_word_embeddings=tie)
 
 
 #: Shapes of the public Qwen3 configs (random weights); "tiny" keeps the same structure at CPU-test size.
@@ -45,9 +46,17 @@ SHAPES: dict[str, dict[str, dict[str, Any]]] = {
                    intermediate_size=12288, tie_word_embeddings=False),
     },
     "tiny": {"1.7b": _tiny(32, 2, True), "4b": _tiny(48, 2, True), "8b": _tiny(64, 3, False)},
+    # CPU generation, engine against engine: the tiny world's student (hidden 48, 2 layers, 2 heads of 32) and a
+    # larger random model (hidden 512, 8 layers, 8 heads of 64, V = 32k); "8b" only completes the set.
+    # (head size 32 or more: vLLM's CPU attention kernel refuses smaller ones).
+    "cpu": {"world": dict(_tiny(48, 2, False, heads=2, head_dim=32), intermediate_size=192),
+            "wide": dict(_tiny(512, 8, True, heads=8, head_dim=64), intermediate_size=1536),
+            "8b": _tiny(64, 3, False)},
 }
 TEACHER = "8b"
-VOCAB = {"real": 151_936, "tiny": 1024}
+VOCAB = {"real": 151_936, "tiny": 1024, "cpu": 32_000}
+#: The tiny world's vocabulary size (its BPE tokenizer), for the "world" CPU shape.
+WORLD_VOCAB = 361
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -142,10 +151,14 @@ def _generation_case(case: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     dev = torch.device(case["device"])
-    model = _build(SHAPES[case["shapes"]][case["student"]], VOCAB[case["shapes"]], dev, torch.bfloat16,
-                   use_cache=True).eval()
+    vocab = WORLD_VOCAB if case["student"] == "world" else VOCAB[case["shapes"]]
+    # bf16 on a GPU; fp32 on the CPU, where both engines are compared in the precision the tiny world trains in
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = _build(SHAPES[case["shapes"]][case["student"]], vocab, dev, dtype, use_cache=True).eval()
     b, n_new = case["batch"], case["new_tokens"]
-    ids = torch.randint(1, VOCAB[case["shapes"]], (b, case["prompt_len"]), device=dev)
+    ids = torch.randint(1, vocab, (b, case["prompt_len"]), device=dev)
+    if case.get("engine", "hf") == "vllm":
+        return _vllm_generation(model, ids.tolist(), case)
     cache = case["cache"]
     # Every setting written out (as vopd.sampling does): temperature-1 sampling, no top-k/top-p, and no EOS, so
     # every row generates exactly n_new tokens. "static" lets transformers compile the decode step on CUDA;
@@ -170,6 +183,46 @@ def _generation_case(case: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"generate returned lengths {sorted(set(lengths))}, expected {case['prompt_len'] + n_new}")
     med = statistics.median(times)
     return {"time_ms": 1000 * med, "tokens_per_s": b * n_new / med, "peak_mb": peak, "first_call_s": first}
+
+
+def _vllm_generation(model: Any, prompts: list[list[int]], case: dict[str, Any]) -> dict[str, Any]:
+    """The same model, prompts and lengths through vopd's colocated vLLM engine: each timed call is what a training
+    step pays (the weight push from the live model, then sampling at temperature 1, no EOS so every row runs to
+    ``new_tokens``)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import torch
+
+    from vopd.config import RolloutConfig, VllmConfig
+    from vopd.vllm_engine import VllmSampler, shutdown
+
+    n_new = case["new_tokens"]
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)  # the engine reads the architecture from a directory; weights are pushed
+        t0 = time.perf_counter()
+        sampler = VllmSampler(model, SimpleNamespace(eos_token_id=None), RolloutConfig(max_new_tokens=n_new),
+                              VllmConfig(cpu_kv_cache_gb=2.0, gpu_memory_utilization=0.5),
+                              model_dir=tmp, max_model_len=case["prompt_len"] + n_new)
+        lengths: list[int] = []
+        sync_s: list[float] = []
+
+        def call() -> None:
+            lengths.extend(len(c) for c in sampler(prompts).completions)
+
+        call()
+        first = time.perf_counter() - t0
+        times, peak, _base = _timed(call, torch.device(case["device"]), max(case["warmup"] - 1, 0), case["repeats"])
+        for _ in range(3):
+            s0 = time.perf_counter()
+            sampler.sync()
+            sync_s.append(time.perf_counter() - s0)
+        shutdown()
+    if set(lengths) != {n_new}:
+        raise RuntimeError(f"vLLM returned completion lengths {sorted(set(lengths))}, expected {n_new}")
+    med = statistics.median(times)
+    return {"time_ms": 1000 * med, "tokens_per_s": len(prompts) * n_new / med, "peak_mb": peak,
+            "first_call_s": first, "sync_ms": 1000 * statistics.median(sync_s)}
 
 
 def _head_case(case: dict[str, Any]) -> dict[str, Any]:
