@@ -77,8 +77,15 @@ def test_sampler_logprobs_equal_the_students_forward(vllm_student):
     tok = load_tokenizer(str(vllm_student))
     model = load_model(str(vllm_student), role="student", dtype=torch.float32, device=CPU)
     prompts = _prompts(tok)
+    shutdown()  # a fresh engine: its construction is what changes process state
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
     sampler = VllmSampler(model, tok, RolloutConfig(max_new_tokens=24), VllmConfig(), model_dir=str(vllm_student),
                           max_model_len=128)
+    # vLLM reseeds the generators, binds threads and stubs out torch.set_num_threads: all put back for the trainer
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+    torch.set_num_threads(threads + 1)
+    assert torch.get_num_threads() == threads + 1
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     samples = sampler(prompts)
     assert len(samples.completions) == len(prompts)

@@ -57,9 +57,12 @@ _live: tuple[EngineShape, Any] | None = None  # (shape, vllm.LLM): one engine pe
 
 
 @contextlib.contextmanager
-def _rng_preserved() -> Iterator[None]:
-    """vLLM reseeds torch/random/numpy when an engine is built and draws from torch's generator on its first
-    ``generate``: the trainer's random streams must not move."""
+def _process_state_preserved() -> Iterator[None]:
+    """What building an engine changes in this process, put back: vLLM reseeds torch/random/numpy and its first
+    ``generate`` draws from torch's generator (the trainer's random streams must not move); its CPU worker binds
+    threads, changes torch's thread count and replaces ``torch.set_num_threads`` by a no-op (the trainer and the
+    tiny world's build set threads on purpose)."""
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     try:
         import numpy as np
@@ -74,6 +77,8 @@ def _rng_preserved() -> Iterator[None]:
         random.setstate(py_state)
         if np is not None:
             np.random.set_state(np_state)
+        torch.set_num_threads = set_num_threads  # type: ignore[assignment]  # vLLM's no-op stand-in removed
+        torch.set_num_threads(threads)
 
 
 def _import_vllm() -> Any:
@@ -112,7 +117,7 @@ def _engine(shape: EngineShape, model_config: Any) -> Any:
     else:
         kwargs.update(gpu_memory_utilization=shape.gpu_memory_utilization, enable_sleep_mode=shape.sleep)
     try:
-        with _rng_preserved():
+        with _process_state_preserved():
             llm = vllm.LLM(**kwargs)
     except (ValueError, RuntimeError, NotImplementedError) as exc:
         raise UserError(f"vLLM cannot serve the student {shape.model_dir} ({_first_line(exc)}); use "
@@ -121,7 +126,7 @@ def _engine(shape: EngineShape, model_config: Any) -> Any:
     try:
         # Some failures (e.g. a head size the CPU attention kernel lacks) only show when the model first runs:
         # one token now turns them into a one-line error before step 1.
-        with _rng_preserved():
+        with _process_state_preserved():
             llm.generate([{"prompt_token_ids": [0, 0]}], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         shutdown()
@@ -224,7 +229,7 @@ class VllmSampler:
         params = [vllm.SamplingParams(n=1, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or 0,
                                       max_tokens=r.max_new_tokens, logprobs=0, seed=int(s), ignore_eos=True,
                                       stop_token_ids=list(self.stop_ids)) for s in seeds]
-        with _rng_preserved():
+        with _process_state_preserved():
             outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], params,
                                      use_tqdm=False)
         if self.sleep:
