@@ -232,3 +232,31 @@ def test_bad_input_is_one_line(micro_world, vllm_student, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "vllm", None)
     shutdown()
     assert "pip install 'vopd[vllm]'" in fails()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_one_engine_per_rank_under_torchrun(micro_world, vllm_fresh_student, tmp_path, strategy):
+    """torchrun, 2 ranks on gloo: each rank builds its own colocated engine inside the trainer's process group and
+    samples its share of the prompts; every step's sampler log-probs equal the (DDP/FSDP2-updated) student's, the
+    trainer's collectives still work, and the run ends cleanly (the engines go before the process group)."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    overrides = _vllm_overrides(micro_world, vllm_fresh_student, out, "rollout.engine=vllm", "steps=3",
+                                f"distributed.strategy={strategy}", "optim.lr=1e-2", "progress=false")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "LD_PRELOAD")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "vopd", "train", *overrides], capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": "1"}, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 3 steps") == 1, proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["logprob_diff_max"] <= 1e-4 for r in rows), [r["logprob_diff_max"] for r in rows]
+    assert rows[-1]["tokens"] > 0 and (out / "final" / "model.safetensors").is_file()

@@ -48,9 +48,11 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
     except ImportError:
-        np = None
+        np = None  # type: ignore[assignment]  # numpy is optional here: its generator state is saved when present
     if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        legacy = np.random.get_state(legacy=True)  # the (name, keys, pos, has_gauss, cached) tuple form
+        assert isinstance(legacy, tuple)
+        name, keys, pos, has_gauss, cached = legacy
         state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

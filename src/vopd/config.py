@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from vopd.config_io import apply_overrides, build, field_types, read_config_file, type_name
+from vopd.config_io import apply_overrides, build, field_types, is_section, read_config_file, type_name
 from vopd.data import PROMPT_TEMPLATE
 from vopd.errors import UserError
 from vopd.loss.methods import Method  # the one definition of the method names
@@ -372,8 +372,8 @@ def config_reference_markdown() -> str:
         "",
     ]
     hints = field_types(TrainConfig)
-    top = [(n, t) for n, t in hints.items() if not dataclasses.is_dataclass(t)]
-    sections = [(n, t) for n, t in hints.items() if dataclasses.is_dataclass(t)]
+    top = [(n, t) for n, t in hints.items() if not is_section(t)]
+    sections = [(n, t) for n, t in hints.items() if is_section(t)]
     for title, cls, prefix, names in [("Top level", TrainConfig, "", [n for n, _ in top])] + [
         (f"`{n}`", t, n + ".", [f.name for f in dataclasses.fields(t)]) for n, t in sections
     ]:

@@ -18,11 +18,16 @@ import sys
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args, get_origin
+from typing import Any, Literal, Sequence, TypeGuard, get_args, get_origin
 
 import yaml
 
 from vopd.errors import UserError
+
+
+def is_section(tp: object) -> TypeGuard[type]:
+    """A config section: a dataclass type (not an instance)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -48,8 +53,8 @@ def _bad(key: str, value: Any, expected: str) -> UserError:
 def _coerce(key: str, value: Any, tp: Any, root: type) -> Any:
     """``value`` checked against (and, where lossless, converted to) type ``tp``; ``key`` is for messages."""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
+    if is_section(tp):
+        if isinstance(value, tp) and dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
         if value is None:  # an empty section in YAML (`loss:` with every line commented out)
             value = {}
@@ -110,7 +115,7 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted leaf key of a config dataclass."""
     keys: list[str] = []
     for name, tp in field_types(cls).items():
-        if dataclasses.is_dataclass(tp):
+        if is_section(tp):
             keys += _all_keys(tp, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)
@@ -160,7 +165,7 @@ def _field_type(dotted: str, root: type) -> Any:
     cls: Any = root
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(cls):
+        if not is_section(cls):
             raise UserError(f"unknown config key {dotted}: {'.'.join(parts[:i])} is not a section")
         hints = field_types(cls)
         if part not in hints:

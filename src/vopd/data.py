@@ -337,7 +337,7 @@ class PromptStream:
         return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
 
     def take(self, n: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < n:
             if self.index == self.size:
                 self.epoch, self.index = self.epoch + 1, 0

@@ -90,7 +90,18 @@ def init(device: torch.device, *, timeout_min: float = 60.0) -> torch.device:
     return device
 
 
+#: Work to do before the process group goes (e.g. a colocated vLLM engine whose groups live inside it).
+_before_shutdown: list[Callable[[], None]] = []
+
+
+def before_shutdown(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in ``shutdown``, before the process group is destroyed (once; the latest registered first)."""
+    _before_shutdown.append(fn)
+
+
 def shutdown() -> None:
+    while _before_shutdown:
+        _before_shutdown.pop()()
     if is_initialized():
         dist.destroy_process_group()
 
@@ -211,7 +222,7 @@ class Engine:
         FSDP2 reduce-scatters every micro-batch: skipping it would keep unsharded gradients alive between
         micro-batches, which is the memory FSDP2 is chosen to save."""
         if self.strategy == "ddp" and not last:
-            return self.forward.no_sync()  # type: ignore[operator,no-any-return]
+            return self.forward.no_sync()  # type: ignore[operator]  # forward is the DDP module here
         return contextlib.nullcontext()
 
     def _grad_norm(self) -> tuple[list[nn.Parameter], Tensor | None]:
@@ -220,7 +231,7 @@ class Engine:
         params = [p for p in self.trainable() if p.grad is not None]
         if not params:
             return params, None
-        total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], norm_type=2.0)
         from torch.distributed.tensor import DTensor
 
         if isinstance(total, DTensor):
@@ -259,7 +270,7 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        state = {n: p.detach() for n, p in self.full.named_parameters() if n in trainable}
+        state: dict[str, Any] = {n: p.detach() for n, p in self.full.named_parameters() if n in trainable}
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -331,8 +342,8 @@ def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.de
         # gradient in every backward, the trainer adds a zero term for a micro-batch without completion tokens.
         # Buffers (rotary frequencies) are constants, identical on every rank: no broadcast per forward.
         ddp_args = inspect.signature(DistributedDataParallel.__init__).parameters
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_args
-                          else {"broadcast_buffers": False})
+        no_buffer_sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_args
+                                          else {"broadcast_buffers": False})
         ddp = DistributedDataParallel(trunk, device_ids=[device.index] if device.type == "cuda" else None,
                                       **no_buffer_sync)
         return Engine("ddp", model, ddp, model)
@@ -364,4 +375,4 @@ def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.de
 def _hf_model(model: nn.Module) -> nn.Module:
     from vopd.models import base_model
 
-    return base_model(model)  # type: ignore[no-any-return]
+    return base_model(model)

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -47,7 +47,7 @@ class TokenStats:
         if out.kl is not None:
             s["kl"] += float((out.kl * m).sum())
             s["kl_tokens"] += float(m.sum())
-        if out.kl_topk is not None:
+        if out.kl_topk is not None and out.topk_mass is not None:
             s["kl_topk"] += float((out.kl_topk * m).sum())
             s["mass"] += float((out.topk_mass * m).sum())
             s["topk_tokens"] += float(m.sum())
@@ -127,7 +127,7 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsWriter:
     """``metrics.jsonl`` always (appended, so a resumed run continues its file); TensorBoard/W&B when asked."""
 
-    def __init__(self, output_dir: Path, loggers: list[str], config: dict[str, Any]) -> None:
+    def __init__(self, output_dir: Path, loggers: Sequence[str], config: dict[str, Any]) -> None:
         self.path = output_dir / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = self._wandb = None
@@ -182,7 +182,8 @@ class PhaseTimer:
     up to ``total``."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self.total = device, {}, 0.0
+        self.device, self.total = device, 0.0
+        self.times: dict[str, float] = {}
         self._stack: list[str] = []
         self._since = 0.0
 

@@ -113,7 +113,7 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume
                         "overwrite (--overwrite)")
     if saved and latest != saved[-1]:
         # Never skip silently past a damaged newest checkpoint: name it and the one that would be used.
-        problem = checkpoint_problem(saved[-1], hashes=True)
+        problem = checkpoint_problem(saved[-1], hashes=True) or ("unknown", "no detail")
         raise UserError(f"checkpoint {saved[-1]} is corrupt ({problem[0]}: {problem[1]}); the last valid one is "
                         f"{latest}: resume from it with --resume-from {latest}")
     _write_marker(out, config)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import Tensor
 
+from vopd import distributed as dist
 from vopd.errors import UserError
 from vopd.models import base_model, is_peft
 from vopd.sampling import Samples
@@ -51,6 +52,7 @@ class EngineShape:
     enforce_eager: bool
     sleep: bool
     kv_cache_bytes: int
+    world_size: int  # > 1: one engine per torchrun rank, inside the trainer's process group
 
 
 _live: tuple[EngineShape, Any] | None = None  # (shape, vllm.LLM): one engine per process (a vLLM constraint)
@@ -77,7 +79,7 @@ def _process_state_preserved() -> Iterator[None]:
         random.setstate(py_state)
         if np is not None:
             np.random.set_state(np_state)
-        torch.set_num_threads = set_num_threads  # type: ignore[assignment]  # vLLM's no-op stand-in removed
+        torch.set_num_threads = set_num_threads  # vLLM's no-op stand-in removed
         torch.set_num_threads(threads)
 
 
@@ -116,9 +118,17 @@ def _engine(shape: EngineShape, model_config: Any) -> Any:
         kwargs["kv_cache_memory_bytes"] = shape.kv_cache_bytes  # without it the CPU cache takes a default of GiBs
     else:
         kwargs.update(gpu_memory_utilization=shape.gpu_memory_utilization, enable_sleep_mode=shape.sleep)
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    if shape.world_size > 1:
+        # One engine per rank (tensor parallel 1), built by every rank at the same point: vLLM's external-launcher
+        # mode makes its groups inside the trainer's process group (a collective), instead of a world of its own.
+        kwargs["distributed_executor_backend"] = "external_launcher"
+        _keep_trainer_group()
     try:
         with _process_state_preserved():
             llm = vllm.LLM(**kwargs)
+        if local_world is not None:
+            os.environ["LOCAL_WORLD_SIZE"] = local_world  # vLLM's CPU platform sets it to its tensor-parallel size
     except (ValueError, RuntimeError, NotImplementedError) as exc:
         raise UserError(f"vLLM cannot serve the student {shape.model_dir} ({_first_line(exc)}); use "
                         "rollout.engine=hf") from None
@@ -133,6 +143,25 @@ def _engine(shape: EngineShape, model_config: Any) -> Any:
         raise UserError(f"vLLM cannot run the student {shape.model_dir} (head size {head_dim(model_config)}: "
                         f"{_first_line(exc)}); use rollout.engine=hf for this model") from None
     return llm
+
+
+def _keep_trainer_group() -> None:
+    """vLLM's engine shutdown destroys torch.distributed's default process group, which under torchrun is the
+    trainer's: let it tear down only its own groups."""
+    import importlib
+
+    state: Any = importlib.import_module("vllm.distributed.parallel_state")
+    if getattr(state.destroy_distributed_environment, "_vopd_keeps_default_group", False):
+        return
+
+    def destroy_own_groups() -> None:
+        if state._WORLD is not None:
+            state._WORLD.destroy()
+        state._WORLD = None
+        state._NODE_COUNT = None
+
+    destroy_own_groups._vopd_keeps_default_group = True  # type: ignore[attr-defined]
+    state.destroy_distributed_environment = destroy_own_groups
 
 
 def _first_line(exc: BaseException) -> str:
@@ -196,15 +225,13 @@ class VllmSampler:
                             max_model_len=max_model_len, device=param.device.type,
                             gpu_memory_utilization=options.gpu_memory_utilization,
                             enforce_eager=options.enforce_eager, sleep=options.sleep,
-                            kv_cache_bytes=int(options.cpu_kv_cache_gb * 2**30))
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise UserError("rollout.engine=vllm runs in a single process for now (one colocated engine per rank is "
-                            "not built yet); use rollout.engine=hf under torchrun")
+                            kv_cache_bytes=int(options.cpu_kv_cache_gb * 2**30), world_size=dist.world_size())
         if options.sleep and shape.device == "cpu":
             raise UserError("vllm.sleep=true needs a GPU (vLLM's CPU build has no sleep mode); set vllm.sleep=false")
         self.sleep = options.sleep
         self.llm = _engine(shape, base_model(model).config)
+        if shape.world_size > 1:
+            dist.before_shutdown(shutdown)  # the engine's groups live in the trainer's process group: go first
         self.stop_ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
         self.syncs = 0
 

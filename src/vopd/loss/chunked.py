@@ -94,8 +94,9 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: in
         zs_k = zs.gather(-1, ids)
         if zt is not None:
             zt_k = zt.gather(-1, ids)
+        assert zt_k is not None  # the teacher's logits at the ids: gathered from zt, or sent as numbers
         if spec.topk_kl:
-            logp_k, logq_k = zs_k.log_softmax(-1), zt_k.log_softmax(-1)  # type: ignore[union-attr]
+            logp_k, logq_k = zs_k.log_softmax(-1), zt_k.log_softmax(-1)
             p_k = logp_k.exp()
             kl_k = (p_k * (logp_k - logq_k)).sum(-1)
             st[:, _KL_TOPK] = kl_k
@@ -110,12 +111,14 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: in
     # p = e / sum_e is folded into the scalars each method multiplies by, saving a pass over (c, V).
     inv_s = 1.0 / sum_e.squeeze(-1)
     logp = zs_y - lse_s
-    if zt_y is not None:
+    if zt_y is not None and lse_t is not None:
         logq = zt_y - lse_t
+    assert logq is not None  # from the teacher's logits, or sent as a number
     st[:, _LOGP], st[:, _LOGQ] = logp, logq
     if spec.topk_kl:
         st[:, _MASS] = (zs_k - lse_s.unsqueeze(-1)).exp().sum(-1)
     if needs_kl:
+        assert lse_t is not None  # the full-distribution methods always have the teacher's logits
         pd = torch.linalg.vecdot(e, d) * inv_s  # sum_v p_v (z_s - z_t)_v
         kl = pd - lse_s + lse_t  # KL_t = A/S - lse_s + lse_t (docs/estimators.md, "Key equations": single-pass KL)
         st[:, _KL] = kl
@@ -128,10 +131,12 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: in
             adv = reward + kl  # A_t = r_t + KL_t (docs/estimators.md, `vopd`)
         elif spec.baseline == "kl-topk":  # vopd-topk
             adv = reward + kl_k  # A_t = r_t + KL~_t (docs/estimators.md, `vopd-topk`)
-        elif spec.baseline == "optimal":  # vopd-opt
+        elif spec.baseline == "optimal":  # vopd-opt (a full-distribution method: lse_t is set)
+            assert lse_t is not None
             adv = reward - _optimal_baseline(e, inv_s, d, pd, kl, lse_s, lse_t)
         else:  # rb-topk: baseline = mean reward on K, r_v = log q_v - log p_v exactly (full lse's)
-            logp_k, logq_k = zs_k - lse_s.unsqueeze(-1), zt_k - lse_t.unsqueeze(-1)  # type: ignore[operator]
+            assert zt_k is not None and lse_t is not None
+            logp_k, logq_k = zs_k - lse_s.unsqueeze(-1), zt_k - lse_t.unsqueeze(-1)
             p_k = logp_k.exp()
             r_k = logq_k - logp_k
             b = (p_k * r_k).sum(-1) / p_k.sum(-1)
@@ -144,6 +149,7 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: in
             st[:, _RATIO] = ratio
         if spec.baseline == "topk-mean":  # rb-topk
             # Exact over K: sum_{v in K} p_v A_v (p - e_v); sampled only outside K: A_y (p - e_y).
+            assert ids is not None
             coef = coef * ~(ids == y_c).any(-1)
             pa_k = p_k * (r_k - b.unsqueeze(-1))
             loss = -((pa_k * logp_k).sum() + (coef * logp).sum()) * inv_n
@@ -161,6 +167,7 @@ def _head_chunk(zs: Tensor, y_c: Tensor, st: Tensor, spec: MethodSpec, top_k: in
     else:  # opd-topk
         loss = kl_k.sum() * inv_n
         g_k = p_k * (logp_k - logq_k - kl_k.unsqueeze(-1)) * inv_n
+        assert ids is not None
         g = e.zero_().scatter_(-1, ids, g_k)
     return loss, g
 
@@ -169,7 +176,7 @@ class _FusedHead(torch.autograd.Function):
     """Forward computes the loss *and* its gradients chunk by chunk; backward rescales the stored gradients."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, hs: Tensor, ws: Tensor, bs: Tensor | None, y: Tensor, sampler_lp: Tensor | None,
         teacher: TeacherScores, spec: MethodSpec, top_k: int, inv_n: float, ratio_cap: float | None, ratio_mode: RatioMode,
         rows: int,

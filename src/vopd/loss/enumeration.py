@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from vopd.loss.estimators import distillation_loss
-from vopd.loss.methods import SAMPLED_METHODS
+from vopd.loss.methods import SAMPLED_METHODS, method_spec
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def logit_gradient(z_s: Tensor, z_t: Tensor, y: int, *, method: str, top_k: int)
     """Gradient w.r.t. the student logits (V,) of the method's loss when token ``y`` was sampled."""
     s = z_s.detach().clone().reshape(1, 1, -1).requires_grad_(True)
     out = distillation_loss(
-        s, z_t.reshape(1, 1, -1), torch.tensor([[y]]), torch.ones(1, 1), method=method, top_k=top_k  # type: ignore[arg-type]
+        s, z_t.reshape(1, 1, -1), torch.tensor([[y]]), torch.ones(1, 1), method=method_spec(method).name, top_k=top_k
     )
     (grad,) = torch.autograd.grad(out.loss, s)
     return grad.reshape(-1)

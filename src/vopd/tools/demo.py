@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from vopd.config import load_config
+from vopd.config import TrainConfig, load_config
 from vopd.errors import UserError
 from vopd.loss.methods import METHODS
+from vopd.world.build import World
 
 
-def _overrides(world: Any, method: str, out: Path, args: argparse.Namespace) -> list[str]:
+def _overrides(world: World, method: str, out: Path, args: argparse.Namespace) -> list[str]:
     return [
         f"model.student={world.student}", f"model.teacher={world.teacher}",
         f"data.train={world.train_data}", f"data.eval={world.test_data}",
@@ -40,7 +41,7 @@ def _overrides(world: Any, method: str, out: Path, args: argparse.Namespace) -> 
 _MAX_PROMPT_TOKENS = 128
 
 
-def _evaluate_model(path: Path, world: Any, cfg: Any) -> dict[str, float]:
+def _evaluate_model(path: Path, world: World, cfg: TrainConfig) -> dict[str, float]:
     """Greedy accuracy and held-out KL to the teacher of the model at ``path`` (for the 'before' rows)."""
     from vopd.models import load_model, load_tokenizer
     from vopd.teacher.local import InProcessTeacher
@@ -119,8 +120,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  {'model':<22} {'accuracy':>9} {'held-out KL':>12} {'train time':>11}")
     for name, r in rows.items():
         method = name.removeprefix("student after ")
-        t = f"{seconds[method]:.0f}s" if method in seconds else ""
-        print(f"  {name:<22} {r['eval_avg_at_n']:>9.1%} {r['eval_kl']:>12.4f} {t:>11}")
+        took = f"{seconds[method]:.0f}s" if method in seconds else ""
+        print(f"  {name:<22} {r['eval_avg_at_n']:>9.1%} {r['eval_kl']:>12.4f} {took:>11}")
     plot = plot_curves(curves, out / "curves.png", start=rows["student (before)"])
     summary = {"rows": rows, "train_seconds": seconds, "world": str(world.root), "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "total_seconds": time.perf_counter() - t0}

@@ -14,18 +14,19 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from vopd.config import load_config
 from vopd.errors import UserError
+from vopd.world.build import World
 from vopd.loss.methods import METHODS
 
 PAPER_METHODS = ("opd", "vopd", "vopd-topk", "opd-full", "opd-topk")
 
 
-def _mean_sd(values: list[float]) -> dict[str, float]:
+def _mean_sd(values: Sequence[float | None]) -> dict[str, float]:
     vals = [v for v in values if v is not None]
     if not vals:
         return {"mean": float("nan"), "sd": float("nan"), "n": 0}
@@ -36,7 +37,7 @@ def _run_name(method: str, lr: float, seed: int, top_k: int | None = None) -> st
     return f"{method}{'' if top_k is None else f'-k{top_k}'}-lr{lr:g}-seed{seed}"
 
 
-def _config(world: Any, args: argparse.Namespace, method: str, lr: float, seed: int, top_k: int,
+def _config(world: World, args: argparse.Namespace, method: str, lr: float, seed: int, top_k: int,
             run_dir: Path) -> Any:
     """The one training budget every method gets (only method, lr, seed and k vary)."""
     return load_config(None, [
@@ -51,7 +52,7 @@ def _config(world: Any, args: argparse.Namespace, method: str, lr: float, seed: 
     ])
 
 
-def _world_models(world: Any) -> tuple[Any, Any, Any]:
+def _world_models(world: World) -> tuple[Any, Any, Any]:
     """(tokenizer, student, teacher) of the world, fp32 on the CPU, as the grid's runs start."""
     from vopd.models import load_model, load_tokenizer
 
@@ -73,7 +74,7 @@ def _sample(student: Any, tok: Any, data: Any, n: int, max_new_tokens: int, seed
     return ids, sampler, pack(ids, sampler(ids), tok.pad_token_id)
 
 
-def evaluate_initial_student(world: Any, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_initial_student(world: World, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The student before training, evaluated as every run's final model is (per seed: the held-out KL's samples
     depend on the seed; greedy accuracy does not)."""
     from vopd.teacher.local import InProcessTeacher
@@ -87,7 +88,7 @@ def evaluate_initial_student(world: Any, out: Path, args: argparse.Namespace) ->
             "heldout_kl": _mean_sd([r["eval_kl"] for r in rows])}
 
 
-def _train_one(world: Any, out: Path, args: argparse.Namespace, method: str, lr: float, seed: int,
+def _train_one(world: World, out: Path, args: argparse.Namespace, method: str, lr: float, seed: int,
                top_k: int) -> list[dict[str, Any]]:
     """One training run (reused when its final model exists: an interrupted grid resumes cheaply)."""
     from vopd.metrics import read_metrics
@@ -103,13 +104,13 @@ def _train_one(world: Any, out: Path, args: argparse.Namespace, method: str, lr:
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def run_grid(world: Any, out: Path, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+def run_grid(world: World, out: Path, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Train every method for every learning rate and seed; returns the metrics.jsonl rows of each run."""
     return {_run_name(m, lr, s): _train_one(world, out, args, m, lr, s, args.top_k)
             for lr in args.lrs for m in args.methods for s in args.seeds}
 
 
-def run_k_sweep(world: Any, out: Path, args: argparse.Namespace, vocab: int) -> dict[int, list[dict[str, Any]]]:
+def run_k_sweep(world: World, out: Path, args: argparse.Namespace, vocab: int) -> dict[int, list[dict[str, Any]]]:
     """`vopd-topk` trained at every k of ``args.ks`` (first seed, ``args.sweep_lr``): accuracy vs k."""
     ks = sorted({min(k, vocab) for k in args.ks})
     return {k: _train_one(world, out, args, "vopd-topk", args.sweep_lr, args.seeds[0], k) for k in ks}
@@ -144,7 +145,7 @@ def summarise_grid(runs: dict[str, list[dict[str, Any]]], methods: list[str], se
 
 
 @torch.no_grad()
-def topk_baseline_error(world: Any, ks: list[int], *, prompts: int, max_new_tokens: int, seed: int) -> dict[str, Any]:
+def topk_baseline_error(world: World, ks: list[int], *, prompts: int, max_new_tokens: int, seed: int) -> dict[str, Any]:
     """Mean squared error of the top-k KL (the `vopd-topk` baseline) against the exact KL_t, per k, on the
     student's own samples."""
     from vopd.loss.estimators import distillation_loss
@@ -156,16 +157,18 @@ def topk_baseline_error(world: Any, ks: list[int], *, prompts: int, max_new_toke
     vocab = zs.shape[-1]
     m = r.completion_mask
     exact = distillation_loss(zs, zt, r.targets, m, method="vopd").kl
+    assert exact is not None  # vopd reports the exact KL_t
     out: dict[str, Any] = {"vocab": vocab, "tokens": int(m.sum()), "exact_kl_mean": float(exact[m].mean()), "k": {}}
     for k in sorted({min(k, vocab) for k in ks}):
         res = distillation_loss(zs, zt, r.targets, m, method="vopd-topk", top_k=k)
+        assert res.kl_topk is not None and res.topk_mass is not None  # vopd-topk reports both
         err = (res.kl_topk - exact)[m]
         out["k"][str(k)] = {"mse": float((err**2).mean()), "bias": float(err.mean()),
                             "topk_mass": float(res.topk_mass[m].mean())}
     return out
 
 
-def interleaved_step_times(world: Any, methods: list[str], *, batch_size: int, top_k: int, repeats: int,
+def interleaved_step_times(world: World, methods: list[str], *, batch_size: int, top_k: int, repeats: int,
                            seed: int = 0) -> dict[str, Any]:
     """Per-phase step time of every method on one fixed batch, through the trainer's own micro-batch code.
 
@@ -181,7 +184,7 @@ def interleaved_step_times(world: Any, methods: list[str], *, batch_size: int, t
 
     cpu = torch.device("cpu")
     tok, student, teacher_model = _world_models(world)
-    engine = dist.wrap(student, len(tok), "single", cpu)
+    engine = dist.wrap(student, len(tok), "ddp", cpu)  # one process: no wrapping, whatever the strategy
     teacher = InProcessTeacher(teacher_model, len(tok))
     optimizer = torch.optim.AdamW(engine.trainable(), lr=0.0)
     ids, sampler, batch = _sample(engine.full, tok, world.train_data, batch_size, world.config.eval_max_new_tokens,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.loss.methods import METHODS
+from vopd.loss.methods import METHODS, method_spec
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def collect_gradients(student: Any, teacher: Any, tok: Any, prompts: list[list[i
             hidden = last_hidden(student, rollout.input_ids, rollout.attention_mask)[:, :-1]
             weight, bias = output_layer(student, vocab)
             out = chunked_distillation_loss(hidden, weight, scores.hidden, scores.weight, rollout.targets,
-                                            rollout.completion_mask, method=method, top_k=top_k,  # type: ignore[arg-type]
+                                            rollout.completion_mask, method=method_spec(method).name, top_k=top_k,
                                             student_bias=bias, teacher_bias=scores.bias,
                                             memory_budget_mb=memory_budget_mb)
             out.loss.backward()

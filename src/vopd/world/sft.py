@@ -136,7 +136,7 @@ def train_sft(
     model.train()
     start = time.perf_counter()
     for step in range(config.steps):
-        batch_idx = []
+        batch_idx: list[int] = []
         while len(batch_idx) < config.batch_size:
             if not order:
                 order = list(range(len(examples)))

@@ -14,9 +14,11 @@ import sys
 from typing import Any, Mapping
 
 
-def ratio(num: float | None, den: float | None) -> str:
-    """``num / den`` to two decimals, or "-" when either side is missing or zero."""
-    return "-" if not num or not den else f"{num / den:.2f}"
+def ratio(num: object, den: object) -> str:
+    """``num / den`` to two decimals, or "-" when either side is missing (None, a failed case) or zero."""
+    if not isinstance(num, (int, float)) or not isinstance(den, (int, float)) or not num or not den:
+        return "-"
+    return f"{num / den:.2f}"
 
 
 def rss_mb() -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, TypeGuard
 
 from vopd.loss.methods import METHODS, PAPER_METHODS
 from vopd.tools.bench.common import ratio, spawn_case
@@ -109,7 +109,8 @@ def _cell_ms(r: dict[str, Any] | None) -> str:
     return "-" if r is None else "OOM" if r.get("oom") else "ERROR" if "error" in r else f"{r['time_ms']:.1f}"
 
 
-def _ok(r: dict[str, Any] | None) -> bool:
+def _ok(r: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
+    """A case that ran (not missing, no error row)."""
     return r is not None and "error" not in r
 
 
@@ -187,7 +188,7 @@ def format_generation(res: dict[str, list[dict[str, Any]]]) -> str:
             f"{r['first_call_s']:.1f}" if good else "-",
             f"{r['peak_mb'] / 1024:.2f}" if "peak_mb" in r else "-",
             f"{r['sync_ms']:.1f}" if good and "sync_ms" in r else "-",
-            ratio(good and r["tokens_per_s"], _ok(dyn) and dyn["tokens_per_s"]),
+            ratio(good and r["tokens_per_s"], dyn["tokens_per_s"] if _ok(dyn) else None),
         ]) + " |")
     return "\n".join(lines)
 

@@ -262,12 +262,13 @@ def _head_case(case: dict[str, Any]) -> dict[str, Any]:
 
     step()  # warm-up (allocator, kernels)
     sync()
+    base: float
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = rss_mb()
-    times = []
+    times: list[float] = []
     for _ in range(case["repeats"]):
         sync()
         t0 = time.perf_counter()
