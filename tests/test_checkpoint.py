@@ -308,3 +308,104 @@ def test_resume_refuses_when_every_checkpoint_is_corrupt(tmp_path: Path) -> None
     (path / "config.yaml").write_text("tampered")
     with pytest.raises(UserError, match="none of its checkpoints is valid"):
         prepare_output_dir(tmp_path, CONFIG, resume=True, overwrite=False)
+
+
+def test_every_file_of_a_checkpoint_is_in_its_manifest(tmp_path: Path) -> None:
+    model = tiny_model()
+    path = save(tmp_path, 1, model)
+    extra = path / "model" / "extra.safetensors"  # would be read by the loader's glob
+    extra.write_bytes(b"not a checkpoint file")
+    with pytest.raises(UserError, match=r"file model/extra.safetensors: not listed in the manifest"):
+        verify_checkpoint(path)
+    with pytest.raises(UserError, match="not listed in the manifest"):
+        load_checkpoint(path, model=tiny_model(1))
+    extra.unlink()
+    verify_checkpoint(path)
+    # A checkpoint renamed to another step is not that step's.
+    moved = path.with_name("step-00000007")
+    os.rename(path, moved)
+    with pytest.raises(UserError, match=r"file manifest.json: its step 1 is not the directory's \(step-00000007\)"):
+        verify_checkpoint(moved)
+    # A manifest pointing outside the checkpoint is refused before anything is read.
+    os.rename(moved, path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"].append({"path": "../elsewhere", "size": 0, "sha256": ""})
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"file \.\./elsewhere: a path outside the checkpoint"):
+        verify_checkpoint(path)
+
+
+def test_the_trainer_state_is_checked_before_anything_is_loaded(tmp_path: Path) -> None:
+    path = save(tmp_path, 1, tiny_model(0))
+    model = tiny_model(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def refuse(state: dict) -> None:
+        assert state == {"step": 1, "position": 3}
+        raise UserError("not this run's")
+
+    with pytest.raises(UserError, match="not this run's"):
+        load_checkpoint(path, model=model, check_state=refuse)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights loaded before the check"
+
+
+def _run_with_history(out: Path, steps: list[int], final_at: int | None = None) -> None:
+    prepare_output_dir(out, CONFIG, resume=False, overwrite=False)
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in steps))
+    if final_at is not None:
+        (out / "final").mkdir()
+        (out / "final" / "trainer_state.json").write_text(json.dumps({"step": final_at}))
+
+
+def test_a_checkpoint_of_another_run_is_refused_by_the_resume_rule(tmp_path: Path) -> None:
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    _run_with_history(mine, [1])
+    save(mine, 1, tiny_model())
+    prepare_output_dir(theirs, CONFIG, resume=False, overwrite=False)
+    other = save_checkpoint(theirs, 1, model=tiny_model(), trainer_state={"step": 1}, keep_last=2,
+                            config={**CONFIG, "loss": {"method": "opd", "top_k": 100}, "steps": 99})
+    with pytest.raises(UserError) as info:
+        prepare_output_dir(mine, CONFIG, resume=True, overwrite=False, resume_from=other)
+    message = str(info.value)
+    assert "is not from this run: its config differs in loss.method ('opd' -> 'vopd');" in message
+    assert "steps" not in message.split("differs in")[1]  # steps may change on resume: the same rule as the marker
+    assert len(message.splitlines()) == 1
+
+
+def test_resume_never_replaces_newer_work_unless_asked(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run_with_history(out, [1, 2, 3], final_at=3)
+    first, second, third = (save(out, s, tiny_model()) for s in (1, 2, 3))
+    with pytest.raises(UserError, match=r"from checkpoint step-00000001: it would replace newer work \(step-00000002, "
+                                        r"step-00000003, final\); .*pass --discard-newer"):
+        prepare_output_dir(out, CONFIG, resume=True, overwrite=False, resume_from=first)
+    # The newest checkpoint with final/ at its step: nothing newer.
+    assert prepare_output_dir(out, CONFIG, resume=True, overwrite=False) == third
+    # final/ from a later step than the newest checkpoint (the last steps were bad), or of unknown step: newer.
+    (out / "final" / "trainer_state.json").write_text(json.dumps({"step": 4}))
+    with pytest.raises(UserError, match=r"step-00000003: it would replace newer work \(final\)"):
+        prepare_output_dir(out, CONFIG, resume=True, overwrite=False)
+    (out / "final" / "trainer_state.json").unlink()
+    with pytest.raises(UserError, match=r"newer work \(final\)"):
+        prepare_output_dir(out, CONFIG, resume=True, overwrite=False)
+
+    assert prepare_output_dir(out, CONFIG, resume=True, overwrite=False, resume_from=second,
+                              discard_newer=True) == second
+    [aside] = out.glob("discarded-*")
+    assert [p.name for p in list_checkpoints(aside)] == ["step-00000003"] and (aside / "final").is_dir()
+    assert (aside / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()  # a copy; truncated later
+    assert list_checkpoints(out) == [first, second] and not (out / "final").exists()
+
+
+def test_a_history_without_a_checkpoint_does_not_start_over_unless_asked(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run_with_history(out, [1, 2])  # its checkpoints were deleted, or it was killed before the first one
+    with pytest.raises(UserError, match=r"from scratch \(no checkpoint was saved\): it would replace newer work "
+                                        r"\(metrics.jsonl\); .*--discard-newer .*continue from scratch"):
+        prepare_output_dir(out, CONFIG, resume=True, overwrite=False)
+    assert prepare_output_dir(out, CONFIG, resume=True, overwrite=False, discard_newer=True) is None
+    [aside] = out.glob("discarded-*")
+    assert [json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # An empty history is no history: a run killed before its first logged step resumes from scratch.
+    (out / "metrics.jsonl").write_text("")
+    assert prepare_output_dir(out, CONFIG, resume=True, overwrite=False) is None

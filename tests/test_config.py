@@ -42,7 +42,7 @@ def test_defaults() -> None:
         model=ModelConfig(student="/m/student", teacher="/m/teacher"), data=DataConfig(train="/d/train.jsonl")
     )
     assert cfg.loss.method == "vopd" and cfg.loss.top_k == 100 and cfg.loss.ratio_cap == 2.0
-    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.lora.target_modules == ["all-linear"]  # every linear layer of the body, whatever its names
     assert cfg.data.template == PROMPT_TEMPLATE
     assert cfg.optim.schedule == "cosine" and cfg.loggers == [] and cfg.progress is True
     # Each instance has its own list (no shared mutable default).

@@ -149,3 +149,42 @@ def test_corrupt_parquet_is_a_user_error(tmp_path: Path) -> None:
 def test_read_rows_locations(tmp_path: Path) -> None:
     (tmp_path / "gaps.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
     assert read_rows(tmp_path / "gaps.jsonl") == [("line 1", {"a": 1}), ("line 3", {"a": 2})]
+
+
+def test_datasets_save_to_disk_directories(tmp_path: Path) -> None:
+    """A ``datasets`` ``save_to_disk`` directory (or a one-split DatasetDict) reads like a file: benchmark problems,
+    training prompts (texts and conversations), the same one-line errors."""
+    datasets = pytest.importorskip("datasets", reason="datasets is the optional 'datasets' extra")
+    from vopd.data import load_prompts
+
+    rows = [{"problem": "2+2?", "answer": "4", "messages": None},
+            {"problem": None, "answer": "1/2", "messages": [{"role": "user", "content": "half?"}]}]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "one")
+    assert read_rows(tmp_path / "one") == [("row 1", rows[0]), ("row 2", rows[1])]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(tmp_path / "split")
+    assert [(p.problem, p.answer, p.source) for p in load_problems(tmp_path / "split")] == [("2+2?", "4", "split:row 1")]
+
+    class Tok:  # the text row needs only a tokenizer call; the conversation row its chat template
+        chat_template = None
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+            return {"input_ids": [1] + [ord(c) for c in text]}
+
+    text_only = tmp_path / "text"
+    datasets.Dataset.from_list([{"problem": "2+2?"}]).save_to_disk(text_only)
+    assert load_prompts(text_only, Tok(), field="problem", template="{problem}", max_tokens=50, long_prompts="error",
+                        log=print) == [[1, 50, 43, 50, 63]]
+    with pytest.raises(UserError, match="is a conversation but the tokenizer of .* has no chat template"):
+        load_prompts(tmp_path / "one", Tok(), field="problem", template="{problem}", max_tokens=50,
+                     long_prompts="error", log=print)
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}
+                         ).save_to_disk(tmp_path / "two")
+    expect_one_line_error(r"holds the splits train, test; pass one split's directory, e\.g\. .*two/train",
+                          tmp_path / "two")
+    datasets.Dataset.from_list(rows).select([]).save_to_disk(tmp_path / "empty")
+    expect_one_line_error("the dataset has no rows", tmp_path / "empty")
+    (tmp_path / "plain").mkdir()
+    expect_one_line_error("is a directory but not a datasets save_to_disk directory", tmp_path / "plain")
+    datasets.Dataset.from_list([{"question": "q"}]).save_to_disk(tmp_path / "nofield")
+    expect_one_line_error(r"nofield: row 1: missing field for the answer .*this row has .question.", tmp_path / "nofield")

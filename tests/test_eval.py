@@ -194,6 +194,19 @@ def test_cli_writes_summary_and_samples(tiny_model, tokenizer, tmp_path: Path, c
     again = (tmp_path / "b" / "samples.jsonl").read_text().splitlines()
     assert again == (tmp_path / "a" / "samples.jsonl").read_text().splitlines()  # same seed, same samples
 
+    # Earlier results are never overwritten without --overwrite; a file is not a directory. Both are refused before
+    # the model is loaded, as one line.
+    summary_text = (tmp_path / "a" / "summary.json").read_text()
+    (tmp_path / "file").write_text("mine")
+    for out, message in ((tmp_path / "a", "already holds results (summary.json, samples.jsonl): pass --overwrite"),
+                         (tmp_path / "file", "is a file: pass a directory")):
+        assert main(args + ["--seed", "4", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert (tmp_path / "a" / "summary.json").read_text() == summary_text and (tmp_path / "file").read_text() == "mine"
+    assert main(args + ["--seed", "4", "--out", str(tmp_path / "a"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["seed"] == 4
+
 
 def test_cli_mcq_uses_the_protocol_sampling_defaults(tiny_model, tokenizer, tmp_path: Path, capsys) -> None:
     from vopd.cli import main

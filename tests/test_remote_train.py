@@ -120,3 +120,15 @@ def test_server_killed_mid_run_ends_it_with_one_error_and_keeps_the_checkpoint(s
     assert good is not None and good.name == "step-00000001"
     ckpt.verify_checkpoint(good)
     assert [m["step"] for m in _metrics(Path(cfg.output_dir))] == [1]
+
+
+def test_vopd_check_takes_a_teacher_url_as_train_does(servers, micro_world, capsys):
+    from vopd.cli import main
+
+    url = servers["main"][1]
+    assert main(["check", f"model.student={micro_world.student}", f"model.teacher={url}",
+                 "rollout.max_new_tokens=12", "loss.method=vopd-topk", "loss.top_k=8"]) == 0
+    out = capsys.readouterr().out
+    assert f"ok  teacher server {url} " in out and "same tokenizer" in out
+    assert main(["check", f"model.student={micro_world.student}", f"model.teacher={url}", "loss.method=vopd"]) == 2
+    assert "loss.method=vopd needs the teacher's full distribution" in capsys.readouterr().err

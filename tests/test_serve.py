@@ -19,7 +19,7 @@ from vopd.teacher.client import RemoteTeacher
 from vopd.rollout import pack
 from vopd.sampling import Samples
 from vopd.teacher.local import InProcessTeacher
-from vopd.teacher.wire import tokenizer_fingerprint
+from vopd.teacher.wire import b64_decode, b64_encode, tokenizer_fingerprint
 
 TOKEN = "s3cret-test-token"
 K = 8
@@ -31,7 +31,8 @@ def servers(launch_teacher_servers):
     """Two real server processes: "main", the teacher behind a token with small limits (splitting and 413s are cheap
     to exercise), and "victim", without a token, to be killed."""
     return launch_teacher_servers({
-        "main": (["--max-batch", "4", "--max-tokens", "400", "--max-k", "16", "--max-body-mb", "0.05"], TOKEN),
+        "main": (["--max-batch", "4", "--max-tokens", "400", "--max-k", "16", "--max-body-mb", "0.05",
+                  "--max-response-mb", "0.01"], TOKEN),
         "victim": ([], None),
     })
 
@@ -67,16 +68,17 @@ def student_side(models, rollout):
     tok, _, student = models
     with torch.no_grad():
         hidden = last_hidden(student, rollout.input_ids, rollout.attention_mask)[:, :-1]
-        weight, bias = output_layer(student, len(tok))
-    assert bias is None
-    return hidden.detach().clone(), weight.detach().clone()
+        head = output_layer(student, len(tok))
+    assert head.bias is None and head.transform.identity
+    return hidden.detach().clone(), head.weight.detach().clone()
 
 
 def test_health_reports_model_vocab_tokenizer_and_limits(server, models, micro_world):
     info = RemoteTeacher(server, token=TOKEN).health()
     assert info["vocab_size"] == len(models[0]) and info["protocol"] == 2
     assert info["tokenizer_sha256"] == tokenizer_fingerprint(load_tokenizer(str(micro_world.student)))
-    assert info["limits"] == {"max_batch": 4, "max_tokens": 400, "max_k": 16, "max_body_mb": 0.05}
+    assert info["limits"] == {"max_batch": 4, "max_tokens": 400, "max_k": 16, "max_body_mb": 0.05,
+                              "max_response_mb": 0.01}
 
 
 def test_remote_scores_equal_in_process_teacher(server, models, rollout, student_side):
@@ -209,6 +211,24 @@ def test_oversized_requests_are_refused_with_413(server):
         assert r.status_code == 413 and limit in r.json()["error"], (limit, r.text)
     r = _post(server, content=b'{"sequences": [' + b" " * 60_000 + b"]}")
     assert r.status_code == 413 and "max_body_mb" in r.json()["error"]
+    # The answer is bounded before any scoring (the server's is 10 KiB here): 398 positions x (log q + 16 logits) as
+    # base64 is ~35 KiB; log q + lse as JSON text ~18 KiB. A request whose answer fits is served.
+    long = {"ids": [5] * 399, "start": 0}
+    for extra, size, what in (
+        ({"k": 16, "encoding": "base64", "sequences": [{**long, "topk_ids": b64_encode(torch.ones(398, 16).int())}]},
+         "0.0344", "17 values as base64"),
+        ({"lse": True, "sequences": [long]}, "0.0182", "2 values as json"),
+    ):
+        r = _post(server, extra)
+        assert r.status_code == 413, r.text
+        assert f"answer would take ~{size} MiB (398 scored positions x {what}), over this server's limit " \
+               "max_response_mb=0.01" in r.json()["error"]
+    r = _post(server, {"sequences": [{"ids": [5] * 100, "start": 0}], "encoding": "base64", "lse": True})
+    assert r.status_code == 200 and len(b64_decode(r.json()["results"][0]["lse"], torch.float32, 99)) == 99
+    # Parsed JSON costs memory per array and value: a body that holds more of them than any valid request is refused
+    # before it is parsed.
+    r = _post(server, content=b"[" + b"[]," * 15_000 + b"[]]")
+    assert r.status_code == 413 and "JSON arrays/objects" in r.json()["error"], r.text
 
 
 def test_malformed_requests_are_refused_with_a_clear_message(server, models):
@@ -231,8 +251,57 @@ def test_malformed_requests_are_refused_with_a_clear_message(server, models):
     for payload, status, text in cases:
         r = _post(server, payload)
         assert r.status_code == status and text in r.json()["error"], (payload, r.text)
-    r = _post(server, content=b"{not json")
-    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    for body, status in ((b"{not json", 400), (b"[" * 300 + b"]" * 299, 400), (bytes(range(256)), 400),
+                         (b'{"k": "\xff"}', 400), (b'{"k": 1e999999}', 422), (b"[" * 300 + b"]" * 300, 422)):
+        r = _post(server, content=body)
+        assert r.status_code == status and r.json()["error"], (body[:20], r.text)
+        assert status != 400 or "not valid JSON" in r.json()["error"]
+
+
+def test_malformed_json_of_any_shape_gets_a_4xx_never_a_500():
+    """Every body, valid JSON or not, ends in the validated request or an ApiError (400, 413 or 422): random nested
+    values in every field, deep nesting (400 from the parser's recursion limit), numbers too large for a float."""
+    import json
+    import random
+
+    from vopd.teacher.wire import ApiError, Limits, parse_request
+
+    limits = Limits(max_batch=8, max_tokens=512, max_k=4, max_body_mb=1, max_response_mb=0.1)
+    with pytest.raises(ApiError) as info:
+        parse_request(b"[" * 100_000 + b"]" * 100_000, Limits(), 50)  # within the default structure budget
+    assert info.value.status == 400 and "nested too deeply" in info.value.message
+    with pytest.raises(ApiError) as info:
+        parse_request(b'{"sequences": [{"ids": ' + b"[" * 5_000 + b"]" * 5_000 + b"}]}", Limits(), 50)
+    assert info.value.status == 400
+
+    rng = random.Random(0)
+
+    def junk(depth: int = 0):
+        kind = rng.randrange(9 if depth < 4 else 6)
+        return [lambda: rng.randint(-3, 60), lambda: rng.random() * 1e3, lambda: rng.choice([True, False, None]),
+                lambda: rng.choice(["", "x", "AAAA", "!!"]), lambda: 2**70, lambda: float("nan"),
+                lambda: [junk(depth + 1) for _ in range(rng.randrange(4))],
+                lambda: {rng.choice(["ids", "start", "topk_ids", "k", "q"]): junk(depth + 1)
+                         for _ in range(rng.randrange(4))},
+                lambda: [rng.randint(0, 49) for _ in range(rng.randrange(1, 6))]][kind]()
+
+    statuses = set()
+    for _ in range(3000):
+        seqs = [{k: junk() for k in rng.sample(["ids", "start", "topk_ids", "extra"], rng.randrange(1, 4))}
+                for _ in range(rng.randrange(3))]
+        req = {k: v for k, v in (("sequences", seqs if rng.random() < 0.8 else junk()), ("k", junk()),
+                                 ("encoding", rng.choice(["json", "base64", junk()])), ("lse", junk()))
+               if rng.random() < 0.7}
+        body = json.dumps(req if rng.random() < 0.9 else junk()).encode()
+        if rng.random() < 0.1:
+            body = body[: rng.randrange(len(body) + 1)]  # cut short
+        try:
+            parse_request(body, limits, 50)
+            statuses.add(200)
+        except ApiError as exc:
+            assert exc.status in (400, 413, 422) and exc.message and "\n" not in exc.message, exc.message
+            statuses.add(exc.status)
+    assert {400, 422} <= statuses
 
 
 def test_json_and_base64_encodings_agree(server):

@@ -66,7 +66,7 @@ def _student_logprobs(model, tok, prompts, samples) -> tuple[torch.Tensor, torch
     r = pack(prompts, samples, tok.pad_token_id)
     with torch.no_grad():
         h = last_hidden(model, r.input_ids, r.attention_mask)[:, :-1]
-        w, b = output_layer(model, len(tok))
+        w = output_layer(model, len(tok)).weight
         logits = h.float() @ w.float().T
         own = logits.log_softmax(-1).gather(-1, r.targets.unsqueeze(-1)).squeeze(-1)
     m = r.completion_mask
@@ -129,7 +129,7 @@ def test_every_optimizer_step_is_synced_exactly(vllm_student, lora):
         gaps.append(float((got - own).abs().max()))
         r = pack(prompts, samples, tok.pad_token_id)
         h = last_hidden(model, r.input_ids, r.attention_mask)[:, :-1]
-        w, _ = output_layer(model, len(tok))
+        w = output_layer(model, len(tok)).weight
         logp = (h @ w.T).log_softmax(-1).gather(-1, r.targets.unsqueeze(-1)).squeeze(-1)
         (logp * r.completion_mask).sum().neg().backward()  # any loss: the point is that the weights change
         opt.step()

@@ -3,16 +3,20 @@
 What it knows: the order of the checks (the teacher's pairing with the student first: one token->id map and the
 same special tokens, else every per-token reward compares different tokens; each placement checks that its own way,
 ``Teacher.pairing_checks``), which sampling
-settings keep the estimators unbiased (temperature 1, no top-p, no top-k: docs/estimators.md, "Background"), and how to self-check the
-hidden-state path (teacher = student must give KL = 0, and the chunked log p(y) must equal the model's own forward).
+settings keep the estimators unbiased (temperature 1, no top-p, no top-k: docs/estimators.md, "Background"), how to self-check the
+hidden-state path (teacher = student must give KL = 0, and the chunked log p(y) must equal the model's own forward),
+and the limits a config must respect that only the models reveal: ``loss.top_k`` within the real vocabulary
+(``len(tokenizer)``), prompt + ``rollout.max_new_tokens`` within the student's position limit
+(``config.max_position_embeddings``; ``prompt_budget``), and with ``data.train`` set, which prompts fit.
 What it does not know: training. Each failed check is a ``UserError`` naming the problem and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +24,7 @@ from vopd.errors import UserError
 
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
+    from vopd.models import Model, Tokenizer
     from vopd.teacher.base import Teacher
 
 def check_sampling(*, temperature: float, top_p: float, top_k: int, allow_biased: bool) -> list[str]:
@@ -41,11 +46,12 @@ def check_sampling(*, temperature: float, top_p: float, top_k: int, allow_biased
 
 
 @torch.no_grad()
-def self_check(student: Any, tokenizer: Any, vocab_size: int, *, text: str = "1 + 2 = 3. \\boxed{3}") -> dict[str, float]:
+def self_check(student: Model, tokenizer: Tokenizer, vocab_size: int, *, text: str = "1 + 2 = 3. \\boxed{3}") -> dict[str, float]:
     """KL(student || student) through the chunked path must be ~0, and its log p(y) must equal the model's own
-    forward (a model whose logits are not ``hidden @ W.T + b`` — softcapping, logit scaling — fails here)."""
+    forward (a model whose logits are not ``transform(hidden @ W.T + b)`` with the transform vopd reads from its
+    config — ``vopd.models.logit_transform``: softcapping, logit scaling — fails here)."""
     from vopd.loss.chunked import chunked_distillation_loss
-    from vopd.models import last_hidden, output_layer
+    from vopd.models import head_mismatch, last_hidden, output_layer
 
     device = next(student.parameters()).device
     ids = torch.tensor([tokenizer(text, add_special_tokens=True)["input_ids"]], device=device)
@@ -56,10 +62,11 @@ def self_check(student: Any, tokenizer: Any, vocab_size: int, *, text: str = "1 
     student.eval()
     try:
         hidden = last_hidden(student, ids, attention)[:, :-1]
-        weight, bias = output_layer(student, vocab_size)
+        head = output_layer(student, vocab_size)
         targets, mask = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
-        out = chunked_distillation_loss(hidden, weight, hidden, weight, targets, mask, method="vopd",
-                                        student_bias=bias, teacher_bias=bias)
+        out = chunked_distillation_loss(hidden, head.weight, hidden, head.weight, targets, mask, method="vopd",
+                                        student_bias=head.bias, teacher_bias=head.bias,
+                                        student_transform=head.transform, teacher_transform=head.transform)
         logits = student(input_ids=ids, attention_mask=attention).logits[:, :-1, :vocab_size].float()
         ref = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     finally:
@@ -68,29 +75,114 @@ def self_check(student: Any, tokenizer: Any, vocab_size: int, *, text: str = "1 
     kl = float(out.kl.abs().max())
     logp_err = float((out.logp - ref).abs().max())
     tol = 1e-4 if hidden.dtype == torch.float32 else 5e-2
+    if not (math.isfinite(kl) and math.isfinite(logp_err)):  # NaN compares false with any tolerance
+        raise UserError("self-check failed: the student's log-probs are not finite (its weights hold inf or nan): "
+                        "load an intact student (model.student)")
     if kl > tol:
         raise UserError(f"self-check failed: KL(student || student) = {kl:.2e} (should be 0); please report this")
     if logp_err > tol:
-        raise UserError(f"self-check failed: the output layer does not reproduce the model's logits (max |log p| "
-                        f"error {logp_err:.2e}); models with logit softcapping or scaling are not supported")
+        raise UserError(head_mismatch(student, logp_err, role="student"))
     return {"self_kl_max": kl, "logp_max_error": logp_err}
 
 
-def preflight(student: Any, student_tok: Any, teacher: Teacher, cfg: TrainConfig) -> list[str]:
+def position_limit(model: Model) -> int | None:
+    """The longest sequence the model's positions cover (``config.max_position_embeddings``), if it declares one."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if type(limit) is int and limit > 0 else None
+
+
+def prompt_budget(cfg: TrainConfig, student: Model) -> tuple[int, str]:
+    """(the longest usable prompt in tokens, what sets it, for messages): ``data.max_prompt_tokens``, or less when a
+    prompt that long plus ``rollout.max_new_tokens`` (and the evaluation's) would pass the student's position limit.
+    ``UserError`` when the completions alone do not fit."""
+    limit = position_limit(student)
+    longest = max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens if cfg.data.eval else 0)
+    if limit is None or cfg.data.max_prompt_tokens + longest <= limit:
+        return cfg.data.max_prompt_tokens, f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
+    key = "rollout.max_new_tokens" if longest == cfg.rollout.max_new_tokens else "eval.max_new_tokens"
+    if longest >= limit:
+        raise UserError(f"{key}={longest} leaves no room for a prompt within the student's position limit "
+                        f"(max_position_embeddings={limit}): set {key} below {limit}")
+    room = limit - longest
+    return room, f"{room} tokens (the student's max_position_embeddings={limit} minus {key}={longest})"
+
+
+def check_top_k(cfg: TrainConfig, vocab: int) -> None:
+    """``loss.top_k`` of a top-k method must not exceed the real vocabulary (the tokenizer's, not the config's)."""
+    from vopd.loss.methods import method_spec
+
+    if method_spec(cfg.loss.method).topk and cfg.loss.top_k > vocab:
+        raise UserError(f"loss.top_k={cfg.loss.top_k} exceeds the vocabulary of {vocab} tokens ({cfg.loss.method} "
+                        f"takes the top k of it): set loss.top_k <= {vocab}")
+
+
+def check_placement(cfg: TrainConfig, teacher: Teacher) -> None:
+    """A teacher server sends per-token numbers only: the methods that need the full distribution are refused."""
+    from vopd.loss.methods import method_spec
+
+    if method_spec(cfg.loss.method).full_distribution and not teacher.full_distribution:
+        raise UserError(f"loss.method={cfg.loss.method} needs the teacher's full distribution at every position, "
+                        f"which a teacher server ({cfg.model.teacher}) does not send; use loss.method=vopd-topk "
+                        "(the same unbiased gradient with a top-k baseline) or a local teacher directory")
+
+
+def preflight(student: Model, student_tok: Tokenizer, teacher: Teacher, cfg: TrainConfig) -> list[str]:
     """All checks for a training config, for any teacher placement; returns human-readable lines of what passed.
     The teacher checks its pairing with the student (``Teacher.pairing_checks``), then the student-side checks."""
-    return [*teacher.pairing_checks(student, student_tok), *student_checks(student, student_tok, len(student_tok), cfg)]
+    check_placement(cfg, teacher)
+    return [*teacher.pairing_checks(student, student_tok), *chat_checks(student_tok, teacher.tokenizer, cfg),
+            *student_checks(student, student_tok, len(student_tok), cfg)]
 
 
-def student_checks(student: Any, student_tok: Any, vocab: int, cfg: TrainConfig) -> list[str]:
+def uses_chat_template(cfg: TrainConfig) -> bool:
+    """Whether training prompts go through the chat template: ``data.text_as_chat``, or a conversation row in
+    ``data.train``."""
+    if cfg.data.text_as_chat:
+        return True
+    if not cfg.data.train:
+        return False
+    from vopd.data import read_rows
+
+    return any(row.get(cfg.data.messages_field) is not None for _where, row in read_rows(cfg.data.train))
+
+
+def chat_checks(student_tok: Tokenizer, teacher_tok: Tokenizer | None, cfg: TrainConfig) -> list[str]:
+    """Stop tokens and chat templates (docs/real_models.md): the student's template can open an assistant turn; a
+    teacher whose tokenizer this placement holds stops on the same tokens and, when prompts go through the chat
+    template, renders a probe conversation to the same ids (the first differing token named otherwise)."""
+    from vopd.prompts import chat_options, compare_rendering, compare_stop_tokens, require_chat_template, \
+        stop_token_ids
+
+    chat, chatting = chat_options(cfg.data), uses_chat_template(cfg)
+    if teacher_tok is None:
+        lines = [f"completions stop on {student_tok.convert_ids_to_tokens(stop_token_ids(student_tok))} (the "
+                 "teacher's tokenizer is not here to compare)"]
+    else:
+        lines = [compare_stop_tokens(student_tok, teacher_tok)]
+    if chatting:
+        lines.append(require_chat_template(student_tok, chat))
+        if cfg.data.teacher_own_template:  # per-model rendering: the templates may differ
+            lines.append("the teacher renders its prompts with its own chat template (data.teacher_own_template)")
+        elif teacher_tok is not None:
+            lines.append(compare_rendering(student_tok, teacher_tok, chat))
+    return lines
+
+
+def student_checks(student: Model, student_tok: Tokenizer, vocab: int, cfg: TrainConfig) -> list[str]:
     """The checks that need only the student and the config (sampling settings, self-check), shared by the
     in-process and the remote-teacher pre-flights; biased-sampling overrides are warned about here."""
+    check_top_k(cfg, vocab)
+    budget, limit_name = prompt_budget(cfg, student)
     notes = check_sampling(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                            allow_biased=cfg.rollout.allow_biased_sampling)
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=3)
     sc = self_check(student, student_tok, vocab)
+    limit = position_limit(student)
     return [
+        f"lengths: prompts up to {budget} tokens + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
+        + (f"within the student's position limit {limit}" if limit else "(the student declares no position limit)")
+        + ("" if limit_name.startswith("data.") else " (prompts limited by the position limit)"),
         "sampling settings: " + ("; ".join(notes) if notes else "temperature 1, no top-p/top-k (unbiased)"),
         f"self-check: KL(student||student) max {sc['self_kl_max']:.1e}, chunked vs model log p max error "
         f"{sc['logp_max_error']:.1e}",
@@ -115,10 +207,24 @@ def cli_main(args: argparse.Namespace) -> int:
     tok, student = load_student(cfg.model, device)
     teacher = open_teacher(cfg.model.teacher, vocab_size=len(tok), device=device, dtype=cfg.model.teacher_dtype,
                            trust_remote_code=cfg.model.trust_remote_code, timeout_s=cfg.model.teacher_timeout_s,
-                           retries=cfg.model.teacher_retries)
+                           retries=cfg.model.teacher_retries, student=student, student_tok=tok, lora=cfg.lora.enabled)
+    teacher_tok = teacher.tokenizer
     try:
         for line in preflight(student, tok, teacher, cfg):
             print(f"ok  {line}")
     finally:
         teacher.close()
+    if cfg.data.train:  # the prompts that fit, as `vopd train` will load them (data.long_prompts=error refuses here)
+        from vopd.data import load_prompt_pairs
+        from vopd.prompts import chat_options, teacher_prompts
+
+        notes: list[str] = []
+        budget, limit_name = prompt_budget(cfg, student)
+        prompts, own = load_prompt_pairs(
+            cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=budget,
+            long_prompts=cfg.data.long_prompts, log=notes.append, limit_name=limit_name,
+            messages_field=cfg.data.messages_field, chat=chat_options(cfg.data),
+            teacher=teacher_prompts(cfg.data, tok, teacher_tok))
+        print(f"ok  data: {len(prompts)} prompts of {cfg.data.train} fit" + ("" if own is None else
+              " (the teacher reads each completion after its own prompt)") + "".join(f"; {n}" for n in notes))
     return 0

@@ -4,7 +4,8 @@ Layout: ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/`` holds ``model/`` (``save_pretr
 adapter of a PEFT model; plus tokenizer files), ``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``,
 ``rng.pt``, ``config.yaml`` and, written last, ``manifest.json`` (size and sha256 of every other file). A checkpoint
 is built in a temporary directory next to the others and renamed into place, so a killed writer leaves either the
-complete checkpoint or nothing that counts as one.
+complete checkpoint or nothing that counts as one. A checkpoint is whole only when every file in it is listed in its
+manifest with that size and hash, and the manifest's step is the directory's; nothing is loaded before that holds.
 
 What it knows: files, hashes, the RNGs of python/numpy/torch, how to put saved weights back into a live model (plain
 Hugging Face or PEFT). What it does NOT know: the config's schema (it sees a plain dict), the training loop, what
@@ -22,13 +23,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 import yaml
 
 from vopd.errors import UserError
-from vopd.models import is_peft
+from vopd.models import Model, Tokenizer, is_peft
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -36,6 +37,20 @@ REQUIRED_FILES = ("trainer_state.json", "rng.pt", "config.yaml")
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _TMP_PID_RE = re.compile(r"^\.tmp-.*\.(\d+)\.[^.]+$")  # .tmp-<what>.<pid>.<random>
+
+
+class HasStateDict(Protocol):
+    """What a checkpoint saves an optimizer's or a scheduler's state from: a ``torch.optim`` optimizer or LR scheduler,
+    or the gathered state of ``vopd.distributed.Engine.optimizer_state``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+class LoadsStateDict(Protocol):
+    """What a checkpoint loads an optimizer's or a scheduler's state into: a ``torch.optim`` optimizer or LR scheduler,
+    or ``vopd.distributed.Engine.optimizer_loader``'s sharding loader."""
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------------- RNG
@@ -136,10 +151,10 @@ def save_checkpoint(
     output_dir: str | Path,
     step: int,
     *,
-    model: Any,
-    tokenizer: Any = None,
-    optimizer: Any = None,
-    scheduler: Any = None,
+    model: Model,
+    tokenizer: Tokenizer | None = None,
+    optimizer: HasStateDict | None = None,
+    scheduler: HasStateDict | None = None,
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     keep_last: int,
@@ -228,10 +243,20 @@ def checkpoint_problem(path: Path, *, hashes: bool) -> tuple[str, str] | None:
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         entries = {str(e["path"]): (int(e["size"]), str(e["sha256"])) for e in manifest["files"]}
+        step = manifest["step"]
     except FileNotFoundError:
         return MANIFEST, "missing (the checkpoint was not completed)"
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return MANIFEST, f"unreadable ({type(exc).__name__})"
+    if type(step) is not int or (_STEP_RE.match(path.name) and step != _step_of(path)):
+        return MANIFEST, f"its step {step!r} is not the directory's ({path.name})"
+    escaping = [name for name in entries if name.startswith("/") or ".." in Path(name).parts]
+    if escaping:
+        return escaping[0], "a path outside the checkpoint in the manifest"
+    on_disk = (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    unlisted = sorted(name for name in on_disk if name not in entries and name != MANIFEST)
+    if unlisted:
+        return unlisted[0], "not listed in the manifest (added after the checkpoint was written)"
     for required in REQUIRED_FILES:
         if required not in entries:
             return required, "not listed in the manifest"
@@ -247,6 +272,17 @@ def checkpoint_problem(path: Path, *, hashes: bool) -> tuple[str, str] | None:
         if hashes and _hash_file(file) != sha256:
             return name, "sha256 differs from the manifest"
     return None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step checkpoint ``path`` was written at (its manifest's; the directory's name when that is unreadable)."""
+    try:
+        step = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))["step"]
+        if type(step) is int:
+            return step
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return _step_of(Path(path))
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -292,7 +328,7 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_weights(model_dir: Path, model: Any, where: Path) -> None:
+def _load_weights(model_dir: Path, model: Model, where: Path) -> None:
     if is_peft(model) != (model_dir / "adapter_config.json").is_file():
         kinds = ("a LoRA adapter", "a full model") if is_peft(model) else ("a full model", "a LoRA adapter")
         raise UserError(f"checkpoint {where} holds {kinds[1]} but the model to resume is {kinds[0]}: "
@@ -329,13 +365,25 @@ def _load_weights(model_dir: Path, model: Any, where: Path) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, *, model: Any, optimizer: Any = None, scheduler: Any = None, restore_rng: bool = True
+    path: str | Path, *, model: Model, optimizer: LoadsStateDict | None = None,
+    scheduler: LoadsStateDict | None = None, restore_rng: bool = True,
+    check_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Verify checkpoint ``path``, load its weights into ``model`` (the adapter for a PEFT model), the optimizer and
     scheduler states (when given), and restore the global RNGs (``restore_rng``; call this last in the set-up, so
-    the draws that follow equal those that followed the save). Returns the ``trainer_state`` dict as saved."""
+    the draws that follow equal those that followed the save). ``check_state(trainer_state)`` runs after the
+    verification and before anything is loaded (the caller's consistency rules; raise to refuse). Returns the
+    ``trainer_state`` dict as saved."""
     path = Path(path)
     verify_checkpoint(path)
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"checkpoint {path} trainer_state.json is not JSON: resume from another checkpoint") from None
+    if not isinstance(trainer_state, dict):
+        raise UserError(f"checkpoint {path} trainer_state.json is not a table: resume from another checkpoint")
+    if check_state is not None:
+        check_state(trainer_state)
     _load_weights(path / "model", model, path)
     for obj, file in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
         if obj is None:
@@ -348,4 +396,4 @@ def load_checkpoint(
             raise UserError(f"checkpoint {path} {file} does not fit ({exc}): resume with the same settings") from None
     if restore_rng:
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    return trainer_state

@@ -12,13 +12,14 @@ properties/functions and never written back into a config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 
@@ -29,12 +30,14 @@ from vopd.loss.methods import Method  # the one definition of the method names
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Logger = Literal["tensorboard", "wandb"]
+_T = TypeVar("_T")
 
 
-def _opt(default: Any, doc: str) -> Any:
-    """A field with its documentation attached (the docs table is generated from it). Lists get a fresh copy."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+def _opt(default: _T, doc: str) -> _T:
+    """A field with its documentation attached (the docs table is generated from it). Lists and dicts get a fresh
+    copy."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.copy(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
@@ -45,7 +48,8 @@ class ModelConfig:
     student: str = _opt("", "Required. Local Hugging Face directory of the student (the model that is trained).")
     teacher: str = _opt(
         "", "Required. Local Hugging Face directory of the frozen teacher; same tokenizer as the student. Or the URL of "
-        "a `vopd serve-teacher` server (http://host:port; methods opd, vopd-topk, opd-topk, rb-topk)."
+        "a `vopd serve-teacher` server (http://host:port; methods opd, vopd-topk, opd-topk, rb-topk). Or `self`: the "
+        "student's initial weights (with LoRA: the base model with its adapters disabled; else a frozen copy)."
     )
     dtype: Dtype = _opt("auto", "Student weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     teacher_dtype: Dtype = _opt("auto", "Teacher weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
@@ -67,8 +71,10 @@ class LoraConfig:
     alpha: int = _opt(128, "LoRA alpha (the update is scaled by alpha / r).")
     dropout: float = _opt(0.0, "Dropout on the LoRA input, in [0, 1).")
     target_modules: list[str] = _opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Names of the linear modules that get adapters.",
+        ["all-linear"],
+        "Names of the linear modules that get adapters, or [all-linear]: every linear layer of the body, whatever the "
+        "architecture calls its projections (q_proj.. in Llama/Qwen, qkv_proj/gate_up_proj in Phi-3). The output layer "
+        "is never a target.",
     )
 
 
@@ -79,8 +85,24 @@ class DataConfig:
     train: str = _opt("", "Required. Local file of training problems.")
     eval: str = _opt("", "Local file of evaluation problems; empty = no evaluation.")
     prompt_field: str = _opt("problem", "Record field holding the problem text.")
+    messages_field: str = _opt(
+        "messages", "Record field holding a conversation (a list of {role, content} turns, ending with a user turn); a "
+        "row that has it is rendered with the tokenizer's chat template, else its prompt_field text is used.")
     answer_field: str = _opt("answer", "Record field holding the reference answer (used by evaluation).")
-    template: str = _opt(PROMPT_TEMPLATE, "Prompt template; {problem} is replaced by the problem text (no chat template).")
+    template: str = _opt(PROMPT_TEMPLATE, "Prompt template of text prompts; {problem} is replaced by the problem text.")
+    system_prompt: str = _opt("", "System turn put first in every conversation that has none (chat template only).")
+    chat_template_kwargs: dict[str, Any] = _opt(
+        {}, "Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3.")
+    text_as_chat: bool = _opt(
+        False, "Render text prompts through the chat template too, as one user turn holding the templated text.")
+    teacher_prompt_field: str = _opt(
+        "", "Record field holding the teacher's own prompt (a text or a conversation, e.g. with the reference "
+        "solution): the teacher scores the student's completion after it. Empty: the student's prompt.")
+    teacher_system_prompt: str = _opt(
+        "", "System turn of the teacher's rendering only (instead of data.system_prompt).")
+    teacher_own_template: bool = _opt(
+        False, "Render the teacher's prompts with the teacher tokenizer's own chat template (student and teacher "
+        "templates may then differ); local teachers only.")
     max_prompt_tokens: int = _opt(1024, "Longest prompt, in tokens, that is used.")
     long_prompts: Literal["skip", "error"] = _opt("skip", "What to do with a prompt longer than max_prompt_tokens.")
     shuffle: bool = _opt(True, "Shuffle the training problems (with the run's seed).")
@@ -139,6 +161,10 @@ class OptimConfig:
     warmup_steps: int = _opt(0, "Linear warmup steps from 0 to lr.")
     min_lr_ratio: float = _opt(0.0, "Final learning rate of the cosine schedule, as a fraction of lr, in [0, 1].")
     grad_clip: float = _opt(1.0, "Clip the gradient norm to this value; 0 disables clipping.")
+    max_update_ratio: float = _opt(
+        1.0, "A step whose update would move the trainable weights by more than this times their norm "
+        "(||update|| / ||weights||, logged as update_ratio) is a bad step: skipped, like one with a non-finite loss; "
+        "0 = no limit (non-finite weights are always refused).")
 
 
 @dataclass
@@ -201,7 +227,8 @@ class TrainConfig:
     log_every: int = _opt(1, "Log metrics every this many steps.")
     save_every: int = _opt(0, "Save a checkpoint every this many steps; 0 = only at the end.")
     keep_last: int = _opt(2, "Checkpoints kept on disk (the newest ones); >= 1.")
-    max_bad_steps: int = _opt(3, "Consecutive steps with a non-finite loss or gradient tolerated before stopping.")
+    max_bad_steps: int = _opt(3, "Consecutive bad steps (non-finite loss or gradient, or an update over "
+                              "optim.max_update_ratio) tolerated before stopping.")
     loggers: list[Logger] = _opt([], "Metric loggers besides the console: tensorboard, wandb.")
     progress: bool = _opt(True, "Show a progress bar.")
     grad_noise: bool = _opt(
@@ -238,7 +265,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+def _check(ok: bool, key: str, value: object, rule: str) -> None:
     if not ok:
         raise UserError(f"config key {key}={value!r} is invalid: it must be {rule}")
 
@@ -262,6 +289,7 @@ def _validate(c: TrainConfig, require_paths: bool) -> None:
     _check(not c.lora.enabled or bool(c.lora.target_modules), "lora.target_modules", c.lora.target_modules,
            "non-empty when lora.enabled")
     _check(bool(c.data.prompt_field), "data.prompt_field", c.data.prompt_field, "non-empty")
+    _check(bool(c.data.messages_field), "data.messages_field", c.data.messages_field, "non-empty")
     _check("{problem}" in c.data.template, "data.template", c.data.template, "a text containing {problem}")
     _check(c.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", c.data.max_prompt_tokens, ">= 1")
     r = c.rollout
@@ -288,6 +316,7 @@ def _validate(c: TrainConfig, require_paths: bool) -> None:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 = off)")
+    _check(o.max_update_ratio >= 0, "optim.max_update_ratio", o.max_update_ratio, ">= 0 (0 = no limit)")
     e = c.eval
     _check(e.every >= 0, "eval.every", e.every, ">= 0")
     _check(e.n >= 1, "eval.n", e.n, ">= 1")
@@ -348,7 +377,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 # ------------------------------------------------------------------------------------------- reference docs
 
 
-def _md_code(value: Any) -> str:
+def _md_code(value: object) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, bool) else str(value).lower()
     return "`" + text.replace("|", "\\|") + "`"
 

@@ -1,8 +1,8 @@
 """Reading typed configs: plain dicts, YAML/TOML files and ``key=value`` overrides, checked against dataclass types.
 
 What it knows: how to turn a (possibly partial) nested dict into an instance of a tree of dataclasses whose fields
-are ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``list[...]`` or another such dataclass (strict types,
-lossless conversions only, one-line ``UserError`` naming the dotted key, with a "did you mean" for unknown keys);
+are ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``list[...]``, ``dict[str, scalar]`` or another such
+dataclass (strict types, lossless conversions only, one-line ``UserError`` naming the dotted key, with a "did you mean" for unknown keys);
 how to read a YAML or TOML file into a dict; how to apply dotted ``key=value`` overrides to such a dict.
 What it does NOT know: vopd's options, their defaults or their validation rules (``vopd.config`` holds them and
 passes its root dataclass in), or how to write a config back.
@@ -18,11 +18,13 @@ import sys
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeGuard, get_args, get_origin
+from typing import Any, Literal, Sequence, TypeGuard, TypeVar, get_args, get_origin
 
 import yaml
 
 from vopd.errors import UserError
+
+_T = TypeVar("_T")
 
 
 def is_section(tp: object) -> TypeGuard[type]:
@@ -43,10 +45,12 @@ def type_name(tp: Any) -> str:
     if origin is list:
         (item,) = get_args(tp)
         return f"list[{type_name(item)}]"
+    if origin is dict:
+        return "dict[str, scalar]"
     return getattr(tp, "__name__", str(tp))
 
 
-def _bad(key: str, value: Any, expected: str) -> UserError:
+def _bad(key: str, value: object, expected: str) -> UserError:
     return UserError(f"config key {key}={value!r} is invalid: expected {expected}")
 
 
@@ -73,6 +77,16 @@ def _coerce(key: str, value: Any, tp: Any, root: type) -> Any:
         if not isinstance(value, (list, tuple)):
             raise _bad(key, value, f"a list, e.g. {key}=[a,b]")
         return [_coerce(f"{key}[{i}]", v, item_tp, root) for i, v in enumerate(value)]
+    if origin is dict:  # a table of named scalars (e.g. chat template variables), passed through as given
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise _bad(key, value, f"a table of names to values, e.g. {key}={{name: false}}")
+        for name, item in value.items():
+            if not isinstance(name, str) or not isinstance(item, (bool, int, float, str)):
+                raise _bad(key, value, f"string names with true/false, number or text values; {name!r}: "
+                                       f"{type(item).__name__} is not one")
+        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):  # strict: "1", 1, "yes-ish" strings are mistakes, not booleans
             raise _bad(key, value, "true or false")
@@ -122,7 +136,7 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def build(cls: type, data: dict[str, Any], *, root: type | None = None, prefix: str = "") -> Any:
+def build(cls: type[_T], data: dict[str, Any], *, root: type | None = None, prefix: str = "") -> _T:
     """An instance of dataclass ``cls`` from a (possibly partial) dict; missing keys keep their defaults.
 
     ``root`` is the top-level config dataclass (default ``cls``): an unknown key is looked up in all of it, so that

@@ -1,8 +1,9 @@
-"""Prompt formatting and tokenisation shared by SFT, rollouts and evaluation.
+"""Data files: training prompts (texts or conversations) and benchmark problems, read from local files.
 
-What it knows: the paper's prompt template (no chat template) and how a prompt and a completion become token ids,
-so that SFT, the trainer and the evaluator see byte-identical prompts; how to read benchmark problems (MATH-500,
-AIME, AMC, Minerva, GPQA, the tiny task) from local jsonl / json / csv / parquet files into ``Problem`` rows, with
+What it knows: how the rows of a training file become prompt ids through the one rendering of ``vopd.prompts``
+(a text field, or a conversation field rendered with the chat template), so that SFT, the trainer and the evaluator
+see byte-identical prompts; how to read benchmark problems (MATH-500, AIME, AMC, Minerva, GPQA, the tiny task) from
+local jsonl / json / csv / parquet files or ``datasets`` ``save_to_disk`` directories into ``Problem`` rows, with
 field names defaulted per kind and overridable. What it does not know: models, grading rules, the task generator,
 and anything remote: it never downloads a dataset.
 """
@@ -15,37 +16,19 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeAlias
 
 import torch
 
 from vopd.errors import UserError
+# Prompt rendering lives in vopd.prompts (this module reads the files it renders); the basics are re-exported here
+# for existing callers.
+from vopd.prompts import (PROMPT_TEMPLATE, ChatOptions, RenderChecks, TeacherPrompts,  # noqa: F401
+                          encode_completion, encode_prompt, format_prompt, row_prompts)
 
-#: The authors' prompt, docs/tiny_world.md and docs/evaluation.md. ``{problem}`` is replaced literally (no str.format, so LaTeX braces
-#: in problems and in ``\boxed{}`` need no escaping).
-PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-
-
-def format_prompt(problem: str, template: str = PROMPT_TEMPLATE) -> str:
-    """The prompt text for one problem."""
-    return template.replace("{problem}", problem)
-
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt ids: the tokenizer's special prefix (BOS) + the prompt's tokens. Completions are encoded separately
-    (``encode_completion``) so no merge crosses the prompt/completion boundary: what SFT trains on is what the
-    sampler continues from."""
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-
-
-def encode_completion(tokenizer: Any, completion: str, *, add_eos: bool = True) -> list[int]:
-    """Completion ids, followed by EOS when ``add_eos``."""
-    ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    if add_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer has no eos_token; set one (tokenizer.eos_token = ...) and save it again")
-        ids.append(tokenizer.eos_token_id)
-    return ids
+#: A Hugging Face tokenizer: ``vopd.models.Tokenizer``, named again here because vopd.models cannot be imported by
+#: this module (it imports vopd.config, which imports this one).
+Tokenizer: TypeAlias = Any
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,15 +81,21 @@ def _one_line(text: object) -> str:
 
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a local .jsonl/.ndjson, .json (a list, or an object holding one list such as ``{"data": [...]}``),
-    .csv or .parquet file, each with its location (``line 3`` for jsonl, ``row 3`` otherwise, 1-based).
+    .csv or .parquet file, or of a Hugging Face ``datasets`` ``save_to_disk`` directory, each with its location
+    (``line 3`` for jsonl, ``row 3`` otherwise, 1-based).
 
     Raises ``UserError`` (one line, naming the file and the line) for a missing, empty, unreadable or malformed file.
+    The text formats keep their own readers: they name the malformed line, and read every value as written (csv
+    cells stay text: an answer "007" is not the number 7), which ``datasets``' type inference would not.
     """
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such file")
     if p.is_dir():
-        raise UserError(f"{p}: is a directory; pass a .jsonl, .json, .csv or .parquet file")
+        rows = _read_saved_dataset(p)
+        if not rows:
+            raise UserError(f"{p}: the dataset has no rows")
+        return rows
     readers = {
         ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet
     }
@@ -120,6 +109,32 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not rows:
         raise UserError(f"{p}: the file has no rows")
     return rows
+
+
+def _read_saved_dataset(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    """A ``Dataset.save_to_disk`` directory (or a ``DatasetDict``'s with one split), read with ``datasets`` (local:
+    ``load_from_disk`` never touches the hub)."""
+    if not ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+        raise UserError(f"{p}: is a directory but not a datasets save_to_disk directory (no state.json or "
+                        "dataset_dict.json); pass a .jsonl, .json, .csv or .parquet file, or such a directory")
+    state = p / "state.json"
+    if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files", True):
+        return []  # an empty dataset: no shard to read (load_from_disk itself fails on it)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{p}: reading a save_to_disk directory needs the datasets library: pip install "
+                        "'vopd[datasets]'") from None
+    try:
+        data = datasets.load_from_disk(str(p))
+    except Exception as exc:  # noqa: BLE001 - datasets raises several types for a damaged directory
+        raise UserError(f"{p}: not a readable datasets directory ({_one_line(exc)})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if len(data) != 1:
+            raise UserError(f"{p}: holds the splits {', '.join(data)}; pass one split's directory, e.g. "
+                            f"{p / next(iter(data))}")
+        data = next(iter(data.values()))
+    return [(f"row {i}", dict(row)) for i, row in enumerate(data.to_list(), 1)]
 
 
 def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -192,7 +207,7 @@ def _missing(p: Path, where: str, what: str, names: tuple[str, ...], row: dict[s
                      f"name it with --field-{option}")
 
 
-def _gold_text(value: Any, p: Path, where: str, field: str) -> str:
+def _gold_text(value: object, p: Path, where: str, field: str) -> str:
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -232,7 +247,7 @@ def _math_problem(p: Path, where: str, row: dict[str, Any], fields: dict[str, st
     return Problem(problem, gold.strip(), "math", f"{p.name}:{where}")
 
 
-def _choice_list(value: Any, p: Path, where: str, key: str) -> list[str]:
+def _choice_list(value: object, p: Path, where: str, key: str) -> list[str]:
     if isinstance(value, dict) and isinstance(value.get("text"), list):
         value = value["text"]  # {"label": [...], "text": [...]} layout
     elif isinstance(value, dict):
@@ -272,7 +287,7 @@ def _mcq_problem(p: Path, where: str, row: dict[str, Any], fields: dict[str, str
     return Problem(text, letter, "mcq", f"{p.name}:{where}", tuple(choices))
 
 
-def _answer_letter(value: Any, choices: list[str], p: Path, where: str, key: str) -> str:
+def _answer_letter(value: object, choices: list[str], p: Path, where: str, key: str) -> str:
     last = _LETTERS[len(choices) - 1]
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(choices):
         return _LETTERS[value]  # an integer is a 0-based index into the choices
@@ -350,27 +365,36 @@ class PromptStream:
         return {"epoch": self.epoch, "index": self.index}
 
 
-def load_prompts(path: str | Path, tokenizer: Any, *, field: str, template: str, max_tokens: int,
-                 long_prompts: str, log: Callable[[str], None]) -> list[list[int]]:
-    """Prompt ids of a training file (config keys ``data.*``); prompts longer than ``max_tokens`` are skipped (and
-    counted) or refused, per ``long_prompts`` ("skip" or "error")."""
+def load_prompts(path: str | Path, tokenizer: Tokenizer, **kwargs: Any) -> list[list[int]]:
+    """The student's prompt ids of a training file: ``load_prompt_pairs`` without teacher prompts."""
+    return load_prompt_pairs(path, tokenizer, **kwargs)[0]
+
+
+def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, template: str, max_tokens: int,
+                      long_prompts: str, log: Callable[[str], None], limit_name: str = "",
+                      messages_field: str = "messages", chat: ChatOptions = ChatOptions(),
+                      teacher: TeacherPrompts | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Prompt ids of a training file (config keys ``data.*``), and the teacher's own prompt ids per kept row when
+    ``teacher`` is given, rendered by ``vopd.prompts.row_prompts`` (a row's conversation in ``messages_field`` or its
+    text in ``field``). Rows with a prompt longer than ``max_tokens`` are skipped (and counted) or refused, per
+    ``long_prompts`` ("skip" or "error"). ``limit_name`` says in messages what sets ``max_tokens`` (default:
+    ``data.max_prompt_tokens=N``)."""
+    limit_name = limit_name or f"data.max_prompt_tokens={max_tokens}"
     rows = read_rows(path)
-    prompts, skipped = [], 0
+    kept: list[list[list[int]]] = []
+    skipped, checked = 0, RenderChecks(log)
     for where, row in rows:
-        text = row.get(field)
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path} {where}: no text in field {field!r} (the row has fields {sorted(row)}); set "
-                            "data.prompt_field to the field that holds the problem")
-        ids = encode_prompt(tokenizer, format_prompt(text, template))
-        if len(ids) > max_tokens:
+        ids = row_prompts(row, tokenizer, field=field, messages_field=messages_field, template=template, chat=chat,
+                          teacher=teacher, where=f"{path} {where}", checks=checked)
+        if max(map(len, ids)) > max_tokens:
             if long_prompts == "error":
-                raise UserError(f"{path} {where}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_tokens};"
-                                " raise the limit or set data.long_prompts=skip")
+                raise UserError(f"{path} {where}: prompt has {max(map(len, ids))} tokens > {limit_name}; raise the "
+                                "limit or set data.long_prompts=skip")
             skipped += 1
             continue
-        prompts.append(ids)
+        kept.append(ids)
     if skipped:
         log(f"skipped {skipped} of {len(rows)} prompts longer than {max_tokens} tokens")
-    if not prompts:
-        raise UserError(f"no usable prompt in {path} (all {len(rows)} longer than data.max_prompt_tokens={max_tokens})")
-    return prompts
+    if not kept:
+        raise UserError(f"no usable prompt in {path} (all {len(rows)} longer than {limit_name})")
+    return [k[0] for k in kept], (None if teacher is None else [k[1] for k in kept])

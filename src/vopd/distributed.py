@@ -30,13 +30,16 @@ import os
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from vopd.errors import UserError
+
+if TYPE_CHECKING:
+    from vopd.checkpoint import HasStateDict, LoadsStateDict
 
 Strategy = Literal["ddp", "fsdp2"]
 T = TypeVar("T")
@@ -182,8 +185,8 @@ class StudentForward(nn.Module):
         from vopd.models import last_hidden, output_layer
 
         hidden = last_hidden(self.model, input_ids, attention_mask)
-        weight, bias = output_layer(self.model, self.vocab_size)
-        return hidden, weight, bias
+        head = output_layer(self.model, self.vocab_size)  # its logit transform: models.logit_transform(model)
+        return hidden, head.weight, head.bias
 
 
 class _StateDictOf:
@@ -273,7 +276,7 @@ class Engine:
         state: dict[str, Any] = {n: p.detach() for n, p in self.full.named_parameters() if n in trainable}
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> Any:
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> HasStateDict:
         """Something with ``state_dict()`` giving the full optimizer state in ``torch.optim``'s own layout (states
         keyed by parameter index), the same for every strategy and world size. A collective under FSDP2 (every
         rank calls it; rank 0 gets the states, the others an empty dict)."""
@@ -285,7 +288,7 @@ class Engine:
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _StateDictOf(_names_to_indices(by_name, self._trainable_names()) if by_name else {})
 
-    def optimizer_loader(self, optimizer: torch.optim.Optimizer) -> Any:
+    def optimizer_loader(self, optimizer: torch.optim.Optimizer) -> LoadsStateDict:
         """Something with ``load_state_dict(full_state)`` that puts a full optimizer state (as saved from
         ``optimizer_state``) into ``optimizer``, sharding it under FSDP2. Every rank calls it with the same state."""
         if self.strategy != "fsdp2":

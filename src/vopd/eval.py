@@ -25,12 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
-from vopd.data import MCQ_PROMPT_TEMPLATE, PROMPT_TEMPLATE, Problem, encode_prompt, format_prompt, load_problems
+from vopd.data import MCQ_PROMPT_TEMPLATE, PROMPT_TEMPLATE, Problem, load_problems
 from vopd.errors import UserError
 from vopd.grading import DEFAULT_TIMEOUT_S, answers_match, extract_answer
+from vopd.prompts import ChatOptions, chat_options, render_prompt, template_kwargs_json
 
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
+    from vopd.models import Model, Tokenizer
     from vopd.rollout import Rollout
     from vopd.teacher.base import Teacher
 
@@ -90,16 +92,18 @@ def majority_vote(answers: Sequence[str | None], same: Callable[[str, str], bool
     group, in order of appearance, whose first answer it equals. Ties go to the group that appeared first.
     """
     firsts: list[int] = []
+    heads: list[str] = []  # the answer of each group's first sample
     counts: list[int] = []
     for i, answer in enumerate(answers):
         if answer is None:
             continue
-        for g, first in enumerate(firsts):
-            if same(answers[first], answer) if same else answers[first] == answer:  # type: ignore[arg-type]
+        for g, head in enumerate(heads):
+            if same(head, answer) if same else head == answer:
                 counts[g] += 1
                 break
         else:
             firsts.append(i)
+            heads.append(answer)
             counts.append(1)
     if not firsts:
         return None
@@ -144,8 +148,8 @@ def _as_problem(item: Problem | Mapping[str, Any], kind: Kind, i: int) -> Proble
 
 
 def evaluate(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: Tokenizer,
     problems: Sequence[Problem | Mapping[str, Any]],
     *,
     n: int = 8,
@@ -160,11 +164,14 @@ def evaluate(
     template: str | None = None,
     grading_timeout_s: float | None = DEFAULT_TIMEOUT_S,
     progress: bool = False,
+    chat: ChatOptions = ChatOptions(),
 ) -> EvalResult:
     """Sample ``n`` completions per problem and grade them.
 
     ``greedy=True`` (or ``temperature=0``) decodes greedily and needs ``n=1``. ``template`` defaults to the paper's
-    prompt for math and ``MCQ_PROMPT_TEMPLATE`` for multiple choice. Samples are reproducible for a given ``seed``,
+    prompt for math and ``MCQ_PROMPT_TEMPLATE`` for multiple choice; ``chat`` renders the templated text through the
+    chat template (``ChatOptions.text_as_chat``, as training does: ``vopd.prompts.render_prompt``), and generation
+    stops on EOS or the template's end of turn. Samples are reproducible for a given ``seed``,
     ``batch_size`` and device; the caller's torch RNG state is left as it was.
     """
     import torch
@@ -189,7 +196,7 @@ def evaluate(
     if not items:
         raise UserError("no problems to evaluate")
     template = template or (PROMPT_TEMPLATE if kind == "math" else MCQ_PROMPT_TEMPLATE)
-    prompt_ids = [encode_prompt(tokenizer, format_prompt(p.problem, template)) for p in items]
+    prompt_ids = [render_prompt(tokenizer, p.problem, template=template, chat=chat, where=p.source) for p in items]
     # Sample j of problem i is row i * n + j: a problem's samples sit together, in the order they are voted in.
     rows = [ids for ids in prompt_ids for _ in range(n)]
 
@@ -227,8 +234,21 @@ def evaluate(
         "n": n, "kind": kind, "greedy": greedy, "temperature": 0.0 if greedy else temperature,
         "top_p": 1.0 if greedy else top_p, "top_k": 0 if greedy else top_k, "max_new_tokens": max_new_tokens,
         "batch_size": batch_size, "seed": seed, "template": template, "elapsed_s": time.perf_counter() - started,
+        "chat": chat.text_as_chat, "system_prompt": chat.system_prompt, "chat_kwargs": dict(chat.template_kwargs),
     }
     return EvalResult(metrics, records, settings)
+
+
+def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> None:
+    """``UserError`` when ``out_dir`` is a file, or already holds results (``summary.json``/``samples.jsonl``) and
+    ``overwrite`` is off."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a directory for summary.json and samples.jsonl")
+    held = [name for name in ("summary.json", "samples.jsonl") if (out / name).exists()]
+    if held and not overwrite:
+        raise UserError(f"--out {out} already holds results ({', '.join(held)}): pass --overwrite to replace them, "
+                        "or choose another --out")
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path) -> tuple[Path, Path]:
@@ -268,12 +288,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
     a("--limit", type=int, default=None, help="evaluate only the first N problems")
     a("--seed", type=int, default=0, help="sampling seed (default 0)")
-    a("--out", default=None, help="directory for summary.json and samples.jsonl (default: print only)")
+    a("--out", default=None, help="directory for summary.json and samples.jsonl (default: print only); refused when "
+      "it already holds results, unless --overwrite")
+    a("--overwrite", action="store_true", help="replace the results already in --out")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     a("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
       help="auto: bfloat16 on cuda, float32 on cpu")
     a("--template", default=None, help="prompt template with {problem} (default: the paper's / the mcq prompt)")
+    a("--chat", action="store_true", help="render each templated prompt as a user turn through the tokenizer's chat "
+      "template (as data.text_as_chat in training); completions also stop on its end-of-turn token")
+    a("--system-prompt", default="", help="system turn for --chat prompts")
+    a("--chat-template-kwargs", default="{}", help='JSON object of chat template variables, e.g. '
+      '\'{"enable_thinking": false}\'')
     a("--grading-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per symbolic comparison")
     for name in ("problem", "answer", "solution", "choices"):
         a(f"--field-{name}", default=None, help=f"name of the {name} field in the data file")
@@ -281,6 +308,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``vopd eval``: load, evaluate, print the summary, write it (and the samples) to ``--out``."""
+    if args.out:  # before the (long) evaluation: where its results go must be free
+        check_out_dir(args.out, overwrite=args.overwrite)
+    kwargs = template_kwargs_json(args.chat_template_kwargs)
+    chat = ChatOptions(args.system_prompt, kwargs, args.chat or bool(args.system_prompt) or bool(kwargs))
     problems = load_problems(
         args.data, kind=args.kind, problem_field=args.field_problem, answer_field=args.field_answer,
         solution_field=args.field_solution, choices_field=args.field_choices, limit=args.limit,
@@ -298,7 +329,7 @@ def cli_main(args: argparse.Namespace) -> int:
     result = evaluate(
         model, tokenizer, problems, n=1 if greedy else args.n, temperature=args.temperature, top_p=top_p,
         top_k=top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, kind=kind,
-        greedy=greedy, template=args.template, grading_timeout_s=args.grading_timeout, progress=True,
+        greedy=greedy, template=args.template, grading_timeout_s=args.grading_timeout, progress=True, chat=chat,
     )
     result.settings.update(model=str(args.model), data=str(args.data))
     m, n = result.metrics, result.settings["n"]
@@ -313,14 +344,14 @@ def cli_main(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- evaluation inside a training run
 
-def evaluate_student(student: Any, teacher: Teacher, tok: Any, cfg: TrainConfig, vocab: int) -> dict[str, float]:
+def evaluate_student(student: Model, teacher: Teacher, tok: Tokenizer, cfg: TrainConfig, vocab: int) -> dict[str, float]:
     """Accuracy on ``data.eval`` (Avg/Pass/Maj@n) and the exact held-out KL on fresh temperature-1 samples. The KL
     needs the teacher's full distribution: with a teacher that sends per-token numbers ``eval_kl`` is left out."""
     problems = load_problems(cfg.data.eval, kind="math", problem_field=cfg.data.prompt_field,
                              answer_field=cfg.data.answer_field, limit=cfg.eval.limit or None)
     result = evaluate(student, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed,
-                      greedy=cfg.eval.greedy, template=cfg.data.template)
+                      greedy=cfg.eval.greedy, template=cfg.data.template, chat=chat_options(cfg.data))
     m = result.metrics
     out = {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n}
     if teacher.full_distribution:
@@ -328,7 +359,7 @@ def evaluate_student(student: Any, teacher: Teacher, tok: Any, cfg: TrainConfig,
     return out
 
 
-def heldout_kl(student: Any, teacher: Teacher, tok: Any, problems: list[str], cfg: TrainConfig,
+def heldout_kl(student: Model, teacher: Teacher, tok: Tokenizer, problems: list[str], cfg: TrainConfig,
                vocab: int, seed: int | None = None) -> float:
     """Mean exact KL_t(student || teacher) on one temperature-1 completion per problem; RNG state is restored."""
     import torch
@@ -338,7 +369,7 @@ def heldout_kl(student: Any, teacher: Teacher, tok: Any, problems: list[str], cf
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.seed + 12345 if seed is None else seed)
     try:
-        ids = [encode_prompt(tok, format_prompt(p, cfg.data.template)) for p in problems]
+        ids = [render_prompt(tok, p, template=cfg.data.template, chat=chat_options(cfg.data)) for p in problems]
         sampler = hf_sampler(student, tok, max_new_tokens=cfg.eval_max_new_tokens, temperature=1.0, top_p=1.0,
                              top_k=0, batch_size=cfg.rollout.batch_size)
         rollout = pack(ids, sampler(ids), tok.pad_token_id)
@@ -348,7 +379,7 @@ def heldout_kl(student: Any, teacher: Teacher, tok: Any, problems: list[str], cf
     return kl
 
 
-def rollout_kl(student: Any, teacher: Teacher, rollout: Rollout, *, vocab_size: int,
+def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size: int,
                micro_batch_size: int, memory_budget_mb: float = 256) -> tuple[float, float]:
     """Exact mean KL_t(student || teacher) over the rollout's completion tokens, and the token count.
 
@@ -372,9 +403,10 @@ def rollout_kl(student: Any, teacher: Teacher, rollout: Rollout, *, vocab_size: 
                     continue
                 scores = teacher.score(mb)
                 hs = last_hidden(student, mb.input_ids, mb.attention_mask)[:, :-1]
-                w, b = output_layer(student, vocab_size)
-                out = fused_distillation_loss(hs, w, mb.targets, mb.completion_mask, scores, method="opd-full",
-                                              student_bias=b, memory_budget_mb=memory_budget_mb)
+                head = output_layer(student, vocab_size)
+                out = fused_distillation_loss(hs, head.weight, mb.targets, mb.completion_mask, scores,
+                                              method="opd-full", student_bias=head.bias,
+                                              memory_budget_mb=memory_budget_mb, student_transform=head.transform)
                 assert out.kl is not None  # opd-full always reports the exact KL_t
                 total += float(out.kl.sum())
                 count += n

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
-
 import torch
 
-from vopd.models import is_peft
+from vopd.models import Model, Tokenizer, is_peft
 
 
-def _merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor] | None:
+def _merged_lora_state_dict(peft_model: Model) -> dict[str, torch.Tensor] | None:
     """Base weights + LoRA deltas as a plain model's CPU state dict, computed layer by layer (the live model is not
     touched, and only one merged weight at a time is on its device). None when the model uses PEFT features other
     than unmerged plain-LoRA linear layers; the caller then merges a deep copy."""
@@ -51,7 +49,7 @@ def _merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def export_merged(model: Any, tokenizer: Any, path: str | Path) -> Path:
+def export_merged(model: Model, tokenizer: Tokenizer | None, path: str | Path) -> Path:
     """Write a full model (adapters merged, for a PEFT model) that ``AutoModelForCausalLM.from_pretrained`` loads,
     plus the tokenizer (if given), to ``path``. The live model is left unchanged."""
     path = Path(path)

@@ -2,8 +2,10 @@
 
 What it knows: accumulating token-level sums from ``LossOutput`` over micro-batches (and over ranks, by one
 all-reduce), turning them into the means/variances defined in docs/metrics.md, and writing a metrics dict to
-``metrics.jsonl`` (always), TensorBoard and Weights & Biases (optional extras, imported only when asked for).
-What it does not know: the training loop's order of work, models, or what the numbers mean for a run.
+``metrics.jsonl`` (always), TensorBoard and Weights & Biases (optional extras, imported only when asked for). It
+keeps the history exact across resumes: opening the writer at a resumed step drops (atomically) the lines after it
+and any line torn by a crash, so the file reads like an uninterrupted run's (docs/reliability.md).
+What it does not know: the training loop's order of work, models, checkpoints, or what the numbers mean for a run.
 """
 
 from __future__ import annotations
@@ -11,15 +13,26 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
+import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from vopd import distributed as dist
 from vopd.errors import UserError
 from vopd.loss.estimators import LossOutput
+
+if TYPE_CHECKING:
+    from vopd.rollout import Rollout
+
+#: The run's history, one JSON object per logged step, in ``output_dir``.
+METRICS_FILE = "metrics.jsonl"
+#: The W&B run id of a run, in ``output_dir``: a resumed run continues the same W&B run.
+WANDB_ID_FILE = "wandb_run_id"
 
 # Names of the sums accumulated per step, in the order they are all-reduced.
 _SUMS = ("tokens", "r", "r2", "adv", "adv2", "adv_tokens", "kl", "kl_tokens", "kl_topk", "mass", "topk_tokens",
@@ -125,10 +138,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsWriter:
-    """``metrics.jsonl`` always (appended, so a resumed run continues its file); TensorBoard/W&B when asked."""
+    """``metrics.jsonl`` always; TensorBoard/W&B when asked.
 
-    def __init__(self, output_dir: Path, loggers: Sequence[str], config: dict[str, Any]) -> None:
-        self.path = output_dir / "metrics.jsonl"
+    ``resume_step``: the step the run continues from (0 for a new run). Lines of later steps (written before a
+    crash, about to be recomputed) and torn lines are dropped first, atomically, so that every logged step has
+    exactly one line, in order. TensorBoard hides the events after ``resume_step`` (``purge_step``); W&B continues
+    the same run (its id is kept in ``output_dir/wandb_run_id``) and ignores steps it has already seen."""
+
+    def __init__(self, output_dir: Path, loggers: Sequence[str], config: dict[str, Any], *,
+                 resume_step: int = 0) -> None:
+        self.path = output_dir / METRICS_FILE
+        truncate_history(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = self._wandb = None
         if "tensorboard" in loggers:
@@ -137,13 +157,19 @@ class MetricsWriter:
             except ImportError as exc:
                 raise UserError("loggers includes tensorboard but it is not installed; "
                                 "pip install 'vopd[tensorboard]'") from exc
-            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+            tb_dir = output_dir / "tensorboard"
+            # purge_step: events at or after it, left by the run before a crash, are hidden from TensorBoard.
+            self._tb = SummaryWriter(str(tb_dir), purge_step=resume_step + 1 if tb_dir.exists() else None)
         if "wandb" in loggers:
             try:
                 import wandb
             except ImportError as exc:
                 raise UserError("loggers includes wandb but it is not installed; pip install 'vopd[wandb]'") from exc
-            self._wandb = wandb.init(project="vopd", dir=str(output_dir), config=config, resume="allow")
+            id_file = output_dir / WANDB_ID_FILE
+            if not id_file.is_file():
+                id_file.write_text(uuid.uuid4().hex[:16] + "\n", encoding="utf-8")
+            self._wandb = wandb.init(project="vopd", dir=str(output_dir), config=config,
+                                     id=id_file.read_text(encoding="utf-8").strip(), resume="allow")
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -155,6 +181,11 @@ class MetricsWriter:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
+
+    def sync(self) -> None:
+        """Make every line written so far durable (before a checkpoint vouches for the steps they describe)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
@@ -171,9 +202,60 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _parse_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(the records of ``path``, the 1-based numbers of the lines that are not a JSON object with an integer
+    ``step``: a write cut short by a crash, or damage)."""
+    records, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and type(record.get("step")) is int:
+                records.append(record)
+            else:
+                bad.append(number)
+    return records, bad
+
+
+def _warn_unreadable(path: Path, bad: list[int], what: str) -> None:
+    if bad:
+        warnings.warn(f"{path}: {what} {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}): a write "
+                      "cut short by a crash", RuntimeWarning, stacklevel=3)
+
+
+def truncate_history(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep the lines of ``path`` for steps 1..``last_step`` in step order (of a step written twice, by a version
+    before this rule, the last line wins); drop later steps, and unreadable lines with a ``RuntimeWarning``. The file
+    is replaced atomically (temporary file, fsync, rename), and only when something changes. Returns what is kept."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed while replacing the file
+        stale.unlink(missing_ok=True)
+    if not path.is_file():
+        return []
+    records, bad = _parse_lines(path)
+    _warn_unreadable(path, bad, "dropped")
+    by_step = {r["step"]: r for r in records if 1 <= r["step"] <= last_step}
+    kept = [by_step[s] for s in sorted(by_step)]
+    if not bad and kept == records:
+        return kept
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return kept
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a ``metrics.jsonl``, in file order. A line that is not a complete JSON record (a write cut
+    short by a crash) is skipped with a ``RuntimeWarning``; the file is not changed."""
+    records, bad = _parse_lines(Path(path))
+    _warn_unreadable(Path(path), bad, "skipped")
+    return records
 
 
 class PhaseTimer:
@@ -212,7 +294,7 @@ class PhaseTimer:
         return {f"time_{k}": v for k, v in self.times.items()} | {"time_step": self.total}
 
 
-def rollout_metrics(r: Any) -> dict[str, float]:
+def rollout_metrics(r: Rollout) -> dict[str, float]:
     lengths = r.completion_lengths
     return {"completion_len_mean": sum(lengths) / max(len(lengths), 1), "completion_len_max": max(lengths, default=0),
             "truncation_rate": sum(r.truncated) / max(len(r.truncated), 1)}

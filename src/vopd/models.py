@@ -3,23 +3,32 @@
 What it knows: device/dtype resolution, ``AutoModelForCausalLM``/``AutoTokenizer`` loading with
 ``local_files_only`` (nothing is ever downloaded) and one-line errors for bad paths, LoRA through PEFT, gradient
 checkpointing, and how to run a model's body without its output layer so that the chunked estimator path
-(``vopd.loss.chunked``) can form logits chunk by chunk. What it does not know: estimators, sampling, training.
+(``vopd.loss.chunked``) can form logits chunk by chunk: the output layer and the logit transform a model's config
+declares (``OutputHead``). What it does not know: estimators, sampling, training.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from torch import Tensor
 
 from vopd.config import resolve_dtype as dtype_name
 from vopd.errors import UserError
+from vopd.loss.head import LogitTransform, OutputHead
 
 if TYPE_CHECKING:
     from vopd.config import ModelConfig
+
+#: A Hugging Face causal LM as vopd passes it around: a ``transformers`` ``PreTrainedModel``, or a PEFT model wrapping
+#: one (LoRA), or either inside DDP. transformers and PEFT are not type-checked here (mypy treats them as untyped), and
+#: both kinds flow through the same functions, so this names the role rather than a class.
+Model: TypeAlias = Any
+#: A Hugging Face tokenizer (a ``transformers.PreTrainedTokenizerBase``, as ``load_tokenizer`` returns it).
+Tokenizer: TypeAlias = Any
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +59,7 @@ def _check_model_dir(path: str, role: str) -> Path:
     return p
 
 
-def load_tokenizer(path: str, *, role: str = "student", trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: str, *, role: str = "student", trust_remote_code: bool = False) -> Tokenizer:
     from transformers import AutoTokenizer
 
     p = _check_model_dir(path, role)
@@ -64,7 +73,7 @@ def load_tokenizer(path: str, *, role: str = "student", trust_remote_code: bool 
 
 
 def load_model(path: str, *, role: str, dtype: torch.dtype, device: torch.device,
-               trust_remote_code: bool = False) -> Any:
+               trust_remote_code: bool = False) -> Model:
     from transformers import AutoModelForCausalLM
 
     p = _check_model_dir(path, role)
@@ -77,7 +86,7 @@ def load_model(path: str, *, role: str, dtype: torch.dtype, device: torch.device
     return model.to(device)
 
 
-def load_student(model: ModelConfig, device: torch.device) -> tuple[Any, Any]:
+def load_student(model: ModelConfig, device: torch.device) -> tuple[Tokenizer, Model]:
     """(tokenizer, model) of ``model.student`` at ``model.dtype`` on ``device``: the one way the student is loaded
     (the teacher's is ``vopd.teacher.base.open_teacher``)."""
     tok = load_tokenizer(model.student, role="student", trust_remote_code=model.trust_remote_code)
@@ -86,56 +95,145 @@ def load_student(model: ModelConfig, device: torch.device) -> tuple[Any, Any]:
     return tok, student
 
 
-def apply_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: list[str]) -> Any:
-    """Wrap with PEFT LoRA adapters. The output layer is never a target: the chunked head reads its weight."""
+#: ``lora.target_modules`` meaning every linear layer of the body (PEFT's ``all-linear``: never the output layer).
+ALL_LINEAR = "all-linear"
+
+
+def apply_lora(model: Model, *, r: int, alpha: int, dropout: float, target_modules: list[str]) -> Model:
+    """Wrap with PEFT LoRA adapters on ``target_modules`` (module names, or ``[all-linear]``: every linear layer of the
+    body, whatever the architecture calls its projections). The output layer is never a target: the chunked head
+    reads its weight; nor are the input embeddings (tied to it in some families)."""
+    import torch.nn as nn
     from peft import LoraConfig, get_peft_model
 
-    if any(t in ("lm_head", "embed_tokens") for t in target_modules):
-        raise UserError("lora.target_modules may not include lm_head or embed_tokens; list the attention/MLP "
-                        "projections (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in target_modules if t not in present]
-    if missing:
-        raise UserError(f"lora.target_modules {missing} not found in the student; its linear layers include "
-                        f"{sorted(n for n in present if 'proj' in n or 'fc' in n)[:12]}")
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                     task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    base = base_model(model)
+    heads = [m for m in (base.get_output_embeddings(), base.get_input_embeddings()) if m is not None]
+    forbidden = {"lm_head", "embed_tokens"} | {n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                                               if any(m is h for h in heads)}
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)} - forbidden)
+    targets: str | list[str]
+    if ALL_LINEAR in target_modules:
+        if len(target_modules) != 1:
+            raise UserError(f"lora.target_modules={target_modules} mixes {ALL_LINEAR} with module names; use "
+                            f"[{ALL_LINEAR}] alone or list the modules (this student's: {','.join(linear)})")
+        targets = ALL_LINEAR
+    else:
+        bad = sorted(set(target_modules) & forbidden)
+        if bad:
+            raise UserError(f"lora.target_modules may not include the output layer or the embeddings ({bad}): the "
+                            f"fused head reads the output weight; use [{ALL_LINEAR}] or list projections "
+                            f"(this student's: {','.join(linear)})")
+        present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        missing = [t for t in target_modules if t not in present]
+        if missing:
+            raise UserError(f"lora.target_modules {missing} not found in the student ({type(base).__name__}); its "
+                            f"linear layers are {','.join(linear)}, or use lora.target_modules=[{ALL_LINEAR}]")
+        targets = list(target_modules)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    wrapped = get_peft_model(model, cfg)
+    if hasattr(base_model(wrapped).get_output_embeddings(), "lora_A"):  # never: PEFT's all-linear skips it too
+        raise UserError("LoRA adapters ended up on the output layer; set lora.target_modules to the body's projections")
+    return wrapped
 
 
-def is_peft(model: Any) -> bool:
+def is_peft(model: Model) -> bool:
     """Whether ``model`` is a PEFT model (LoRA adapters around a base model)."""
     peft = sys.modules.get("peft")  # a PeftModel cannot exist unless peft was imported; avoid importing it here
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def base_model(model: Any) -> Any:
+def base_model(model: Model) -> Model:
     """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def output_layer(model: Any, vocab_size: int) -> tuple[Tensor, Tensor | None]:
-    """(weight (V, D), bias (V,) or None) of the output layer, sliced to the tokenizer's ``vocab_size`` rows:
-    rows past the tokenizer are padding that no token id can reach (they are also suppressed when sampling)."""
+#: Logit scaling by model type (prefix): (config attribute, whether the model divides by it). Softcapping needs no
+#: table: every family that sets ``final_logit_softcapping`` computes c·tanh(z/c) (docs/estimators.md, "Output
+#: transforms").
+_SCALING = {"granite": ("logits_scaling", True), "cohere": ("logit_scale", False),
+            "hyperclovax": ("logits_scaling", False)}
+
+
+def logit_transform(model: Model) -> LogitTransform:
+    """What the model does to ``hidden @ W.T + b`` before its softmax, read from its config: scaling (Granite divides
+    by ``logits_scaling``, Cohere multiplies by ``logit_scale``), then final-logit softcapping (Gemma 2). A transform
+    this table does not know is caught by the pre-flight self-check (``head_error``, ``vopd.check.self_check``)."""
+    config = base_model(model).config
+    model_type = str(getattr(config, "model_type", ""))
+    scale = 1.0
+    for prefix, (attr, divide) in _SCALING.items():
+        value = getattr(config, attr, None)
+        if model_type.startswith(prefix) and value is not None and float(value) != 1.0:
+            scale = 1.0 / float(value) if divide else float(value)
+    cap = getattr(config, "final_logit_softcapping", None)
+    try:
+        return LogitTransform(scale=scale, softcap=None if cap is None or float(cap) == 0 else float(cap))
+    except ValueError as exc:
+        raise UserError(f"{type(base_model(model)).__name__}'s config declares an invalid output transform ({exc}); "
+                        "fix final_logit_softcapping / the logit scale in its config.json") from None
+
+
+def output_layer(model: Model, vocab_size: int) -> OutputHead:
+    """The output layer sliced to the tokenizer's ``vocab_size`` rows (weight (V, D), bias (V,) or None) and the
+    model's logit transform: rows past the tokenizer are padding that no token id can reach (they are also suppressed
+    when sampling)."""
     head = base_model(model).get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
-        raise UserError(f"{type(base_model(model)).__name__} has no linear output layer; vopd needs a causal LM head")
+        raise UserError(f"{type(base_model(model)).__name__} has no linear output layer (get_output_embeddings() "
+                        "returns none); vopd needs a causal LM head whose weight it can read")
     if head.weight.shape[0] < vocab_size:
         raise UserError(f"output layer has {head.weight.shape[0]} rows but the tokenizer has {vocab_size} tokens; "
                         "the model and tokenizer do not belong together")
     weight = head.weight[:vocab_size]
     bias = head.bias[:vocab_size] if getattr(head, "bias", None) is not None else None
-    return weight, bias
+    return OutputHead(weight, bias, logit_transform(model))
 
 
-def last_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+@torch.no_grad()
+def head_error(model: Model, input_ids: Tensor, vocab_size: int) -> float:
+    """Max |log p| difference between ``output_layer(...).logits(last_hidden(...))`` and the model's own forward on
+    ``input_ids`` (B, L), in fp32: ~0 when vopd reproduces the model's logits. The train/eval mode is left as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        attention = torch.ones_like(input_ids)
+        head = output_layer(model, vocab_size)
+        hidden = last_hidden(model, input_ids, attention).float()
+        fp32 = OutputHead(head.weight.float(), None if head.bias is None else head.bias.float(), head.transform)
+        ours = fp32.logits(hidden).log_softmax(-1)
+        ref = model(input_ids=input_ids, attention_mask=attention).logits[..., :vocab_size].float().log_softmax(-1)
+    finally:
+        model.train(was_training)
+    return float((ours - ref).abs().max())
+
+
+def head_mismatch(model: Model, error: float, *, role: str) -> str:
+    """The one-line refusal of a model whose logits vopd's output head does not reproduce."""
+    return (f"{role} self-check failed: {type(base_model(model)).__name__}'s output layer with the logit transform "
+            f"vopd reads from its config ({logit_transform(model).describe()}) does not reproduce the model's own logits "
+            f"(max |log p| error {error:.2e}); vopd supports logits = transform(hidden @ W.T + b) with "
+            "final_logit_softcapping and Granite/Cohere logit scaling: this architecture computes its logits another "
+            "way and is not supported")
+
+
+def last_hidden(model: Model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Final hidden states (B, L, D) after the last norm, without running the output layer."""
-    decoder = base_model(model).get_decoder()
+    base = base_model(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base:
+        raise UserError(f"{type(base).__name__} does not expose its decoder body (get_decoder() returns "
+                        f"{'nothing' if decoder is None else 'the whole model'}); vopd needs the last hidden states "
+                        "before the output layer, so this architecture is not supported")
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        raise UserError(f"{type(base).__name__}'s decoder body ({type(decoder).__name__}) returns no "
+                        "last_hidden_state; vopd needs the last hidden states before the output layer, so this "
+                        "architecture is not supported")
+    return hidden
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
+def enable_gradient_checkpointing(model: Model) -> None:
     base = base_model(model)
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns, goes in v6
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

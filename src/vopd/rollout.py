@@ -9,7 +9,7 @@ an inference engine later: anything returning ``vopd.sampling.Samples`` fits), m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from vopd.sampling import Cache, Samples, generate
 
 if TYPE_CHECKING:
     from vopd.config import RolloutConfig, TrainConfig
+    from vopd.models import Model, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Rollout:
     completion_mask:  (B, L-1) 1 where ``targets[:, t]`` is a sampled completion token.
     sampler_logprobs: (B, L-1) the sampler's log-prob of each completion target, 0 elsewhere.
     prompt_lengths, completion_lengths, truncated: per sequence.
+    teacher_prompts:  per sequence, the teacher's own prompt ids when it reads the completion after a prompt of its
+                      own (``vopd.teacher.reprompt``); None: the teacher reads the student's sequences. The student's
+                      tensors above never depend on it.
     """
 
     input_ids: Tensor
@@ -41,6 +45,7 @@ class Rollout:
     prompt_lengths: list[int]
     completion_lengths: list[int]
     truncated: list[bool]
+    teacher_prompts: list[list[int]] | None = None
 
     @property
     def size(self) -> int:
@@ -62,18 +67,28 @@ class Rollout:
             prompt_lengths=self.prompt_lengths[start:stop],
             completion_lengths=self.completion_lengths[start:stop],
             truncated=self.truncated[start:stop],
+            teacher_prompts=None if self.teacher_prompts is None else self.teacher_prompts[start:stop],
         )
 
     def to(self, device: torch.device) -> "Rollout":
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
                        self.completion_mask.to(device), self.sampler_logprobs.to(device), self.prompt_lengths,
-                       self.completion_lengths, self.truncated)
+                       self.completion_lengths, self.truncated, self.teacher_prompts)
+
+    def completions(self) -> list[list[int]]:
+        """Each sequence's completion ids (the sampled tokens, the stop token included)."""
+        return [self.input_ids[i, p:p + c].tolist()
+                for i, (p, c) in enumerate(zip(self.prompt_lengths, self.completion_lengths))]
 
 
-def pack(prompts: list[list[int]], samples: Samples, pad_id: int) -> Rollout:
-    """Right-pad prompt + completion rows and align targets, masks and sampler log-probs."""
+def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
+         teacher_prompts: list[list[int]] | None = None) -> Rollout:
+    """Right-pad prompt + completion rows and align targets, masks and sampler log-probs. ``teacher_prompts``: the
+    teacher's own prompt per row (kept as ids; ``vopd.teacher.reprompt`` builds the teacher's sequences)."""
     if len(prompts) != len(samples.completions):
         raise ValueError(f"{len(prompts)} prompts but {len(samples.completions)} completions")
+    if teacher_prompts is not None and len(teacher_prompts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(teacher_prompts)} teacher prompts")
     rows = [p + c for p, c in zip(prompts, samples.completions)]
     width = max(2, max(len(r) for r in rows))
     b = len(rows)
@@ -98,6 +113,7 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int) -> Rollout:
         prompt_lengths=[len(p) for p in prompts],
         completion_lengths=[len(c) for c in samples.completions],
         truncated=list(samples.truncated),
+        teacher_prompts=None if teacher_prompts is None else [list(p) for p in teacher_prompts],
     )
 
 
@@ -109,7 +125,7 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int) -> Rollout:
 Sampler = Callable[[list[list[int]]], Samples]
 
 
-def hf_sampler(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+def hf_sampler(model: Model, tokenizer: Tokenizer, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                batch_size: int, cache: Cache = "dynamic") -> Sampler:
     """Sampling with ``model.generate`` and a ``cache`` KV cache ("dynamic" or "static"; the same tokens either way),
     returning the sampler's log-probs for the importance ratio."""
@@ -123,10 +139,10 @@ def hf_sampler(model: Any, tokenizer: Any, *, max_new_tokens: int, temperature: 
 
 #: Builds the run's sampler from the live student (updated in place every step), its tokenizer and the ``rollout``
 #: section of the config: the one argument through which ``train`` takes another rollout engine.
-SamplerFactory = Callable[[Any, Any, "RolloutConfig"], Sampler]
+SamplerFactory = Callable[["Model", "Tokenizer", "RolloutConfig"], Sampler]
 
 
-def hf_engine(model: Any, tokenizer: Any, rollout: RolloutConfig) -> Sampler:
+def hf_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig) -> Sampler:
     """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings."""
     return hf_sampler(model, tokenizer, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                       top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache)
@@ -139,7 +155,7 @@ def engine_factory(cfg: TrainConfig) -> SamplerFactory:
         return hf_engine
     max_len = cfg.vllm.max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
 
-    def vllm_engine(model: Any, tokenizer: Any, rollout: RolloutConfig) -> Sampler:
+    def vllm_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig) -> Sampler:
         from vopd.vllm_engine import VllmSampler
 
         return VllmSampler(model, tokenizer, rollout, cfg.vllm, model_dir=cfg.model.student, max_model_len=max_len)

@@ -1,33 +1,47 @@
 """A run's output directory: claiming it for a new run, refusing to clobber one, moving one aside, resuming one.
 
 ``OUTPUT_DIR/vopd_run.yaml`` marks a directory as holding a vopd run and keeps the config it was started with, so
-that resuming with a config that changes what is trained is refused (only ``RESUME_MUTABLE_KEYS`` may differ).
-What it knows: the marker file, which config keys may change on resume, and the rules for an existing directory
-(empty, a vopd run, anything else). What it does NOT know: the config's schema (it sees plain dicts), the
-checkpoint layout beyond ``vopd.checkpoint``'s listing and verification, or the training loop.
+that resuming with a config that changes what is trained is refused (only ``RESUME_MUTABLE_KEYS`` may differ). The
+same rule (``config_differences``) applies to the config saved inside the checkpoint a run resumes from: a
+checkpoint of another run is refused, naming the first keys that differ. Resuming never replaces saved work that is
+newer than the checkpoint it resumes from (later valid checkpoints, ``final/`` written at a later step, or a history
+in ``metrics.jsonl`` with no checkpoint at all) unless asked to (``discard_newer``: that work is moved to
+``OUTPUT_DIR/discarded-<time>/``, never deleted).
+
+What it knows: the marker file, which config keys may change on resume, the rules for an existing directory (empty,
+a vopd run, anything else), where a run keeps its checkpoints, ``final/`` (whose ``trainer_state.json`` records
+the step it was exported at) and history. What it does NOT know: the config's schema (it sees plain dicts), the
+checkpoint layout beyond ``vopd.checkpoint``'s listing and verification, the metrics' contents, or the loop.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from vopd.checkpoint import checkpoint_problem, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
+from vopd.checkpoint import (CHECKPOINTS, checkpoint_problem, checkpoint_step, latest_valid_checkpoint,
+                             list_checkpoints, verify_checkpoint)
 from vopd.errors import UserError
+from vopd.metrics import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
 RUN_MARKER = "vopd_run.yaml"
+FINAL = "final"
+#: In ``final/``: the trainer state the final model was exported at (its ``step``).
+FINAL_STATE = "trainer_state.json"
 #: Config keys (and sections) that may change when a run is resumed: they do not change what is being trained.
 RESUME_MUTABLE_KEYS = (
     "steps", "output_dir", "loggers", "progress", "log_every", "save_every", "keep_last", "max_bad_steps",
     "eval", "data.eval", "model.device", "model.gradient_checkpointing", "rollout.batch_size", "loss.chunk_memory_mb",
-    "distributed", "model.teacher_timeout_s", "model.teacher_retries",
+    "distributed", "model.teacher_timeout_s", "model.teacher_retries", "optim.max_update_ratio",
 )
 
 
@@ -50,6 +64,69 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[s
             if a.get(k, "<unset>") != b.get(k, "<unset>") and not any(k == i or k.startswith(i + ".") for i in ignore)]
 
 
+def _refuse_differences(what: str, old: dict[str, Any], new: dict[str, Any], fix: str) -> None:
+    """The one resume rule, for the run's marker and for a checkpoint's own config alike."""
+    diffs = config_differences(old, new)
+    if diffs:
+        flat_old, flat_new = _flatten(old), _flatten(new)
+        shown = ", ".join(f"{k} ({flat_old.get(k, '<unset>')!r} -> {flat_new.get(k, '<unset>')!r})" for k in diffs)
+        raise UserError(f"{what}: its config differs in {shown}; {fix}")
+
+
+def check_checkpoint_config(checkpoint: Path, config: dict[str, Any]) -> None:
+    """The checkpoint's own ``config.yaml`` matches ``config`` on every key that is not ``RESUME_MUTABLE_KEYS``."""
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {checkpoint} has no readable config.yaml: resume from another checkpoint")
+    _refuse_differences(f"checkpoint {checkpoint} is not from this run", saved, config,
+                        "resume from a checkpoint of this run, or start a new run (another output_dir)")
+
+
+def final_step(output_dir: Path) -> int | None:
+    """The step ``final/`` was exported at; None without a final model, -1 when it does not say (an older run)."""
+    final = output_dir / FINAL
+    if not final.exists():
+        return None
+    try:
+        step = json.loads((final / FINAL_STATE).read_text(encoding="utf-8"))["step"]
+        return step if type(step) is int else -1
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def _newer_work(out: Path, step: int) -> list[Path]:
+    """What a run resumed at ``step`` would replace: valid (by size) checkpoints after it, a ``final/`` exported at a
+    later or unknown step, and, when it starts from scratch, a history."""
+    newer = [p for p in list_checkpoints(out)
+             if checkpoint_step(p) > step and checkpoint_problem(p, hashes=False) is None]
+    exported = final_step(out)
+    if exported is not None and (exported > step or exported < 0):
+        newer.append(out / FINAL)
+    history = out / METRICS_FILE
+    if step == 0 and history.is_file() and read_metrics(history):
+        newer.append(history)
+    return newer
+
+
+def _discard(out: Path, newer: list[Path]) -> Path:
+    """Move ``newer`` into ``out/discarded-<time>/`` (the history is copied: the writer truncates it in place)."""
+    aside = out / f"discarded-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        aside, n = out / f"discarded-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    (aside / CHECKPOINTS).mkdir(parents=True)
+    if (out / METRICS_FILE).is_file():
+        shutil.copy2(out / METRICS_FILE, aside / METRICS_FILE)
+    for path in newer:
+        if path.name != METRICS_FILE:
+            os.rename(path, aside / (path.name if path.name == FINAL else f"{CHECKPOINTS}/{path.name}"))
+    log.warning("moved the newer work of %s (%s) to %s", out, ", ".join(p.name for p in newer), aside)
+    return aside
+
+
 def _write_marker(output_dir: Path, config: dict[str, Any]) -> None:
     text = yaml.safe_dump({"vopd_run": 1, "config": config}, sort_keys=False, width=4096)
     tmp = output_dir / f"{RUN_MARKER}.tmp"
@@ -58,13 +135,14 @@ def _write_marker(output_dir: Path, config: dict[str, Any]) -> None:
 
 
 def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
-                       resume_from: str | Path | None = None) -> Path | None:
+                       resume_from: str | Path | None = None, discard_newer: bool = False) -> Path | None:
     """Claim ``output_dir`` for a run with ``config``. Returns the checkpoint to resume from, or None to start fresh.
 
     Empty or absent directory: a new run. A directory holding a vopd run: refused unless ``resume`` (the config must
-    match except ``RESUME_MUTABLE_KEYS``; returns the newest valid checkpoint, None if none was saved yet) or
-    ``overwrite`` (the old run is renamed to ``<dir>.old-<time>``, never deleted). A non-empty directory that is not
-    a vopd run is never touched."""
+    match except ``RESUME_MUTABLE_KEYS``; returns ``resume_from`` or the newest valid checkpoint, whose own config
+    must match too; None if none was saved yet and the run has no history) or ``overwrite`` (the old run is renamed
+    to ``<dir>.old-<time>``, never deleted). Work newer than the chosen checkpoint is refused unless
+    ``discard_newer`` (then moved aside). A non-empty directory that is not a vopd run is never touched."""
     out = Path(output_dir)
     if resume and overwrite:
         raise UserError("resume and overwrite exclude each other: pass only one")
@@ -95,26 +173,34 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume
         old = yaml.safe_load(marker.read_text(encoding="utf-8"))["config"]
     except (yaml.YAMLError, KeyError, TypeError):
         raise UserError(f"{marker} is unreadable: restore it or start a new run in another output_dir") from None
-    diffs = config_differences(old, config)
-    if diffs:
-        flat_old, flat_new = _flatten(old), _flatten(config)
-        shown = ", ".join(f"{k} ({flat_old.get(k, '<unset>')!r} -> {flat_new.get(k, '<unset>')!r})" for k in diffs)
-        raise UserError(f"cannot resume the run in {out}: its config differs in {shown}; undo these changes, or "
-                        "start a new run (overwrite or another output_dir)")
+    _refuse_differences(f"cannot resume the run in {out}", old, config,
+                        "undo these changes, or start a new run (overwrite or another output_dir)")
     if resume_from is not None:
-        chosen = Path(resume_from)
+        chosen: Path | None = Path(resume_from)
+        assert chosen is not None
         verify_checkpoint(chosen)
-        _write_marker(out, config)
-        return chosen
-    saved = list_checkpoints(out)
-    latest = latest_valid_checkpoint(out)
-    if latest is None and saved:
-        raise UserError(f"cannot resume the run in {out}: none of its checkpoints is valid; start again with "
-                        "overwrite (--overwrite)")
-    if saved and latest != saved[-1]:
-        # Never skip silently past a damaged newest checkpoint: name it and the one that would be used.
-        problem = checkpoint_problem(saved[-1], hashes=True) or ("unknown", "no detail")
-        raise UserError(f"checkpoint {saved[-1]} is corrupt ({problem[0]}: {problem[1]}); the last valid one is "
-                        f"{latest}: resume from it with --resume-from {latest}")
+    else:
+        saved = list_checkpoints(out)
+        chosen = latest_valid_checkpoint(out)
+        if chosen is None and saved:
+            raise UserError(f"cannot resume the run in {out}: none of its checkpoints is valid; start again with "
+                            "overwrite (--overwrite)")
+        if saved and chosen != saved[-1]:
+            # Never skip silently past a damaged newest checkpoint: name it and the one that would be used.
+            problem = checkpoint_problem(saved[-1], hashes=True) or ("unknown", "no detail")
+            raise UserError(f"checkpoint {saved[-1]} is corrupt ({problem[0]}: {problem[1]}); the last valid one "
+                            f"is {chosen}: resume from it with --resume-from {chosen}")
+    if chosen is not None:
+        check_checkpoint_config(chosen, config)
+    step = checkpoint_step(chosen) if chosen is not None else 0
+    newer = _newer_work(out, step)
+    if newer and not discard_newer:
+        names = ", ".join(p.name for p in newer)
+        start = f"checkpoint {chosen.name}" if chosen is not None else "scratch (no checkpoint was saved)"
+        raise UserError(f"cannot resume the run in {out} from {start}: it would replace newer work ({names}); resume "
+                        "from the newest checkpoint (--resume), or pass --discard-newer to move that work to "
+                        f"{out}/discarded-<time>/ and continue from {start.split(' (')[0]}")
+    if newer:
+        _discard(out, newer)
     _write_marker(out, config)
-    return latest
+    return chosen

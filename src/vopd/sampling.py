@@ -10,9 +10,14 @@ processed scores: after temperature/top-k/top-p). What it does not know: which s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
+
+from vopd.prompts import stop_token_ids
+
+if TYPE_CHECKING:
+    from vopd.models import Model, Tokenizer
 
 
 #: KV caches of ``generate``: "dynamic" is transformers' default (a cache that grows with the sequence); "static" is
@@ -25,9 +30,10 @@ CACHES: tuple[str, ...] = get_args(Cache)
 class Samples:
     """Completions for a batch of prompts. Lists are per sequence, without padding.
 
-    ``completions[i]`` holds the generated ids (EOS included when it was generated); ``logprobs[i]`` the sampler's
-    log-prob of each of them (empty lists when not requested); ``truncated[i]`` is True when no EOS was produced
-    within ``max_new_tokens``.
+    ``completions[i]`` holds the generated ids (the stop token included when one was generated: EOS or the chat
+    template's end of turn, ``vopd.prompts.stop_token_ids``); ``logprobs[i]`` the sampler's log-prob of each of them
+    (empty lists when not requested); ``truncated[i]`` is True when no stop token was produced within
+    ``max_new_tokens``.
     """
 
     completions: list[list[int]]
@@ -37,8 +43,8 @@ class Samples:
 
 @torch.no_grad()
 def generate(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: Tokenizer,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
@@ -49,9 +55,12 @@ def generate(
     return_logprobs: bool = False,
     batch_size: int = 64,
     cache: Cache = "dynamic",
+    stop_ids: list[int] | None = None,
 ) -> Samples:
     """Sample one completion per prompt (repeat a prompt in ``prompts`` to get several).
 
+    Generation stops at any of ``stop_ids`` (default ``vopd.prompts.stop_token_ids(tokenizer)``: EOS and the chat
+    template's end-of-turn token).
     Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for reproducible samples.
     ``cache`` picks the KV cache (``CACHES``); it changes speed and memory, not the distribution sampled from.
     """
@@ -63,7 +72,7 @@ def generate(
         return Samples([], [], [])
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer) if stop_ids is None else list(stop_ids)
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
@@ -76,7 +85,7 @@ def generate(
         no_repeat_ngram_size=0,
         num_beams=1,
         pad_token_id=pad_id,
-        eos_token_id=eos_id,
+        eos_token_id=stops or None,  # a list: generate stops at any of them
         bos_token_id=tokenizer.bos_token_id,
         output_scores=return_logprobs,
         return_dict_in_generate=True,
@@ -116,8 +125,9 @@ def generate(
                 chosen = steps.gather(-1, new[:, : steps.shape[1]].unsqueeze(-1)).squeeze(-1)
             for i in range(new.shape[0]):
                 row = new[i].tolist()
-                if eos_id is not None and eos_id in row:
-                    n = row.index(eos_id) + 1
+                end = next((j for j, t in enumerate(row) if t in stops), None)
+                if end is not None:
+                    n = end + 1
                     truncated.append(False)
                 else:
                     n = len(row)

@@ -21,6 +21,7 @@ from vopd.loss.chunked import fused_distillation_loss, student_topk_ids
 from vopd.loss.estimators import LossOutput
 from vopd.loss.methods import method_spec
 from vopd.metrics import PhaseTimer, TokenStats
+from vopd.models import logit_transform
 from vopd.rollout import Rollout
 from vopd.teacher.base import Teacher
 
@@ -85,9 +86,10 @@ def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher, mb
             scores = teacher.score(mb, lse=spec.teacher_lse)
     hidden, weight, bias = engine.forward(mb.input_ids, mb.attention_mask)
     hidden = hidden[:, :-1]
+    transform = logit_transform(engine.model)  # softcapping / scaling (docs/estimators.md, "Output transforms")
     if scores is None:
         ids = student_topk_ids(hidden.detach(), weight.detach(), mb.completion_mask, cfg.loss.top_k,
-                               bias=None if bias is None else bias.detach(),
+                               bias=None if bias is None else bias.detach(), transform=transform,
                                memory_budget_mb=cfg.loss.chunk_memory_mb)  # the head's own chunks: the same ids
         with timer("teacher"):
             scores = teacher.score(mb, topk_ids=ids, lse=spec.teacher_lse)
@@ -96,7 +98,7 @@ def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher, mb
         hidden, weight, mb.targets, mb.completion_mask, scores, method=cfg.loss.method, top_k=cfg.loss.top_k,
         student_bias=bias, normalizer=normalizer, memory_budget_mb=cfg.loss.chunk_memory_mb,
         sampler_logprobs=mb.sampler_logprobs if use_ratio else None, ratio_cap=cfg.loss.ratio_cap if use_ratio else None,
-        ratio_mode=cfg.loss.ratio_mode)
+        ratio_mode=cfg.loss.ratio_mode, student_transform=transform)
     if mb.num_tokens == 0:
         # Without completion tokens the loss only touches the hidden states; DDP expects a gradient for every
         # parameter in every backward, so the output layer gets an explicit zero one.

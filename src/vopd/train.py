@@ -4,7 +4,9 @@
 
 What it knows: the order of work of a step and everything around it (set-up, pre-flight, resume, NaN handling,
 metrics, checkpoints), and which work is global under torchrun (the skip decision) and which is rank 0's (logs,
-evaluation, files). It leaves one step's gradient (micro-batches, teacher scores, the loss, backward, the variance
+evaluation, files). Whether a step is bad (and the aborts) is ``vopd.guard``'s call; the checks that can be made
+before step 1 are ``vopd.check``'s; the history's exactness across resumes is ``vopd.metrics``' and the rules for
+resuming (whose checkpoint, what newer work it would replace) ``vopd.rundir``'s. It leaves one step's gradient (micro-batches, teacher scores, the loss, backward, the variance
 probe) to ``vopd.step``, sampling to ``vopd.rollout``, the teacher to whatever ``vopd.teacher.base.open_teacher``
 returns (one ``Teacher`` protocol), evaluation to ``vopd.eval``, ranks and the DDP/FSDP2 wrapping to
 ``vopd.distributed`` (no-ops on one process) and files to ``vopd.checkpoint``, ``vopd.rundir`` (the output directory)
@@ -16,32 +18,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from vopd import checkpoint as ckpt
 from vopd import distributed as dist
-from vopd.check import preflight
+from vopd import guard
+from vopd.check import preflight, prompt_budget
 from vopd.config import TrainConfig, config_to_dict, load_config, save_config
-from vopd.data import PromptStream, load_prompts
+from vopd.data import PromptStream, load_prompt_pairs
+from vopd.prompts import chat_options, teacher_prompts as teacher_prompt_options
 from vopd.errors import UserError
 from vopd.eval import evaluate_student
 from vopd.export import export_merged
-from vopd.loss.methods import method_spec
 from vopd.metrics import MetricsWriter, PhaseTimer, gradient_noise, peak_memory_mb, rollout_metrics
-from vopd.models import apply_lora, enable_gradient_checkpointing, load_student, resolve_device
+from vopd.models import Model, Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, resolve_device
 from vopd.rollout import SamplerFactory, check_sync, engine_factory, pack
-from vopd.rundir import prepare_output_dir
+from vopd.guard import TrainingAborted  # re-exported: the error a run that stops on purpose raises
+from vopd.rundir import FINAL, FINAL_STATE, final_step, prepare_output_dir
 from vopd.step import accumulate_gradients
-from vopd.teacher.base import Teacher, open_teacher
+from vopd.teacher.base import SELF, Teacher, open_teacher
+from vopd.teacher.reprompt import OwnPromptTeacher
 
-
-class TrainingAborted(UserError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,32 @@ class TrainerState:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check(self, where: Path, *, manifest_step: int, steps: int, batch_size: int, prompts: int) -> None:
+        """Refuse a checkpoint whose state cannot be this run's: counts that are not counts, a step that is not its
+        manifest's or lies past ``steps``, or a data position that is not where ``step`` batches end (the prompts
+        changed). One-line ``UserError`` naming the key."""
+        counts = {"step": self.step, "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
+                  "world_size": self.world_size, **{f"data.{k}": v for k, v in self.data.items()}}
+        for key, value in counts.items():
+            if type(value) is not int or value < 0:
+                raise UserError(f"checkpoint {where} is inconsistent: trainer_state {key}={value!r} is not a count; "
+                                "resume from another checkpoint")
+        if set(self.data) != {"epoch", "index"}:
+            raise UserError(f"checkpoint {where} is inconsistent: trainer_state data={self.data!r} is not a data "
+                            "position (epoch, index); resume from another checkpoint")
+        if self.step != manifest_step or self.skipped_steps > self.step or self.world_size < 1:
+            raise UserError(f"checkpoint {where} is inconsistent: trainer_state step={self.step}, skipped_steps="
+                            f"{self.skipped_steps}, world_size={self.world_size} for a checkpoint of step "
+                            f"{manifest_step}; resume from another checkpoint")
+        if not 1 <= self.step <= steps:
+            raise UserError(f"checkpoint {where} is at step {self.step}, past this run's steps={steps}: set "
+                            f"steps>={self.step} to continue it")
+        if self.data["epoch"] * prompts + self.data["index"] != self.step * batch_size:
+            raise UserError(f"checkpoint {where} does not fit the training data: its data position (epoch "
+                            f"{self.data['epoch']}, index {self.data['index']}) is not where {self.step} steps of "
+                            f"batch_size={batch_size} over {prompts} prompts end; the prompts changed since (data.train "
+                            "file, data.max_prompt_tokens or rollout.max_new_tokens): restore them or start a new run")
+
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` at the last step."""
@@ -91,15 +124,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_from: str | None = None,
           stop_at: int | None = None, log: Callable[[str], None] = print,
-          make_sampler: SamplerFactory | None = None) -> TrainResult:
+          make_sampler: SamplerFactory | None = None, discard_newer: bool = False) -> TrainResult:
     """Distil ``cfg.model.teacher`` (a model directory, or the URL of a teacher server) into ``cfg.model.student``.
 
     ``resume`` continues from the newest checkpoint in ``output_dir`` (refusing a damaged one), ``resume_from`` from
     a given checkpoint; ``stop_at`` ends after that step as if interrupted (no final export), which is how resume
     is tested; ``make_sampler(model, tokenizer, rollout_config)`` replaces Hugging Face generate with a sampler built
     from the live student (``model`` is updated in place every step) and the ``rollout`` section of the config.
+    ``discard_newer`` lets a resume replace work newer than its checkpoint (moved aside: ``vopd.rundir``).
     Under torchrun every rank calls this; rank 0 logs, evaluates and writes files (docs/scaling.md)."""
-    spec = method_spec(cfg.loss.method)
+    if stop_at is not None and stop_at < 1:
+        raise UserError(f"--stop-at {stop_at} is invalid: it must be >= 1 (the step after which to stop)")
+    if discard_newer and not (resume or resume_from):
+        raise UserError("--discard-newer only applies to a resume: pass it with --resume or --resume-from")
     device = dist.init(resolve_device(cfg.model.device), timeout_min=cfg.distributed.timeout_min)
     # The same seed on every rank: anything random before step 0 (LoRA init) must be identical across ranks.
     torch.manual_seed(cfg.seed)
@@ -108,25 +145,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
     # ---- models, data and pre-flight first: a run that cannot start leaves output_dir untouched
     tok, student = load_student(cfg.model, device)
     vocab = len(tok)
+    if cfg.model.teacher == SELF and cfg.lora.enabled and dist.world_size() > 1 and \
+            cfg.distributed.strategy == "fsdp2":
+        raise UserError("model.teacher=self with LoRA scores with the student's own sharded weights, which FSDP2 does "
+                        "not allow outside its forward; use distributed.strategy=ddp, or lora.enabled=false")
     teacher = open_teacher(cfg.model.teacher, vocab_size=vocab, device=device, dtype=cfg.model.teacher_dtype,
                            trust_remote_code=cfg.model.trust_remote_code, timeout_s=cfg.model.teacher_timeout_s,
-                           retries=cfg.model.teacher_retries)
+                           retries=cfg.model.teacher_retries, student=student, student_tok=tok, lora=cfg.lora.enabled)
     try:
-        if spec.full_distribution and not teacher.full_distribution:
-            raise UserError(f"loss.method={cfg.loss.method} needs the teacher's full distribution at every position, "
-                            f"which a teacher server ({cfg.model.teacher}) does not send; use loss.method=vopd-topk "
-                            "(the same unbiased gradient with a top-k baseline) or a local teacher directory")
-        for line in preflight(student, tok, teacher, cfg):
+        for line in preflight(student, tok, teacher, cfg):  # the teacher's placement and method first
             info(f"pre-flight ok: {line}")
         return _run(cfg, student, tok, teacher, device, info, resume=resume, overwrite=overwrite,
-                    resume_from=resume_from, stop_at=stop_at, make_sampler=make_sampler or engine_factory(cfg))
+                    resume_from=resume_from, stop_at=stop_at, make_sampler=make_sampler or engine_factory(cfg),
+                    discard_newer=discard_newer)
     finally:
         teacher.close()
 
 
-def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: torch.device,
+def _run(cfg: TrainConfig, student: Model, tok: Tokenizer, teacher: Teacher, device: torch.device,
          info: Callable[[str], None], *, resume: bool, overwrite: bool, resume_from: str | None,
-         stop_at: int | None, make_sampler: SamplerFactory) -> TrainResult:
+         stop_at: int | None, make_sampler: SamplerFactory, discard_newer: bool) -> TrainResult:
     """The run after the pre-flight: LoRA, data, the output directory, resume, then the loop."""
     vocab = len(tok)
     if cfg.lora.enabled:
@@ -135,8 +173,13 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     student.train()
-    prompts = load_prompts(cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template,
-                           max_tokens=cfg.data.max_prompt_tokens, long_prompts=cfg.data.long_prompts, log=info)
+    max_prompt, limit_name = prompt_budget(cfg, student)  # data.max_prompt_tokens, or less: the position limit
+    prompts, teacher_prompts = load_prompt_pairs(
+        cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=max_prompt,
+        long_prompts=cfg.data.long_prompts, log=info, limit_name=limit_name, messages_field=cfg.data.messages_field,
+        chat=chat_options(cfg.data), teacher=teacher_prompt_options(cfg.data, tok, teacher.tokenizer))
+    if teacher_prompts is not None:  # the teacher reads each completion after its own prompt (docs/real_models.md)
+        teacher = OwnPromptTeacher(teacher, tok.pad_token_id)
     per_rank = cfg.batch_size // dist.world_size()
     if per_rank * dist.world_size() != cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
@@ -150,7 +193,7 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
 
     def claim_output_dir() -> Path | None:
         found = prepare_output_dir(out_dir, config_dict, resume=resume or resume_from is not None,
-                                   overwrite=overwrite, resume_from=resume_from)
+                                   overwrite=overwrite, resume_from=resume_from, discard_newer=discard_newer)
         save_config(cfg, out_dir / "config.yaml")
         return found
 
@@ -164,16 +207,19 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
     scheduler = make_scheduler(optimizer, cfg)
     state = TrainerState()
     if start_from is not None:
-        state = _resume(start_from, engine, optimizer, scheduler, info)
+        state = _resume(start_from, engine, optimizer, scheduler, info, cfg, len(prompts))
     state.world_size = dist.world_size()
     stream = PromptStream(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle, **state.data)
-    writer = MetricsWriter(out_dir, cfg.loggers, config_dict) if dist.is_main() else None
+    # The history continues at the resumed step: later lines (about to be recomputed) and torn ones are dropped.
+    writer = MetricsWriter(out_dir, cfg.loggers, config_dict, resume_step=state.step) if dist.is_main() else None
     bar = _progress(cfg, state.step) if dist.is_main() else None
     last_ckpt: Path | None = start_from
     metrics: dict[str, Any] = {}
+    step = state.step
 
     try:
         for step in range(state.step, cfg.steps):
+            metrics = {}
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             # Seeded per (step, rank), not carried from step to step: a resumed run samples what the uninterrupted
@@ -181,11 +227,13 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
             torch.manual_seed(_step_seed(cfg.seed, step, dist.rank()))
             timer = PhaseTimer(device)
 
-            # 1. sample: this rank's slice of the global batch, completions from the current student
-            with timer("generate"):
+            # 1. sample: this rank's slice of the global batch, completions from the current student (a student too
+            # broken to sample from ends the run with one line naming the last good checkpoint)
+            with timer("generate"), guard.sampling_failures(step + 1, last_ckpt):
                 batch_ids = stream.take(cfg.batch_size)[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
                 batch_prompts = [prompts[i] for i in batch_ids]
-                rollout = pack(batch_prompts, sample(batch_prompts), tok.pad_token_id)
+                own = None if teacher_prompts is None else [teacher_prompts[i] for i in batch_ids]
+                rollout = pack(batch_prompts, sample(batch_prompts), tok.pad_token_id, teacher_prompts=own)
 
             # 2-4. per micro-batch: teacher scores, student forward, advantages + loss, backward (vopd.step)
             with timer("student"):
@@ -193,11 +241,13 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
             # the sampler must have drawn from these very weights: a stale or half-applied sync shows here
             check_sync(cfg.rollout, grad.token_metrics, next(engine.full.parameters()).dtype)
 
-            # 5. step: skip (and count) non-finite updates; abort after max_bad_steps in a row
+            # 5. step: a bad step (non-finite loss or gradient, or an update that would leave the weights non-finite
+            # or exploding: vopd.guard, judged before it is applied) is skipped and counted; too many in a row abort
             with timer("optimizer"):
                 grad_norm = engine.clip_grad_norm(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-                finite = math.isfinite(grad.loss) and math.isfinite(grad_norm)
-                if finite:
+                verdict = guard.judge_step(grad.loss, grad_norm, optimizer, strategy=engine.strategy,
+                                           max_update_ratio=cfg.optim.max_update_ratio)
+                if verdict.ok:
                     optimizer.step()
                     state.bad_in_a_row = 0
                 else:
@@ -211,20 +261,16 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
 
             # 6. log
             metrics = {**grad.token_metrics, "loss": grad.loss, "grad_norm": grad_norm,
-                       "lr": scheduler.get_last_lr()[0], "skipped_steps": state.skipped_steps,
-                       "step_skipped": not finite, **rollout_metrics(rollout), **timer.metrics(),
-                       "peak_memory_mb": peak_memory_mb(device)}
+                       "update_ratio": verdict.update_ratio, "lr": scheduler.get_last_lr()[0],
+                       "skipped_steps": state.skipped_steps, "step_skipped": not verdict.ok,
+                       **rollout_metrics(rollout), **timer.metrics(), "peak_memory_mb": peak_memory_mb(device)}
             metrics["tokens_per_s"] = grad.total_tokens / max(timer.total, 1e-9)
             if grad.half_probe is not None:
                 metrics.update(gradient_noise(*grad.half_probe, grad_norm**2, cfg.batch_size))
-            if not finite:
-                info(f"step {step + 1}: non-finite loss ({grad.loss}) or gradient norm ({grad_norm}): update skipped "
-                     f"({state.bad_in_a_row} in a row)")
+            if not verdict.ok:
+                info(f"step {step + 1}: update skipped: {verdict.reason} ({state.bad_in_a_row} in a row)")
             if state.bad_in_a_row > cfg.max_bad_steps:
-                hint = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                raise TrainingAborted(f"{state.bad_in_a_row} consecutive steps with non-finite loss or gradients "
-                                      f"(max_bad_steps={cfg.max_bad_steps}); {hint}; lower optim.lr or check the "
-                                      "models for NaN weights")
+                raise guard.bad_steps_abort(state.bad_in_a_row, cfg.max_bad_steps, verdict.reason, last_ckpt)
 
             # 7. evaluate (rank 0; the others wait)
             last = step + 1 == cfg.steps
@@ -241,33 +287,50 @@ def _run(cfg: TrainConfig, student: Any, tok: Any, teacher: Teacher, device: tor
             due = (cfg.save_every and (step + 1) % cfg.save_every == 0) or last or step + 1 == stop_at
             if due and state.bad_in_a_row == 0:
                 optimizer_state = engine.optimizer_state(optimizer)  # FSDP2: gathered by every rank, kept on rank 0
+                if writer is not None:
+                    writer.sync()  # the history up to this step is on disk before a checkpoint vouches for it
                 last_ckpt = dist.on_main(lambda: ckpt.save_checkpoint(
                     out_dir, step + 1, model=engine.full, tokenizer=tok, optimizer=optimizer_state,
                     scheduler=scheduler, trainer_state=state.to_dict(), config=config_dict, keep_last=cfg.keep_last))
             if stop_at is not None and step + 1 >= stop_at:
                 break
+    except TrainingAborted as exc:
+        if writer is not None:  # the aborted step has its line too, saying why the run stopped
+            writer.write(step + 1, {**metrics, "step_skipped": True, "skipped_steps": state.skipped_steps,
+                                    "abort": str(exc)})
+        raise
     finally:
         if writer is not None:
             writer.close()
         if bar is not None:
             bar.close()
 
-    if state.step == cfg.steps:
-        final = out_dir / "final"
-        dist.on_main(lambda: export_merged(engine.full, tok, final) if cfg.lora.enabled
-                     else _save_final(engine.full, tok, final))
+    final = out_dir / FINAL
+    if state.step == cfg.steps and dist.on_main(lambda: final_step(out_dir)) != state.step:
+        dist.on_main(lambda: _export_final(engine.full, tok, final, state, merge=cfg.lora.enabled))
         info(f"final model: {final}")
     return TrainResult(out_dir, state.step, state.skipped_steps, last_ckpt, metrics)
 
 
 def _resume(start_from: Path, engine: dist.Engine, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LambdaLR, info: Callable[[str], None]) -> TrainerState:
-    """Every rank reads the same full checkpoint (any world size and strategy wrote the same files)."""
+            scheduler: torch.optim.lr_scheduler.LambdaLR, info: Callable[[str], None], cfg: TrainConfig,
+            prompts: int) -> TrainerState:
+    """Every rank reads the same full checkpoint (any world size and strategy wrote the same files), after checking
+    that its trainer state can be this run's (``TrainerState.check``), before anything is loaded."""
     if not Path(start_from).is_dir():
         raise UserError(f"rank {dist.rank()} cannot see checkpoint {start_from}: with several nodes, output_dir "
                         "must be on a filesystem every node shares")
+
+    def check(saved: dict[str, Any]) -> None:
+        TrainerState.from_dict(saved).check(start_from, manifest_step=ckpt.checkpoint_step(start_from),
+                                            steps=cfg.steps, batch_size=cfg.batch_size, prompts=prompts)
+
     state = TrainerState.from_dict(ckpt.load_checkpoint(
-        start_from, model=engine.full, optimizer=engine.optimizer_loader(optimizer), scheduler=scheduler))
+        start_from, model=engine.full, optimizer=engine.optimizer_loader(optimizer), scheduler=scheduler,
+        check_state=check))
+    if scheduler.last_epoch != state.step:
+        raise UserError(f"checkpoint {start_from} is inconsistent: scheduler.pt is at step {scheduler.last_epoch}, "
+                        f"trainer_state at step {state.step}; resume from another checkpoint")
     engine.load_full_weights()
     info(f"resumed from {start_from} at step {state.step}")
     if state.world_size != dist.world_size():
@@ -276,9 +339,22 @@ def _resume(start_from: Path, engine: dist.Engine, optimizer: torch.optim.Optimi
     return state
 
 
-def _save_final(model: Any, tokenizer: Any, path: Path) -> None:
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+def _export_final(model: Model, tokenizer: Tokenizer, final: Path, state: TrainerState, *, merge: bool) -> None:
+    """Write ``final/`` atomically (a temporary directory renamed into place; a previous one is replaced only then),
+    with the trainer state it was exported at (``vopd.rundir.final_step``)."""
+    for stale in final.parent.glob(f".tmp-{final.name}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, old = (final.with_name(f".tmp-{final.name}{suffix}.{os.getpid()}") for suffix in ("", "-old"))
+    if merge:
+        export_merged(model, tokenizer, tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    (tmp / FINAL_STATE).write_text(json.dumps(state.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -286,7 +362,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 4_099 + rank) % 2**63
 
 
-def _progress(cfg: TrainConfig, start: int) -> Any:
+def _progress(cfg: TrainConfig, start: int) -> tqdm | None:
     if not cfg.progress:
         return None
     from tqdm import tqdm
@@ -301,14 +377,18 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="move an existing run in output_dir aside and start")
     group.add_argument("--resume-from", metavar="CHECKPOINT", help="continue the run from this checkpoint directory")
-    parser.add_argument("--stop-at", type=int, help="stop after this step as if interrupted (resume later)")
+    parser.add_argument("--stop-at", type=int, help="stop after this step as if interrupted (resume later); >= 1")
+    parser.add_argument("--discard-newer", action="store_true",
+                        help="with --resume/--resume-from: let the run replace work newer than the checkpoint it "
+                             "resumes from (later checkpoints, final/, a history without checkpoint), which is moved "
+                             "to OUTPUT_DIR/discarded-TIME/ first")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, resume_from=args.resume_from,
-                       stop_at=args.stop_at)
+                       stop_at=args.stop_at, discard_newer=args.discard_newer)
         main = dist.is_main()  # read before shutdown: afterwards every process looks like rank 0
     finally:
         dist.shutdown()

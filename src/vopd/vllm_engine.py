@@ -22,6 +22,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -29,10 +30,14 @@ from torch import Tensor
 
 from vopd import distributed as dist
 from vopd.errors import UserError
-from vopd.models import base_model, is_peft
+from vopd.models import Model, Tokenizer, base_model, is_peft
+from vopd.prompts import stop_token_ids
 from vopd.sampling import Samples
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+    from vllm import LLM
+
     from vopd.config import RolloutConfig, VllmConfig
 
 #: Install hint for the one-line error when vLLM is missing.
@@ -55,7 +60,7 @@ class EngineShape:
     world_size: int  # > 1: one engine per torchrun rank, inside the trainer's process group
 
 
-_live: tuple[EngineShape, Any] | None = None  # (shape, vllm.LLM): one engine per process (a vLLM constraint)
+_live: tuple[EngineShape, LLM] | None = None  # one engine per process (a vLLM constraint)
 
 
 @contextlib.contextmanager
@@ -71,7 +76,7 @@ def _process_state_preserved() -> Iterator[None]:
 
         np_state: Any = np.random.get_state()
     except ImportError:  # numpy is a dependency of torch's wheels, but keep the guard cheap
-        np, np_state = None, None  # type: ignore[assignment]
+        np, np_state = None, None  # type: ignore[assignment]  # None marks numpy absent; a module type has no None
     try:
         yield
     finally:
@@ -83,7 +88,7 @@ def _process_state_preserved() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _import_vllm() -> Any:
+def _import_vllm() -> ModuleType:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
@@ -96,13 +101,13 @@ def _import_vllm() -> Any:
     return vllm
 
 
-def head_dim(config: Any) -> int:
+def head_dim(config: PretrainedConfig) -> int:
     """The attention head size of a transformers config (``head_dim``, else hidden / heads)."""
     value = getattr(config, "head_dim", None)
     return int(value) if value else int(config.hidden_size // config.num_attention_heads)
 
 
-def _engine(shape: EngineShape, model_config: Any) -> Any:
+def _engine(shape: EngineShape, model_config: PretrainedConfig) -> LLM:
     """The live engine for ``shape``: reused when it matches, else the old one is shut down and a new one built."""
     global _live
     if _live is not None and _live[0] == shape:
@@ -160,7 +165,7 @@ def _keep_trainer_group() -> None:
         state._WORLD = None
         state._NODE_COUNT = None
 
-    destroy_own_groups._vopd_keeps_default_group = True  # type: ignore[attr-defined]
+    destroy_own_groups._vopd_keeps_default_group = True  # type: ignore[attr-defined]  # a marker, read back above
     state.destroy_distributed_environment = destroy_own_groups
 
 
@@ -183,7 +188,7 @@ def shutdown() -> None:
     gc.collect()
 
 
-def student_weights(model: Any) -> list[tuple[str, Tensor]]:
+def student_weights(model: Model) -> list[tuple[str, Tensor]]:
     """The student's full weights under Hugging Face names, as the engine loads them: LoRA merged (W + B A s) into
     copies for a PEFT model, the trainer's model untouched; a tied output layer listed explicitly."""
     base = base_model(model)
@@ -216,8 +221,8 @@ class VllmSampler:
     ``model`` is the live student (updated in place by the optimizer); ``model_dir`` the directory it was loaded
     from (the engine's architecture and config; its weights are replaced before every call)."""
 
-    def __init__(self, model: Any, tokenizer: Any, rollout: RolloutConfig, options: VllmConfig, *, model_dir: str,
-                 max_model_len: int) -> None:
+    def __init__(self, model: Model, tokenizer: Tokenizer, rollout: RolloutConfig, options: VllmConfig, *,
+                 model_dir: str, max_model_len: int) -> None:
         self.model, self.rollout = model, rollout
         param = next(model.parameters())
         self.device = param.device
@@ -232,7 +237,7 @@ class VllmSampler:
         self.llm = _engine(shape, base_model(model).config)
         if shape.world_size > 1:
             dist.before_shutdown(shutdown)  # the engine's groups live in the trainer's process group: go first
-        self.stop_ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+        self.stop_ids = stop_token_ids(tokenizer)  # EOS and the chat template's end of turn, as HF generate
         self.syncs = 0
 
     def sync(self) -> None:

@@ -9,6 +9,8 @@ once, and backward only scales the stored gradients. The per-chunk math (``_head
 its full logits (``TeacherHidden``: in process) or as the numbers a teacher server sends (``TeacherNumbers``), through
 one entry point, ``fused_distillation_loss``. What it does not know: models (the caller passes the last hidden states
 and the head), sampling, optimisers, HTTP. ``vopd.loss.estimators`` is the dense reference it is tested against.
+A logit transform (softcapping, scaling: ``vopd.loss.head.LogitTransform``) is applied to each chunk's logits of
+either model, and the student's gradient is chained through it elementwise (docs/estimators.md, "Output transforms").
 
 Closed forms per position (z_s, z_t student/teacher logits, p = softmax z_s, y the sampled id, w = 1/N the token
 weight, docs/estimators.md, "Key equations" and "Pseudocode"):
@@ -16,7 +18,8 @@ weight, docs/estimators.md, "Key equations" and "Pseudocode"):
     opd/vopd/topk:  dL/dz_s = w * A_t * (p - onehot(y)),  A_t = r_t (+ KL_t or + KL~_t), detached
     opd-full:       dL/dz_s = w * p * (d - sum_v p_v d_v),   d = z_s - z_t   (= p (log p - log q - KL_t))
     opd-topk:       dL/dz_s = w * p~ * (log p~ - log q~ - KL~_t) on the top-k ids K, 0 elsewhere
-and dL/dh = dL/dz_s @ W_s, dL/dW_s = dL/dz_s^T @ h, dL/db_s = sum of dL/dz_s.
+and dL/dh = dL/dz_s @ W_s, dL/dW_s = dL/dz_s^T @ h, dL/db_s = sum of dL/dz_s, with dL/dz_s first multiplied by
+the transform's derivative when the student's logits are transformed (z_s is then the final logit).
 """
 
 from __future__ import annotations
@@ -29,36 +32,13 @@ from torch import Tensor
 from vopd.errors import UserError
 from vopd.loss.estimators import (LossOutput, RatioMode, check_inputs, compute_dtype, importance_ratio,
                                   token_normalizer)
+from vopd.loss.head import IDENTITY, LogitTransform, buffers_for, chunk_rows, raw_logits, student_topk_ids
 from vopd.loss.methods import Method, MethodSpec
 from vopd.loss.scores import TeacherHidden, TeacherNumbers, TeacherScores
 
 # Columns of the per-row statistics returned by the fused head.
 _LOGP, _LOGQ, _KL, _KL_TOPK, _MASS, _RATIO, _ADV = range(7)
 _NUM_STATS = 7
-# fp32 (rows x V) buffers alive per chunk: student logits/probabilities, teacher logits/difference, and one for
-# matmul and top-k temporaries.
-_BUFFERS_PER_ROW = 3
-
-
-def chunk_rows(vocab_size: int, memory_budget_mb: float, *, itemsize: int = 4, multiple: int = 8) -> int:
-    """Rows per chunk so that the chunk's vocabulary-sized buffers fit in ``memory_budget_mb``.
-
-    Chosen from memory, not from a fixed row rule: bigger chunks mean fewer, larger (faster) matmuls.
-    """
-    rows = int(memory_budget_mb * 2**20 // (vocab_size * itemsize * _BUFFERS_PER_ROW))
-    return max(multiple, rows // multiple * multiple)
-
-
-def _logits(h: Tensor, w: Tensor, b: Tensor | None, cd: torch.dtype) -> Tensor:
-    """h @ w.T (+ b) in ``cd``. On CUDA with half inputs, accumulate the matmul straight into fp32 (docs/estimators.md, "Pseudocode": rounding
-    logits to bf16 first costs ~1e-2 nats); elsewhere ``w`` already arrives in ``cd``."""
-    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32:
-        z = torch.mm(h, w.t(), out_dtype=torch.float32)
-    else:
-        z = h.to(cd) @ w.t()
-    return z if b is None else z + b.to(cd)
-
-
 def _optimal_baseline(e: Tensor, inv_s: Tensor, d: Tensor, pd: Tensor, kl: Tensor, lse_s: Tensor,
                       lse_t: Tensor) -> Tensor:
     """b* = sum p w r / sum p w with w_v = 1 - 2 p_v + S2, S2 = sum p^2 (``vopd-opt``), from the chunk's buffers.
@@ -179,7 +159,7 @@ class _FusedHead(torch.autograd.Function):
     def forward(
         ctx: Any, hs: Tensor, ws: Tensor, bs: Tensor | None, y: Tensor, sampler_lp: Tensor | None,
         teacher: TeacherScores, spec: MethodSpec, top_k: int, inv_n: float, ratio_cap: float | None, ratio_mode: RatioMode,
-        rows: int,
+        rows: int, transform: LogitTransform,
     ) -> tuple[Tensor, Tensor]:
         cd = compute_dtype(hs.dtype)
         half_cuda = hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32
@@ -201,11 +181,14 @@ class _FusedHead(torch.autograd.Function):
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             h_c, y_c = hs[lo:hi], y[lo:hi].unsqueeze(-1)
-            zs = _logits(h_c, ws_c, bs, cd)  # (c, V)
+            zs = transform.apply_(raw_logits(h_c, ws_c, bs, cd))  # (c, V), the final logits
+            # d final / d raw, taken before _head_chunk consumes zs (docs/estimators.md, "Output transforms").
+            dz = None if transform.identity else transform.derivative(zs)
             given: dict[str, Tensor | None]
             if isinstance(teacher, TeacherHidden):
                 with torch.no_grad():
-                    given = {"zt": _logits(teacher.hidden[lo:hi], wt_c, teacher.bias, cd)}
+                    zt = raw_logits(teacher.hidden[lo:hi], wt_c, teacher.bias, cd)
+                    given = {"zt": teacher.transform.apply_(zt)}
             else:
                 ids = None if teacher.topk_ids is None else teacher.topk_ids[lo:hi]
                 given = {"ids": ids, "logq": part(teacher.logq, lo, hi), "zt_k": part(teacher.topk_logits, lo, hi),
@@ -214,22 +197,24 @@ class _FusedHead(torch.autograd.Function):
                                     None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap, ratio_mode,
                                     **given)
             loss += loss_c
-            if need_h:
+            if dz is not None:
+                g.mul_(dz)  # chain rule: dL/draw = dL/dfinal * dfinal/draw
+            if grad_h is not None:  # need_h
                 gh = torch.mm(g.to(ws.dtype), ws, out_dtype=torch.float32) if half_cuda else g @ ws_c
-                grad_h[lo:hi] = gh  # type: ignore[index]
-            if need_w:
+                grad_h[lo:hi] = gh
+            if grad_w is not None:  # need_w
                 if half_cuda:
-                    grad_w += torch.mm(g.t().to(h_c.dtype), h_c, out_dtype=torch.float32)  # type: ignore[operator]
+                    grad_w += torch.mm(g.t().to(h_c.dtype), h_c, out_dtype=torch.float32)
                 else:
-                    grad_w.addmm_(g.t(), h_c.to(cd))  # type: ignore[union-attr]
-            if need_b:
-                grad_b += g.sum(0)  # type: ignore[operator]
-            del zs, g, given  # the chunk's (c, V) buffers are gone before the next chunk allocates its own
+                    grad_w.addmm_(g.t(), h_c.to(cd))
+            if grad_b is not None:  # need_b
+                grad_b += g.sum(0)
+            del zs, g, given, dz  # the chunk's (c, V) buffers are gone before the next chunk allocates its own
 
         ctx.grads = (
             None if grad_h is None else grad_h.to(hs.dtype),
             None if grad_w is None else grad_w.to(ws.dtype),
-            None if grad_b is None else grad_b.to(bs.dtype),  # type: ignore[union-attr]
+            None if grad_b is None or bs is None else grad_b.to(bs.dtype),  # need_b implies a bias
         )
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -239,7 +224,7 @@ class _FusedHead(torch.autograd.Function):
         gh, gw, gb = ctx.grads
         scale = grad_loss.to(torch.float32)
         out = [None if g is None else g * scale.to(g.dtype) for g in (gh, gw, gb)]
-        return (out[0], out[1], out[2]) + (None,) * 9
+        return (out[0], out[1], out[2]) + (None,) * 10
 
 
 def fused_distillation_loss(
@@ -257,6 +242,7 @@ def fused_distillation_loss(
     ratio_cap: float | None = None,
     ratio_mode: RatioMode = "truncate",
     memory_budget_mb: float = 1024,
+    student_transform: LogitTransform = IDENTITY,
 ) -> LossOutput:
     """The trainer's one loss entry point: the student's hidden states and output layer, and the teacher's scores in
     either form, through the fused chunked head. The same loss and gradients as ``distillation_loss``.
@@ -269,7 +255,8 @@ def fused_distillation_loss(
                  (logq (B, T); topk_ids/topk_logits (B, T, k) for top-k methods; lse (B, T) for ``rb-topk``): the
                  methods whose ``MethodSpec.per_token_teacher`` holds. With numbers, k is the width of the ids.
     Options: as ``distillation_loss``, plus ``memory_budget_mb``, the budget for a chunk's (rows x V) fp32 buffers
-    (``chunk_rows``).
+    (``chunk_rows``), and ``student_transform``, the student's logit transform (a ``TeacherHidden`` carries the
+    teacher's; ``TeacherNumbers`` are already final).
     """
     lead = tuple(student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
@@ -302,7 +289,8 @@ def fused_distillation_loss(
     slp = None if sampler_logprobs is None else sampler_logprobs.reshape(-1).index_select(0, idx).to(cd)
     loss, stats = _FusedHead.apply(
         hs, student_weight, student_bias, y, slp, teacher.rows(idx), spec, top_k, 1.0 / float(n),
-        ratio_cap if spec.sampled else None, ratio_mode, chunk_rows(vocab, memory_budget_mb),
+        ratio_cap if spec.sampled else None, ratio_mode,
+        chunk_rows(vocab, memory_budget_mb, buffers=buffers_for(student_transform)), student_transform,
     )
 
     def per_token(col: int) -> Tensor:
@@ -358,6 +346,8 @@ def chunked_distillation_loss(
     ratio_cap: float | None = None,
     ratio_mode: RatioMode = "truncate",
     memory_budget_mb: float = 1024,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
 ) -> LossOutput:
     """The same loss and gradients as ``distillation_loss`` without materialising (B, T, V) logits: the public
     form of ``fused_distillation_loss`` for a teacher given as its hidden states and output layer.
@@ -369,37 +359,14 @@ def chunked_distillation_loss(
         teacher_weight: (V, D_t), no gradient.
         tokens, mask, sampler_logprobs: (B, T), as in ``distillation_loss``.
         student_bias/teacher_bias: optional (V,) output biases.
+        student_transform/teacher_transform: each model's logit transform (``vopd.loss.head.LogitTransform``:
+        softcapping, scaling; the identity by default), so the logits are ``transform(h @ W.T + b)``.
     Options: as ``distillation_loss``, plus ``memory_budget_mb``, the budget for a chunk's (rows x V) fp32
     buffers (``chunk_rows``).
     """
     return fused_distillation_loss(
-        student_hidden, student_weight, tokens, mask, TeacherHidden(teacher_hidden, teacher_weight, teacher_bias),
+        student_hidden, student_weight, tokens, mask,
+        TeacherHidden(teacher_hidden, teacher_weight, teacher_bias, teacher_transform),
         method=method, top_k=top_k, student_bias=student_bias, normalizer=normalizer,
         sampler_logprobs=sampler_logprobs, ratio_cap=ratio_cap, ratio_mode=ratio_mode,
-        memory_budget_mb=memory_budget_mb)
-
-
-@torch.no_grad()
-def student_topk_ids(student_hidden: Tensor, student_weight: Tensor, mask: Tensor, k: int, *,
-                     bias: Tensor | None = None, memory_budget_mb: float = 1024) -> Tensor:
-    """The student's top-k ids (B, T, k) int64 at masked positions (0 elsewhere), in the head's own chunks (same
-    rows per chunk for the same budget), so no (B, T, V) tensor exists and the ids are the ones the head would pick.
-    A teacher that sends per-token numbers is asked about these ids (``TeacherNumbers.topk_ids``)."""
-    lead = tuple(student_hidden.shape[:-1])
-    vocab = student_weight.shape[0]
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k={k} is outside [1, V={vocab}]")
-    cd = compute_dtype(student_hidden.dtype)
-    out = torch.zeros(*lead, k, dtype=torch.long, device=student_hidden.device)
-    idx = mask.reshape(-1).bool().nonzero().squeeze(-1)
-    if idx.numel() == 0:
-        return out
-    half_cuda = student_hidden.is_cuda and student_hidden.dtype in (torch.bfloat16, torch.float16)
-    w = student_weight if half_cuda and cd == torch.float32 else student_weight.to(cd)
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
-    rows = chunk_rows(vocab, memory_budget_mb)
-    flat = out.reshape(-1, k)
-    for lo in range(0, idx.numel(), rows):
-        hi = min(idx.numel(), lo + rows)
-        flat[idx[lo:hi]] = _logits(hs[lo:hi], w, bias, cd).topk(k, dim=-1).indices
-    return out
+        memory_budget_mb=memory_budget_mb, student_transform=student_transform)

@@ -2,9 +2,9 @@
 
 What it knows: the two typed forms a teacher's scores come in, their shapes, and how to select the live rows (the
 completion positions) of each. ``TeacherHidden`` carries the teacher's whole distribution (logits are formed chunk
-by chunk inside the head), so every method can use it; ``TeacherNumbers`` carries only what a teacher server sends
-per position, enough for the methods whose ``MethodSpec.per_token_teacher`` is true. What it does not know: where
-the numbers came from (``vopd.teacher`` produces them), or any loss math.
+by chunk inside the head, through the teacher's logit transform), so every method can use it; ``TeacherNumbers``
+carries only what a teacher server sends per position, enough for the methods whose ``MethodSpec.per_token_teacher``
+is true. What it does not know: where the numbers came from (``vopd.teacher`` produces them), or any loss math.
 """
 
 from __future__ import annotations
@@ -15,28 +15,32 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from vopd.loss.head import IDENTITY, LogitTransform
+
 
 @dataclass(frozen=True)
 class TeacherHidden:
     """The teacher as its last hidden states (after the final norm) and its output layer.
 
     hidden: (*lead, D_t), aligned with the rollout's targets; weight: (V, D_t) sliced to the shared vocabulary;
-    bias: (V,) or None. All detached (the teacher never receives a gradient).
+    bias: (V,) or None. All detached (the teacher never receives a gradient). transform: the teacher's logit
+    transform (softcapping, scaling), so its logits are ``transform(hidden @ weight.T + bias)``.
     """
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+    transform: LogitTransform = IDENTITY
 
     def rows(self, idx: Tensor) -> "TeacherHidden":
         """The live rows ``idx`` of the flattened leading dimensions: hidden becomes (N, D_t)."""
         flat = self.hidden.detach().reshape(-1, self.hidden.shape[-1])
         return TeacherHidden(flat.index_select(0, idx), self.weight.detach(),
-                             None if self.bias is None else self.bias.detach())
+                             None if self.bias is None else self.bias.detach(), self.transform)
 
     def to(self, device: torch.device) -> "TeacherHidden":
         return TeacherHidden(self.hidden.to(device), self.weight.to(device),
-                             None if self.bias is None else self.bias.to(device))
+                             None if self.bias is None else self.bias.to(device), self.transform)
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class TeacherNumbers:
 
     logq:        (*lead) log q(y_t), the teacher's log-prob of each sampled token.
     topk_ids:    (*lead, k) int64, the student's top-k ids the teacher was asked about (top-k methods), else None.
-    topk_logits: (*lead, k) the teacher's raw logits at ``topk_ids``, else None.
+    topk_logits: (*lead, k) the teacher's logits at ``topk_ids`` (final: after its logit transform), else None.
     lse:         (*lead) the teacher's full-vocabulary log-sum-exp (``rb-topk``), else None.
     """
 

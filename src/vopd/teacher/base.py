@@ -2,20 +2,24 @@
 
 What it knows: what the training loop may ask of a teacher (scores for a micro-batch of rollouts, in one of the two
 typed forms of ``vopd.loss.scores``; whether they carry the teacher's full distribution; its pre-flight pairing
-checks against the student; closing), and which placement ``model.teacher`` names (a local model directory, or the
-URL of a `vopd serve-teacher` server). What it does not know: how a placement computes its scores
-(``vopd.teacher.local``, ``vopd.teacher.client``), the loss math, or the loop.
+checks against the student; its tokenizer, when it holds one; closing), and which placement ``model.teacher`` names
+(a local model directory, the URL of a `vopd serve-teacher` server, or ``self``: the student's initial weights). What
+it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client``; a prompt of
+the teacher's own is ``vopd.teacher.reprompt``), the loss math, or the loop.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from vopd.loss.scores import TeacherScores
 from vopd.rollout import Rollout
+
+if TYPE_CHECKING:
+    from vopd.models import Model, Tokenizer
 
 
 class Teacher(Protocol):
@@ -30,13 +34,20 @@ class Teacher(Protocol):
     @property
     def full_distribution(self) -> bool: ...
 
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The teacher's own tokenizer when this placement holds it (in process), for the pre-flight's stop-token
+        and chat-template comparison (``vopd.check.chat_checks``); None for a server, or when the caller vouched
+        that it is the student's."""
+        ...
+
     def score(self, rollout: Rollout, *, topk_ids: Tensor | None = None, lse: bool = False) -> TeacherScores:
         """Scores aligned with ``rollout.targets`` (B, L-1), on the rollout's device. ``topk_ids`` (B, L-1, k):
         the ids to return the teacher's logits at; ``lse``: also its full-vocabulary log-sum-exp. A teacher with the
         full distribution needs neither."""
         ...
 
-    def pairing_checks(self, student: Any, student_tok: Any) -> list[str]:
+    def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         """Pre-flight: the teacher shares the student's tokenizer (and covers it); one line per passed check, a
         ``UserError`` naming the first difference otherwise."""
         ...
@@ -49,11 +60,27 @@ def is_remote(teacher: str) -> bool:
     return teacher.startswith(("http://", "https://"))
 
 
+#: ``model.teacher`` naming the student's own initial weights (self-distillation).
+SELF = "self"
+
+
 def open_teacher(path: str, *, vocab_size: int, device: torch.device, dtype: str = "auto",
-                 trust_remote_code: bool = False, timeout_s: float = 60.0, retries: int = 3) -> Teacher:
-    """The teacher that ``path`` (``model.teacher``) names: a frozen model loaded here from a local directory, or
-    the client of a teacher server for a URL (nothing is sent until it is first used). No pre-flight here: the
-    caller runs ``vopd.check.preflight`` with it."""
+                 trust_remote_code: bool = False, timeout_s: float = 60.0, retries: int = 3,
+                 student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False) -> Teacher:
+    """The teacher that ``path`` (``model.teacher``) names: a frozen model loaded here from a local directory, the
+    client of a teacher server for a URL (nothing is sent until it is first used), or ``self``: the ``student``'s
+    initial weights, as the base model with its LoRA adapters disabled when ``lora`` (no second copy), else a frozen
+    copy made now. No pre-flight here: the caller runs ``vopd.check.preflight`` with it."""
+    if path == SELF:
+        from vopd.teacher.local import InProcessTeacher, SelfTeacher
+
+        if student is None:
+            raise ValueError("model.teacher=self needs the student (open_teacher(..., student=model))")
+        if lora:
+            return SelfTeacher(student, vocab_size, tokenizer=student_tok)
+        import copy
+
+        return InProcessTeacher(copy.deepcopy(student), vocab_size, tokenizer=student_tok)
     if is_remote(path):
         from vopd.teacher.client import RemoteTeacher
 

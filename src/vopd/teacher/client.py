@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,7 +23,12 @@ from torch import Tensor
 from vopd.errors import UserError
 from vopd.loss.scores import TeacherNumbers
 from vopd.rollout import Rollout
-from vopd.teacher.wire import TOKEN_ENV, b64_decode, b64_encode, tokenizer_fingerprint
+from vopd.teacher.wire import TOKEN_ENV, b64_decode, b64_encode, response_bytes, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    import httpx
+
+    from vopd.models import Model, Tokenizer
 
 #: The first server protocol that answers ``"lse": true``.
 LSE_PROTOCOL = 2
@@ -38,6 +43,8 @@ class RemoteTeacher:
     """
 
     full_distribution = False
+    #: The server's tokenizer is not here: its fingerprint stands in for it (``pairing_checks``).
+    tokenizer: Tokenizer | None = None
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.5) -> None:
@@ -73,7 +80,7 @@ class RemoteTeacher:
     def vocab_size(self) -> int:
         return int((self._info or self.health())["vocab_size"])
 
-    def pairing_checks(self, student: Any, student_tok: Any) -> list[str]:
+    def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         """The tokenizer fingerprint from ``/health`` stands in for comparing the tokenizers."""
         health = self.health()
         vocab = len(student_tok)
@@ -120,7 +127,7 @@ class RemoteTeacher:
                     raise ValueError(f"completion_mask of sequence {i} reaches past its attention mask")
                 spans.append((i, int(live[0]), end))
 
-        for group in self._groups(spans, k, limits):
+        for group in self._groups(spans, k, limits, lse):
             seqs = []
             for i, start, end in group:
                 seq: dict[str, Any] = {"ids": ids[i, : end + 1].tolist(), "start": start}
@@ -136,25 +143,34 @@ class RemoteTeacher:
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _groups(self, spans: list[tuple[int, int, int]], k: int,
-                limits: dict[str, Any]) -> list[list[tuple[int, int, int]]]:
-        """Consecutive sequences packed into requests within max_batch, max_tokens (padded) and the body limit."""
+    def _groups(self, spans: list[tuple[int, int, int]], k: int, limits: dict[str, Any],
+                lse: bool = False) -> list[list[tuple[int, int, int]]]:
+        """Consecutive sequences packed into requests within max_batch, max_tokens (padded), the body limit and the
+        answer's limit (``max_response_mb``, from protocol-2 servers that report it)."""
         max_body = 0.9 * limits["max_body_mb"] * 2**20
+        max_answer = 0.9 * float(limits.get("max_response_mb", float("inf"))) * 2**20
         groups: list[list[tuple[int, int, int]]] = []
         cur: list[tuple[int, int, int]] = []
         longest = body = 0
+        answer = 0.0
         for span in spans:
             n = span[2] + 1
             if n > limits["max_tokens"]:
                 raise UserError(f"a sequence of {n} tokens exceeds the teacher server's max_tokens="
                                 f"{limits['max_tokens']}; restart the server with a larger --max-tokens")
             size = 8 * n + (16 * (n - 1 - span[1]) * k) // 3 + 64  # JSON ids + base64 int32 top-k, generous
+            reply = response_bytes(span[2] - span[1], k, lse, "base64")
+            if reply > max_answer:
+                raise UserError(f"scoring a sequence of {span[2] - span[1]} positions with k={k} needs a "
+                                f"{reply / 2**20:.3g} MiB answer, over the teacher server's max_response_mb="
+                                f"{limits['max_response_mb']}; restart it with a larger --max-response-mb or lower "
+                                "loss.top_k")
             if cur and (len(cur) + 1 > limits["max_batch"] or max(longest, n) * (len(cur) + 1) > limits["max_tokens"]
-                        or body + size > max_body):
+                        or body + size > max_body or answer + reply > max_answer):
                 groups.append(cur)
-                cur, longest, body = [], 0, 0
+                cur, longest, body, answer = [], 0, 0, 0.0
             cur.append(span)
-            longest, body = max(longest, n), body + size
+            longest, body, answer = max(longest, n), body + size, answer + reply
         if cur:
             groups.append(cur)
         return groups
@@ -204,7 +220,7 @@ def _one_line(exc: object) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
-def _error_text(resp: Any) -> str:
+def _error_text(resp: httpx.Response) -> str:
     try:
         return _one_line(resp.json().get("error", resp.text))
     except ValueError:

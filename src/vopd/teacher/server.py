@@ -4,10 +4,13 @@ What it knows: answering the wire protocol (``vopd.teacher.wire``, ``docs/teache
 the first scored position and optionally k token ids per scored position; back, log q(next token) at each scored
 position, the teacher's logits at the requested ids and, on request, its log-sum-exp over the whole vocabulary (one
 float per position). That is all `opd` (log q(y_t)) and the top-k methods need: renormalising both models on the same
-ids cancels the teacher's log-sum-exp, so its raw logits suffice for the top-k KL (docs/estimators.md, "Key equations"); `rb-topk` weighs the
+ids cancels the teacher's log-sum-exp, so its logits suffice for the top-k KL (docs/estimators.md, "Key equations"); `rb-topk` weighs the
 ids by the exact log q_v = z_v - lse, hence the lse. It also knows the HTTP side: the request body limit (413), the
 errors as one-line JSON, an optional bearer token (401), batched padded forwards under a lock, fp32 head math whatever
-the model's dtype, and the command line.
+the model's dtype (through its logit transform: softcapping, scaling), and the command line. Every request is
+bounded: the body (``max_body_mb``), its JSON structure and the answer's size (``max_response_mb``, checked before
+scoring; ``vopd.teacher.wire``), the forward (``max_tokens`` padded tokens) and the head's fp32 chunk
+(``HEAD_MEMORY_MB``).
 
 What it does not know: the protocol's fields, codec and request validation (``vopd.teacher.wire``); estimators, students or
 training (``vopd.teacher.client`` is the client side and the loss); TLS (put it behind a reverse proxy to cross machines); the
@@ -24,14 +27,20 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.teacher.wire import (DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_K, DEFAULT_MAX_TOKENS, PROTOCOL_VERSION,
-                       TOKEN_ENV, ApiError, Limits, ParsedSequence, b64_encode, parse_request, tokenizer_fingerprint)
+from vopd.teacher.wire import (DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_K, DEFAULT_MAX_RESPONSE_MB,
+                               DEFAULT_MAX_TOKENS, PROTOCOL_VERSION, TOKEN_ENV, ApiError, Limits, ParsedSequence,
+                               b64_encode, parse_request, tokenizer_fingerprint)
+
+if TYPE_CHECKING:  # quoted below: this module's annotations are evaluated at run time (see the docstring)
+    from fastapi import FastAPI
+
+    from vopd.models import Model, Tokenizer
 
 #: Budget of the fp32 (rows x V) logits chunk of the head; the forward itself is bounded by ``max_tokens``.
 HEAD_MEMORY_MB = 512
@@ -42,14 +51,15 @@ HEAD_MEMORY_MB = 512
 class TeacherScorer:
     """The model side: one padded forward per request, then the fp32 head over the scored rows only."""
 
-    def __init__(self, model: Any, vocab_size: int) -> None:
+    def __init__(self, model: "Model", vocab_size: int) -> None:
         from vopd.models import output_layer
 
         self.model = model.eval().requires_grad_(False)  # frozen: no gradient is ever taken through the teacher
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        weight, self.bias = output_layer(model, vocab_size)
+        head = output_layer(model, vocab_size)
+        weight, self.bias, self.transform = head.weight, head.bias, head.transform  # softcapping/scaling included
         self.half_cuda = self.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
         # fp32 head math (docs/estimators.md, "API": fp32 math); on CUDA half weights are accumulated into fp32 by the matmul itself.
         self.weight = weight if self.half_cuda else weight.to(torch.float32)
@@ -59,7 +69,7 @@ class TeacherScorer:
     def score(self, seqs: list[ParsedSequence], k: int) -> list[tuple[Tensor, Tensor | None, Tensor]]:
         """Per sequence: (logq (t,), logits at the requested ids (t, k) or None, log-sum-exp (t,)), fp32 on the
         CPU."""
-        from vopd.loss.chunked import _logits, chunk_rows
+        from vopd.loss.head import chunk_rows, raw_logits
         from vopd.models import last_hidden
 
         b, width = len(seqs), max(s.ids.numel() for s in seqs)
@@ -73,7 +83,9 @@ class TeacherScorer:
             sizes.append(n - 1 - s.start)
         idx = torch.cat(rows)
         y = ids.reshape(-1)[idx + 1]
-        topk = torch.cat([s.topk_ids for s in seqs]) if k else None  # type: ignore[misc]
+        topk_rows = [s.topk_ids for s in seqs if s.topk_ids is not None]
+        assert len(topk_rows) == (b if k else 0)  # parse_request requires topk_ids exactly when k > 0
+        topk = torch.cat(topk_rows) if k else None
         logq = torch.empty(idx.numel(), dtype=torch.float32)
         lse = torch.empty(idx.numel(), dtype=torch.float32)
         logits = torch.empty(idx.numel(), k, dtype=torch.float32) if k else None
@@ -83,7 +95,7 @@ class TeacherScorer:
             step = chunk_rows(self.vocab_size, HEAD_MEMORY_MB)
             for lo in range(0, idx.numel(), step):
                 hi = min(idx.numel(), lo + step)
-                z = _logits(h[lo:hi], self.weight, self.bias, torch.float32)
+                z = self.transform.apply_(raw_logits(h[lo:hi], self.weight, self.bias, torch.float32))
                 z_y = z.gather(-1, y[lo:hi].to(self.device).unsqueeze(-1)).squeeze(-1)
                 lse_c = z.logsumexp(-1)
                 logq[lo:hi], lse[lo:hi] = (z_y - lse_c).cpu(), lse_c.cpu()
@@ -94,13 +106,14 @@ class TeacherScorer:
         return list(zip(logq.split(sizes), lg, lse.split(sizes)))
 
 
-def _encode(x: Tensor, encoding: str) -> Any:
+def _encode(x: Tensor, encoding: str) -> str | list[Any]:
     return b64_encode(x) if encoding == "base64" else x.tolist()
 
 
-def create_app(model: Any, tokenizer: Any, *, token: str | None, max_batch: int = DEFAULT_MAX_BATCH,
+def create_app(model: "Model", tokenizer: "Tokenizer", *, token: str | None, max_batch: int = DEFAULT_MAX_BATCH,
                max_tokens: int = DEFAULT_MAX_TOKENS, max_k: int = DEFAULT_MAX_K,
-               max_body_mb: float = DEFAULT_MAX_BODY_MB, name: str | None = None) -> Any:
+               max_body_mb: float = DEFAULT_MAX_BODY_MB, max_response_mb: float = DEFAULT_MAX_RESPONSE_MB,
+               name: str | None = None) -> "FastAPI":
     """The FastAPI app serving ``model`` (a frozen HF causal LM) with ``GET /health`` and ``POST /score``.
 
     ``token``: bearer token required on every endpoint (None or "": no authentication). Limits: see ``Limits``.
@@ -113,8 +126,8 @@ def create_app(model: Any, tokenizer: Any, *, token: str | None, max_batch: int 
     except ImportError as exc:
         raise UserError(f"the teacher server needs fastapi and uvicorn ({exc}); pip install 'vopd[serve]'") from None
 
-    limits = Limits(max_batch, max_tokens, max_k, max_body_mb)
-    if min(max_batch, max_tokens, max_k) < 1 or max_body_mb <= 0:
+    limits = Limits(max_batch, max_tokens, max_k, max_body_mb, max_response_mb)
+    if min(max_batch, max_tokens, max_k) < 1 or max_body_mb <= 0 or max_response_mb <= 0:
         raise UserError(f"server limits must be positive, got {limits}")
     scorer = TeacherScorer(model, len(tokenizer))
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -208,6 +221,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-k", type=int, default=DEFAULT_MAX_K, help=f"ids per scored position (default {DEFAULT_MAX_K})")
     a("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
       help=f"request body size limit in MiB (default {DEFAULT_MAX_BODY_MB:g})")
+    a("--max-response-mb", type=float, default=DEFAULT_MAX_RESPONSE_MB,
+      help=f"answer size limit in MiB, checked before scoring (default {DEFAULT_MAX_RESPONSE_MB:g})")
     a("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
       help="model weights; the head's log-softmax is fp32 always (auto: bfloat16 on cuda, float32 on cpu)")
@@ -240,7 +255,7 @@ def cli_main(args: argparse.Namespace) -> int:
                        trust_remote_code=args.trust_remote_code)
     name = os.path.basename(os.path.normpath(args.model))
     app = create_app(model, tok, token=token, max_batch=args.max_batch, max_tokens=args.max_tokens,
-                     max_k=args.max_k, max_body_mb=args.max_body_mb, name=name)
+                     max_k=args.max_k, max_body_mb=args.max_body_mb, max_response_mb=args.max_response_mb, name=name)
     auth = f"bearer token (${args.token_env})" if token and not args.token else ("bearer token" if token else "none")
     print(f"vopd serve-teacher: serving {args.model} ({len(tok)} tokens, {next(model.parameters()).dtype}, {device}) "
           f"on http://{args.host}:{args.port}; auth: {auth}", file=sys.stderr, flush=True)

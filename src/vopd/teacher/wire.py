@@ -4,7 +4,10 @@ What it knows: the protocol version, the token environment variable, the default
 request and sequence field names and the two encodings, the base64 array codec (``b64_encode``/``b64_decode``, used
 by the server for its answers and by ``vopd.teacher.client`` for its requests), the tokenizer fingerprint that ``/health``
 reports, and what a valid ``/score`` body is: ``parse_request`` returns the validated sequences or raises an
-``ApiError`` with the HTTP status (400/413/422) and a one-line message naming the problem.
+``ApiError`` with the HTTP status (400/413/422) and a one-line message naming the problem, for a body of any
+shape (invalid or too deeply nested JSON: 400). It also bounds the memory of one request: the body's JSON
+structure is counted before it is parsed (no more arrays/objects/values than a request within the limits can
+hold), and the answer's size is estimated before any scoring (``response_bytes`` against ``max_response_mb``).
 
 What it does not know: HTTP, FastAPI or authentication, the model and its scoring (``vopd.teacher.server``), or the client's
 request splitting and retries (``vopd.teacher.client``).
@@ -16,10 +19,13 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from vopd.models import Tokenizer
 
 #: 2 added the optional request field ``"lse"``; a request without it is answered exactly as in version 1.
 PROTOCOL_VERSION = 2
@@ -28,6 +34,9 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_TOKENS = 65536
 DEFAULT_MAX_K = 1024
 DEFAULT_MAX_BODY_MB = 256.0
+DEFAULT_MAX_RESPONSE_MB = 128.0
+#: Bytes one returned float takes: base64 of float32 (4 x 4/3), or JSON text (a float's repr and ", ", at most).
+_BYTES_PER_VALUE = {"base64": 16 / 3, "json": 24.0}
 _ENCODINGS = ("json", "base64")
 _REQUEST_FIELDS = {"sequences", "k", "encoding", "lse"}
 _SEQUENCE_FIELDS = {"ids", "start", "topk_ids"}
@@ -57,7 +66,7 @@ def b64_decode(text: str, dtype: torch.dtype, count: int) -> Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=wire).astype(wire.newbyteorder("=")))
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     """sha256 of the token->id map and the special tokens: equal fingerprints mean the student may use this teacher
     (``vopd.teacher.local.compare_tokenizers`` is the in-process version of this check, with a better message)."""
     special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
@@ -81,6 +90,20 @@ class Limits:
     max_tokens: int = DEFAULT_MAX_TOKENS  # padded tokens per request: sequences x longest sequence
     max_k: int = DEFAULT_MAX_K            # ids per scored position
     max_body_mb: float = DEFAULT_MAX_BODY_MB
+    max_response_mb: float = DEFAULT_MAX_RESPONSE_MB  # the answer (its memory on the server: about 3x that)
+
+
+def response_bytes(positions: int, k: int, lse: bool, encoding: str) -> float:
+    """The most bytes the answer to ``positions`` scored positions takes: per position log q, k logits, lse."""
+    return positions * (1 + k + int(lse)) * _BYTES_PER_VALUE[encoding]
+
+
+def _structure_budget(limits: Limits) -> tuple[int, int]:
+    """(JSON arrays + objects, JSON values) that a request within ``limits`` can hold, at most: every sequence an
+    object with an ids array, one topk_ids row per scored position; ids, plus topk_ids sent as JSON numbers (no more
+    than the positions x k that the answer's limit allows), plus field separators."""
+    values = int(limits.max_response_mb * 2**20 / _BYTES_PER_VALUE["json"])
+    return 4 + 3 * limits.max_batch + limits.max_tokens, limits.max_tokens + values + 8 * limits.max_batch + 16
 
 
 @dataclass(frozen=True)
@@ -90,7 +113,7 @@ class ParsedSequence:
     topk_ids: Tensor | None  # (n-1-start, k) int64
 
 
-def _int_tensor(value: Any, where: str, dims: int) -> Tensor:
+def _int_tensor(value: object, where: str, dims: int) -> Tensor:
     try:
         t = torch.tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:  # ragged rows, strings, nested junk
@@ -111,10 +134,22 @@ def _check_range(t: Tensor, where: str, vocab: int) -> None:
 
 def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[ParsedSequence], int, str, bool]:
     """Validated (sequences, k, encoding, lse) of a ``/score`` body, or an ``ApiError`` naming the problem."""
+    # Parsed JSON takes up to ~60 bytes per array/object/number: count them first (bytes.count runs at memory speed).
+    max_containers, max_values = _structure_budget(limits)
+    containers, separators = body.count(b"[") + body.count(b"{"), body.count(b",")
+    if containers > max_containers and 2 * separators < containers:  # nesting, not width: no parser would take it
+        raise ApiError(400, f"request body is not valid JSON for this server: it is nested too deeply ({containers} "
+                            "arrays/objects, almost no separators)")
+    if containers > max_containers or separators > max_values:
+        raise ApiError(413, f"request body holds {containers} JSON arrays/objects and {separators} separators, more "
+                            f"than any request within this server's limits ({max_containers}, {max_values}); split the "
+                            "batch, or send topk_ids with encoding=base64")
     try:
         req = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON for this server: it is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        raise ApiError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(req, dict):
         raise ApiError(422, 'request body must be a JSON object {"sequences": [...], "k": K, "encoding": ...}')
     if unknown := sorted(set(req) - _REQUEST_FIELDS):
@@ -139,7 +174,8 @@ def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[ParsedS
         raise ApiError(413, f"{len(seqs)} sequences exceed this server's limit max_batch={limits.max_batch} per "
                             "request; split the batch")
     out: list[ParsedSequence] = []
-    longest = 0
+    longest = positions = 0
+    max_response = limits.max_response_mb * 2**20
     for i, s in enumerate(seqs):
         where = f"sequences[{i}]"
         if not isinstance(s, dict):
@@ -162,6 +198,13 @@ def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[ParsedS
             raise ApiError(422, f"{where}.start={start!r} is outside the sequence: it must be an integer in "
                                 f"[0, {n - 2}] (positions start..n-2 predict ids[start+1..n-1])")
         t = n - 1 - start
+        positions += t
+        if response_bytes(positions, k, want_lse, encoding) > max_response:
+            size = response_bytes(positions, k, want_lse, encoding) / 2**20
+            raise ApiError(413, f"the answer would take ~{size:.3g} MiB ({positions} scored positions x "
+                                f"{1 + k + int(want_lse)} values as {encoding}), over this server's limit "
+                                f"max_response_mb={limits.max_response_mb:g}; send fewer positions or a smaller k per "
+                                "request" + (", or use encoding=base64" if encoding == "json" else ""))
         topk = s.get("topk_ids")
         if k == 0 and topk is not None:
             raise ApiError(422, f"{where}.topk_ids given but k is 0; set k to the number of ids per position")

@@ -14,14 +14,18 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from vopd.config import load_config
+from vopd.config import TrainConfig, load_config
 from vopd.errors import UserError
 from vopd.world.build import World
 from vopd.loss.methods import METHODS
+
+if TYPE_CHECKING:
+    from vopd.models import Model, Tokenizer
+    from vopd.rollout import Rollout, Sampler
 
 PAPER_METHODS = ("opd", "vopd", "vopd-topk", "opd-full", "opd-topk")
 
@@ -38,7 +42,7 @@ def _run_name(method: str, lr: float, seed: int, top_k: int | None = None) -> st
 
 
 def _config(world: World, args: argparse.Namespace, method: str, lr: float, seed: int, top_k: int,
-            run_dir: Path) -> Any:
+            run_dir: Path) -> TrainConfig:
     """The one training budget every method gets (only method, lr, seed and k vary)."""
     return load_config(None, [
         f"model.student={world.student}", f"model.teacher={world.teacher}",
@@ -52,7 +56,7 @@ def _config(world: World, args: argparse.Namespace, method: str, lr: float, seed
     ])
 
 
-def _world_models(world: World) -> tuple[Any, Any, Any]:
+def _world_models(world: World) -> tuple[Tokenizer, Model, Model]:
     """(tokenizer, student, teacher) of the world, fp32 on the CPU, as the grid's runs start."""
     from vopd.models import load_model, load_tokenizer
 
@@ -62,7 +66,8 @@ def _world_models(world: World) -> tuple[Any, Any, Any]:
             load_model(str(world.teacher), role="teacher", dtype=torch.float32, device=cpu))
 
 
-def _sample(student: Any, tok: Any, data: Any, n: int, max_new_tokens: int, seed: int) -> tuple[Any, Any, Any]:
+def _sample(student: Model, tok: Tokenizer, data: str | Path, n: int, max_new_tokens: int,
+            seed: int) -> tuple[list[list[int]], Sampler, Rollout]:
     """(prompt ids, sampler, rollout): one temperature-1 completion from ``student`` for the first ``n`` problems."""
     from vopd.data import encode_prompt, format_prompt, load_problems
     from vopd.rollout import hf_sampler, pack

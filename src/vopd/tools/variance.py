@@ -18,13 +18,17 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
 
 from vopd.errors import UserError
 from vopd.loss.methods import METHODS, method_spec
+
+if TYPE_CHECKING:
+    from vopd.models import Model, Tokenizer
+    from vopd.teacher.local import InProcessTeacher
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def squared_bias(diff: Tensor, *, boot: int = 1000, level: float = 0.95, seed: i
     return _bootstrap(stat, r, boot, level, seed)
 
 
-def _bootstrap(stat: Any, r: int, boot: int, level: float, seed: int) -> Interval:
+def _bootstrap(stat: Callable[[Tensor], float], r: int, boot: int, level: float, seed: int) -> Interval:
     gen = torch.Generator().manual_seed(seed)
     point = stat(torch.arange(r))
     draws = torch.tensor([stat(torch.randint(0, r, (r,), generator=gen)) for _ in range(boot)])
@@ -91,8 +95,8 @@ def _flat_grad(params: list[Tensor]) -> Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in params])
 
 
-def collect_gradients(student: Any, teacher: Any, tok: Any, prompts: list[list[int]], *, methods: list[str],
-                      replicates: int, max_new_tokens: int, top_k: int, seed: int,
+def collect_gradients(student: Model, teacher: InProcessTeacher, tok: Tokenizer, prompts: list[list[int]], *,
+                      methods: list[str], replicates: int, max_new_tokens: int, top_k: int, seed: int,
                       memory_budget_mb: float = 256) -> dict[str, Tensor]:
     """(R, P) parameter gradients per method, every method on the same R rollout batches."""
     from vopd.loss.chunked import chunked_distillation_loss
@@ -112,11 +116,12 @@ def collect_gradients(student: Any, teacher: Any, tok: Any, prompts: list[list[i
         for method in methods:
             student.zero_grad(set_to_none=True)
             hidden = last_hidden(student, rollout.input_ids, rollout.attention_mask)[:, :-1]
-            weight, bias = output_layer(student, vocab)
-            out = chunked_distillation_loss(hidden, weight, scores.hidden, scores.weight, rollout.targets,
+            head = output_layer(student, vocab)
+            out = chunked_distillation_loss(hidden, head.weight, scores.hidden, scores.weight, rollout.targets,
                                             rollout.completion_mask, method=method_spec(method).name, top_k=top_k,
-                                            student_bias=bias, teacher_bias=scores.bias,
-                                            memory_budget_mb=memory_budget_mb)
+                                            student_bias=head.bias, teacher_bias=scores.bias,
+                                            memory_budget_mb=memory_budget_mb, student_transform=head.transform,
+                                            teacher_transform=scores.transform)
             out.loss.backward()
             grads[method].append(_flat_grad(params))
     student.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -34,6 +34,9 @@ from vopd.errors import UserError
 from vopd.world.sft import SFTConfig, greedy_accuracy, train_sft
 from vopd.world.task import TaskConfig, read_jsonl, write_splits
 from vopd.world.tiny_models import ModelShape, count_parameters, make_model, tokenizer_corpus, train_tokenizer
+
+if TYPE_CHECKING:
+    from vopd.models import Model, Tokenizer
 
 #: Bump when the layout or the build recipe changes, so old caches are not mistaken for new ones.
 FORMAT_VERSION = 1
@@ -177,7 +180,7 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vopd"
 
 
-def _save(model: Any, tokenizer: Any, path: Path) -> None:
+def _save(model: Model, tokenizer: Tokenizer, path: Path) -> None:
     """``save_pretrained`` model + tokenizer, without transformers' per-shard progress bar in the build log."""
     from transformers.utils import logging as hf_logging
 
@@ -192,7 +195,7 @@ def _save(model: Any, tokenizer: Any, path: Path) -> None:
 
 
 def _accuracy_reached(
-    model: Any, tokenizer: Any, val: list[dict[str, Any]], config: WorldConfig, log: Callable[[str], None]
+    model: Model, tokenizer: Tokenizer, val: list[dict[str, Any]], config: WorldConfig, log: Callable[[str], None]
 ) -> Callable[[int], bool]:
     """The student's stopping rule: validation accuracy >= the target (checked from ``student_check_from``); on
     stopping, the weights of this check or of the previous one, whichever accuracy is closer to the target."""

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT) of a causal LM on worked solutions, greedy evaluation, and the `vopd sft` command.
 
-What it knows: turning ``{"problem", "solution"}`` rows into token ids with exactly the encoders the sampler and the
-evaluator use (``vopd.data.encode_prompt`` / ``encode_completion``), a plain AdamW + cosine training loop with the
+What it knows: turning ``{"problem", "solution"}`` rows (or ``messages`` conversations) into token ids with exactly
+the rendering the sampler and the evaluator use (``vopd.prompts.encode_example``), a plain AdamW + cosine training loop with the
 loss on completion tokens only, and greedy accuracy with ``vopd.sampling.generate`` + ``vopd.grading.grade_answer``.
 What it does not know: how the tiny world is assembled or cached (``vopd.world.build``), distillation, or the estimators.
 """
@@ -14,12 +14,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from vopd.data import encode_completion, encode_prompt, format_prompt
+from vopd.prompts import encode_example, render_prompt
 from vopd.errors import UserError
+
+if TYPE_CHECKING:
+    from vopd.models import Model, Tokenizer
 
 IGNORE = -100  # label id ignored by the loss (prompt and padding positions)
 
@@ -52,15 +55,21 @@ class SFTResult:
         return len(self.losses)
 
 
-def encode_rows(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids + EOS) per row, encoded exactly as sampling and evaluation encode them."""
+def encode_rows(tokenizer: Tokenizer, rows: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids ending in a stop token) per row, rendered exactly as sampling and evaluation
+    render prompts (``vopd.prompts.encode_example``): a ``problem`` text and its ``solution``, or a ``messages``
+    conversation whose final assistant turn is the completion (its earlier turns are context, never trained)."""
     out = []
     for i, row in enumerate(rows):
+        messages = row.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str):
+            out.append(encode_example(tokenizer, messages[:-1], messages[-1]["content"], where=f"row {i}"))
+            continue
         if not isinstance(row.get("problem"), str) or not isinstance(row.get("solution"), str):
-            raise UserError(f"row {i}: needs string fields 'problem' and 'solution'; fix the data file")
-        out.append(
-            (encode_prompt(tokenizer, format_prompt(row["problem"])), encode_completion(tokenizer, row["solution"]))
-        )
+            raise UserError(f"row {i}: needs string fields 'problem' and 'solution', or a 'messages' conversation "
+                            "ending with the assistant turn to learn; fix the data file")
+        out.append(encode_example(tokenizer, row["problem"], row["solution"], where=f"row {i}"))
     return out
 
 
@@ -78,7 +87,7 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def completion_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def completion_loss(model: Model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over completion tokens (fp32 log-softmax)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # Position t predicts token t+1.
@@ -98,8 +107,8 @@ def _lr_factor(step: int, config: SFTConfig) -> float:
 
 
 def train_sft(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: Tokenizer,
     rows: Sequence[dict[str, Any]],
     config: SFTConfig = SFTConfig(),
     *,
@@ -168,8 +177,8 @@ def train_sft(
 
 
 def greedy_accuracy(
-    model: Any,
-    tokenizer: Any,
+    model: Model,
+    tokenizer: Tokenizer,
     rows: Sequence[dict[str, Any]],
     *,
     max_new_tokens: int = 96,
@@ -181,7 +190,7 @@ def greedy_accuracy(
 
     if not rows:
         return float("nan")
-    prompts = [encode_prompt(tokenizer, format_prompt(r["problem"])) for r in rows]
+    prompts = [render_prompt(tokenizer, r["problem"]) for r in rows]
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
     correct = sum(
         grade_answer(tokenizer.decode(ids, skip_special_tokens=True), str(r["answer"]))

@@ -9,12 +9,15 @@ and caching a whole world (``vopd.world.build``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
 from vopd.data import format_prompt
 from vopd.errors import UserError
+
+if TYPE_CHECKING:
+    from vopd.models import Model, Tokenizer
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 
@@ -35,17 +38,18 @@ class ModelShape:
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Any:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Tokenizer:
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``.
 
     Digits are split one per token before BPE (so no merge ever spans digits, and numbers are spelled digit by
     digit); every byte is in the base alphabet (any text encodes, and decode(encode(x)) == x). The post-processor
     prepends BOS, so ``vopd.data.encode_prompt`` yields BOS + prompt; PAD, BOS, EOS have ids 0, 1, 2.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as BPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
+    tok = BPETokenizer(models.BPE())
     # Merges may cross spaces (no word regex), which makes the fixed phrases of the task one token each and keeps
     # sequences short for CPU training. Arithmetic operators are isolated so that "+" in a problem and in a worked
     # solution is the same token: copying an operation is then a literal copy, which small models learn faster.
@@ -79,7 +83,7 @@ def tokenizer_corpus(rows: Iterable[dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def make_model(shape: ModelShape, tokenizer: Any, *, seed: int) -> Any:
+def make_model(shape: ModelShape, tokenizer: Tokenizer, *, seed: int) -> Model:
     """A freshly initialised ``Qwen3ForCausalLM`` of ``shape`` over ``tokenizer``'s vocabulary (fp32)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -109,5 +113,5 @@ def make_model(shape: ModelShape, tokenizer: Any, *, seed: int) -> Any:
     return model
 
 
-def count_parameters(model: Any) -> int:
+def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -28,13 +28,21 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ParamSpec, TypeVar
 
 from vopd.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+    from trl import DistillationConfig
+
     from vopd.config import RolloutConfig
+    from vopd.models import Model, Tokenizer
     from vopd.rollout import Sampler, SamplerFactory
+    from vopd.sampling import Samples
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class _StepClock:
@@ -47,7 +55,7 @@ class _StepClock:
         self.steps = warmup + (repeats + 1 if mode == "time" else 3)  # one more start closes the last measured step
         self.starts: list[float] = []
         self.gen_s: list[float] = []
-        self.prof: Any = None
+        self.prof: torch.profiler.profile | None = None
         self.out: dict[str, Any] = {}
 
     def mark(self) -> None:
@@ -68,12 +76,13 @@ class _StepClock:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
             self.prof.start()
         elif k == 2:
+            assert self.prof is not None  # started at k == 1
             self.prof.stop()
             self.out["tensor_peak_mb"] = _tensor_peak_mb(self.prof)
 
-    def timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
         """``fn`` (a step's generation call) with its duration recorded."""
-        def wrapper(*a: Any, **kw: Any) -> Any:
+        def wrapper(*a: _P.args, **kw: _P.kwargs) -> _R:
             t0 = time.perf_counter()
             out = fn(*a, **kw)
             self.gen_s.append(time.perf_counter() - t0)
@@ -96,7 +105,7 @@ def _vm(key: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
-def _tensor_peak_mb(prof: Any) -> float:
+def _tensor_peak_mb(prof: Any) -> float:  # a torch.profiler.profile: its private event fields are not in the stubs
     """Peak of the running sum of CPU allocation events (frees count negative): the most torch tensor memory live at
     once during the window above what was live when it opened. Allocated bytes, touched or not."""
     import torch
@@ -117,7 +126,7 @@ def prompt_texts(data: str, n: int) -> list[str]:
     return [format_prompt(r["problem"]) for r in rows]
 
 
-def _exactly(n: int, out: Any, completions: Callable[[Any], list[list[int]]]) -> Any:
+def _exactly(n: int, out: _R, completions: Callable[[_R], list[list[int]]]) -> _R:
     """``out`` once every completion in it is known to have ``n`` tokens: both sides must do the same work."""
     lengths = {len(c) for c in completions(out)}
     if lengths != {n}:
@@ -130,12 +139,12 @@ def _fixed_length_sampler(clock: _StepClock, length: int) -> SamplerFactory:
     each step."""
     from vopd.rollout import hf_engine
 
-    def factory(model: Any, tok: Any, rollout: RolloutConfig) -> Sampler:
+    def factory(model: Model, tok: Tokenizer, rollout: RolloutConfig) -> Sampler:
         # generate() reads these three ids; without an EOS id every completion runs to max_new_tokens
         view = SimpleNamespace(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=None)
         sample = clock.timed(hf_engine(model, view, rollout))
 
-        def step_start(prompts: list[list[int]]) -> Any:
+        def step_start(prompts: list[list[int]]) -> Samples:
             clock.mark()  # train() calls the sampler first thing in every step
             return _exactly(length, sample(prompts), lambda out: out.completions)
         return step_start
@@ -161,7 +170,7 @@ def _vopd_case(case: dict[str, Any], clock: _StepClock, tmp: Path) -> None:
           make_sampler=_fixed_length_sampler(clock, case["max_new_tokens"]))
 
 
-def trl_args(case: dict[str, Any], out: Path, steps: int) -> Any:
+def trl_args(case: dict[str, Any], out: Path, steps: int) -> DistillationConfig:
     from trl import DistillationConfig
 
     n = case["max_new_tokens"]
@@ -177,7 +186,7 @@ def trl_args(case: dict[str, Any], out: Path, steps: int) -> Any:
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, **no_checkpointing)
 
 
-def load_pair(case: dict[str, Any]) -> tuple[Any, Any, Any]:
+def load_pair(case: dict[str, Any]) -> tuple[Tokenizer, Model, Model]:
     import torch
 
     from vopd.models import load_model, load_tokenizer

@@ -42,10 +42,11 @@ def crosscheck(case: dict[str, Any]) -> dict[str, Any]:
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     scores = InProcessTeacher(teacher, vocab).score(r)
-    weight, bias = output_layer(student, vocab)
-    ours = chunked_distillation_loss(last_hidden(student, r.input_ids, r.attention_mask)[:, :-1], weight,
+    head = output_layer(student, vocab)
+    ours = chunked_distillation_loss(last_hidden(student, r.input_ids, r.attention_mask)[:, :-1], head.weight,
                                      scores.hidden, scores.weight, r.targets, r.completion_mask, method="opd-full",
-                                     student_bias=bias, teacher_bias=scores.bias).loss
+                                     student_bias=head.bias, teacher_bias=scores.bias,
+                                     student_transform=head.transform, teacher_transform=scores.transform).loss
 
     # TRL's layout: prompts left-padded, completions right-padded, completion_mask 1 up to and including EOS.
     p_w, c_w = max(r.prompt_lengths), max(r.completion_lengths)

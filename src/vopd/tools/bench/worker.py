@@ -21,9 +21,14 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from vopd.tools.bench.common import rss_mb
+
+if TYPE_CHECKING:  # torch is imported by each case, not by the module (the parent process imports only its tables)
+    import torch
+
+    from vopd.models import Model
 
 _QWEN3 = dict(head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=40960,
               rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
@@ -60,7 +65,7 @@ WORLD_VOCAB = 361
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _build(size: dict[str, Any], vocab: int, device: Any, dtype: Any, *, use_cache: bool) -> Any:
+def _build(size: dict[str, Any], vocab: int, device: torch.device, dtype: torch.dtype, *, use_cache: bool) -> Model:
     """A random-initialised Qwen3 model built directly on ``device`` (an 8B model never passes through CPU RAM)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -71,7 +76,7 @@ def _build(size: dict[str, Any], vocab: int, device: Any, dtype: Any, *, use_cac
         return Qwen3ForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
 
 
-def _memory(dev: Any) -> tuple[float, float]:
+def _memory(dev: torch.device) -> tuple[float, float]:
     """(peak, current) in MiB: CUDA allocator statistics, else process RSS (peak since the process started)."""
     import torch
 
@@ -80,7 +85,7 @@ def _memory(dev: Any) -> tuple[float, float]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mb()
 
 
-def _timed(fn: Any, dev: Any, warmup: int, repeats: int) -> tuple[list[float], float, float]:
+def _timed(fn: Callable[[], object], dev: torch.device, warmup: int, repeats: int) -> tuple[list[float], float, float]:
     """Warm-up calls, then ``repeats`` timed calls; returns (seconds each, peak MiB, resident MiB before)."""
     import torch
 
@@ -125,7 +130,7 @@ def _train_case(case: dict[str, Any]) -> dict[str, Any]:
     targets = ids[:, 1:]
     # Hidden state j predicts token j+1: the completion tokens p_len.. are predicted from positions p_len-1..
     mask = (torch.arange(p_len + c_len - 1, device=dev) >= p_len - 1).expand(b, -1)
-    wt, bt = output_layer(teacher, vocab)
+    t_head = output_layer(teacher, vocab)
 
     def step() -> None:
         for p in params:
@@ -133,9 +138,11 @@ def _train_case(case: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
             ht = last_hidden(teacher, ids, attention)[:, :-1]
         hs = last_hidden(student, ids, attention)[:, :-1]
-        ws, bs = output_layer(student, vocab)
-        out = chunked_distillation_loss(hs, ws, ht, wt, targets, mask, method=case["method"], top_k=case["top_k"],
-                                        student_bias=bs, teacher_bias=bt, memory_budget_mb=case["budget_mb"])
+        s_head = output_layer(student, vocab)
+        out = chunked_distillation_loss(hs, s_head.weight, ht, t_head.weight, targets, mask, method=case["method"],
+                                        top_k=case["top_k"], student_bias=s_head.bias, teacher_bias=t_head.bias,
+                                        memory_budget_mb=case["budget_mb"], student_transform=s_head.transform,
+                                        teacher_transform=t_head.transform)
         out.loss.backward()
         if opt is not None:
             opt.step()
