@@ -409,3 +409,20 @@ def test_a_history_without_a_checkpoint_does_not_start_over_unless_asked(tmp_pat
     # An empty history is no history: a run killed before its first logged step resumes from scratch.
     (out / "metrics.jsonl").write_text("")
     assert prepare_output_dir(out, CONFIG, resume=True, overwrite=False) is None
+
+
+def test_a_run_saved_before_an_upgrade_added_keys_still_resumes() -> None:
+    """A key the saved config lacks counts as its default: an upgrade that adds keys does not strand older runs,
+    but setting the new key to another value is still a difference."""
+    import copy
+
+    from vopd.config import TrainConfig, config_to_dict
+    from vopd.rundir import config_differences
+
+    now = config_to_dict(TrainConfig())
+    before = copy.deepcopy(now)
+    del before["rollout"]["engine"], before["vllm"]  # as written by a vopd without the vLLM engine
+    assert config_differences(before, now) == []
+    changed = copy.deepcopy(now)
+    changed["rollout"]["engine"] = "vllm"
+    assert config_differences(before, changed) == ["rollout.engine"]

@@ -28,6 +28,7 @@ import yaml
 
 from vopd.checkpoint import (CHECKPOINTS, checkpoint_problem, checkpoint_step, latest_valid_checkpoint,
                              list_checkpoints, verify_checkpoint)
+from vopd.config import TrainConfig, config_to_dict
 from vopd.errors import UserError
 from vopd.metrics import METRICS_FILE, read_metrics
 
@@ -57,11 +58,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE_KEYS
                        ) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, except keys under ``ignore``."""
+    """Dotted keys whose values differ between two config dicts, except keys under ``ignore``. A key the older
+    config lacks (one a later vopd added) counts as holding its default: runs saved before an upgrade that added
+    keys still resume, unless the new key is set to something else."""
     a, b = _flatten(old), _flatten(new)
+    defaults = _flatten(config_to_dict(TrainConfig()))
     keys = sorted(set(a) | set(b))
     return [k for k in keys
-            if a.get(k, "<unset>") != b.get(k, "<unset>") and not any(k == i or k.startswith(i + ".") for i in ignore)]
+            if a.get(k, defaults.get(k, "<unset>")) != b.get(k, "<unset>")
+            and not any(k == i or k.startswith(i + ".") for i in ignore)]
 
 
 def _refuse_differences(what: str, old: dict[str, Any], new: dict[str, Any], fix: str) -> None:
