@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vopd.errors import UserError
+from vopd.sampling import biasing_settings
 
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
@@ -29,13 +30,7 @@ if TYPE_CHECKING:
 
 def check_sampling(*, temperature: float, top_p: float, top_k: int, allow_biased: bool) -> list[str]:
     """Refuse sampling settings that bias every estimator unless explicitly allowed; returns warnings to log."""
-    problems = []
-    if temperature != 1.0:
-        problems.append(f"rollout.temperature={temperature}")
-    if top_p < 1.0:
-        problems.append(f"rollout.top_p={top_p}")
-    if top_k > 0:
-        problems.append(f"rollout.top_k={top_k}")
+    problems = biasing_settings(temperature=temperature, top_p=top_p, top_k=top_k)
     if problems and not allow_biased:
         raise UserError(
             f"{', '.join(problems)} makes the samples come from a different distribution than the student's, which "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.sampling import Cache, Samples, generate
+from vopd.sampling import Cache, Samples, biasing_settings, generate
 
 if TYPE_CHECKING:
     from vopd.config import RolloutConfig, TrainConfig
@@ -169,7 +169,7 @@ def check_sync(rollout: RolloutConfig, token_metrics: dict[str, float], weight_d
     5e-2 for half precision, where engine and trainer kernels round differently): the rollouts did not come from
     the weights being trained, e.g. a skipped or half-applied weight sync."""
     gap = token_metrics.get("logprob_diff_mean")
-    biased = rollout.temperature != 1.0 or rollout.top_p < 1.0 or rollout.top_k > 0
+    biased = biasing_settings(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k)
     if not rollout.check_sync or gap is None or biased:
         return  # biased sampling (allowed by override) draws from another distribution than the trainer's by design
     tol = rollout.sync_tolerance or (1e-3 if weight_dtype == torch.float32 else 5e-2)

@@ -26,6 +26,19 @@ Cache = Literal["dynamic", "static"]
 CACHES: tuple[str, ...] = get_args(Cache)
 
 
+
+def biasing_settings(*, temperature: float, top_p: float, top_k: int) -> list[str]:
+    """The ``rollout.*`` settings that make the samples come from another distribution than the student's (every
+    OPD estimator assumes temperature 1, no top-p, no top-k: docs/estimators.md, "Background"); empty when none."""
+    found = []
+    if temperature != 1.0:
+        found.append(f"rollout.temperature={temperature}")
+    if top_p < 1.0:
+        found.append(f"rollout.top_p={top_p}")
+    if top_k > 0:
+        found.append(f"rollout.top_k={top_k}")
+    return found
+
 @dataclass(frozen=True)
 class Samples:
     """Completions for a batch of prompts. Lists are per sequence, without padding.
