@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from vopd.config import TrainConfig
     from vopd.models import Model, Tokenizer
     from vopd.teacher.base import Teacher
+    from vopd.teacher.routing import Teachers
 
 def check_sampling(*, temperature: float, top_p: float, top_k: int, allow_biased: bool) -> list[str]:
     """Refuse sampling settings that bias every estimator unless explicitly allowed; returns warnings to log."""
@@ -111,22 +112,28 @@ def check_top_k(cfg: TrainConfig, vocab: int) -> None:
                         f"takes the top k of it): set loss.top_k <= {vocab}")
 
 
-def check_placement(cfg: TrainConfig, teacher: Teacher) -> None:
+def check_placement(cfg: TrainConfig, teacher: Teacher, name: str = "") -> None:
     """A teacher server sends per-token numbers only: the methods that need the full distribution are refused."""
     from vopd.loss.methods import method_spec
 
     if method_spec(cfg.loss.method).full_distribution and not teacher.full_distribution:
+        where = cfg.model.teachers.get(name, "") if name else cfg.model.teacher
         raise UserError(f"loss.method={cfg.loss.method} needs the teacher's full distribution at every position, "
-                        f"which a teacher server ({cfg.model.teacher}) does not send; use loss.method=vopd-topk "
+                        f"which a teacher server ({where}) does not send; use loss.method=vopd-topk "
                         "(the same unbiased gradient with a top-k baseline) or a local teacher directory")
 
 
-def preflight(student: Model, student_tok: Tokenizer, teacher: Teacher, cfg: TrainConfig) -> list[str]:
-    """All checks for a training config, for any teacher placement; returns human-readable lines of what passed.
-    The teacher checks its pairing with the student (``Teacher.pairing_checks``), then the student-side checks."""
-    check_placement(cfg, teacher)
-    return [*teacher.pairing_checks(student, student_tok), *chat_checks(student_tok, teacher.tokenizer, cfg),
-            *student_checks(student, student_tok, len(student_tok), cfg)]
+def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: TrainConfig) -> list[str]:
+    """All checks for a training config, for any teacher placement and any number of teachers; returns
+    human-readable lines of what passed. Each teacher checks its pairing with the student
+    (``Teacher.pairing_checks``: one token->id map for all) and its stop tokens and chat template, then the
+    student-side checks run once."""
+    lines = []
+    for name, teacher in teachers:
+        check_placement(cfg, teacher, name)
+        mine = [*teacher.pairing_checks(student, student_tok), *chat_checks(student_tok, teacher.tokenizer, cfg)]
+        lines += [f"teacher {name}: {line}" for line in mine] if name else mine
+    return [*lines, *student_checks(student, student_tok, len(student_tok), cfg)]
 
 
 def uses_chat_template(cfg: TrainConfig) -> bool:
@@ -192,34 +199,36 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     from vopd.config import load_config
     from vopd.models import load_student, resolve_device
-    from vopd.teacher.base import open_teacher
+    from vopd.teacher.routing import open_teachers
 
     cfg = load_config(args.config, args.overrides, require_paths=False)  # no training data needed to check models
-    for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher)):
+    for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher or
+                                                                ",".join(cfg.model.teachers))):
         if not value:
             raise UserError(f"config key {key} is required: set it to a local model directory ({key}=PATH)")
     device = resolve_device(cfg.model.device)
     tok, student = load_student(cfg.model, device)
-    teacher = open_teacher(cfg.model.teacher, vocab_size=len(tok), device=device, dtype=cfg.model.teacher_dtype,
-                           trust_remote_code=cfg.model.trust_remote_code, timeout_s=cfg.model.teacher_timeout_s,
-                           retries=cfg.model.teacher_retries, student=student, student_tok=tok, lora=cfg.lora.enabled)
-    teacher_tok = teacher.tokenizer
+    teachers = open_teachers(cfg, vocab_size=len(tok), device=device, student=student, student_tok=tok)
+    teacher_tok = None if teachers.single is None else teachers.single.tokenizer
     try:
-        for line in preflight(student, tok, teacher, cfg):
+        for line in preflight(student, tok, teachers, cfg):
             print(f"ok  {line}")
     finally:
-        teacher.close()
+        teachers.close()
     if cfg.data.train:  # the prompts that fit, as `vopd train` will load them (data.long_prompts=error refuses here)
         from vopd.data import load_prompt_pairs
         from vopd.prompts import chat_options, teacher_prompts
 
         notes: list[str] = []
         budget, limit_name = prompt_budget(cfg, student)
-        prompts, own = load_prompt_pairs(
+        found = load_prompt_pairs(
             cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=budget,
             long_prompts=cfg.data.long_prompts, log=notes.append, limit_name=limit_name,
             messages_field=cfg.data.messages_field, chat=chat_options(cfg.data),
-            teacher=teacher_prompts(cfg.data, tok, teacher_tok))
-        print(f"ok  data: {len(prompts)} prompts of {cfg.data.train} fit" + ("" if own is None else
-              " (the teacher reads each completion after its own prompt)") + "".join(f"; {n}" for n in notes))
+            teacher=teacher_prompts(cfg.data, tok, teacher_tok), route_field=cfg.data.teacher_field,
+            teacher_names=teachers.names)
+        routed = "" if found.routes is None else " (rows per teacher: " + ", ".join(
+            f"{n} {found.routes.count(n)}" for n in teachers.names) + ")"
+        print(f"ok  data: {len(found.student)} prompts of {cfg.data.train} fit" + ("" if found.teacher is None else
+              " (the teacher reads each completion after its own prompt)") + routed + "".join(f"; {n}" for n in notes))
     return 0

@@ -60,6 +60,12 @@ class ModelConfig:
     teacher_retries: int = _opt(
         3, "Remote teacher only: retries of a failed request (connection error, timeout, 5xx), with back-off."
     )
+    teachers: dict[str, str] = _opt(
+        {}, "Several teachers, routed per row: {name: local directory, server URL or self}; data.teacher_field names "
+        "each row's teacher. Instead of model.teacher (docs/teacher_server.md, \"Several teachers\").")
+    teacher_overlap: bool = _opt(
+        True, "Remote teachers: score the next micro-batch on a background thread while the student trains on this "
+        "one (the same step's rollouts: identical numbers, less waiting). In-process teachers always score inline.")
 
 
 @dataclass
@@ -103,6 +109,8 @@ class DataConfig:
     teacher_own_template: bool = _opt(
         False, "Render the teacher's prompts with the teacher tokenizer's own chat template (student and teacher "
         "templates may then differ); local teachers only.")
+    teacher_field: str = _opt(
+        "", "With model.teachers: the record field naming each row's teacher (a key of model.teachers).")
     max_prompt_tokens: int = _opt(1024, "Longest prompt, in tokens, that is used.")
     long_prompts: Literal["skip", "error"] = _opt("skip", "What to do with a prompt longer than max_prompt_tokens.")
     shuffle: bool = _opt(True, "Shuffle the training problems (with the run's seed).")
@@ -270,15 +278,43 @@ def _check(ok: bool, key: str, value: object, rule: str) -> None:
         raise UserError(f"config key {key}={value!r} is invalid: it must be {rule}")
 
 
+_TEACHER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _validate_teachers(c: TrainConfig) -> None:
+    """model.teacher or model.teachers (several, routed by data.teacher_field), never both."""
+    m, d = c.model, c.data
+    if not m.teachers:
+        if d.teacher_field:
+            raise UserError(f"config key data.teacher_field={d.teacher_field!r} routes rows to teachers, but "
+                            "model.teachers is empty: set model.teachers={name: PATH, ...} or data.teacher_field=''")
+        return
+    if m.teacher:
+        raise UserError(f"config keys model.teacher={m.teacher!r} and model.teachers are both set: keep one "
+                        "(model.teachers routes rows to several teachers by data.teacher_field)")
+    for name, where in m.teachers.items():
+        _check(bool(_TEACHER_NAME_RE.match(name)), "model.teachers", name,
+               "keyed by names of letters, digits, '_', '.' or '-' (they appear in metric names)")
+        _check(isinstance(where, str) and bool(where.strip()), f"model.teachers.{name}", where,
+               "a local model directory, a server URL or self")
+    if not d.teacher_field:
+        raise UserError("config key data.teacher_field is required with model.teachers: set it to the record field "
+                        f"that names each row's teacher (one of {sorted(m.teachers)})")
+    if d.teacher_own_template:
+        raise UserError("data.teacher_own_template=true is not supported with model.teachers (each teacher would "
+                        "render with its own template): render with the student's template (false)")
+
+
 def _validate(c: TrainConfig, require_paths: bool) -> None:
     if require_paths:
         for key, value, what in (
             ("model.student", c.model.student, "the student's local model directory"),
-            ("model.teacher", c.model.teacher, "the teacher's local model directory"),
+            ("model.teacher", c.model.teacher or ",".join(c.model.teachers), "the teacher's local model directory"),
             ("data.train", c.data.train, "the training problems file"),
         ):
             if not value.strip():
                 raise UserError(f"config key {key} is required: set it to {what} (e.g. {key}=PATH)")
+    _validate_teachers(c)
     _check(bool(_DEVICE_RE.match(c.model.device)), "model.device", c.model.device, "auto, cpu, cuda or cuda:N")
     _check(c.model.teacher_timeout_s > 0, "model.teacher_timeout_s", c.model.teacher_timeout_s, "> 0")
     _check(c.model.teacher_retries >= 0, "model.teacher_retries", c.model.teacher_retries, ">= 0")

@@ -16,7 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeAlias
+from typing import Any, Callable, Collection, Literal, TypeAlias
 
 import torch
 
@@ -367,23 +367,49 @@ class PromptStream:
 
 def load_prompts(path: str | Path, tokenizer: Tokenizer, **kwargs: Any) -> list[list[int]]:
     """The student's prompt ids of a training file: ``load_prompt_pairs`` without teacher prompts."""
-    return load_prompt_pairs(path, tokenizer, **kwargs)[0]
+    return load_prompt_pairs(path, tokenizer, **kwargs).student
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The kept rows of a training file: the student's prompt ids, the teacher's own prompt ids (None: the
+    student's), and the name of each row's teacher (None: one teacher), all in the same order."""
+
+    student: list[list[int]]
+    teacher: list[list[int]] | None = None
+    routes: list[str] | None = None
+
+
+def _route(row: dict[str, Any], field: str, names: Collection[str], where: str) -> str:
+    """The row's teacher: the value of ``field``, one of ``names``, or a one-line error."""
+    value = row.get(field)
+    if value is None or value == "":
+        raise UserError(f"{where}: no field {field!r} naming the row's teacher (data.teacher_field); set it to one of "
+                        f"{sorted(names)}")
+    if not isinstance(value, str) or value not in names:
+        raise UserError(f"{where}: {field}={value!r} names no teacher of model.teachers ({sorted(names)}); fix the "
+                        "row or add that teacher")
+    return value
 
 
 def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, template: str, max_tokens: int,
                       long_prompts: str, log: Callable[[str], None], limit_name: str = "",
                       messages_field: str = "messages", chat: ChatOptions = ChatOptions(),
-                      teacher: TeacherPrompts | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
-    """Prompt ids of a training file (config keys ``data.*``), and the teacher's own prompt ids per kept row when
+                      teacher: TeacherPrompts | None = None, route_field: str = "",
+                      teacher_names: Collection[str] = ()) -> PromptSet:
+    """Prompt ids of a training file (config keys ``data.*``), the teacher's own prompt ids per kept row when
     ``teacher`` is given, rendered by ``vopd.prompts.row_prompts`` (a row's conversation in ``messages_field`` or its
-    text in ``field``). Rows with a prompt longer than ``max_tokens`` are skipped (and counted) or refused, per
-    ``long_prompts`` ("skip" or "error"). ``limit_name`` says in messages what sets ``max_tokens`` (default:
-    ``data.max_prompt_tokens=N``)."""
+    text in ``field``), and with ``route_field`` each row's teacher, which must be one of ``teacher_names`` (checked
+    for every row before training starts). Rows with a prompt longer than ``max_tokens`` are skipped (and counted)
+    or refused, per ``long_prompts`` ("skip" or "error"). ``limit_name`` says in messages what sets ``max_tokens``
+    (default: ``data.max_prompt_tokens=N``)."""
     limit_name = limit_name or f"data.max_prompt_tokens={max_tokens}"
     rows = read_rows(path)
     kept: list[list[list[int]]] = []
+    routes: list[str] = []
     skipped, checked = 0, RenderChecks(log)
     for where, row in rows:
+        route = _route(row, route_field, teacher_names, f"{path} {where}") if route_field else ""
         ids = row_prompts(row, tokenizer, field=field, messages_field=messages_field, template=template, chat=chat,
                           teacher=teacher, where=f"{path} {where}", checks=checked)
         if max(map(len, ids)) > max_tokens:
@@ -393,8 +419,10 @@ def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, tem
             skipped += 1
             continue
         kept.append(ids)
+        routes.append(route)
     if skipped:
         log(f"skipped {skipped} of {len(rows)} prompts longer than {max_tokens} tokens")
     if not kept:
         raise UserError(f"no usable prompt in {path} (all {len(rows)} longer than {limit_name})")
-    return [k[0] for k in kept], (None if teacher is None else [k[1] for k in kept])
+    return PromptSet([k[0] for k in kept], None if teacher is None else [k[1] for k in kept],
+                     routes if route_field else None)

@@ -344,9 +344,11 @@ def cli_main(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- evaluation inside a training run
 
-def evaluate_student(student: Model, teacher: Teacher, tok: Tokenizer, cfg: TrainConfig, vocab: int) -> dict[str, float]:
+def evaluate_student(student: Model, teacher: Teacher | None, tok: Tokenizer, cfg: TrainConfig,
+                     vocab: int) -> dict[str, float]:
     """Accuracy on ``data.eval`` (Avg/Pass/Maj@n) and the exact held-out KL on fresh temperature-1 samples. The KL
-    needs the teacher's full distribution: with a teacher that sends per-token numbers ``eval_kl`` is left out."""
+    needs the teacher's full distribution and one teacher for every problem: with a teacher that sends per-token
+    numbers, or several teachers (``teacher`` None: held-out rows are not routed), ``eval_kl`` is left out."""
     problems = load_problems(cfg.data.eval, kind="math", problem_field=cfg.data.prompt_field,
                              answer_field=cfg.data.answer_field, limit=cfg.eval.limit or None)
     result = evaluate(student, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
@@ -354,7 +356,7 @@ def evaluate_student(student: Model, teacher: Teacher, tok: Tokenizer, cfg: Trai
                       greedy=cfg.eval.greedy, template=cfg.data.template, chat=chat_options(cfg.data))
     m = result.metrics
     out = {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n}
-    if teacher.full_distribution:
+    if teacher is not None and teacher.full_distribution:
         out["eval_kl"] = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab)
     return out
 

@@ -9,7 +9,7 @@ an inference engine later: anything returning ``vopd.sampling.Samples`` fits), m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from vopd.sampling import Cache, Samples, biasing_settings, generate
 if TYPE_CHECKING:
     from vopd.config import RolloutConfig, TrainConfig
     from vopd.models import Model, Tokenizer
+
+
+_Item = TypeVar("_Item")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Rollout:
     teacher_prompts:  per sequence, the teacher's own prompt ids when it reads the completion after a prompt of its
                       own (``vopd.teacher.reprompt``); None: the teacher reads the student's sequences. The student's
                       tensors above never depend on it.
+    routes:           per sequence, the name of the teacher that scores it (``model.teachers``); None: one teacher.
     """
 
     input_ids: Tensor
@@ -46,6 +50,7 @@ class Rollout:
     completion_lengths: list[int]
     truncated: list[bool]
     teacher_prompts: list[list[int]] | None = None
+    routes: list[str] | None = None
 
     @property
     def size(self) -> int:
@@ -68,12 +73,27 @@ class Rollout:
             completion_lengths=self.completion_lengths[start:stop],
             truncated=self.truncated[start:stop],
             teacher_prompts=None if self.teacher_prompts is None else self.teacher_prompts[start:stop],
+            routes=None if self.routes is None else self.routes[start:stop],
         )
+
+    def take(self, rows: list[int]) -> "Rollout":
+        """The sequences ``rows``, in that order, at this rollout's width (so that tensors computed on the whole
+        batch, e.g. the student's hidden states, can be indexed by the same rows)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+
+        def pick(items: list[_Item] | None) -> list[_Item] | None:
+            return None if items is None else [items[i] for i in rows]
+
+        return Rollout(self.input_ids.index_select(0, idx), self.attention_mask.index_select(0, idx),
+                       self.targets.index_select(0, idx), self.completion_mask.index_select(0, idx),
+                       self.sampler_logprobs.index_select(0, idx), [self.prompt_lengths[i] for i in rows],
+                       [self.completion_lengths[i] for i in rows], [self.truncated[i] for i in rows],
+                       pick(self.teacher_prompts), pick(self.routes))
 
     def to(self, device: torch.device) -> "Rollout":
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
                        self.completion_mask.to(device), self.sampler_logprobs.to(device), self.prompt_lengths,
-                       self.completion_lengths, self.truncated, self.teacher_prompts)
+                       self.completion_lengths, self.truncated, self.teacher_prompts, self.routes)
 
     def completions(self) -> list[list[int]]:
         """Each sequence's completion ids (the sampled tokens, the stop token included)."""
@@ -82,9 +102,12 @@ class Rollout:
 
 
 def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
-         teacher_prompts: list[list[int]] | None = None) -> Rollout:
+         teacher_prompts: list[list[int]] | None = None, routes: list[str] | None = None) -> Rollout:
     """Right-pad prompt + completion rows and align targets, masks and sampler log-probs. ``teacher_prompts``: the
-    teacher's own prompt per row (kept as ids; ``vopd.teacher.reprompt`` builds the teacher's sequences)."""
+    teacher's own prompt per row (kept as ids; ``vopd.teacher.reprompt`` builds the teacher's sequences);
+    ``routes``: the name of each row's teacher (``model.teachers``)."""
+    if routes is not None and len(routes) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(routes)} routes")
     if len(prompts) != len(samples.completions):
         raise ValueError(f"{len(prompts)} prompts but {len(samples.completions)} completions")
     if teacher_prompts is not None and len(teacher_prompts) != len(prompts):
@@ -114,6 +137,7 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
         completion_lengths=[len(c) for c in samples.completions],
         truncated=list(samples.truncated),
         teacher_prompts=None if teacher_prompts is None else [list(p) for p in teacher_prompts],
+        routes=None if routes is None else list(routes),
     )
 
 

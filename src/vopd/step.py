@@ -2,16 +2,20 @@
 
 What it knows: how a rank's rollouts are split into micro-batches (a one-micro-batch step runs as two when the
 variance probe is on), the order of work per micro-batch (teacher scores, the student's forward, the loss through
-``vopd.loss.chunked.fused_distillation_loss``, backward, gradients reduced over ranks on the last one), the global
-token mean (docs/estimators.md, "dapo" reduction) and the half-batch squared gradient norm that
-``vopd.metrics.gradient_noise`` turns into the variance proxy (docs/metrics.md). What it does not know: sampling, the
-optimizer step, logging or checkpoints (``vopd.train``), or which teacher placement it talks to (``Teacher``).
-"""
+``vopd.loss.chunked.fused_distillation_loss`` per teacher part of the micro-batch, backward, gradients reduced over
+ranks on the last one), overlapped scoring (``ScoreAhead``: a remote teacher scores micro-batch i+1 while the student
+works on i), the global token mean (docs/estimators.md, "dapo" reduction) over all teachers' rows, the per-teacher
+metrics, and the half-batch squared gradient norm that ``vopd.metrics.gradient_noise`` turns into the variance proxy
+(docs/metrics.md). What it does not know: sampling, the optimizer step, logging or checkpoints (``vopd.train``),
+which rows a teacher scores (``vopd.teacher.routing``) or which placement it talks to (``Teacher``)."""
 
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Mapping
 
 import torch
 
@@ -23,7 +27,9 @@ from vopd.loss.methods import method_spec
 from vopd.metrics import PhaseTimer, TokenStats
 from vopd.models import logit_transform
 from vopd.rollout import Rollout
+from vopd.loss.scores import TeacherScores
 from vopd.teacher.base import Teacher
+from vopd.teacher.routing import Teachers
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class StepGradient:
     half_probe: tuple[float, int] | None
 
 
-def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher, rollout: Rollout,
+def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teachers: Teachers, rollout: Rollout,
                          device: torch.device, timer: PhaseTimer) -> StepGradient:
     """Score, loss and backward over this rank's ``rollout`` in micro-batches; the gradients are left in the model
     (reduced over ranks), ready for the optimizer step."""
@@ -51,60 +57,146 @@ def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher
     half = len(micro) // 2 if cfg.grad_noise else 0
     # The token mean is over the whole global batch (docs/estimators.md, "dapo" reduction): every micro-batch and
     # rank divides by N_global / world_size, and DDP/FSDP2 average the gradients over ranks, so the update is
-    # (1/W) sum_r grad(sum_r / (N/W)) = grad(sum over all tokens) / N: the exact global token mean.
+    # (1/W) sum_r grad(sum_r / (N/W)) = grad(sum over all tokens) / N: the exact global token mean. Several
+    # teachers change who scores a token, never its weight: every part of a micro-batch divides by the same N.
     total_tokens = dist.all_reduce_sum(torch.tensor(float(rollout.num_tokens))).item()
     normalizer = max(total_tokens, 1.0) / dist.world_size()
 
     stats = TokenStats(ratio_cap=cfg.loss.ratio_cap)
+    by_teacher = {name: TokenStats(ratio_cap=cfg.loss.ratio_cap) for name in teachers.names} if teachers.routed else {}
     loss_sum = 0.0
     half_probe: tuple[float, int] | None = None
-    for i, mb in enumerate(micro):
-        with engine.sync(last=i == len(micro) - 1):
-            out = micro_batch_loss(cfg, engine, teacher, mb, normalizer, timer)
-            out.loss.backward()
-        loss_sum += float(out.loss.detach())
-        stats.add(out, mb.completion_mask, mb.sampler_logprobs)
-        if i + 1 == half:
-            half_probe = _half_batch_probe(engine, micro[:half], total_tokens, normalizer)
+    with ScoreAhead(cfg, teachers, micro) as ahead:
+        for i, mb in enumerate(micro):
+            with engine.sync(last=i == len(micro) - 1):
+                parts = micro_batch_loss(cfg, engine, teachers, mb, normalizer, timer, ahead=ahead.take(i))
+                loss = torch.stack([p.out.loss for p in parts]).sum()
+                loss.backward()
+            loss_sum += float(loss.detach())
+            for p in parts:
+                stats.add(p.out, p.rows.completion_mask, p.rows.sampler_logprobs)
+                if by_teacher:
+                    by_teacher[p.name].add(p.out, p.rows.completion_mask, p.rows.sampler_logprobs)
+            if i + 1 == half:
+                half_probe = _half_batch_probe(engine, micro[:half], total_tokens, normalizer)
     # Each rank's loss is its share of the global mean times W; any rank's NaN makes every rank skip.
-    loss = float(dist.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64))) / dist.world_size()
-    return StepGradient(stats.reduce(), loss, total_tokens, half_probe)
+    loss_total = float(dist.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64))) / dist.world_size()
+    metrics = stats.reduce()
+    for name, teacher_stats in by_teacher.items():  # every rank reduces every teacher, in the same order
+        metrics.update(teacher_metrics(name, teacher_stats.reduce(), metrics["tokens"]))
+    return StepGradient(metrics, loss_total, total_tokens, half_probe)
 
 
-def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teacher: Teacher, mb: Rollout, normalizer: float,
-                     timer: PhaseTimer) -> LossOutput:
-    """One micro-batch's loss, its graph ready for ``backward``. The teacher's time is charged to the teacher phase.
+def teacher_metrics(name: str, reduced: dict[str, float], total_tokens: float) -> dict[str, float]:
+    """One teacher's share of a step (docs/metrics.md, "Several teachers"): ``teacher/<name>/tokens_frac`` and its
+    tokens' KL estimate, reward and advantage statistics (and exact KL when the method has it)."""
+    keys = ("kl_estimate", "reward_mean", "reward_var", "advantage_mean", "advantage_var", "kl_mean")
+    out = {f"teacher/{name}/tokens_frac": reduced["tokens"] / total_tokens if total_tokens else 0.0}
+    if not reduced["tokens"]:  # no row of this teacher in the step: nothing to average
+        return out
+    out.update({f"teacher/{name}/{k}": reduced[k] for k in keys if k in reduced})
+    return out
 
-    A teacher with the full distribution scores first (only its last hidden states stay alive during the student's
-    forward); one that sends per-token numbers is asked about the student's top-k ids for the top-k methods, so it
-    scores after the student's forward."""
+
+@dataclass(frozen=True)
+class PartLoss:
+    """The loss of the rows of one micro-batch that one teacher scored (``rows``: those rows, at the micro-batch's
+    width)."""
+
+    name: str
+    rows: Rollout
+    out: LossOutput
+
+
+def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teachers: Teachers, mb: Rollout, normalizer: float,
+                     timer: PhaseTimer, *, ahead: Mapping[str, Future[TeacherScores]] | None = None) -> list[PartLoss]:
+    """One micro-batch's loss, one part per teacher that scores rows of it (one part with one teacher), each graph
+    ready for ``backward`` (their sum is the micro-batch's loss). The teacher's time is charged to the teacher phase.
+
+    A teacher that needs nothing from the student's forward (the full distribution, or ``opd``'s log q(y_t)) scores
+    first (only its last hidden states stay alive during the student's forward), or was already asked on the
+    background thread (``ahead``: a remote teacher, ``model.teacher_overlap``), in which case the answer is awaited
+    after the forward; one that sends per-token numbers is asked about the student's top-k ids for the top-k
+    methods, so it scores after the student's forward."""
     spec = method_spec(cfg.loss.method)
-    asks_ids = spec.topk and not teacher.full_distribution
-    scores = None
-    if not asks_ids:
-        with timer("teacher"):
-            scores = teacher.score(mb, lse=spec.teacher_lse)
+    ahead = ahead or {}
+    parts = teachers.parts(mb)
+    scores: dict[str, TeacherScores] = {}
+    for part in parts:
+        if part.name not in ahead and not asks_ids(cfg, part.teacher):
+            with timer("teacher"):
+                scores[part.name] = part.teacher.score(part.of(mb), lse=spec.teacher_lse)
     hidden, weight, bias = engine.forward(mb.input_ids, mb.attention_mask)
     hidden = hidden[:, :-1]
     transform = logit_transform(engine.model)  # softcapping / scaling (docs/estimators.md, "Output transforms")
-    if scores is None:
-        ids = student_topk_ids(hidden.detach(), weight.detach(), mb.completion_mask, cfg.loss.top_k,
-                               bias=None if bias is None else bias.detach(), transform=transform,
-                               memory_budget_mb=cfg.loss.chunk_memory_mb)  # the head's own chunks: the same ids
-        with timer("teacher"):
-            scores = teacher.score(mb, topk_ids=ids, lse=spec.teacher_lse)
     use_ratio = cfg.loss.ratio_cap > 0
-    out = fused_distillation_loss(
-        hidden, weight, mb.targets, mb.completion_mask, scores, method=cfg.loss.method, top_k=cfg.loss.top_k,
-        student_bias=bias, normalizer=normalizer, memory_budget_mb=cfg.loss.chunk_memory_mb,
-        sampler_logprobs=mb.sampler_logprobs if use_ratio else None, ratio_cap=cfg.loss.ratio_cap if use_ratio else None,
-        ratio_mode=cfg.loss.ratio_mode, student_transform=transform)
+    outs = []
+    for part in parts:
+        rows = part.of(mb)
+        h = hidden if part.rows is None else hidden.index_select(0, torch.tensor(part.rows, device=hidden.device))
+        if part.name in ahead:
+            with timer("teacher"):
+                scores[part.name] = ahead[part.name].result()
+        elif part.name not in scores:
+            ids = student_topk_ids(h.detach(), weight.detach(), rows.completion_mask, cfg.loss.top_k,
+                                   bias=None if bias is None else bias.detach(), transform=transform,
+                                   memory_budget_mb=cfg.loss.chunk_memory_mb)  # the head's own chunks: the same ids
+            with timer("teacher"):
+                scores[part.name] = part.teacher.score(rows, topk_ids=ids, lse=spec.teacher_lse)
+        out = fused_distillation_loss(
+            h, weight, rows.targets, rows.completion_mask, scores.pop(part.name), method=cfg.loss.method,
+            top_k=cfg.loss.top_k, student_bias=bias, normalizer=normalizer, memory_budget_mb=cfg.loss.chunk_memory_mb,
+            sampler_logprobs=rows.sampler_logprobs if use_ratio else None,
+            ratio_cap=cfg.loss.ratio_cap if use_ratio else None, ratio_mode=cfg.loss.ratio_mode,
+            student_transform=transform)
+        outs.append(PartLoss(part.name, rows, out))
     if mb.num_tokens == 0:
         # Without completion tokens the loss only touches the hidden states; DDP expects a gradient for every
         # parameter in every backward, so the output layer gets an explicit zero one.
         zero = weight.sum() * 0.0 + (0.0 if bias is None else bias.sum() * 0.0)
-        out = dataclasses.replace(out, loss=out.loss + zero)
-    return out
+        outs[0] = dataclasses.replace(outs[0], out=dataclasses.replace(outs[0].out, loss=outs[0].out.loss + zero))
+    return outs
+
+
+def asks_ids(cfg: TrainConfig, teacher: Teacher) -> bool:
+    """Whether ``teacher`` must be told the student's top-k ids (a top-k method with a teacher that sends per-token
+    numbers), and so can only score after the student's forward."""
+    return method_spec(cfg.loss.method).topk and not teacher.full_distribution
+
+
+class ScoreAhead:
+    """Overlapped scoring (``model.teacher_overlap``): the parts of micro-batch i+1 that a remote teacher can score
+    without the student (``asks_ids`` false) are sent on one background thread while the student works on micro-batch
+    i. Bounded: at most the current and the next micro-batch are in flight. The rollouts are this step's, so the
+    scores are the ones inline scoring would get (the estimators stay on-policy and exact): only the waiting moves.
+    A failure is raised where the answer is awaited; leaving the context cancels what was not started."""
+
+    def __init__(self, cfg: TrainConfig, teachers: Teachers, micro: list[Rollout]) -> None:
+        lse = method_spec(cfg.loss.method).teacher_lse
+        self.jobs: list[list[tuple[str, Callable[[], TeacherScores]]]] = []
+        for mb in micro:
+            parts = teachers.parts(mb) if cfg.model.teacher_overlap else []
+            self.jobs.append([(p.name, partial(p.teacher.score, p.of(mb), lse=lse)) for p in parts
+                              if p.elsewhere and not asks_ids(cfg, p.teacher)])
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vopd-teacher") if any(self.jobs) else None
+        self.sent: dict[int, dict[str, Future[TeacherScores]]] = {}
+
+    def _send(self, i: int) -> None:
+        if self.pool is not None and i < len(self.jobs) and i not in self.sent:
+            self.sent[i] = {name: self.pool.submit(job) for name, job in self.jobs[i]}
+
+    def take(self, i: int) -> dict[str, Future[TeacherScores]]:
+        """Micro-batch i's requests (sent now if they were not yet), after sending micro-batch i+1's."""
+        self._send(i)
+        self._send(i + 1)
+        return self.sent.pop(i, {})
+
+    def __enter__(self) -> "ScoreAhead":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _half_batch_probe(engine: dist.Engine, first: list[Rollout], total_tokens: float,

@@ -7,8 +7,8 @@ metrics, checkpoints), and which work is global under torchrun (the skip decisio
 evaluation, files). Whether a step is bad (and the aborts) is ``vopd.guard``'s call; the checks that can be made
 before step 1 are ``vopd.check``'s; the history's exactness across resumes is ``vopd.metrics``' and the rules for
 resuming (whose checkpoint, what newer work it would replace) ``vopd.rundir``'s. It leaves one step's gradient (micro-batches, teacher scores, the loss, backward, the variance
-probe) to ``vopd.step``, sampling to ``vopd.rollout``, the teacher to whatever ``vopd.teacher.base.open_teacher``
-returns (one ``Teacher`` protocol), evaluation to ``vopd.eval``, ranks and the DDP/FSDP2 wrapping to
+probe) to ``vopd.step``, sampling to ``vopd.rollout``, the teachers to ``vopd.teacher.routing.open_teachers`` (one
+``Teacher`` protocol, one teacher or several routed by a data field), evaluation to ``vopd.eval``, ranks and the DDP/FSDP2 wrapping to
 ``vopd.distributed`` (no-ops on one process) and files to ``vopd.checkpoint``, ``vopd.rundir`` (the output directory)
 and ``vopd.export`` (the merged final model). What it does not know: the loss math, or which teacher placement
 it talks to.
@@ -44,8 +44,9 @@ from vopd.rollout import SamplerFactory, check_sync, engine_factory, pack
 from vopd.guard import TrainingAborted  # re-exported: the error a run that stops on purpose raises
 from vopd.rundir import FINAL, FINAL_STATE, final_step, prepare_output_dir
 from vopd.step import accumulate_gradients
-from vopd.teacher.base import SELF, Teacher, open_teacher
+from vopd.teacher.base import SELF
 from vopd.teacher.reprompt import OwnPromptTeacher
+from vopd.teacher.routing import Teachers, open_teachers
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -149,20 +150,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, re
             cfg.distributed.strategy == "fsdp2":
         raise UserError("model.teacher=self with LoRA scores with the student's own sharded weights, which FSDP2 does "
                         "not allow outside its forward; use distributed.strategy=ddp, or lora.enabled=false")
-    teacher = open_teacher(cfg.model.teacher, vocab_size=vocab, device=device, dtype=cfg.model.teacher_dtype,
-                           trust_remote_code=cfg.model.trust_remote_code, timeout_s=cfg.model.teacher_timeout_s,
-                           retries=cfg.model.teacher_retries, student=student, student_tok=tok, lora=cfg.lora.enabled)
+    teachers = open_teachers(cfg, vocab_size=vocab, device=device, student=student, student_tok=tok)
     try:
-        for line in preflight(student, tok, teacher, cfg):  # the teacher's placement and method first
+        for line in preflight(student, tok, teachers, cfg):  # each teacher's placement and method first
             info(f"pre-flight ok: {line}")
-        return _run(cfg, student, tok, teacher, device, info, resume=resume, overwrite=overwrite,
+        return _run(cfg, student, tok, teachers, device, info, resume=resume, overwrite=overwrite,
                     resume_from=resume_from, stop_at=stop_at, make_sampler=make_sampler or engine_factory(cfg),
                     discard_newer=discard_newer)
     finally:
-        teacher.close()
+        teachers.close()
 
 
-def _run(cfg: TrainConfig, student: Model, tok: Tokenizer, teacher: Teacher, device: torch.device,
+def _run(cfg: TrainConfig, student: Model, tok: Tokenizer, teachers: Teachers, device: torch.device,
          info: Callable[[str], None], *, resume: bool, overwrite: bool, resume_from: str | None,
          stop_at: int | None, make_sampler: SamplerFactory, discard_newer: bool) -> TrainResult:
     """The run after the pre-flight: LoRA, data, the output directory, resume, then the loop."""
@@ -174,12 +173,15 @@ def _run(cfg: TrainConfig, student: Model, tok: Tokenizer, teacher: Teacher, dev
         enable_gradient_checkpointing(student)
     student.train()
     max_prompt, limit_name = prompt_budget(cfg, student)  # data.max_prompt_tokens, or less: the position limit
-    prompts, teacher_prompts = load_prompt_pairs(
+    single = teachers.single
+    found = load_prompt_pairs(
         cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=max_prompt,
         long_prompts=cfg.data.long_prompts, log=info, limit_name=limit_name, messages_field=cfg.data.messages_field,
-        chat=chat_options(cfg.data), teacher=teacher_prompt_options(cfg.data, tok, teacher.tokenizer))
+        chat=chat_options(cfg.data), route_field=cfg.data.teacher_field, teacher_names=teachers.names,
+        teacher=teacher_prompt_options(cfg.data, tok, None if single is None else single.tokenizer))
+    prompts, teacher_prompts, routes = found.student, found.teacher, found.routes
     if teacher_prompts is not None:  # the teacher reads each completion after its own prompt (docs/real_models.md)
-        teacher = OwnPromptTeacher(teacher, tok.pad_token_id)
+        teachers = teachers.map(lambda t: OwnPromptTeacher(t, tok.pad_token_id))
     per_rank = cfg.batch_size // dist.world_size()
     if per_rank * dist.world_size() != cfg.batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
@@ -233,11 +235,13 @@ def _run(cfg: TrainConfig, student: Model, tok: Tokenizer, teacher: Teacher, dev
                 batch_ids = stream.take(cfg.batch_size)[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
                 batch_prompts = [prompts[i] for i in batch_ids]
                 own = None if teacher_prompts is None else [teacher_prompts[i] for i in batch_ids]
-                rollout = pack(batch_prompts, sample(batch_prompts), tok.pad_token_id, teacher_prompts=own)
+                route = None if routes is None else [routes[i] for i in batch_ids]
+                rollout = pack(batch_prompts, sample(batch_prompts), tok.pad_token_id, teacher_prompts=own,
+                               routes=route)
 
             # 2-4. per micro-batch: teacher scores, student forward, advantages + loss, backward (vopd.step)
             with timer("student"):
-                grad = accumulate_gradients(cfg, engine, teacher, rollout, device, timer)
+                grad = accumulate_gradients(cfg, engine, teachers, rollout, device, timer)
             # the sampler must have drawn from these very weights: a stale or half-applied sync shows here
             check_sync(cfg.rollout, grad.token_metrics, next(engine.full.parameters()).dtype)
 
@@ -275,7 +279,8 @@ def _run(cfg: TrainConfig, student: Model, tok: Tokenizer, teacher: Teacher, dev
             # 7. evaluate (rank 0; the others wait)
             last = step + 1 == cfg.steps
             if cfg.data.eval and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
-                metrics.update(dist.on_main(lambda: evaluate_student(engine.full, teacher, tok, cfg, vocab)) or {})
+                metrics.update(dist.on_main(lambda: evaluate_student(engine.full, teachers.single, tok, cfg, vocab))
+                               or {})
             if writer is not None and ((step + 1) % cfg.log_every == 0 or last):
                 writer.write(step + 1, metrics)
             if bar is not None:

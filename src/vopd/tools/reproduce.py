@@ -184,13 +184,14 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
 
     from vopd import distributed as dist
     from vopd.metrics import PhaseTimer
-    from vopd.teacher.local import InProcessTeacher
     from vopd.step import micro_batch_loss
+    from vopd.teacher.local import InProcessTeacher
+    from vopd.teacher.routing import ONLY, Teachers
 
     cpu = torch.device("cpu")
     tok, student, teacher_model = _world_models(world)
     engine = dist.wrap(student, len(tok), "ddp", cpu)  # one process: no wrapping, whatever the strategy
-    teacher = InProcessTeacher(teacher_model, len(tok))
+    teachers = Teachers({ONLY: InProcessTeacher(teacher_model, len(tok))})
     optimizer = torch.optim.AdamW(engine.trainable(), lr=0.0)
     ids, sampler, batch = _sample(engine.full, tok, world.train_data, batch_size, world.config.eval_max_new_tokens,
                                   seed)
@@ -210,8 +211,8 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
                     sampler(ids)
             else:
                 with timer("student"):
-                    out = micro_batch_loss(cfgs[m], engine, teacher, batch, float(batch.num_tokens), timer)
-                    out.loss.backward()
+                    parts = micro_batch_loss(cfgs[m], engine, teachers, batch, float(batch.num_tokens), timer)
+                    parts[0].out.loss.backward()
                 with timer("optimizer"):
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
