@@ -192,3 +192,24 @@ def test_torchrun_command_line_fsdp2(micro_world, train_overrides, tmp_path):
     assert all(m["logprob_diff_max"] < 1e-4 for m in lines)
     ckpt.verify_checkpoint(ckpt.list_checkpoints(out)[-1])
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_teachers_routed_on_two_ranks_equal_one_process(strategy, dist_overrides, micro_world, tmp_path):
+    """Routing by a data field under DDP/FSDP2: ranks hold different mixes of the two teachers' rows (and so
+    different teacher parts per micro-batch), yet the update and the per-teacher metrics are one process's."""
+    from vopd.world.task import read_jsonl
+
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({**r, "domain": "arith" if i % 3 else "other"}) + "\n"
+                              for i, r in enumerate(read_jsonl(micro_world.train))))
+    base = [o for o in dist_overrides if not o.startswith(("model.teacher=", "data.train="))] + [
+        f"model.teachers={{arith: {micro_world.teacher}, other: {micro_world.student}}}", "data.teacher_field=domain",
+        f"data.train={routed}", "steps=2", f"distributed.strategy={strategy}"]
+    train(load_config(None, base + [f"output_dir={tmp_path / 'one'}"]), make_sampler=lambda *_: FixedSampler(),
+          log=_quiet)
+    _two_ranks(base + [f"output_dir={tmp_path / 'two'}"])
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
+        for key in ("teacher/arith/tokens_frac", "teacher/other/kl_estimate", "teacher/arith/advantage_var"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key

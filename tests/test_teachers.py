@@ -171,6 +171,7 @@ def test_overlapped_scoring_gives_bit_identical_updates(servers, train_overrides
         train(cfg, make_sampler=lambda *_: FixedSampler(), log=_quiet)
         runs[overlap] = _weights_and_metrics(tmp_path / overlap)
     (wa, ma), (wb, mb) = runs["true"], runs["false"]
+    assert all("teacher_hidden_s" in m for m in ma) and not any("teacher_hidden_s" in m for m in mb)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     for x, y in zip(ma, mb):

@@ -12,6 +12,7 @@ which rows a teacher scores (``vopd.teacher.routing``) or which placement it tal
 from __future__ import annotations
 
 import dataclasses
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -43,6 +44,7 @@ class StepGradient:
     loss: float
     total_tokens: float
     half_probe: tuple[float, int] | None
+    scored_ahead_s: float | None = None  # seconds of scoring done on the background thread (None: no overlap)
 
 
 def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teachers: Teachers, rollout: Rollout,
@@ -84,7 +86,7 @@ def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teachers: Teache
     metrics = stats.reduce()
     for name, teacher_stats in by_teacher.items():  # every rank reduces every teacher, in the same order
         metrics.update(teacher_metrics(name, teacher_stats.reduce(), metrics["tokens"]))
-    return StepGradient(metrics, loss_total, total_tokens, half_probe)
+    return StepGradient(metrics, loss_total, total_tokens, half_probe, ahead.busy_s if ahead.pool else None)
 
 
 def teacher_metrics(name: str, reduced: dict[str, float], total_tokens: float) -> dict[str, float]:
@@ -176,10 +178,18 @@ class ScoreAhead:
         self.jobs: list[list[tuple[str, Callable[[], TeacherScores]]]] = []
         for mb in micro:
             parts = teachers.parts(mb) if cfg.model.teacher_overlap else []
-            self.jobs.append([(p.name, partial(p.teacher.score, p.of(mb), lse=lse)) for p in parts
+            self.jobs.append([(p.name, partial(self._timed, p.teacher, p.of(mb), lse)) for p in parts
                               if p.elsewhere and not asks_ids(cfg, p.teacher)])
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="vopd-teacher") if any(self.jobs) else None
         self.sent: dict[int, dict[str, Future[TeacherScores]]] = {}
+        self.busy_s = 0.0  # scoring time on the background thread; the part not waited for was hidden
+
+    def _timed(self, teacher: Teacher, rollout: Rollout, lse: bool) -> TeacherScores:
+        t0 = time.perf_counter()
+        try:
+            return teacher.score(rollout, lse=lse)
+        finally:
+            self.busy_s += time.perf_counter() - t0  # one worker thread: no race
 
     def _send(self, i: int) -> None:
         if self.pool is not None and i < len(self.jobs) and i not in self.sent:

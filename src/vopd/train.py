@@ -269,6 +269,8 @@ def _run(cfg: TrainConfig, student: Model, tok: Tokenizer, teachers: Teachers, d
                        "skipped_steps": state.skipped_steps, "step_skipped": not verdict.ok,
                        **rollout_metrics(rollout), **timer.metrics(), "peak_memory_mb": peak_memory_mb(device)}
             metrics["tokens_per_s"] = grad.total_tokens / max(timer.total, 1e-9)
+            if grad.scored_ahead_s is not None:  # overlapped scoring: what the student did not wait for
+                metrics["teacher_hidden_s"] = max(0.0, grad.scored_ahead_s - timer.metrics().get("time_teacher", 0.0))
             if grad.half_probe is not None:
                 metrics.update(gradient_noise(*grad.half_probe, grad_norm**2, cfg.batch_size))
             if not verdict.ok:
