@@ -205,3 +205,13 @@ def test_a_server_killed_under_overlap_still_ends_the_run_loudly(servers, train_
     good = ckpt.latest_valid_checkpoint(cfg.output_dir)
     assert good is not None and good.name == "step-00000001"
     ckpt.verify_checkpoint(good)
+
+
+def test_the_overlap_benchmark_runs_both_modes_against_a_real_server(capsys):
+    from vopd.cli import main
+
+    assert main(["bench", "teacher-overlap", "--repeats", "1", "--batch", "4", "--completion-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "gradients bit-identical: yes" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| inline", "| overlap"))]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)

@@ -15,7 +15,7 @@ from vopd.tools.bench.training import add_bench_arguments
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     # One sub-parser per benchmark: training/generation reuse flag names (--tokens, --methods, --device, ...) with
     # other defaults, which a single flat parser cannot hold.
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation,trl}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation,trl,teacher-overlap}")
     add_bench_arguments(sub.add_parser("training", help="training-side step at real shapes (needs CUDA)"), "training")
     add_bench_arguments(sub.add_parser("generation", help="model.generate tokens/s, static vs dynamic KV cache"),
                         "generation")
@@ -24,9 +24,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_trl_arguments(sub.add_parser("trl", help="vopd's trainer side by side with TRL's DistillationTrainer "
                                      "(needs `pip install 'vopd[trl]'`)"))
     add_estimator_arguments(sub.add_parser("estimators", help="loss head alone: every method, dense vs chunked"))
+    from vopd.tools.bench.overlap import add_overlap_arguments
+
+    add_overlap_arguments(sub.add_parser("teacher-overlap", help="step gradient with a teacher server, scoring "
+                                         "overlapped with the student or inline"))
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.what == "teacher-overlap":
+        from vopd.tools.bench.overlap import run_overlap_bench
+
+        return run_overlap_bench(args)
     if args.what == "trl":
         from vopd.tools.bench.trl import run_trl_bench
 
