@@ -213,5 +213,6 @@ def test_the_overlap_benchmark_runs_both_modes_against_a_real_server(capsys):
     assert main(["bench", "teacher-overlap", "--repeats", "1", "--batch", "4", "--completion-len", "16"]) == 0
     out = capsys.readouterr().out
     assert "gradients bit-identical: yes" in out
-    rows = [line for line in out.splitlines() if line.startswith(("| inline", "| overlap"))]
-    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
+    rows = [line for line in out.splitlines() if line.startswith(("| in process", "| server"))]
+    assert len(rows) == 3 and all(float(r.split("|")[2]) > 0 for r in rows)
+    assert float(out.split("max gradient difference ")[1].split()[0]) < 1e-5

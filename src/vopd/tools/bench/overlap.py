@@ -2,7 +2,7 @@
 
 What it knows: serving a teacher with a real ``vopd serve-teacher`` process on loopback (a given model directory, or
 a tiny random pair built here), one fixed batch of rollouts, and timing ``vopd.step.accumulate_gradients`` with
-``model.teacher_overlap`` on and off, interleaved in a shuffled order over repeats (medians reported), checking that
+the teacher in this process and behind the server with ``model.teacher_overlap`` on and off, interleaved in a shuffled order over repeats (medians reported), checking that
 both give bit-identical gradients. Every number it prints is measured in this run. What it does not know: the loss
 math, sampling or the optimizer step (the step's gradient is where scoring and the student overlap).
 """
@@ -111,8 +111,12 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
                                                else [])]
             cfgs = {mode: load_config(None, [*overrides, f"model.teacher_overlap={mode == 'overlap'}"],
                                       require_paths=False) for mode in ("overlap", "inline")}
+            in_process = [o for o in overrides if not o.startswith("model.teacher_head=")]
+            cfgs["in-process"] = load_config(None, [*in_process, f"model.teacher={teacher_dir}"], require_paths=False)
             teachers = open_teachers(cfgs["inline"], vocab_size=len(tok), device=cpu, student=student,
                                      student_tok=tok)
+            local = open_teachers(cfgs["in-process"], vocab_size=len(tok), device=cpu, student=student,
+                                  student_tok=tok)
             gen = torch.Generator().manual_seed(0)
             vocab = len(tok)
             prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.batch)]
@@ -120,9 +124,9 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
             rollout = pack(prompts, Samples(comps, [[-1.0] * len(c) for c in comps], [False] * len(comps)),
                            tok.pad_token_id)
             engine = dist.wrap(student, vocab, "ddp", cpu)  # one process: the model itself
-            times: dict[str, list[tuple[float, float]]] = {"overlap": [], "inline": []}
+            times: dict[str, list[tuple[float, float]]] = {"overlap": [], "inline": [], "in-process": []}
             grads: dict[str, list[torch.Tensor]] = {}
-            order = ["overlap", "inline"]
+            order = list(times)
             rng = random.Random(0)
             for rep in range(args.repeats + 1):
                 rng.shuffle(order)
@@ -130,7 +134,8 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
                     timer = PhaseTimer(cpu)
                     t0 = time.perf_counter()
                     with timer("student"):
-                        accumulate_gradients(cfgs[mode], engine, teachers, rollout, cpu, timer)
+                        accumulate_gradients(cfgs[mode], engine, local if mode == "in-process" else teachers,
+                                             rollout, cpu, timer)
                     wall = time.perf_counter() - t0
                     if rep == 0:  # the warm-up round also gives the gradients compared below
                         grads[mode] = [p.grad.clone() for p in student.parameters() if p.grad is not None]
@@ -138,21 +143,24 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
                         times[mode].append((wall, timer.metrics().get("time_teacher", 0.0)))
                     student.zero_grad(set_to_none=True)
             teachers.close()
+            local.close()
         finally:
             proc.terminate()
             proc.wait(30)
     same = len(grads["overlap"]) == len(grads["inline"]) and all(
         torch.equal(a, b) for a, b in zip(grads["overlap"], grads["inline"]))
     med = {m: (statistics.median(w for w, _ in t), statistics.median(s for _, s in t)) for m, t in times.items()}
+    local_diff = max(float((a - b).abs().max()) for a, b in zip(grads["in-process"], grads["inline"]))
     tokens = rollout.num_tokens
     print(f"# vopd bench teacher-overlap: {args.method}, {args.batch} sequences x ({args.prompt_len} prompt + "
           f"{args.completion_len} completion) tokens, micro-batches of {args.micro}, teacher server on loopback "
           f"({args.server_threads} thread(s)), trainer {args.threads} thread(s); medians of {args.repeats} repeats")
-    print("| scoring | step gradient s | of which waiting for the teacher s | tokens/s |")
+    print("| teacher | step gradient s | of which teacher s | tokens/s |")
     print("|---|---|---|---|")
-    for mode in ("inline", "overlap"):
+    names = {"in-process": "in process", "inline": "server, scoring inline", "overlap": "server, scoring overlapped"}
+    for mode, name in names.items():
         wall, wait = med[mode]
-        print(f"| {mode} | {wall:.3f} | {wait:.3f} | {tokens / wall:.0f} |")
+        print(f"| {name} | {wall:.3f} | {wait:.3f} | {tokens / wall:.0f} |")
     print(f"speedup (inline / overlap): {med['inline'][0] / med['overlap'][0]:.2f}x; gradients bit-identical: "
-          f"{'yes' if same else 'NO'}")
+          f"{'yes' if same else 'NO'}; in process vs server: max gradient difference {local_diff:.1e}")
     return 0 if same else 1
