@@ -216,3 +216,16 @@ def test_the_overlap_benchmark_runs_both_modes_against_a_real_server(capsys):
     rows = [line for line in out.splitlines() if line.startswith(("| in process", "| server"))]
     assert len(rows) == 3 and all(float(r.split("|")[2]) > 0 for r in rows)
     assert float(out.split("max gradient difference ")[1].split()[0]) < 1e-5
+
+
+def test_vopd_check_runs_the_pre_flight_of_every_teacher_and_counts_rows(micro_world, routed_file, capsys):
+    from vopd.cli import main
+
+    assert main(["check", f"model.student={micro_world.student}", f"data.train={routed_file}",
+                 f"model.teachers={{arith: {micro_world.teacher}, other: {micro_world.student}}}",
+                 "data.teacher_field=domain", "rollout.max_new_tokens=12"]) == 0
+    out = capsys.readouterr().out
+    assert "ok  teacher arith: tokenizers identical" in out and "ok  teacher other: tokenizers identical" in out
+    rows = len(routed_file.read_text().splitlines())
+    arith = sum(1 for i in range(rows) if i % 3)
+    assert f"(rows per teacher: arith {arith}, other {rows - arith})" in out
