@@ -119,7 +119,8 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def launch_teacher_servers(micro_world, tmp_path_factory):
     """A function that serves the micro world's teacher with real ``vopd serve-teacher`` processes (CPU, one
-    thread, free loopback ports). Call it with ``{name: (extra CLI arguments, bearer token or None)}``: the servers
+    thread, free loopback ports). Call it with ``{name: (extra CLI arguments, bearer token or None)}`` (or a third
+    element: the model directory to serve instead of the micro world's teacher): the servers
     start together (their start-ups overlap), and it returns ``{name: (process, url)}`` once every one answers
     ``/health``. They are stopped when the test module ends (a test may kill one first)."""
     logs = tmp_path_factory.mktemp("teacher_servers")
@@ -127,14 +128,14 @@ def launch_teacher_servers(micro_world, tmp_path_factory):
 
     def launch(specs: dict[str, tuple[list[str], str | None]]) -> dict[str, tuple[subprocess.Popen, str]]:
         out = {}
-        for name, (extra, token) in specs.items():
+        for name, (extra, token, *model) in specs.items():
             port = _free_port()
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
             env.pop("VOPD_TEACHER_TOKEN", None)
             if token:
                 env["VOPD_TEACHER_TOKEN"] = token
             with (logs / f"{name}.log").open("w") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "vopd", "serve-teacher", str(micro_world.teacher),
+                proc = subprocess.Popen([sys.executable, "-m", "vopd", "serve-teacher", str(model[0] if model else micro_world.teacher),
                                          "--port", str(port), "--device", "cpu", *extra],
                                         env=env, stdout=log, stderr=subprocess.STDOUT)
             started.append(proc)

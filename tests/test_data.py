@@ -58,7 +58,7 @@ def test_json_list_and_data_object(tmp_path: Path) -> None:
 
 
 def test_parquet(tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow", reason="pyarrow is the optional 'parquet' extra")
+    pa = pytest.importorskip("pyarrow", reason="pyarrow comes with datasets, a dependency")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"problem": ["a", "b"], "answer": ["1", "2"]}), tmp_path / "t.parquet")
@@ -141,7 +141,7 @@ def test_file_errors(tmp_path: Path) -> None:
 
 
 def test_corrupt_parquet_is_a_user_error(tmp_path: Path) -> None:
-    pytest.importorskip("pyarrow", reason="pyarrow is the optional 'parquet' extra")
+    pytest.importorskip("pyarrow", reason="pyarrow comes with datasets, a dependency")
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     expect_one_line_error(r"bad\.parquet: not a readable parquet file", tmp_path / "bad.parquet")
 
@@ -154,7 +154,7 @@ def test_read_rows_locations(tmp_path: Path) -> None:
 def test_datasets_save_to_disk_directories(tmp_path: Path) -> None:
     """A ``datasets`` ``save_to_disk`` directory (or a one-split DatasetDict) reads like a file: benchmark problems,
     training prompts (texts and conversations), the same one-line errors."""
-    datasets = pytest.importorskip("datasets", reason="datasets is the optional 'datasets' extra")
+    datasets = pytest.importorskip("datasets", reason="datasets is a dependency")
     from vopd.data import load_prompts
 
     rows = [{"problem": "2+2?", "answer": "4", "messages": None},
@@ -188,3 +188,127 @@ def test_datasets_save_to_disk_directories(tmp_path: Path) -> None:
     expect_one_line_error("is a directory but not a datasets save_to_disk directory", tmp_path / "plain")
     datasets.Dataset.from_list([{"question": "q"}]).save_to_disk(tmp_path / "nofield")
     expect_one_line_error(r"nofield: row 1: missing field for the answer .*this row has .question.", tmp_path / "nofield")
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def test_csv_cells_stay_text_as_written(tmp_path: Path) -> None:
+    """csv goes through ``datasets`` with every column as a string: no number inference ("007" is not 7, "1.0" is
+    not 1), no missing-value guessing ("NA", "None", "nan" and "" stay text), quoted newlines kept, a byte-order
+    mark is not part of the first column's name, blank lines are not rows."""
+    f = write_csv(tmp_path / "t.csv", '\ufeffproblem,answer,note\n"two\nlines",007,NA\n\nb,,None\nc,1.0,nan\n')
+    assert read_rows(f) == [("row 1", {"problem": "two\nlines", "answer": "007", "note": "NA"}),
+                            ("row 2", {"problem": "b", "answer": "", "note": "None"}),
+                            ("row 3", {"problem": "c", "answer": "1.0", "note": "nan"})]
+    assert [p.answer for p in load_problems(f, limit=1)] == ["007"]
+
+
+def test_csv_errors_are_one_line(tmp_path: Path) -> None:
+    for name, text in (("zero.csv", ""), ("blank.csv", "\n\n"), ("header.csv", "problem,answer\n")):
+        expect_one_line_error("the file has no rows", write_csv(tmp_path / name, text))
+    message = expect_one_line_error(r"long\.csv: not a readable csv file \(.*", write_csv(
+        tmp_path / "long.csv", "problem,answer\na,1\nb,2,3\n"))
+    assert "line 3" in message  # pandas names the file line
+    # A first row longer than the header would otherwise shift into an index column or lose its extra cell.
+    expect_one_line_error(r"first\.csv: not a readable csv file", write_csv(tmp_path / "first.csv", "a,b\n1,2,3\n"))
+    expect_one_line_error(r"dup\.csv: the header names the column 'a' more than once",
+                          write_csv(tmp_path / "dup.csv", "a,b,a\n1,2,3\n"))
+    (tmp_path / "latin.csv").write_bytes("problem,answer\nd\xe9j\xe0,1\n".encode("latin-1"))
+    expect_one_line_error(r"latin\.csv: not UTF-8 text", tmp_path / "latin.csv")
+    (tmp_path / "latin_header.csv").write_bytes("probl\xe8me,answer\na,1\n".encode("latin-1"))
+    expect_one_line_error(r"latin_header\.csv: not UTF-8 text", tmp_path / "latin_header.csv")
+
+
+def test_parquet_through_datasets(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"problem": ["a", None], "answer": [7, 8], "choices": [["x", "y"], None]}),
+                   tmp_path / "t.parquet")
+    assert read_rows(tmp_path / "t.parquet") == [("row 1", {"problem": "a", "answer": 7, "choices": ["x", "y"]}),
+                                                 ("row 2", {"problem": None, "answer": 8, "choices": None})]
+    pq.write_table(pa.table({"problem": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    expect_one_line_error(r"empty\.parquet: the file has no rows", tmp_path / "empty.parquet")
+
+
+def test_edited_file_is_read_afresh(tmp_path: Path) -> None:
+    """No cache between reads: rewriting a file (same name, same size, at once) changes what is read."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f = write_csv(tmp_path / "t.csv", "problem,answer\na,1\n")
+    assert read_rows(f) == [("row 1", {"problem": "a", "answer": "1"})]
+    write_csv(f, "problem,answer\nb,2\n")
+    assert read_rows(f) == [("row 1", {"problem": "b", "answer": "2"})]
+    write_csv(f, "problem,answer,solution\nb,2,s\nc,3,t\n")
+    assert [row for _, row in read_rows(f)] == [{"problem": "b", "answer": "2", "solution": "s"},
+                                                {"problem": "c", "answer": "3", "solution": "t"}]
+    g = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"answer": ["1"]}), g)
+    assert read_rows(g) == [("row 1", {"answer": "1"})]
+    pq.write_table(pa.table({"answer": ["2"]}), g)
+    assert read_rows(g) == [("row 1", {"answer": "2"})]
+
+
+def test_datasets_reads_offline_quietly_and_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capfd: pytest.CaptureFixture[str]) -> None:
+    """csv/parquet reads make no network connection, print no progress bar or log line (a failure is the one-line
+    UserError only), leave nothing in the temporary directory or in ``datasets``' own cache, and restore
+    ``datasets``' progress-bar setting."""
+    datasets = pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import socket
+
+    import pyarrow.parquet as pq
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    hf_cache = Path(datasets.config.HF_DATASETS_CACHE)
+    before = sorted(hf_cache.glob("*/*")) if hf_cache.exists() else None
+    bars_off = datasets.utils.are_progress_bars_disabled()
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"problem": ["a"], "answer": ["1"]}), data / "t.parquet")
+    write_csv(data / "t.csv", "problem,answer\na,1\n")
+    capfd.readouterr()
+    assert read_rows(data / "t.parquet") == read_rows(data / "t.csv") == [("row 1", {"problem": "a", "answer": "1"})]
+    expect_one_line_error("not a readable csv file", write_csv(data / "bad.csv", "a\n1\n2,3\n"))
+    out, err = capfd.readouterr()
+    assert out == err == ""
+    assert list(scratch.iterdir()) == []
+    assert (sorted(hf_cache.glob("*/*")) if hf_cache.exists() else None) == before
+    assert datasets.utils.are_progress_bars_disabled() == bars_off
+
+
+def test_jsonl_and_json_values_stay_as_written(tmp_path: Path) -> None:
+    """json files are read with the json module, not ``datasets``' json loader, which turns date-like strings into
+    timestamps, a column mixing "4" and 4 into numbers, and a ``null`` or ``[1, 2]`` line into rows."""
+    rows = [{"answer": "4", "note": "2024-01-01"}, {"answer": 4, "id": 12345678901234567890123}, {"answer": [1]}]
+    f = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    assert read_rows(f) == [(f"line {i}", row) for i, row in enumerate(rows, 1)]
+    (tmp_path / "mixed.json").write_text(json.dumps({"data": rows}))
+    assert read_rows(tmp_path / "mixed.json") == [(f"row {i}", row) for i, row in enumerate(rows, 1)]
+    (tmp_path / "null.jsonl").write_text('{"a": 1}\n\nnull\n')
+    expect_one_line_error(r"null\.jsonl: line 3: expected a JSON object, got NoneType", tmp_path / "null.jsonl")
+    (tmp_path / "list.json").write_text('[{"a": 1}, [1, 2]]')
+    expect_one_line_error(r"list\.json: row 2: expected a JSON object, got list", tmp_path / "list.json")
+
+
+def test_importing_vopd_data_does_not_import_datasets() -> None:
+    """``datasets`` takes seconds to import: it is imported by the reader that needs it, not with the module."""
+    import subprocess
+    import sys
+
+    code = "import sys, vopd.data; print(sorted({'datasets', 'pandas'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

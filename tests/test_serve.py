@@ -75,7 +75,7 @@ def student_side(models, rollout):
 
 def test_health_reports_model_vocab_tokenizer_and_limits(server, models, micro_world):
     info = RemoteTeacher(server, token=TOKEN).health()
-    assert info["vocab_size"] == len(models[0]) and info["protocol"] == 2
+    assert info["vocab_size"] == len(models[0]) and info["protocol"] == 3
     assert info["tokenizer_sha256"] == tokenizer_fingerprint(load_tokenizer(str(micro_world.student)))
     assert info["limits"] == {"max_batch": 4, "max_tokens": 400, "max_k": 16, "max_body_mb": 0.05,
                               "max_response_mb": 0.01}

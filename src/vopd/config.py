@@ -48,9 +48,20 @@ class ModelConfig:
     student: str = _opt("", "Required. Local Hugging Face directory of the student (the model that is trained).")
     teacher: str = _opt(
         "", "Required. Local Hugging Face directory of the frozen teacher; same tokenizer as the student. Or the URL of "
-        "a `vopd serve-teacher` server (http://host:port; methods opd, vopd-topk, opd-topk, rb-topk). Or `self`: the "
-        "student's initial weights (with LoRA: the base model with its adapters disabled; else a frozen copy)."
+        "a `vopd serve-teacher` server (http://host:port; methods opd, vopd-topk, opd-topk, rb-topk, or every method "
+        "with model.teacher_head). Or `self`: the student's initial weights (with LoRA: the base model with its adapters "
+        "disabled; else a frozen copy)."
     )
+    teacher_head: str = _opt(
+        "", "Teacher server only: local directory of the checkpoint the server serves (config.json + safetensors). Only "
+        "its output layer is loaded here; the server sends hidden states, and every method is exact remotely "
+        "(docs/teacher_server.md, \"Protocol 3\").")
+    teacher_heads: dict[str, str] = _opt(
+        {}, "model.teacher_head for several teachers: {name: checkpoint directory} for the server teachers of "
+        "model.teachers that should send hidden states.")
+    teacher_hidden_dtype: str = _opt(
+        "auto", "Hidden states from a teacher server: auto (bfloat16 when the server's weights are half precision, "
+        "else float32), float32 or bfloat16 (half the bytes).")
     dtype: Dtype = _opt("auto", "Student weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     teacher_dtype: Dtype = _opt("auto", "Teacher weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N; auto = cuda if available, else cpu.")
@@ -281,9 +292,31 @@ def _check(ok: bool, key: str, value: object, rule: str) -> None:
 _TEACHER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+def _validate_heads(m: ModelConfig) -> None:
+    """model.teacher_head(s) name the checkpoints of teacher servers (their output layers project hidden states)."""
+    _check(m.teacher_hidden_dtype in ("auto", "float32", "bfloat16"), "model.teacher_hidden_dtype",
+           m.teacher_hidden_dtype, "auto, float32 or bfloat16")
+    remote = ("http://", "https://")
+    if m.teacher_head:
+        if m.teachers:
+            raise UserError("config key model.teacher_head is for model.teacher; with model.teachers set "
+                            "model.teacher_heads={name: DIR} for each server teacher")
+        if not m.teacher.startswith(remote):
+            raise UserError(f"config key model.teacher_head is for a teacher server, but model.teacher={m.teacher!r} "
+                            "is loaded here whole (every method works already): remove model.teacher_head")
+    for name in m.teacher_heads:
+        if name not in m.teachers:
+            raise UserError(f"model.teacher_heads names {name!r}, which is not a teacher of model.teachers "
+                            f"({sorted(m.teachers)}); fix the name")
+        if not m.teachers[name].startswith(remote):
+            raise UserError(f"model.teacher_heads.{name} is for a teacher server, but model.teachers.{name}="
+                            f"{m.teachers[name]!r} is loaded here whole: remove it from model.teacher_heads")
+
+
 def _validate_teachers(c: TrainConfig) -> None:
     """model.teacher or model.teachers (several, routed by data.teacher_field), never both."""
     m, d = c.model, c.data
+    _validate_heads(m)
     if not m.teachers:
         if d.teacher_field:
             raise UserError(f"config key data.teacher_field={d.teacher_field!r} routes rows to teachers, but "

@@ -3,16 +3,13 @@
 What it knows: how the rows of a training file become prompt ids through the one rendering of ``vopd.prompts``
 (a text field, or a conversation field rendered with the chat template), so that SFT, the trainer and the evaluator
 see byte-identical prompts; how to read benchmark problems (MATH-500, AIME, AMC, Minerva, GPQA, the tiny task) from
-local jsonl / json / csv / parquet files or ``datasets`` ``save_to_disk`` directories into ``Problem`` rows, with
-field names defaulted per kind and overridable. What it does not know: models, grading rules, the task generator,
-and anything remote: it never downloads a dataset.
+local files into ``Problem`` rows, with field names defaulted per kind and overridable. What it does not know: how
+a file becomes rows (``vopd.records``: local only, never a download), models, grading rules, the task generator.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,8 @@ from typing import Any, Callable, Collection, Literal, TypeAlias
 import torch
 
 from vopd.errors import UserError
+from vopd.records import one_line as _one_line
+from vopd.records import read_rows  # noqa: F401 - re-exported: vopd.data.read_rows is the callers' name
 # Prompt rendering lives in vopd.prompts (this module reads the files it renders); the basics are re-exported here
 # for existing callers.
 from vopd.prompts import (PROMPT_TEMPLATE, ChatOptions, RenderChecks, TeacherPrompts,  # noqa: F401
@@ -73,127 +72,6 @@ class Problem:
     kind: Literal["math", "mcq"]
     source: str
     choices: tuple[str, ...] = ()
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """The rows of a local .jsonl/.ndjson, .json (a list, or an object holding one list such as ``{"data": [...]}``),
-    .csv or .parquet file, or of a Hugging Face ``datasets`` ``save_to_disk`` directory, each with its location
-    (``line 3`` for jsonl, ``row 3`` otherwise, 1-based).
-
-    Raises ``UserError`` (one line, naming the file and the line) for a missing, empty, unreadable or malformed file.
-    The text formats keep their own readers: they name the malformed line, and read every value as written (csv
-    cells stay text: an answer "007" is not the number 7), which ``datasets``' type inference would not.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such file")
-    if p.is_dir():
-        rows = _read_saved_dataset(p)
-        if not rows:
-            raise UserError(f"{p}: the dataset has no rows")
-        return rows
-    readers = {
-        ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet
-    }
-    reader = readers.get(p.suffix.lower())
-    if reader is None:
-        raise UserError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl, .json, .csv or .parquet")
-    try:
-        rows = reader(p)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{p}: not UTF-8 text ({_one_line(exc)})") from None
-    if not rows:
-        raise UserError(f"{p}: the file has no rows")
-    return rows
-
-
-def _read_saved_dataset(p: Path) -> list[tuple[str, dict[str, Any]]]:
-    """A ``Dataset.save_to_disk`` directory (or a ``DatasetDict``'s with one split), read with ``datasets`` (local:
-    ``load_from_disk`` never touches the hub)."""
-    if not ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
-        raise UserError(f"{p}: is a directory but not a datasets save_to_disk directory (no state.json or "
-                        "dataset_dict.json); pass a .jsonl, .json, .csv or .parquet file, or such a directory")
-    state = p / "state.json"
-    if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files", True):
-        return []  # an empty dataset: no shard to read (load_from_disk itself fails on it)
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{p}: reading a save_to_disk directory needs the datasets library: pip install "
-                        "'vopd[datasets]'") from None
-    try:
-        data = datasets.load_from_disk(str(p))
-    except Exception as exc:  # noqa: BLE001 - datasets raises several types for a damaged directory
-        raise UserError(f"{p}: not a readable datasets directory ({_one_line(exc)})") from None
-    if isinstance(data, datasets.DatasetDict):
-        if len(data) != 1:
-            raise UserError(f"{p}: holds the splits {', '.join(data)}; pass one split's directory, e.g. "
-                            f"{p / next(iter(data))}")
-        data = next(iter(data.values()))
-    return [(f"row {i}", dict(row)) for i, row in enumerate(data.to_list(), 1)]
-
-
-def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{p}: line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{p}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((f"line {lineno}", obj))
-    return rows
-
-
-def _read_json(p: Path) -> list[tuple[str, dict[str, Any]]]:
-    text = p.read_text(encoding="utf-8")
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
-            "a file with one object per line must be named .jsonl"
-        ) from None
-    if isinstance(data, dict):
-        lists = [k for k, v in data.items() if isinstance(v, list)]
-        key = "data" if "data" in lists else (lists[0] if len(lists) == 1 else None)
-        if key is None:
-            raise UserError(f"{p}: expected a list of rows or an object with one list (e.g. 'data'); found keys "
-                            f"{', '.join(map(str, data)) or 'none'}")
-        data = data[key]
-    if not isinstance(data, list):
-        raise UserError(f"{p}: expected a list of rows, got {type(data).__name__}")
-    for i, obj in enumerate(data, 1):
-        if not isinstance(obj, dict):
-            raise UserError(f"{p}: row {i}: expected a JSON object, got {type(obj).__name__}")
-    return [(f"row {i}", obj) for i, obj in enumerate(data, 1)]
-
-
-def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
-    with p.open(encoding="utf-8", newline="") as f:
-        return [(f"row {i}", dict(row)) for i, row in enumerate(csv.DictReader(f), 1)]
-
-
-def _read_parquet(p: Path) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{p}: reading parquet needs pyarrow: pip install 'vopd[parquet]'") from None
-    try:
-        table = pq.read_table(p)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise UserError(f"{p}: not a readable parquet file ({_one_line(exc)})") from None
-    return [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
 
 
 def _pick(row: dict[str, Any], names: tuple[str, ...]) -> str | None:

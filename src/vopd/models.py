@@ -242,3 +242,70 @@ def enable_gradient_checkpointing(model: Model) -> None:
     base.config.use_cache = False
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # PEFT: frozen embeddings would otherwise cut the checkpointed graph
+
+
+def load_output_layer(path: str, *, vocab_size: int, dtype: torch.dtype, trust_remote_code: bool = False) -> OutputHead:
+    """The output layer of the causal LM saved in ``path`` (weight sliced to ``vocab_size`` rows, bias, logit
+    transform from its config), read from its safetensors without building or loading the body: a remote teacher's
+    hidden states become its logits through it (``vopd.teacher.client``). A tied head is the input embedding."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = _check_model_dir(path, "teacher_head")
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):  # shapes and module names only: no memory, no weights read
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise UserError(f"cannot read the teacher model's config in {str(p)!r}: {str(exc).splitlines()[0]}") from exc
+    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise UserError(f"{type(skeleton).__name__} has no linear output layer; a hidden-state teacher needs one")
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    files = _safetensors_keys(p)
+    weight_key = _find_key(files, names[id(head)], "weight")
+    if weight_key is None and embed is not None and head.weight is embed.weight:  # tied: stored once, as embeddings
+        weight_key = _find_key(files, names[id(embed)], "weight")
+    if weight_key is None:
+        raise UserError(f"{str(p)!r} holds no output-layer weight ({names[id(head)]}.weight) in its safetensors files; "
+                        "set model.teacher_head to the directory of the checkpoint the server serves")
+    bias_key = _find_key(files, names[id(head)], "bias") if getattr(head, "bias", None) is not None else None
+    from safetensors import safe_open
+
+    def read(key: str) -> Tensor:
+        with safe_open(str(files[key]), framework="pt") as f:
+            part = f.get_slice(key)
+            rows = part.get_shape()[0]
+            if rows < vocab_size:
+                raise UserError(f"the output layer in {str(p)!r} has {rows} rows but the tokenizer has {vocab_size} "
+                                "tokens; the checkpoint does not belong to this tokenizer")
+            return part[:vocab_size].to(dtype)
+
+    return OutputHead(read(weight_key), None if bias_key is None else read(bias_key), logit_transform(skeleton))
+
+
+def _safetensors_keys(p: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of ``p`` holding it (one file, or a sharded index)."""
+    import json
+
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: p / f for k, f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    single = p / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"{str(p)!r} has no model.safetensors (or sharded index); a teacher head is read from "
+                        "safetensors: re-save the checkpoint with save_pretrained(safe_serialization=True)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _find_key(files: dict[str, Path], module: str, leaf: str) -> str | None:
+    """The checkpoint name of ``module``'s ``leaf`` tensor: exact, else the one name ending with its last component
+    (checkpoints may prefix module names differently than the class does)."""
+    exact = f"{module}.{leaf}"
+    if exact in files:
+        return exact
+    tail = f"{module.rsplit('.', 1)[-1]}.{leaf}"
+    found = [k for k in files if k == tail or k.endswith("." + tail)]
+    return found[0] if len(found) == 1 else None

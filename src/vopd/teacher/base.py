@@ -66,11 +66,14 @@ SELF = "self"
 
 def open_teacher(path: str, *, vocab_size: int, device: torch.device, dtype: str = "auto",
                  trust_remote_code: bool = False, timeout_s: float = 60.0, retries: int = 3,
-                 student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False) -> Teacher:
+                 student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False,
+                 head: str | None = None, hidden_dtype: str = "auto") -> Teacher:
     """The teacher that ``path`` (``model.teacher``) names: a frozen model loaded here from a local directory, the
     client of a teacher server for a URL (nothing is sent until it is first used), or ``self``: the ``student``'s
     initial weights, as the base model with its LoRA adapters disabled when ``lora`` (no second copy), else a frozen
-    copy made now. No pre-flight here: the caller runs ``vopd.check.preflight`` with it."""
+    copy made now. ``head`` (a server only): the local checkpoint of the served teacher, whose output layer turns the
+    server's hidden states (in ``hidden_dtype``) into its full distribution. No pre-flight here: the caller runs
+    ``vopd.check.preflight`` with it."""
     if path == SELF:
         from vopd.teacher.local import InProcessTeacher, SelfTeacher
 
@@ -84,7 +87,8 @@ def open_teacher(path: str, *, vocab_size: int, device: torch.device, dtype: str
     if is_remote(path):
         from vopd.teacher.client import RemoteTeacher
 
-        return RemoteTeacher(path, timeout_s=timeout_s, retries=retries)
+        return RemoteTeacher(path, timeout_s=timeout_s, retries=retries, head=head, hidden_dtype=hidden_dtype,
+                             trust_remote_code=trust_remote_code)
     from vopd.models import load_model, load_tokenizer, resolve_dtype
     from vopd.teacher.local import InProcessTeacher
 

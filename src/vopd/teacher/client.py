@@ -1,11 +1,15 @@
-"""The client side of a remote teacher (`vopd serve-teacher`): a ``Teacher`` that answers with per-token numbers.
+"""The client side of a remote teacher (`vopd serve-teacher`): a ``Teacher`` that answers with per-token numbers,
+or, given the teacher's output layer (``head``), with its whole distribution.
 
 What it knows: turning a ``Rollout`` (+ the student's top-k ids) into ``/score`` requests split to the server's
 limits, retrying with exponential back-off, and putting the answers back on the rollout's (B, L-1) grid as
 ``TeacherNumbers``: log q(y_t), the teacher's logits at the asked ids and (`rb-topk`) its log-sum-exp. Renormalising
 on the same ids cancels the teacher's log-sum-exp (docs/estimators.md), so its logits at the ids suffice for the
-top-k KL; the methods that need sums over the whole vocabulary (``MethodSpec.full_distribution``) cannot be served.
-Its pre-flight compares tokenizer fingerprints (the teacher's tokenizer is never loaded here).
+top-k KL. With ``head`` (protocol 3) it asks for the teacher's last hidden states instead and returns
+``TeacherHidden`` with the output layer it loaded from the teacher's checkpoint (only that layer: ``vopd.models.
+load_output_layer``), after checking its fingerprint against the server's: the fused head then forms the teacher's
+logits exactly as for an in-process teacher, so every method works, the full-vocabulary ones included. Its
+pre-flight compares tokenizer fingerprints (the teacher's tokenizer is never loaded here).
 
 What it does not know: the training loop, the loss math (``vopd.loss.chunked`` takes the numbers), checkpoints (it
 only tells the user to resume), or the server side (``vopd.teacher.server``).
@@ -21,17 +25,21 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.loss.scores import TeacherNumbers
+from vopd.loss.head import OutputHead
+from vopd.loss.scores import TeacherHidden, TeacherNumbers
 from vopd.rollout import Rollout
-from vopd.teacher.wire import TOKEN_ENV, b64_decode, b64_encode, response_bytes, tokenizer_fingerprint
+from vopd.teacher.wire import (HIDDEN_DTYPES, HIDDEN_PROTOCOL, LSE_PROTOCOL, TOKEN_ENV, b64_decode, b64_encode,
+                               head_fingerprint, response_bytes, tokenizer_fingerprint)
 
 if TYPE_CHECKING:
     import httpx
 
     from vopd.models import Model, Tokenizer
 
-#: The first server protocol that answers ``"lse": true``.
-LSE_PROTOCOL = 2
+#: The server's weight dtype (``/health``): the output layer is loaded at it, so fingerprints compare like with like.
+_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: A span of one sequence sent for scoring: (row, first scored position, one past the last).
+Span = tuple[int, int, int]
 
 
 class RemoteTeacher:
@@ -40,14 +48,18 @@ class RemoteTeacher:
     url: ``http://host:port``. token: bearer token; None reads ``$VOPD_TEACHER_TOKEN`` (unset or empty: none).
     A request is tried ``retries + 1`` times; between tries it waits ``backoff_s``, then twice that, and so on.
     Connection errors, timeouts and 5xx answers are retried; 4xx answers are the caller's mistake and raise at once.
+    ``head``: the local directory of the checkpoint the server serves (config.json + safetensors): only its output
+    layer is loaded, at the server's dtype, and the server is asked for hidden states (``hidden_dtype``: "float32",
+    "bfloat16", or "auto": bfloat16 when the server's weights are half precision, else float32); ``score`` then
+    returns the full distribution (``full_distribution`` is true).
     """
 
-    full_distribution = False
     #: The server's tokenizer is not here: its fingerprint stands in for it (``pairing_checks``).
     tokenizer: Tokenizer | None = None
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 60.0, retries: int = 3,
-                 backoff_s: float = 0.5) -> None:
+                 backoff_s: float = 0.5, head: str | None = None, hidden_dtype: str = "auto",
+                 trust_remote_code: bool = False) -> None:
         try:
             import httpx
         except ImportError as exc:
@@ -61,6 +73,21 @@ class RemoteTeacher:
         self._httpx = httpx
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._info: dict[str, Any] | None = None
+        if hidden_dtype != "auto" and hidden_dtype not in HIDDEN_DTYPES:
+            raise UserError(f"hidden_dtype={hidden_dtype!r}; valid: auto, {', '.join(HIDDEN_DTYPES)}")
+        if head is not None:
+            from vopd.models import _check_model_dir
+
+            _check_model_dir(head, "teacher_head")  # a wrong path fails now, not at the first step
+        self.head_path, self._hidden_dtype, self._trust_remote_code = head, hidden_dtype, trust_remote_code
+        self._head: OutputHead | None = None  # loaded once the server's dtype is known (``_output_layer``)
+        #: Bodies sent and received by this client (answered requests), for ``vopd bench teacher-payload``.
+        self.bytes_sent = self.bytes_received = 0
+
+    @property
+    def full_distribution(self) -> bool:
+        """With the teacher's output layer here, the server's hidden states give its whole distribution."""
+        return self.head_path is not None
 
     def close(self) -> None:
         self._client.close()
@@ -89,20 +116,65 @@ class RemoteTeacher:
             raise UserError(f"the teacher server at {self.url} uses another tokenizer than the student (fingerprint "
                             f"{str(theirs)[:12]}... vs {mine[:12]}..., {health.get('vocab_size')} vs {vocab} tokens); "
                             "OPD needs one shared tokenizer: serve a teacher from the student's model family")
-        return [f"teacher server {self.url} ({health.get('model')}, protocol {health.get('protocol')}): same "
-                f"tokenizer ({vocab} tokens, fingerprint {mine[:12]})"]
+        lines = [f"teacher server {self.url} ({health.get('model')}, protocol {health.get('protocol')}): same "
+                 f"tokenizer ({vocab} tokens, fingerprint {mine[:12]})"]
+        if self.head_path is not None:
+            head = self._output_layer()
+            lines.append(f"teacher output layer from {self.head_path} is the server's ({tuple(head.weight.shape)}, "
+                         f"{str(head.weight.dtype).removeprefix('torch.')}, logit transform: "
+                         f"{head.transform.describe()}; fingerprint {str(health.get('head_sha256'))[:12]}): hidden "
+                         f"states as {self._wire_dtype()}, every method exact")
+        return lines
 
-    def score(self, rollout: Rollout, topk_ids: Tensor | None = None, *, lse: bool = False) -> TeacherNumbers:
+    def _wire_dtype(self) -> str:
+        """The dtype name the hidden states travel in."""
+        if self._hidden_dtype != "auto":
+            return self._hidden_dtype
+        return "bfloat16" if (self._info or self.health()).get("dtype") in ("bfloat16", "float16") else "float32"
+
+    def _output_layer(self) -> OutputHead:
+        """The teacher's output layer, loaded from ``head`` at the server's dtype (so that the fingerprints compare
+        like with like) and checked against the server's ``/health``, once."""
+        if self._head is not None:
+            return self._head
+        info = self._info or self.health()
+        if int(info.get("protocol", 1)) < HIDDEN_PROTOCOL:
+            raise UserError(f"teacher server at {self.url} speaks protocol {info.get('protocol')}, which does not send "
+                            f"hidden states (protocol {HIDDEN_PROTOCOL}); update vopd on the server and restart it, or "
+                            "drop model.teacher_head and use a method servers score at ids (opd, vopd-topk, opd-topk, "
+                            "rb-topk)")
+        from vopd.models import load_output_layer
+
+        dtype = _WEIGHT_DTYPES.get(str(info.get("dtype")), torch.float32)
+        head = load_output_layer(str(self.head_path), vocab_size=int(info["vocab_size"]), dtype=dtype,
+                                 trust_remote_code=self._trust_remote_code)
+        mine, theirs = head_fingerprint(head.weight, head.bias, head.transform), info.get("head_sha256")
+        if mine != theirs:
+            raise UserError(f"the output layer in {self.head_path} is not the one the teacher server at {self.url} "
+                            f"uses (fingerprint {mine[:12]}... vs {str(theirs)[:12]}..., {tuple(head.weight.shape)} "
+                            f"{head.weight.dtype}, logit transform {head.transform.describe()}); set model.teacher_head "
+                            "to the directory of the checkpoint the server serves")
+        if int(info.get("hidden_size", -1)) != head.weight.shape[1]:
+            raise UserError(f"the teacher server at {self.url} sends hidden states of size {info.get('hidden_size')}, "
+                            f"the output layer in {self.head_path} takes {head.weight.shape[1]}")
+        self._head = head
+        return head
+
+    def score(self, rollout: Rollout, topk_ids: Tensor | None = None, *,
+              lse: bool = False) -> TeacherNumbers | TeacherHidden:
         """log q(y_t) at every completion position of ``rollout``; given ``topk_ids`` (B, L-1, k) aligned with
         ``rollout.targets``, the teacher's logits at those ids; with ``lse``, its full-vocabulary log-sum-exp
-        (protocol 2). Results are on the rollout's device."""
+        (protocol 2). With ``head``: the teacher's hidden states (B, L-1, D), 0 outside completion positions, and its
+        output layer (``topk_ids`` and ``lse`` are not needed). Results are on the rollout's device."""
+        if self.head_path is not None:
+            return self._score_hidden(rollout)
         info = self._info or self.health()
         limits = info["limits"]
         if lse and int(info.get("protocol", 1)) < LSE_PROTOCOL:
             raise UserError(f"teacher server at {self.url} speaks protocol {info.get('protocol')}, which does not send "
                             f"the teacher's log-sum-exp that rb-topk needs (protocol {LSE_PROTOCOL}); update vopd on "
                             "the server and restart it, or use loss.method=vopd-topk")
-        ids, attention, mask = rollout.input_ids.cpu(), rollout.attention_mask.cpu(), rollout.completion_mask.cpu()
+        ids, mask = rollout.input_ids.cpu(), rollout.completion_mask.cpu()
         b, t = mask.shape
         k = 0
         if topk_ids is not None:
@@ -117,16 +189,7 @@ class RemoteTeacher:
         logits = torch.zeros(b, t, k, dtype=torch.float32) if k else None
         lse_out = torch.zeros(b, t, dtype=torch.float32) if lse else None
 
-        # Per sequence, only tokens up to the last completion target are sent: positions start..end-1 are scored.
-        spans: list[tuple[int, int, int]] = []  # (row, start, end)
-        for i in range(b):
-            live = mask[i].nonzero().squeeze(-1)
-            if live.numel():
-                end = int(live[-1]) + 1
-                if end >= int(attention[i].sum()):
-                    raise ValueError(f"completion_mask of sequence {i} reaches past its attention mask")
-                spans.append((i, int(live[0]), end))
-
+        spans = _spans(rollout)
         for group in self._groups(spans, k, limits, lse):
             seqs = []
             for i, start, end in group:
@@ -141,16 +204,40 @@ class RemoteTeacher:
             self._unpack(self._request("POST", "/score", body), group, k, logq, logits, lse_out)
         return TeacherNumbers(logq, topk_ids, logits, lse_out).to(rollout.input_ids.device)
 
+    def _score_hidden(self, rollout: Rollout) -> TeacherHidden:
+        head = self._output_layer()
+        info = self._info or self.health()
+        wire = self._wire_dtype()
+        ids = rollout.input_ids.cpu()
+        b, t = rollout.completion_mask.shape
+        d = head.weight.shape[1]
+        hidden = torch.zeros(b, t, d, dtype=HIDDEN_DTYPES[wire])
+        spans = _spans(rollout)
+        for group in self._groups(spans, 0, info["limits"], hidden=wire, hidden_size=d):
+            seqs = [{"ids": ids[i, : end + 1].tolist(), "start": start} for i, start, end in group]
+            reply = self._request("POST", "/score", {"sequences": seqs, "encoding": "base64", "hidden": wire})
+            results = reply.get("results", [])
+            if len(results) != len(group):
+                raise RuntimeError(f"teacher server at {self.url} answered {len(results)} results for {len(group)} "
+                                   "sequences; client and server protocol versions differ")
+            for (i, start, end), res in zip(group, results):
+                hidden[i, start:end] = b64_decode(res["hidden"], HIDDEN_DTYPES[wire], (end - start) * d).reshape(-1, d)
+        device = rollout.input_ids.device
+        if head.weight.device != device:  # moved once: the layer stays where the loss runs
+            head = self._head = OutputHead(head.weight.to(device), None if head.bias is None else head.bias.to(device),
+                                           head.transform)
+        return TeacherHidden(hidden.to(device), head.weight, head.bias, head.transform)
+
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _groups(self, spans: list[tuple[int, int, int]], k: int, limits: dict[str, Any],
-                lse: bool = False) -> list[list[tuple[int, int, int]]]:
+    def _groups(self, spans: list[Span], k: int, limits: dict[str, Any], lse: bool = False, *,
+                hidden: str | None = None, hidden_size: int = 0) -> list[list[Span]]:
         """Consecutive sequences packed into requests within max_batch, max_tokens (padded), the body limit and the
         answer's limit (``max_response_mb``, from protocol-2 servers that report it)."""
         max_body = 0.9 * limits["max_body_mb"] * 2**20
         max_answer = 0.9 * float(limits.get("max_response_mb", float("inf"))) * 2**20
-        groups: list[list[tuple[int, int, int]]] = []
-        cur: list[tuple[int, int, int]] = []
+        groups: list[list[Span]] = []
+        cur: list[Span] = []
         longest = body = 0
         answer = 0.0
         for span in spans:
@@ -159,9 +246,10 @@ class RemoteTeacher:
                 raise UserError(f"a sequence of {n} tokens exceeds the teacher server's max_tokens="
                                 f"{limits['max_tokens']}; restart the server with a larger --max-tokens")
             size = 8 * n + (16 * (n - 1 - span[1]) * k) // 3 + 64  # JSON ids + base64 int32 top-k, generous
-            reply = response_bytes(span[2] - span[1], k, lse, "base64")
+            reply = response_bytes(span[2] - span[1], k, lse, "base64", hidden, hidden_size)
             if reply > max_answer:
-                raise UserError(f"scoring a sequence of {span[2] - span[1]} positions with k={k} needs a "
+                asked = f"hidden states ({hidden_size} x {hidden})" if hidden else f"k={k}"
+                raise UserError(f"scoring a sequence of {span[2] - span[1]} positions with {asked} needs a "
                                 f"{reply / 2**20:.3g} MiB answer, over the teacher server's max_response_mb="
                                 f"{limits['max_response_mb']}; restart it with a larger --max-response-mb or lower "
                                 "loss.top_k")
@@ -175,7 +263,7 @@ class RemoteTeacher:
             groups.append(cur)
         return groups
 
-    def _unpack(self, reply: dict[str, Any], group: list[tuple[int, int, int]], k: int, logq: Tensor,
+    def _unpack(self, reply: dict[str, Any], group: list[Span], k: int, logq: Tensor,
                 logits: Tensor | None, lse: Tensor | None) -> None:
         results = reply.get("results", [])
         if len(results) != len(group):
@@ -210,9 +298,26 @@ class RemoteTeacher:
             if resp.status_code >= 400:
                 raise UserError(f"teacher server at {self.url} rejected the request (HTTP {resp.status_code}): "
                                 f"{_error_text(resp)}")
+            self.bytes_sent += len(resp.request.content)
+            self.bytes_received += len(resp.content)
             return resp.json()
         raise UserError(f"teacher server at {self.url} is unreachable after {tries} tries (last error {last}): restart "
                         "it and resume with --resume; the last checkpoint is kept")
+
+
+def _spans(rollout: Rollout) -> list[Span]:
+    """Per sequence with completion tokens, only tokens up to its last completion target are sent: positions
+    start..end-1 are scored."""
+    attention, mask = rollout.attention_mask.cpu(), rollout.completion_mask.cpu()
+    spans: list[Span] = []
+    for i in range(mask.shape[0]):
+        live = mask[i].nonzero().squeeze(-1)
+        if live.numel():
+            end = int(live[-1]) + 1
+            if end >= int(attention[i].sum()):
+                raise ValueError(f"completion_mask of sequence {i} reaches past its attention mask")
+            spans.append((i, int(live[0]), end))
+    return spans
 
 
 def _one_line(exc: object) -> str:

@@ -104,7 +104,8 @@ def open_teachers(cfg: TrainConfig, *, vocab_size: int, device: torch.device, st
             opened[name] = open_teacher(path, vocab_size=vocab_size, device=device, dtype=m.teacher_dtype,
                                         trust_remote_code=m.trust_remote_code, timeout_s=m.teacher_timeout_s,
                                         retries=m.teacher_retries, student=student, student_tok=student_tok,
-                                        lora=cfg.lora.enabled, **_head(cfg, name))
+                                        lora=cfg.lora.enabled, head=_head(cfg, name) or None,
+                                        hidden_dtype=m.teacher_hidden_dtype)
     except BaseException:
         if opened:
             Teachers(opened).close()
@@ -112,8 +113,8 @@ def open_teachers(cfg: TrainConfig, *, vocab_size: int, device: torch.device, st
     return Teachers(opened, elsewhere={name for name, path in places.items() if is_remote(path)})
 
 
-def _head(cfg: TrainConfig, name: str) -> dict[str, str]:
+def _head(cfg: TrainConfig, name: str) -> str:
     """``open_teacher``'s ``head`` (the local checkpoint whose output layer turns a server's hidden states into the
-    full distribution) for teacher ``name``: ``model.teacher_head`` for the one teacher."""
-    head = getattr(cfg.model, "teacher_head", "")
-    return {"head": head} if head and name == ONLY else {}
+    full distribution) for teacher ``name``: ``model.teacher_head`` for the one teacher, ``model.teacher_heads``
+    by name; "" for none."""
+    return cfg.model.teacher_head if name == ONLY else cfg.model.teacher_heads.get(name, "")

@@ -5,7 +5,10 @@ the first scored position and optionally k token ids per scored position; back, 
 position, the teacher's logits at the requested ids and, on request, its log-sum-exp over the whole vocabulary (one
 float per position). That is all `opd` (log q(y_t)) and the top-k methods need: renormalising both models on the same
 ids cancels the teacher's log-sum-exp, so its logits suffice for the top-k KL (docs/estimators.md, "Key equations"); `rb-topk` weighs the
-ids by the exact log q_v = z_v - lse, hence the lse. It also knows the HTTP side: the request body limit (413), the
+ids by the exact log q_v = z_v - lse, hence the lse. Or (protocol 3, ``"hidden"``) the teacher's last hidden states at
+the scored positions, bf16 or fp32, which the trainer projects with the same output layer loaded from the teacher's
+checkpoint (its fingerprint is in ``/health``): the whole distribution at D instead of V numbers per position, so
+every method works remotely. It also knows the HTTP side: the request body limit (413), the
 errors as one-line JSON, an optional bearer token (401), batched padded forwards under a lock, fp32 head math whatever
 the model's dtype (through its logit transform: softcapping, scaling), and the command line. Every request is
 bounded: the body (``max_body_mb``), its JSON structure and the answer's size (``max_response_mb``, checked before
@@ -14,7 +17,7 @@ scoring; ``vopd.teacher.wire``), the forward (``max_tokens`` padded tokens) and 
 
 What it does not know: the protocol's fields, codec and request validation (``vopd.teacher.wire``); estimators, students or
 training (``vopd.teacher.client`` is the client side and the loss); TLS (put it behind a reverse proxy to cross machines); the
-full distribution, which it never sends.
+full logits, which it never sends (hidden states carry them D/V times smaller).
 
 This module deliberately does not use ``from __future__ import annotations``: FastAPI reads the endpoint
 annotations (``Request``) at runtime, and they are local to ``create_app`` so that fastapi stays an optional import.
@@ -35,7 +38,8 @@ from torch import Tensor
 from vopd.errors import UserError
 from vopd.teacher.wire import (DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_K, DEFAULT_MAX_RESPONSE_MB,
                                DEFAULT_MAX_TOKENS, PROTOCOL_VERSION, TOKEN_ENV, ApiError, Limits, ParsedSequence,
-                               b64_encode, parse_request, tokenizer_fingerprint)
+                               HIDDEN_DTYPES, b64_encode, head_fingerprint, parse_request,
+                               tokenizer_fingerprint)
 
 if TYPE_CHECKING:  # quoted below: this module's annotations are evaluated at run time (see the docstring)
     from fastapi import FastAPI
@@ -49,7 +53,8 @@ HEAD_MEMORY_MB = 512
 # --- scoring ----------------------------------------------------------------------------------------------------
 
 class TeacherScorer:
-    """The model side: one padded forward per request, then the fp32 head over the scored rows only."""
+    """The model side: one padded forward per request, then the fp32 head over the scored rows only (or, for a
+    hidden request, those rows' last hidden states as they are)."""
 
     def __init__(self, model: "Model", vocab_size: int) -> None:
         from vopd.models import output_layer
@@ -60,16 +65,17 @@ class TeacherScorer:
         self.dtype = next(model.parameters()).dtype
         head = output_layer(model, vocab_size)
         weight, self.bias, self.transform = head.weight, head.bias, head.transform  # softcapping/scaling included
+        self.hidden_size = int(weight.shape[1])
+        # In the weights' own dtype: a trainer loading the same checkpoint at this dtype gets the same hash.
+        self.head_sha256 = head_fingerprint(weight, head.bias, head.transform)
         self.half_cuda = self.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
         # fp32 head math (docs/estimators.md, "API": fp32 math); on CUDA half weights are accumulated into fp32 by the matmul itself.
         self.weight = weight if self.half_cuda else weight.to(torch.float32)
         self.lock = threading.Lock()  # one forward at a time: the threadpool may run several requests
 
-    @torch.inference_mode()
-    def score(self, seqs: list[ParsedSequence], k: int) -> list[tuple[Tensor, Tensor | None, Tensor]]:
-        """Per sequence: (logq (t,), logits at the requested ids (t, k) or None, log-sum-exp (t,)), fp32 on the
-        CPU."""
-        from vopd.loss.head import chunk_rows, raw_logits
+    def _rows(self, seqs: list[ParsedSequence]) -> tuple[Tensor, Tensor, list[int]]:
+        """(the last hidden states of every scored position (N, D) in the model's dtype, the next ids there (N,),
+        positions per sequence): one padded forward; the caller holds the lock."""
         from vopd.models import last_hidden
 
         b, width = len(seqs), max(s.ids.numel() for s in seqs)
@@ -82,19 +88,37 @@ class TeacherScorer:
             rows.append(torch.arange(s.start, n - 1) + i * width)  # flat positions; each predicts the next id
             sizes.append(n - 1 - s.start)
         idx = torch.cat(rows)
-        y = ids.reshape(-1)[idx + 1]
+        hidden = last_hidden(self.model, ids.to(self.device), attention.to(self.device))
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx.to(self.device))
+        return h, ids.reshape(-1)[idx + 1], sizes
+
+    @torch.inference_mode()
+    def hidden(self, seqs: list[ParsedSequence]) -> list[Tensor]:
+        """Per sequence: the teacher's last hidden states (t, D) at its scored positions (after the final norm, before
+        the output layer), on the CPU in the model's dtype; the client projects them with the same output layer."""
+        with self.lock:
+            h, _y, sizes = self._rows(seqs)
+            return list(h.cpu().split(sizes))
+
+    @torch.inference_mode()
+    def score(self, seqs: list[ParsedSequence], k: int) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """Per sequence: (logq (t,), logits at the requested ids (t, k) or None, log-sum-exp (t,)), fp32 on the
+        CPU."""
+        from vopd.loss.head import chunk_rows, raw_logits
+
+        b = len(seqs)
         topk_rows = [s.topk_ids for s in seqs if s.topk_ids is not None]
         assert len(topk_rows) == (b if k else 0)  # parse_request requires topk_ids exactly when k > 0
         topk = torch.cat(topk_rows) if k else None
-        logq = torch.empty(idx.numel(), dtype=torch.float32)
-        lse = torch.empty(idx.numel(), dtype=torch.float32)
-        logits = torch.empty(idx.numel(), k, dtype=torch.float32) if k else None
         with self.lock:
-            hidden = last_hidden(self.model, ids.to(self.device), attention.to(self.device))
-            h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx.to(self.device))
+            h, y, sizes = self._rows(seqs)
+            n_rows = h.shape[0]
+            logq = torch.empty(n_rows, dtype=torch.float32)
+            lse = torch.empty(n_rows, dtype=torch.float32)
+            logits = torch.empty(n_rows, k, dtype=torch.float32) if k else None
             step = chunk_rows(self.vocab_size, HEAD_MEMORY_MB)
-            for lo in range(0, idx.numel(), step):
-                hi = min(idx.numel(), lo + step)
+            for lo in range(0, n_rows, step):
+                hi = min(n_rows, lo + step)
                 z = self.transform.apply_(raw_logits(h[lo:hi], self.weight, self.bias, torch.float32))
                 z_y = z.gather(-1, y[lo:hi].to(self.device).unsqueeze(-1)).squeeze(-1)
                 lse_c = z.logsumexp(-1)
@@ -164,22 +188,32 @@ def create_app(model: "Model", tokenizer: "Tokenizer", *, token: str | None, max
         authorize(request)
         return {"status": "ok", "protocol": PROTOCOL_VERSION, "model": model_name,
                 "vocab_size": scorer.vocab_size, "tokenizer_sha256": fingerprint, "dtype": str(scorer.dtype).removeprefix("torch."),
-                "device": str(scorer.device), "limits": limits.__dict__}
+                "device": str(scorer.device), "limits": limits.__dict__, "hidden_size": scorer.hidden_size,
+                "head_sha256": scorer.head_sha256,
+                "logit_transform": {"scale": scorer.transform.scale, "softcap": scorer.transform.softcap}}
 
     def handle(body: bytes) -> bytes:
-        seqs, k, encoding, want_lse = parse_request(body, limits, scorer.vocab_size)
+        req = parse_request(body, limits, scorer.vocab_size, scorer.hidden_size)
+        seqs, k, encoding = req.sequences, req.k, req.encoding
         try:
-            scored = scorer.score(seqs, k)
+            if req.hidden is not None:
+                states = scorer.hidden(seqs)
+            else:
+                scored = scorer.score(seqs, k)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             # Not a 5xx: retrying the same request cannot help, a smaller one can.
             raise ApiError(413, "request ran out of teacher memory; send fewer tokens per request or restart the "
                                 "server with a smaller --max-tokens") from None
+        if req.hidden is not None:
+            dtype = HIDDEN_DTYPES[req.hidden]
+            answer = [{"hidden": b64_encode(h, dtype)} for h in states]
+            return json.dumps({"encoding": encoding, "hidden": req.hidden, "results": answer}).encode()
         results = []
         for lq, lg, ls in scored:
             res = {"logq": _encode(lq, encoding), "logits": None if lg is None else _encode(lg, encoding)}
-            if want_lse:
+            if req.lse:
                 res["lse"] = _encode(ls, encoding)
             results.append(res)
         return json.dumps({"encoding": encoding, "k": k, "results": results}).encode()

@@ -1,9 +1,10 @@
 """The wire protocol of ``vopd serve-teacher`` (``docs/teacher_server.md``), as the server and the client share it.
 
 What it knows: the protocol version, the token environment variable, the default request limits (``Limits``), the
-request and sequence field names and the two encodings, the base64 array codec (``b64_encode``/``b64_decode``, used
-by the server for its answers and by ``vopd.teacher.client`` for its requests), the tokenizer fingerprint that ``/health``
-reports, and what a valid ``/score`` body is: ``parse_request`` returns the validated sequences or raises an
+request and sequence field names and the two encodings, the base64 array codec (``b64_encode``/``b64_decode``: float32,
+bfloat16 or int32, used by the server for its answers and by ``vopd.teacher.client`` for its requests), the tokenizer
+and output-layer fingerprints that ``/health`` reports, and what a valid ``/score`` body is: ``parse_request`` returns
+the validated ``ScoreRequest`` (log-probs at ids, or, from protocol 3, the teacher's last hidden states) or raises an
 ``ApiError`` with the HTTP status (400/413/422) and a one-line message naming the problem, for a body of any
 shape (invalid or too deeply nested JSON: 400). It also bounds the memory of one request: the body's JSON
 structure is counted before it is parsed (no more arrays/objects/values than a request within the limits can
@@ -24,11 +25,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from vopd.loss.head import LogitTransform
+
 if TYPE_CHECKING:
     from vopd.models import Tokenizer
 
-#: 2 added the optional request field ``"lse"``; a request without it is answered exactly as in version 1.
-PROTOCOL_VERSION = 2
+#: 2 added the optional request field ``"lse"``; 3 added ``"hidden"`` (the teacher's last hidden states instead of
+#: numbers at ids) and the output-layer fingerprint in ``/health``. A request without them is answered as in version 1.
+PROTOCOL_VERSION = 3
+#: The first protocol that answers ``"lse": true`` and the first that sends hidden states.
+LSE_PROTOCOL, HIDDEN_PROTOCOL = 2, 3
 TOKEN_ENV = "VOPD_TEACHER_TOKEN"
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_TOKENS = 65536
@@ -38,30 +44,43 @@ DEFAULT_MAX_RESPONSE_MB = 128.0
 #: Bytes one returned float takes: base64 of float32 (4 x 4/3), or JSON text (a float's repr and ", ", at most).
 _BYTES_PER_VALUE = {"base64": 16 / 3, "json": 24.0}
 _ENCODINGS = ("json", "base64")
-_REQUEST_FIELDS = {"sequences", "k", "encoding", "lse"}
+#: Hidden states travel as base64 of these little-endian floats (bfloat16: the upper half of a float32).
+HIDDEN_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_REQUEST_FIELDS = {"sequences", "k", "encoding", "lse", "hidden"}
 _SEQUENCE_FIELDS = {"ids", "start", "topk_ids"}
 
 
 # --- array codec and tokenizer fingerprint ----------------------------------------------------------------------
 
-def b64_encode(x: Tensor) -> str:
-    """Little-endian float32 (floating tensors) or int32 (integer tensors), flattened row-major, base64."""
+def b64_encode(x: Tensor, dtype: torch.dtype | None = None) -> str:
+    """Little-endian float32 (floating tensors; ``dtype=torch.bfloat16``: bfloat16) or int32 (integer tensors),
+    flattened row-major, base64."""
+    import numpy as np
+
     x = x.detach().cpu().contiguous()
-    arr = (x.to(torch.float32) if x.is_floating_point() else x.to(torch.int32)).numpy()
-    return base64.b64encode(arr.astype(arr.dtype.newbyteorder("<")).tobytes()).decode("ascii")
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits as little-endian int16
+        arr = x.to(torch.bfloat16).view(torch.int16).numpy().astype(np.dtype("<i2"))
+    else:
+        arr = (x.to(torch.float32) if x.is_floating_point() else x.to(torch.int32)).numpy()
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return base64.b64encode(arr.tobytes()).decode("ascii")
 
 
 def b64_decode(text: str, dtype: torch.dtype, count: int) -> Tensor:
-    """Inverse of ``b64_encode`` for ``count`` values of ``dtype`` (torch.float32 or torch.int32); ValueError
-    when the payload is not base64 or holds a different number of values."""
+    """Inverse of ``b64_encode`` for ``count`` values of ``dtype`` (torch.float32, torch.bfloat16 or torch.int32),
+    returned in that dtype; ValueError when the payload is not base64 or holds a different number of values."""
     import numpy as np
 
     try:
         raw = base64.b64decode(text, validate=True)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"is not valid base64 ({exc})") from None
-    if len(raw) != 4 * count:
-        raise ValueError(f"holds {len(raw) / 4:g} values, expected {count}")
+    size = 2 if dtype == torch.bfloat16 else 4
+    if len(raw) != size * count:
+        raise ValueError(f"holds {len(raw) / size:g} values, expected {count}")
+    if dtype == torch.bfloat16:
+        bits = np.frombuffer(raw, dtype=np.dtype("<i2")).astype(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16)
     wire = np.dtype("<f4") if dtype == torch.float32 else np.dtype("<i4")
     return torch.from_numpy(np.frombuffer(raw, dtype=wire).astype(wire.newbyteorder("=")))
 
@@ -72,6 +91,19 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     special = {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     payload = json.dumps([sorted(tokenizer.get_vocab().items()), special], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def head_fingerprint(weight: Tensor, bias: Tensor | None, transform: LogitTransform) -> str:
+    """sha256 of an output layer (weight (V, D) and bias in their own dtype, their shapes) and its logit transform:
+    the server reports it in ``/health`` so that a trainer projecting the server's hidden states with a head it
+    loaded itself (``RemoteTeacher(head=...)``) knows it is the same layer, cast to the same dtype."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([list(weight.shape), str(weight.dtype), None if bias is None else list(bias.shape),
+                              transform.scale, transform.softcap]).encode())
+    for t in (weight, bias):
+        if t is not None:  # the raw bytes: any change of a value or of the dtype changes the hash
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 # --- validation -------------------------------------------------------------------------------------------------
@@ -93,8 +125,12 @@ class Limits:
     max_response_mb: float = DEFAULT_MAX_RESPONSE_MB  # the answer (its memory on the server: about 3x that)
 
 
-def response_bytes(positions: int, k: int, lse: bool, encoding: str) -> float:
-    """The most bytes the answer to ``positions`` scored positions takes: per position log q, k logits, lse."""
+def response_bytes(positions: int, k: int, lse: bool, encoding: str, hidden: str | None = None,
+                   hidden_size: int = 0) -> float:
+    """The most bytes the answer to ``positions`` scored positions takes: per position log q, k logits, lse; or,
+    asking for ``hidden`` states, ``hidden_size`` floats of that dtype (base64: 4/3 of their bytes)."""
+    if hidden is not None:
+        return positions * hidden_size * HIDDEN_DTYPES[hidden].itemsize * 4 / 3
     return positions * (1 + k + int(lse)) * _BYTES_PER_VALUE[encoding]
 
 
@@ -104,6 +140,18 @@ def _structure_budget(limits: Limits) -> tuple[int, int]:
     than the positions x k that the answer's limit allows), plus field separators."""
     values = int(limits.max_response_mb * 2**20 / _BYTES_PER_VALUE["json"])
     return 4 + 3 * limits.max_batch + limits.max_tokens, limits.max_tokens + values + 8 * limits.max_batch + 16
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A validated ``/score`` body. ``hidden``: None (answer log q, logits at ``k`` ids, lse on request), or the
+    dtype name of the hidden states to answer with instead (``HIDDEN_DTYPES``; then k is 0 and lse false)."""
+
+    sequences: list[ParsedSequence]
+    k: int
+    encoding: str
+    lse: bool
+    hidden: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,8 +180,9 @@ def _check_range(t: Tensor, where: str, vocab: int) -> None:
         raise ApiError(422, f"{where} holds token id {bad}, outside the teacher's vocabulary [0, {vocab})")
 
 
-def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[ParsedSequence], int, str, bool]:
-    """Validated (sequences, k, encoding, lse) of a ``/score`` body, or an ``ApiError`` naming the problem."""
+def parse_request(body: bytes, limits: Limits, vocab: int, hidden_size: int = 0) -> ScoreRequest:
+    """The validated ``/score`` body, or an ``ApiError`` naming the problem. ``hidden_size``: the width of the
+    teacher's hidden states (to bound the answer of a ``hidden`` request)."""
     # Parsed JSON takes up to ~60 bytes per array/object/number: count them first (bytes.count runs at memory speed).
     max_containers, max_values = _structure_budget(limits)
     containers, separators = body.count(b"[") + body.count(b"{"), body.count(b",")
@@ -160,6 +209,16 @@ def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[ParsedS
     want_lse = req.get("lse", False)
     if type(want_lse) is not bool:
         raise ApiError(422, f"lse={want_lse!r} must be true or false (true: also return the teacher's log-sum-exp)")
+    hidden = req.get("hidden")
+    if hidden is not None:
+        if hidden not in HIDDEN_DTYPES:
+            raise ApiError(422, f"hidden={hidden!r}; valid values: {', '.join(map(repr, HIDDEN_DTYPES))} (the dtype of "
+                                "the returned hidden states), or leave it out for log-probs at ids")
+        if encoding != "base64":
+            raise ApiError(422, "hidden states are sent as base64 only: set encoding=base64")
+        if req.get("k", 0) != 0 or want_lse:
+            raise ApiError(422, "a hidden request returns the teacher's last hidden states instead of numbers at ids: "
+                                "leave out k and lse (the trainer forms every logit from the states)")
     k = req.get("k", 0)
     if type(k) is not int or k < 0:
         raise ApiError(422, f"k={k!r} must be a non-negative integer (0: no logits requested)")
@@ -199,10 +258,11 @@ def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[ParsedS
                                 f"[0, {n - 2}] (positions start..n-2 predict ids[start+1..n-1])")
         t = n - 1 - start
         positions += t
-        if response_bytes(positions, k, want_lse, encoding) > max_response:
-            size = response_bytes(positions, k, want_lse, encoding) / 2**20
-            raise ApiError(413, f"the answer would take ~{size:.3g} MiB ({positions} scored positions x "
-                                f"{1 + k + int(want_lse)} values as {encoding}), over this server's limit "
+        answer = response_bytes(positions, k, want_lse, encoding, hidden, hidden_size)
+        if answer > max_response:
+            values = f"{hidden_size} {hidden} hidden values" if hidden else f"{1 + k + int(want_lse)} values as {encoding}"
+            raise ApiError(413, f"the answer would take ~{answer / 2**20:.3g} MiB ({positions} scored positions x "
+                                f"{values}), over this server's limit "
                                 f"max_response_mb={limits.max_response_mb:g}; send fewer positions or a smaller k per "
                                 "request" + (", or use encoding=base64" if encoding == "json" else ""))
         topk = s.get("topk_ids")
@@ -225,5 +285,5 @@ def parse_request(body: bytes, limits: Limits, vocab: int) -> tuple[list[ParsedS
                                     "of k ids per scored position start..n-2")
             _check_range(topk_t, f"{where}.topk_ids", vocab)
         out.append(ParsedSequence(ids, start, topk_t if k > 0 else None))
-    return out, k, encoding, want_lse
+    return ScoreRequest(out, k, encoding, want_lse, hidden)
 

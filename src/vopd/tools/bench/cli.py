@@ -1,4 +1,5 @@
-"""`vopd bench`: the dispatcher of the four benchmarks (estimators, training, generation, trl).
+"""`vopd bench`: the dispatcher of the benchmarks (estimators, training, generation, trl, teacher-overlap,
+teacher-payload).
 
 What it knows: the sub-command names and which module serves each; a benchmark's module (and TRL, for ``trl``) is
 imported only when that benchmark runs or adds its arguments. What it does not know: what any benchmark measures.
@@ -15,7 +16,7 @@ from vopd.tools.bench.training import add_bench_arguments
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     # One sub-parser per benchmark: training/generation reuse flag names (--tokens, --methods, --device, ...) with
     # other defaults, which a single flat parser cannot hold.
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation,trl,teacher-overlap}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation,trl,teacher-overlap,teacher-payload}")
     add_bench_arguments(sub.add_parser("training", help="training-side step at real shapes (needs CUDA)"), "training")
     add_bench_arguments(sub.add_parser("generation", help="model.generate tokens/s, static vs dynamic KV cache"),
                         "generation")
@@ -28,9 +29,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_overlap_arguments(sub.add_parser("teacher-overlap", help="step gradient with a teacher server, scoring "
                                          "overlapped with the student or inline"))
+    from vopd.tools.bench.payload import add_payload_arguments
+
+    add_payload_arguments(sub.add_parser("teacher-payload", help="bytes per token of each teacher-server protocol "
+                                         "(ids, top-k, lse, hidden states), measured on a real server"))
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.what == "teacher-payload":
+        from vopd.tools.bench.payload import run_payload_bench
+
+        return run_payload_bench(args)
     if args.what == "teacher-overlap":
         from vopd.tools.bench.overlap import run_overlap_bench
 

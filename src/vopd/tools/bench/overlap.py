@@ -10,11 +10,8 @@ math, sampling or the optimizer step (the step's gradient is where scoring and t
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +19,15 @@ from pathlib import Path
 import torch
 
 from vopd.errors import UserError
+from vopd.tools.bench.pair import serve_teacher, tiny_pair
 
 
 def add_overlap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="teacher model directory (default: a tiny random pair built here)")
     p.add_argument("--student", default=None, help="student model directory (same tokenizer; with --teacher)")
     p.add_argument("--method", default="opd", help="loss.method (a method the server can serve; default opd)")
-    p.add_argument("--teacher-head", default="", help="model.teacher_head: the server then sends hidden states")
+    p.add_argument("--hidden", action="store_true", help="the server sends hidden states (model.teacher_head = the "
+                   "teacher directory): every method, e.g. --method vopd")
     p.add_argument("--batch", type=int, default=8, help="sequences in the step (default 8)")
     p.add_argument("--micro", type=int, default=2, help="sequences per micro-batch (default 2)")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -36,52 +35,6 @@ def add_overlap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of each mode (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer (default 1)")
     p.add_argument("--server-threads", type=int, default=1, help="torch threads of the server process (default 1)")
-
-
-def _tiny_pair(root: Path) -> tuple[Path, Path]:
-    """A tiny random teacher (4 layers, width 256) and student (2 layers, width 128) sharing one tokenizer."""
-    from vopd.world.tiny_models import ModelShape, make_model, train_tokenizer
-
-    texts = [f"{a} + {b} = {a + b}. " * 3 for a in range(60) for b in range(0, 60, 7)]
-    tok = train_tokenizer(texts, vocab_size=512)
-    paths = []
-    for name, shape, seed in (("teacher", ModelShape(hidden_size=256, num_layers=4, intermediate_size=768,
-                                                     num_heads=8, num_kv_heads=4, max_positions=512), 1),
-                              ("student", ModelShape(hidden_size=128, num_layers=2, intermediate_size=384,
-                                                     max_positions=512), 2)):
-        model = make_model(shape, tok, seed=seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        paths.append(root / name)
-    return paths[0], paths[1]
-
-
-def _serve(teacher: Path, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import socket
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    env.pop("VOPD_TEACHER_TOKEN", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vopd", "serve-teacher", str(teacher), "--port", str(port),
-                                 "--device", "cpu"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"the teacher server exited with code {proc.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise UserError(f"the teacher server did not answer within 120 s; see {log}")
 
 
 def run_overlap_bench(args: argparse.Namespace) -> int:
@@ -100,15 +53,14 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="vopd-overlap-") as tmp:
         root = Path(tmp)
-        teacher_dir, student_dir = (Path(args.teacher), Path(args.student)) if args.teacher else _tiny_pair(root)
-        proc, url = _serve(teacher_dir, args.server_threads, root / "server.log")
+        teacher_dir, student_dir = (Path(args.teacher), Path(args.student)) if args.teacher else tiny_pair(root)
+        proc, url = serve_teacher(teacher_dir, args.server_threads, root / "server.log")
         try:
             tok = load_tokenizer(str(student_dir))
             student = load_model(str(student_dir), role="student", dtype=torch.float32, device=cpu)
             overrides = [f"model.student={student_dir}", f"model.teacher={url}", f"loss.method={args.method}",
                          f"batch_size={args.batch}", f"micro_batch_size={args.micro}", "grad_noise=false",
-                         "loss.ratio_cap=0", *([f"model.teacher_head={args.teacher_head}"] if args.teacher_head
-                                               else [])]
+                         "loss.ratio_cap=0", *([f"model.teacher_head={teacher_dir}"] if args.hidden else [])]
             cfgs = {mode: load_config(None, [*overrides, f"model.teacher_overlap={mode == 'overlap'}"],
                                       require_paths=False) for mode in ("overlap", "inline")}
             in_process = [o for o in overrides if not o.startswith("model.teacher_head=")]
@@ -152,7 +104,8 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
     med = {m: (statistics.median(w for w, _ in t), statistics.median(s for _, s in t)) for m, t in times.items()}
     local_diff = max(float((a - b).abs().max()) for a, b in zip(grads["in-process"], grads["inline"]))
     tokens = rollout.num_tokens
-    print(f"# vopd bench teacher-overlap: {args.method}, {args.batch} sequences x ({args.prompt_len} prompt + "
+    sends = "hidden states" if args.hidden else "numbers at ids"
+    print(f"# vopd bench teacher-overlap: {args.method} (the server sends {sends}), {args.batch} sequences x ({args.prompt_len} prompt + "
           f"{args.completion_len} completion) tokens, micro-batches of {args.micro}, teacher server on loopback "
           f"({args.server_threads} thread(s)), trainer {args.threads} thread(s); medians of {args.repeats} repeats")
     print("| teacher | step gradient s | of which teacher s | tokens/s |")
