@@ -233,6 +233,7 @@ def test_training_with_vopd_over_hidden_states_gives_the_in_process_weights(serv
     for x, y in zip(*rows):
         for key in ("loss", "kl_estimate", "grad_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+        assert "teacher_hidden_s" in y and "teacher_hidden_s" not in x  # scored ahead: no student ids needed
 
 
 def test_the_payload_benchmark_measures_what_the_layout_predicts(micro_world, capsys):

@@ -76,8 +76,9 @@ def run_payload_bench(args: argparse.Namespace) -> int:
             d = 0
             for name, methods, make, call in cases:
                 with RemoteTeacher(url, **make) as remote:  # type: ignore[arg-type]
+                    d = int(remote.health()["hidden_size"])  # cached: scoring asks for it no more
+                    remote.bytes_sent = remote.bytes_received = 0  # /score bodies only
                     remote.score(rollout, **call)  # type: ignore[arg-type]
-                    d = int(remote.health()["hidden_size"])
                     tokens = rollout.num_tokens
                     rows.append((name, methods, remote.bytes_sent / tokens, remote.bytes_received / tokens))
         finally:
