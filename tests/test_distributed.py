@@ -9,6 +9,7 @@ the real command line under torchrun with Hugging Face generate, evaluation and 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -213,3 +214,48 @@ def test_two_teachers_routed_on_two_ranks_equal_one_process(strategy, dist_overr
     for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
         for key in ("teacher/arith/tokens_frac", "teacher/other/kl_estimate", "teacher/arith/advantage_var"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+
+
+def _runs_worker(rank: int, world: int, port: int, runs: list[list[str]]) -> None:
+    """One rank that trains several runs in turn in one process group (the ranks' start-up is paid once)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from vopd import distributed as dist
+
+    try:
+        for overrides in runs:
+            train(load_config(None, overrides), make_sampler=lambda *_: FixedSampler(), log=_quiet)
+    finally:
+        dist.shutdown()
+
+
+def test_teacher_self_on_two_ranks(dist_overrides, micro_world, tmp_path):
+    """``model.teacher=self`` under DDP, as a frozen copy of the student and (LoRA) as the student's base with its
+    adapters off: with the student's prompts the teacher is the student at step 0 (KL = 0, no gradient); with a
+    prompt of its own (the reference solution) the student moves, and 2 ranks give one process's run."""
+    # The micro world's SFT'd teacher as the student: its predictions depend on the prompt.
+    base = [o for o in dist_overrides if not o.startswith(("model.teacher=", "model.student="))] + [
+        f"model.student={micro_world.teacher}", "model.teacher=self", "distributed.strategy=ddp"]
+    variants = {"copy": base, "lora": base + LORA}
+    two_ranks = []
+    for name, overrides in variants.items():
+        hinted = overrides + ["steps=2", "data.teacher_prompt_field=solution"]
+        train(load_config(None, hinted + [f"output_dir={tmp_path / name / 'one'}"]),
+              make_sampler=lambda *_: FixedSampler(), log=_quiet)
+        two_ranks += [overrides + ["steps=1", f"output_dir={tmp_path / name / 'same'}"],
+                      hinted + [f"output_dir={tmp_path / name / 'two'}"]]
+    # Starting ranks is most of the time: all four 2-rank runs share one start, and the ranks are forked from a fresh
+    # (single-threaded, so fork-safe) server process that imported what a run needs once (spawned ranks each import
+    # it, ~30 s on a shared 2-core machine).
+    multiprocessing.set_forkserver_preload([__name__, "peft", "transformers.models.qwen3.modeling_qwen3"])
+    mp.start_processes(_runs_worker, args=(2, _free_port(), two_ranks), nprocs=2, join=True,
+                       start_method="forkserver")
+    for name in variants:
+        first = _metrics(tmp_path / name / "same")[0]
+        assert first["kl_mean"] < 1e-6 and abs(first["kl_estimate"]) < 1e-6 and first["grad_norm"] < 1e-6, name
+        _assert_same_run(tmp_path / name / "one", tmp_path / name / "two")
+        moved = _metrics(tmp_path / name / "two")
+        assert all(m["kl_mean"] > 1e-3 for m in moved) and moved[0]["grad_norm"] > 1e-3, name
+        state = json.loads((ckpt.list_checkpoints(tmp_path / name / "two")[-1] / "trainer_state.json").read_text())
+        assert state["world_size"] == 2, name

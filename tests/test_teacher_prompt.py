@@ -152,3 +152,102 @@ def test_teacher_prompt_refusals(micro_world, train_overrides, tmp_path):
                                               "data.system_prompt=Be brief."], require_paths=False).data,
                            "student-tok", "teacher-tok")
     assert chat.chat == ChatOptions("Know the answer.") and chat.tokenizer == "student-tok" and chat.field == ""
+
+
+# --- a teacher prompt of its own over a real teacher server ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(launch_teacher_servers):
+    return launch_teacher_servers({"own": ([], None)})["own"][1]
+
+
+def _step_gradient(cfg, student, vocab, teacher, rollout, monkeypatch):
+    """One step's gradient (``vopd.step.accumulate_gradients``, one process) with ``teacher`` scoring: (gradients,
+    token metrics, what the student's side fed the loss: its inputs and masks, hidden states and targets)."""
+    import dataclasses
+
+    from vopd import distributed as dist
+    from vopd import step as step_module
+    from vopd.metrics import PhaseTimer
+    from vopd.teacher.routing import ONLY, Teachers
+
+    cpu = torch.device("cpu")
+    seen: list[torch.Tensor] = []
+    engine = dist.wrap(student, vocab, "ddp", cpu)  # one process: the model itself
+
+    def spy_forward(ids, mask):
+        seen.extend([ids.clone(), mask.clone()])
+        return engine.forward(ids, mask)
+
+    def spy_loss(hidden, weight, targets, mask, scores, **kwargs):
+        seen.extend([hidden.detach().clone(), targets.clone(), mask.clone()])
+        return fused_distillation_loss(hidden, weight, targets, mask, scores, **kwargs)
+
+    monkeypatch.setattr(step_module, "fused_distillation_loss", spy_loss)
+    got = step_module.accumulate_gradients(cfg, dataclasses.replace(engine, forward=spy_forward),
+                                           Teachers({ONLY: teacher}), rollout, cpu, PhaseTimer(cpu))
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    return grads, {**got.token_metrics, "loss": got.loss}, seen
+
+
+@pytest.mark.parametrize("method", ["opd", "vopd-topk"])
+def test_own_prompt_over_a_teacher_server_equals_the_in_process_teacher(method, setup, server, micro_world,
+                                                                         train_overrides, monkeypatch, request):
+    from vopd.teacher.client import RemoteTeacher
+
+    tok, teacher, prompts, own, samples = setup
+    plain = pack(prompts, samples, tok.pad_token_id)
+    mine = pack(prompts, samples, tok.pad_token_id, teacher_prompts=own)
+    assert [len(p) for p in own] != [len(p) for p in prompts]  # the two grids differ: alignment is by completion
+    mask = mine.completion_mask.bool()
+    local = OwnPromptTeacher(InProcessTeacher(teacher, len(tok)), tok.pad_token_id)
+    remote = OwnPromptTeacher(RemoteTeacher(server), tok.pad_token_id)
+    request.addfinalizer(remote.close)
+
+    # the scores: log q(y_t), logits at asked ids and the lse, each on the student's grid, as the in-process teacher's
+    ids = torch.randint(0, len(tok), mine.targets.shape + (8,), generator=torch.Generator().manual_seed(3))
+    got = remote.score(mine, topk_ids=ids, lse=True)
+    ref = local.score(mine)
+    z = ref.hidden @ ref.weight.T
+    logq = z.log_softmax(-1).gather(-1, mine.targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got.logq, logq * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.topk_logits[mask], z.gather(-1, ids)[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.lse[mask], z.logsumexp(-1)[mask], atol=1e-5, rtol=0)
+    assert (got.logq - remote.score(plain).logq)[mask].abs().min() > 1e-3  # the own prompt changed every score
+
+    # one step's gradient (two micro-batches): the server's equals the in-process one, the own prompt changed it,
+    # and the student's side of the step (its inputs, hidden states, targets, completion mask) is byte-identical
+    student = load_model(str(micro_world.student), role="student", dtype=torch.float32, device=torch.device("cpu"))
+    cfg = load_config(None, train_overrides + [f"loss.method={method}", "micro_batch_size=1", "grad_noise=false",
+                                               "loss.ratio_cap=0"])
+    runs = {name: _step_gradient(cfg, student, len(tok), t, r, monkeypatch)
+            for name, t, r in (("local", local, mine), ("remote", remote, mine), ("plain", remote, plain))}
+    (g_local, m_local, s_local), (g_remote, m_remote, s_remote), (g_plain, m_plain, s_plain) = runs.values()
+    for name in g_local:
+        torch.testing.assert_close(g_remote[name], g_local[name], atol=1e-5, rtol=0, msg=name)
+    for key in ("loss", "kl_estimate", "reward_var"):
+        assert m_remote[key] == pytest.approx(m_local[key], abs=1e-5), key
+    assert len(s_local) == 10 and all(torch.equal(a, b) and torch.equal(a, c)
+                                      for a, b, c in zip(s_local, s_remote, s_plain))
+    assert max(float((g_remote[n] - g_plain[n]).abs().max()) for n in g_plain) > 1e-3
+    assert m_remote["kl_estimate"] != pytest.approx(m_plain["kl_estimate"], abs=1e-3)
+
+
+def test_a_run_with_own_prompts_and_a_teacher_server_equals_the_in_process_run(server, train_overrides, tmp_path):
+    # The trainer's own wiring (data.teacher_prompt_field -> OwnPromptTeacher around the server's client), two steps
+    # sampled with generate: equal step-2 metrics and final weights mean the first update was equal too.
+    from safetensors.torch import load_file
+
+    base = train_overrides + ["steps=2", "loss.method=vopd-topk", "optim.eps=1.0"]
+    own, remote = "data.teacher_prompt_field=solution", f"model.teacher={server}"
+    runs = {name: _run(base + extra, tmp_path, name)
+            for name, extra in (("local", [own]), ("remote", [own, remote]), ("plain", [remote]))}
+    for x, y in zip(runs["local"], runs["remote"]):
+        for key in ("loss", "kl_estimate", "grad_norm", "tokens"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    first, plain = runs["remote"][0], runs["plain"][0]  # the same rollouts at step 1, another teacher view
+    assert first["tokens"] == plain["tokens"] and abs(first["kl_estimate"] - plain["kl_estimate"]) > 1e-3
+    a, b = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("local", "remote"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
