@@ -7,13 +7,15 @@ import argparse
 import math
 from types import SimpleNamespace
 
+from vopd.prompts import ChatOptions
 from vopd.tools import reproduce
 
 
 def test_reproduce_pipeline_on_the_micro_world(micro_world, tmp_path):
     world = SimpleNamespace(student=micro_world.student, teacher=micro_world.teacher, train_data=micro_world.train,
                             test_data=micro_world.test, root=micro_world.root,
-                            config=SimpleNamespace(eval_max_new_tokens=10))
+                            config=SimpleNamespace(eval_max_new_tokens=10, chat_options=ChatOptions()),
+                            data_overrides=lambda: ["data.text_as_chat=false"])  # the micro world has no template
     parser = argparse.ArgumentParser()
     reproduce.add_cli_arguments(parser)
     args = parser.parse_args(["--methods", "opd", "vopd", "--seeds", "0", "1", "--lrs", "1e-3", "--steps", "2",

@@ -1,4 +1,5 @@
-"""The tiny world: tokenizer, model round-trips, and the cached build (with a micro config that builds in seconds)."""
+"""The tiny world: tokenizer (its ChatML chat template included), model round-trips, SFT rows rendered through the
+chat template, the cached build (with a micro config that builds in seconds), and a run on it through the chat path."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from vopd.data import encode_completion, encode_prompt, format_prompt
-from vopd.world.sft import SFTConfig
+from vopd.prompts import ChatOptions, render_prompt, stop_token_ids
+from vopd.world.sft import SFTConfig, collate, encode_rows
 from vopd.world.task import TaskConfig, generate_problems
-from vopd.world.tiny_models import ModelShape, make_model, tokenizer_corpus, train_tokenizer
+from vopd.world.tiny_models import IM_END, IM_START, ModelShape, make_model, tokenizer_corpus, train_tokenizer
 from vopd.world.build import World, WorldConfig, build_world, verify_world
 
 MICRO = WorldConfig(
@@ -75,6 +77,81 @@ def test_prompt_and_completion_encoding(tokenizer, rows) -> None:
     assert tokenizer.convert_ids_to_tokens(tokenizer("1234", add_special_tokens=False)["input_ids"]) == list("1234")
 
 
+# ------------------------------------------------------------------------------------------------ chat template
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(rows, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(tokenizer_corpus(rows, chat=True), chat=True)
+    path = tmp_path_factory.mktemp("chat_tok")
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)  # the template must come back from disk
+
+
+def test_chat_tokenizer_renders_chatml_from_disk(chat_tokenizer, rows) -> None:
+    tok = chat_tokenizer
+    prompt = format_prompt(rows[0]["problem"])
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 2?"},
+                    {"role": "assistant", "content": "3"}, {"role": "user", "content": prompt}]
+    text = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert text == ("<|bos|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1 + 2?<|im_end|>\n"
+                    "<|im_start|>assistant\n3<|im_end|>\n"
+                    f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+    without = tok.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
+    assert text == without + "<|im_start|>assistant\n"
+    # tokenised, the rendering is the text's tokens: one BOS first (the template's), the markers one token each
+    ids = tok.apply_chat_template(conversation[-1:], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tok.decode(ids) == f"<|bos|><|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    assert ids.count(tok.bos_token_id) == 1 and ids[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids(IM_START)]
+    assert tok.convert_ids_to_tokens(ids[-3:]) == [IM_START, "assistant", "Ċ"]  # role names are one token each
+
+
+def test_im_end_is_one_special_token_and_the_stop_token(chat_tokenizer, rows) -> None:
+    tok = chat_tokenizer
+    for marker in (IM_START, IM_END):
+        (marker_id,) = tok(marker, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(marker_id) == marker and marker_id in tok.all_special_ids
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    assert tok.eos_token == IM_END and tok.eos_token_id == im_end  # as Qwen's instruct tokenizers declare it
+    assert stop_token_ids(tok) == [im_end]  # EOS and the template's end of turn are the same token
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<|pad|>", "<|bos|>", "<|eos|>", IM_START, IM_END]
+    assert (tok.pad_token_id, tok.bos_token_id) == (0, 1)  # <|eos|> stays, unused (as Qwen's <|endoftext|>)
+    model = make_model(ModelShape(hidden_size=32, num_layers=1, intermediate_size=64), tok, seed=0)
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == im_end  # HF generate stops on it
+    # a text still round-trips, and decode drops the markers
+    text = format_prompt(rows[1]["problem"])
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    rendered = render_prompt(tok, rows[1]["problem"], chat=ChatOptions(text_as_chat=True))
+    assert tok.decode(rendered, skip_special_tokens=True) == f"user\n{text}\nassistant\n"
+
+
+def test_sft_rows_are_rendered_by_vopd_prompts_and_train_only_the_answer(chat_tokenizer, rows) -> None:
+    """SFT's ids are the chat template's (``vopd.prompts``, the sampler's and the evaluator's rendering) + the solution
+    + <|im_end|>; the loss covers the solution and <|im_end|> only."""
+    tok, chat = chat_tokenizer, ChatOptions(text_as_chat=True)
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    examples = encode_rows(tok, rows[:8], chat)
+    for (p_ids, c_ids), row in zip(examples, rows[:8]):
+        user = [{"role": "user", "content": format_prompt(row["problem"])}]
+        assert p_ids == tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert p_ids == render_prompt(tok, row["problem"], chat=chat)
+        assert c_ids == tok(row["solution"], add_special_tokens=False)["input_ids"] + [im_end]
+        # the whole example is the template's rendering of the exchange, up to the end of the assistant's turn
+        full = tok.apply_chat_template(user + [{"role": "assistant", "content": row["solution"]}], tokenize=True,
+                                       return_dict=False)
+        assert p_ids + c_ids == full[: len(p_ids) + len(c_ids)] and tok.decode(full[len(p_ids) + len(c_ids):]) == "\n"
+    batch = collate(examples, tok.pad_token_id)
+    for i, (p_ids, c_ids) in enumerate(examples):
+        labels = batch["labels"][i]
+        assert labels[: len(p_ids)].eq(-100).all() and labels[len(p_ids) + len(c_ids):].eq(-100).all()
+        assert labels[len(p_ids): len(p_ids) + len(c_ids)].tolist() == c_ids
+    # without text_as_chat, the same rows keep the text rendering (BOS + prompt, and the EOS, <|im_end|>, at the end)
+    (p_text, c_text), = encode_rows(tok, rows[:1])
+    assert p_text == encode_prompt(tok, format_prompt(rows[0]["problem"])) and c_text[-1] == im_end
+
+
 def test_model_save_load_round_trip(tokenizer, tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,13 +181,16 @@ def test_config_key_is_stable_and_sensitive() -> None:
     assert MICRO.key() == dataclasses.replace(MICRO).key()
     assert MICRO.key() != dataclasses.replace(MICRO, seed=1).key()
     assert MICRO.key() != dataclasses.replace(MICRO, student_sft=SFTConfig(steps=3)).key()
+    assert MICRO.chat and MICRO.key() != dataclasses.replace(MICRO, chat=False).key()
 
 
 def _check_world(world: World) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for path in (world.teacher, world.student, world.tokenizer):
-        assert AutoTokenizer.from_pretrained(path).bos_token_id is not None
+        tok = AutoTokenizer.from_pretrained(path)
+        assert tok.bos_token_id is not None
+        assert tok.chat_template and tok.eos_token == IM_END  # the chat world (WorldConfig.chat)
     teacher = AutoModelForCausalLM.from_pretrained(world.teacher)
     student = AutoModelForCausalLM.from_pretrained(world.student)
     assert teacher.config.vocab_size == student.config.vocab_size
@@ -153,6 +233,58 @@ def test_build_then_reuse_then_detect_corruption(tmp_path) -> None:
     assert not build_world(MICRO, tmp_path, log=messages.append).reused
     assert not build_world(MICRO, tmp_path, force=True, log=messages.append).reused
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_run_on_the_world_renders_prompts_through_its_chat_template(tmp_path, monkeypatch) -> None:
+    """World.data_overrides() (data.text_as_chat=true): rollouts sample from the chat rendering the world's SFT used
+    and stop on <|im_end|>; evaluation renders the same way."""
+    from transformers import AutoTokenizer
+
+    from vopd import eval as vopd_eval
+    from vopd.config import load_config
+    from vopd.rollout import hf_engine
+    from vopd.train import train
+    from vopd.world.task import read_jsonl
+
+    world = build_world(MICRO, tmp_path / "cache", log=lambda _m: None)
+    assert world.data_overrides() == ["data.text_as_chat=true"]
+    tok = AutoTokenizer.from_pretrained(world.student)
+    chat = ChatOptions(text_as_chat=True)
+    rendered = {tuple(render_prompt(tok, r["problem"], chat=chat)) for r in read_jsonl(world.train_data)}
+    sampled: list[tuple[list[int], list[int], bool]] = []
+
+    def spy(model, tokenizer, rollout):
+        sample = hf_engine(model, tokenizer, rollout)
+
+        def run(prompts):
+            out = sample(prompts)
+            sampled.extend(zip(prompts, out.completions, out.truncated))
+            return out
+        return run
+
+    evaluated: list[ChatOptions] = []
+    real_render = vopd_eval.render_prompt
+
+    def render_spy(tokenizer, prompt, **kw):
+        evaluated.append(kw["chat"])
+        return real_render(tokenizer, prompt, **kw)
+
+    monkeypatch.setattr(vopd_eval, "render_prompt", render_spy)
+    lines: list[str] = []
+    cfg = load_config(None, [
+        f"model.student={world.student}", f"model.teacher={world.teacher}", f"data.train={world.train_data}",
+        f"data.eval={world.test_data}", f"output_dir={tmp_path / 'run'}", "steps=2", "batch_size=4",
+        "micro_batch_size=4", "rollout.max_new_tokens=16", "eval.every=2", "eval.limit=2", "eval.greedy=true",
+        "eval.n=1", "eval.max_new_tokens=8", "progress=false", "loss.method=vopd", *world.data_overrides(),
+    ])
+    train(cfg, log=lines.append, make_sampler=spy)
+    assert any("chat template: the generation prompt adds" in line for line in lines)  # the pre-flight's check
+    assert len(sampled) == 8
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    for prompt, completion, truncated in sampled:
+        assert tuple(prompt) in rendered and tok.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert truncated or (completion[-1] == im_end and im_end not in completion[:-1])
+    assert evaluated and all(c.text_as_chat for c in evaluated)
 
 
 def test_the_same_seed_gives_the_same_models_whatever_the_thread_count(tmp_path) -> None:

@@ -34,6 +34,7 @@ def _overrides(world: World, method: str, out: Path, args: argparse.Namespace) -
         f"eval.every={args.eval_every}", "eval.greedy=true", "eval.n=1", f"eval.limit={args.eval_problems}",
         f"eval.max_new_tokens={world.config.eval_max_new_tokens}", f"progress={str(not args.quiet).lower()}",
         f"rollout.engine={args.engine}", f"data.max_prompt_tokens={_MAX_PROMPT_TOKENS}",
+        *world.data_overrides(),  # data.text_as_chat=true: prompts through the world's chat template, as its SFT
     ]
 
 

@@ -52,7 +52,7 @@ def _config(world: World, args: argparse.Namespace, method: str, lr: float, seed
         f"rollout.max_new_tokens={world.config.eval_max_new_tokens}",
         f"rollout.batch_size={args.batch_size}", f"optim.lr={lr}", "optim.schedule=constant",
         "optim.warmup_steps=5", "optim.grad_clip=1.0", f"seed={seed}", f"eval.every={args.eval_every}",
-        "eval.greedy=true", f"eval.limit={args.eval_problems}", "progress=false",
+        "eval.greedy=true", f"eval.limit={args.eval_problems}", "progress=false", *world.data_overrides(),
     ])
 
 
@@ -66,13 +66,15 @@ def _world_models(world: World) -> tuple[Tokenizer, Model, Model]:
             load_model(str(world.teacher), role="teacher", dtype=torch.float32, device=cpu))
 
 
-def _sample(student: Model, tok: Tokenizer, data: str | Path, n: int, max_new_tokens: int,
+def _sample(student: Model, tok: Tokenizer, world: World, data: str | Path, n: int, max_new_tokens: int,
             seed: int) -> tuple[list[list[int]], Sampler, Rollout]:
-    """(prompt ids, sampler, rollout): one temperature-1 completion from ``student`` for the first ``n`` problems."""
-    from vopd.data import encode_prompt, format_prompt, load_problems
+    """(prompt ids, sampler, rollout): one temperature-1 completion from ``student`` for the first ``n`` problems,
+    rendered as the world's SFT rendered them."""
+    from vopd.data import load_problems
+    from vopd.prompts import render_prompt
     from vopd.rollout import hf_sampler, pack
 
-    ids = [encode_prompt(tok, format_prompt(p.problem)) for p in load_problems(data, limit=n)]
+    ids = [render_prompt(tok, p.problem, chat=world.config.chat_options) for p in load_problems(data, limit=n)]
     sampler = hf_sampler(student, tok, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                          batch_size=len(ids))
     torch.manual_seed(seed)
@@ -156,7 +158,7 @@ def topk_baseline_error(world: World, ks: list[int], *, prompts: int, max_new_to
     from vopd.loss.estimators import distillation_loss
 
     tok, student, teacher = _world_models(world)
-    _, _, r = _sample(student, tok, world.test_data, prompts, max_new_tokens, seed)
+    _, _, r = _sample(student, tok, world, world.test_data, prompts, max_new_tokens, seed)
     zs = student(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, :-1]
     zt = teacher(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, :-1]
     vocab = zs.shape[-1]
@@ -193,10 +195,11 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
     engine = dist.wrap(student, len(tok), "ddp", cpu)  # one process: no wrapping, whatever the strategy
     teachers = Teachers({ONLY: InProcessTeacher(teacher_model, len(tok))})
     optimizer = torch.optim.AdamW(engine.trainable(), lr=0.0)
-    ids, sampler, batch = _sample(engine.full, tok, world.train_data, batch_size, world.config.eval_max_new_tokens,
+    ids, sampler, batch = _sample(engine.full, tok, world, world.train_data, batch_size, world.config.eval_max_new_tokens,
                                   seed)
     cfgs = {m: load_config(None, [f"model.student={world.student}", f"model.teacher={world.teacher}",
-                                  f"data.train={world.train_data}", f"loss.method={m}", f"loss.top_k={top_k}"])
+                                  f"data.train={world.train_data}", f"loss.method={m}", f"loss.top_k={top_k}",
+                                  *world.data_overrides()])
             for m in methods}
     times: dict[str, list[dict[str, float]]] = {m: [] for m in [*methods, "generate"]}
     order = [*methods, "generate"]

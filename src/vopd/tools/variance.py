@@ -173,23 +173,29 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--chat", action="store_true", help="render each problem as a user turn through the chat "
+                        "template (data.text_as_chat; always on with the tiny world's student, which was SFT'd so)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     parser.add_argument("--out", help="write the summary JSON here")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from vopd.data import encode_prompt, format_prompt, load_problems
+    from vopd.data import load_problems
     from vopd.models import load_model, load_tokenizer
+    from vopd.prompts import ChatOptions, render_prompt
     from vopd.teacher.local import InProcessTeacher
 
     if args.replicates < 2:
         raise UserError("--replicates must be at least 2 to estimate a variance")
     student_dir, teacher_dir, data = args.student, args.teacher, args.data
+    chat = ChatOptions(text_as_chat=args.chat)
     if not (student_dir and teacher_dir and data):
         from vopd.world.build import build_world
 
         world = build_world()
+        if not student_dir:  # the world's student samples as it was SFT'd
+            chat = world.config.chat_options
         student_dir, teacher_dir = student_dir or str(world.student), teacher_dir or str(world.teacher)
         data = data or str(world.test_data)
     methods = list(dict.fromkeys(["opd-full", *args.methods]))  # opd-full is the bias reference
@@ -198,7 +204,7 @@ def cli_main(args: argparse.Namespace) -> int:
     student = load_model(student_dir, role="student", dtype=torch.float32, device=cpu)
     teacher = InProcessTeacher(load_model(teacher_dir, role="teacher", dtype=torch.float32, device=cpu), len(tok))
     problems = load_problems(data, kind="math", limit=args.prompts)
-    prompts = [encode_prompt(tok, format_prompt(p.problem)) for p in problems]
+    prompts = [render_prompt(tok, p.problem, chat=chat) for p in problems]
     grads = collect_gradients(student, teacher, tok, prompts, methods=methods, replicates=args.replicates,
                               max_new_tokens=args.max_new_tokens, top_k=args.top_k, seed=args.seed)
     summary = summarise(grads, boot=args.boot, seed=args.seed)

@@ -1,16 +1,20 @@
 """The tiny world: an offline tokenizer, a tiny Qwen3 teacher and a weaker tiny Qwen3 student, built and cached.
 
-``build_world`` generates the arithmetic task (``vopd.world.task``), trains a byte-level BPE tokenizer on it and creates
-two ``Qwen3ForCausalLM`` models of different sizes (``vopd.world.tiny_models``), fine-tunes both on the worked solutions
-(``vopd.world.sft``) and measures their greedy test accuracy. Everything is saved in the formats real models use
-(``save_pretrained``: safetensors + tokenizer in the model directory), so the rest of vopd loads the tiny world with
-``AutoTokenizer`` / ``AutoModelForCausalLM`` like any other checkpoint.
+``build_world`` generates the arithmetic task (``vopd.world.task``), trains a byte-level BPE tokenizer on it (with a
+ChatML chat template, ``WorldConfig.chat``) and creates two ``Qwen3ForCausalLM`` models of different sizes
+(``vopd.world.tiny_models``), fine-tunes both on the worked solutions, each problem rendered as a user turn through
+the chat template (``vopd.world.sft``), and measures their greedy test accuracy rendered the same way. Runs on the
+world render prompts as SFT did when they set ``World.data_overrides()`` (``data.text_as_chat=true``). Everything is
+saved in the formats real models use (``save_pretrained``: safetensors + tokenizer and chat template in the model
+directory), so the rest of vopd loads the tiny world with ``AutoTokenizer`` / ``AutoModelForCausalLM`` like any other
+checkpoint.
 
 The world is cached under ``$VOPD_CACHE`` (default ``~/.cache/vopd``) in a directory keyed by a hash of the
 configuration, built in a temporary directory and renamed into place, with a manifest (``world.json``: sizes and
 sha256 of every file) that is verified on reuse so a partial or corrupt cache is rebuilt.
 
-What it knows: the world's recipe (``WorldConfig``), its cache (key, manifest, verification, atomic build).
+What it knows: the world's recipe (``WorldConfig``), its cache (key, manifest, verification, atomic build), and the
+``[data]`` settings that render prompts as the world's SFT did.
 What it does not know: distillation, the estimators, or evaluation beyond greedy accuracy; how the tokenizer and
 the models are made (``vopd.world.tiny_models``).
 """
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from vopd.errors import UserError
+from vopd.prompts import ChatOptions
 from vopd.world.sft import SFTConfig, greedy_accuracy, train_sft
 from vopd.world.task import TaskConfig, read_jsonl, write_splits
 from vopd.world.tiny_models import ModelShape, count_parameters, make_model, tokenizer_corpus, train_tokenizer
@@ -39,7 +44,7 @@ if TYPE_CHECKING:
     from vopd.models import Model, Tokenizer
 
 #: Bump when the layout or the build recipe changes, so old caches are not mistaken for new ones.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the chat template (WorldConfig.chat)
 MANIFEST = "world.json"
 
 
@@ -71,6 +76,14 @@ class WorldConfig:
     student_check_every: int = 10
     n_val: int = 200
     eval_max_new_tokens: int = 96
+    # The tokenizer has a ChatML chat template (<|im_end|> is its EOS) and both models are SFT'd on problems rendered
+    # as a user turn through it (``data.text_as_chat``); False: the plain-text prompt (BOS + template) and <|eos|>.
+    chat: bool = True
+
+    @property
+    def chat_options(self) -> ChatOptions:
+        """How the world's prompts are rendered (SFT, its accuracy checks, and runs that set ``data_overrides``)."""
+        return ChatOptions(text_as_chat=self.chat)
 
     def key(self) -> str:
         """Short stable hash of the configuration (and the format version)."""
@@ -108,6 +121,10 @@ class World:
             f"  tokenizer {self.tokenizer}",
             f"  data      {self.train_data}  {self.test_data}",
         ])
+
+    def data_overrides(self) -> list[str]:
+        """The config overrides that make a training or evaluation run render prompts as the world's SFT did."""
+        return [f"data.text_as_chat={str(self.config.chat).lower()}"]
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -205,7 +222,8 @@ def _accuracy_reached(
         target = config.student_target_accuracy
         if step < config.student_check_from or target is None:
             return False
-        acc = greedy_accuracy(model, tokenizer, val, max_new_tokens=config.eval_max_new_tokens)
+        acc = greedy_accuracy(model, tokenizer, val, max_new_tokens=config.eval_max_new_tokens,
+                              chat=config.chat_options)
         log(f"  student step {step}: validation accuracy {acc:.1%}")
         if acc < target:
             previous.update(step=step, acc=acc, state={k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -224,9 +242,10 @@ def _build_into(tmp: Path, config: WorldConfig, log: Callable[[str], None]) -> d
         tmp / "data", n_train=config.n_train, n_test=config.n_test, seed=config.seed, config=config.task
     )
     train, test = read_jsonl(train_path), read_jsonl(test_path)
-    tokenizer = train_tokenizer(tokenizer_corpus(train), config.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(train, chat=config.chat), config.vocab_size, chat=config.chat)
     tokenizer.save_pretrained(tmp / "tokenizer")
-    log(f"tokenizer: {len(tokenizer)} tokens; data: {len(train)} train / {len(test)} test problems")
+    log(f"tokenizer: {len(tokenizer)} tokens{', ChatML chat template' if config.chat else ''}; "
+        f"data: {len(train)} train / {len(test)} test problems")
     metrics: dict[str, Any] = {"vocab_size": len(tokenizer)}
     # The student's stopping rule looks at problems it does not train on (and never at the test split).
     n_val = min(config.n_val, len(train) // 2) if config.student_target_accuracy is not None else 0
@@ -240,9 +259,10 @@ def _build_into(tmp: Path, config: WorldConfig, log: Callable[[str], None]) -> d
         sft = dataclasses.replace(sft_config, seed=config.seed * 1000 + seed_offset)
         stop_when = _accuracy_reached(model, tokenizer, val, config, log) if role == "student" and n_val else None
         result = train_sft(model, tokenizer, rows, sft, log=log, log_every=max(1, sft.steps // 5),
-                           stop_when=stop_when, check_every=config.student_check_every)
+                           stop_when=stop_when, check_every=config.student_check_every, chat=config.chat_options)
         t0 = time.perf_counter()
-        acc = greedy_accuracy(model, tokenizer, test, max_new_tokens=config.eval_max_new_tokens)
+        acc = greedy_accuracy(model, tokenizer, test, max_new_tokens=config.eval_max_new_tokens,
+                              chat=config.chat_options)
         log(f"{role}: greedy test accuracy {acc:.1%} after {result.steps} steps "
             f"(SFT {result.seconds:.0f}s, eval {time.perf_counter() - t0:.0f}s)")
         _save(model, tokenizer, tmp / role)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from vopd.errors import UserError
+from vopd.prompts import ChatOptions
 from vopd.world.build import WorldConfig, build_world
 from vopd.world.sft import SFTConfig, train_sft
 from vopd.world.task import read_jsonl
@@ -31,6 +32,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most student SFT steps (it stops earlier once it reaches --student-target)")
     parser.add_argument("--student-target", type=float, default=None,
                         help="validation accuracy at which the student's SFT stops (default 0.3; 0 = never stop early)")
+    parser.add_argument("--no-chat", action="store_true",
+                        help="a world without a chat template: SFT on plain-text prompts (runs on it then need "
+                        "data.text_as_chat=false)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for --model SFT (default 1); the tiny world always builds on one "
                         "thread, so that a seed gives the same models on any machine setting")
@@ -41,6 +45,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     custom.add_argument("--lr", type=float, default=1e-5, help="peak learning rate for --model (default 1e-5)")
     custom.add_argument("--batch-size", type=int, default=8, help="sequences per step for --model (default 8)")
     custom.add_argument("--max-steps", type=int, default=100, help="optimizer steps for --model (default 100)")
+    custom.add_argument("--chat", action="store_true",
+                        help="render each problem as a user turn through the model's chat template, the solution "
+                        "ending with its end-of-turn token (train later with data.text_as_chat=true)")
 
 
 def _sft_custom(args: argparse.Namespace) -> int:
@@ -55,7 +62,8 @@ def _sft_custom(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model)
     config = SFTConfig(steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                        warmup_steps=min(10, args.max_steps // 10))
-    result = train_sft(model, tokenizer, rows, config, log_every=max(1, args.max_steps // 10))
+    result = train_sft(model, tokenizer, rows, config, log_every=max(1, args.max_steps // 10),
+                       chat=ChatOptions(text_as_chat=args.chat))
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -68,12 +76,14 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: pass a positive number of CPU threads")
     if args.model is not None:
+        if args.no_chat:
+            raise UserError("--no-chat is for the tiny world; with --model, --chat (or its absence) sets the rendering")
         torch.set_num_threads(args.threads)
         return _sft_custom(args)
-    if args.data is not None or args.out is not None:
-        raise UserError("--data/--out are for fine-tuning your own model; add --model DIR (or drop them)")
+    if args.data is not None or args.out is not None or args.chat:
+        raise UserError("--data/--out/--chat are for fine-tuning your own model; add --model DIR (or drop them)")
     config = WorldConfig()
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {"chat": False} if args.no_chat else {}
     if args.seed is not None:
         changes["seed"] = args.seed
     if args.steps is not None:

@@ -1,8 +1,10 @@
 """Supervised fine-tuning (SFT) of a causal LM on worked solutions, greedy evaluation, and the `vopd sft` command.
 
 What it knows: turning ``{"problem", "solution"}`` rows (or ``messages`` conversations) into token ids with exactly
-the rendering the sampler and the evaluator use (``vopd.prompts.encode_example``), a plain AdamW + cosine training loop with the
-loss on completion tokens only, and greedy accuracy with ``vopd.sampling.generate`` + ``vopd.grading.grade_answer``.
+the rendering the sampler and the evaluator use (``vopd.prompts.encode_example`` with the run's ``ChatOptions``: with
+``text_as_chat`` a problem is a user turn rendered by the chat template and its solution ends with the end-of-turn
+token), a plain AdamW + cosine training loop with the loss on completion tokens only, and greedy accuracy with the
+same rendering, ``vopd.sampling.generate`` and ``vopd.grading.grade_answer``.
 What it does not know: how the tiny world is assembled or cached (``vopd.world.build``), distillation, or the estimators.
 """
 
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from vopd.prompts import encode_example, render_prompt
+from vopd.prompts import ChatOptions, encode_example, render_prompt
 from vopd.errors import UserError
 
 if TYPE_CHECKING:
@@ -55,21 +57,24 @@ class SFTResult:
         return len(self.losses)
 
 
-def encode_rows(tokenizer: Tokenizer, rows: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+def encode_rows(tokenizer: Tokenizer, rows: Sequence[dict[str, Any]],
+                chat: ChatOptions = ChatOptions()) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids ending in a stop token) per row, rendered exactly as sampling and evaluation
-    render prompts (``vopd.prompts.encode_example``): a ``problem`` text and its ``solution``, or a ``messages``
-    conversation whose final assistant turn is the completion (its earlier turns are context, never trained)."""
+    render prompts with the same ``chat`` options (``vopd.prompts.encode_example``): a ``problem`` text and its
+    ``solution`` (with ``chat.text_as_chat``: a user turn and the assistant's answer + the end-of-turn token), or a
+    ``messages`` conversation whose final assistant turn is the completion (its earlier turns are context, never
+    trained)."""
     out = []
     for i, row in enumerate(rows):
         messages = row.get("messages")
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
                 and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str):
-            out.append(encode_example(tokenizer, messages[:-1], messages[-1]["content"], where=f"row {i}"))
+            out.append(encode_example(tokenizer, messages[:-1], messages[-1]["content"], chat=chat, where=f"row {i}"))
             continue
         if not isinstance(row.get("problem"), str) or not isinstance(row.get("solution"), str):
             raise UserError(f"row {i}: needs string fields 'problem' and 'solution', or a 'messages' conversation "
                             "ending with the assistant turn to learn; fix the data file")
-        out.append(encode_example(tokenizer, row["problem"], row["solution"], where=f"row {i}"))
+        out.append(encode_example(tokenizer, row["problem"], row["solution"], chat=chat, where=f"row {i}"))
     return out
 
 
@@ -116,16 +121,18 @@ def train_sft(
     log_every: int = 50,
     stop_when: Callable[[int], bool] | None = None,
     check_every: int = 25,
+    chat: ChatOptions = ChatOptions(),
 ) -> SFTResult:
     """Train ``model`` in place on ``rows`` (AdamW, cosine schedule, loss on completion tokens only).
 
     Batches are drawn by shuffling the rows epoch by epoch with ``config.seed``; results are deterministic for a
     given seed and thread count. ``stop_when(step)``, called every ``check_every`` steps (model in eval mode),
-    ends training early when it returns True; the schedule stays the one planned for ``config.steps``.
+    ends training early when it returns True; the schedule stays the one planned for ``config.steps``. ``chat``:
+    how rows are rendered (``encode_rows``), as the runs that sample from the model will render them.
     """
     if config.steps < 1 or config.batch_size < 1:
         raise UserError(f"SFT needs steps >= 1 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
-    examples = encode_rows(tokenizer, rows)
+    examples = encode_rows(tokenizer, rows, chat)
     if not examples:
         raise UserError("SFT data is empty; pass a jsonl file with 'problem' and 'solution' rows")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -183,14 +190,16 @@ def greedy_accuracy(
     *,
     max_new_tokens: int = 96,
     batch_size: int = 128,
+    chat: ChatOptions = ChatOptions(),
 ) -> float:
-    """Fraction of ``rows`` whose greedy completion's last ``\\boxed{}`` grades equal to ``row["answer"]``."""
+    """Fraction of ``rows`` whose greedy completion's last ``\\boxed{}`` grades equal to ``row["answer"]``, the
+    problems rendered with ``chat`` (``vopd.prompts.render_prompt``, as ``vopd eval`` renders them)."""
     from vopd.grading import grade_answer
     from vopd.sampling import generate
 
     if not rows:
         return float("nan")
-    prompts = [render_prompt(tokenizer, r["problem"]) for r in rows]
+    prompts = [render_prompt(tokenizer, r["problem"], chat=chat) for r in rows]
     samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
     correct = sum(
         grade_answer(tokenizer.decode(ids, skip_special_tokens=True), str(r["answer"]))

@@ -1,9 +1,11 @@
 """The tiny world's tokenizer and models: a byte-level BPE tokenizer trained offline and tiny ``Qwen3ForCausalLM``s.
 
-What it knows: how to train the tokenizer (digits one per token, arithmetic operators isolated, BOS prepended) on
-the task's text, and how to create a freshly initialised Qwen3 model of a given ``ModelShape`` over a tokenizer's
-vocabulary, seeded. What it does NOT know: the task itself (``vopd.world.task``), training (``vopd.world.sft``), or building
-and caching a whole world (``vopd.world.build``).
+What it knows: how to train the tokenizer (digits one per token, arithmetic operators isolated, BOS prepended to a
+text; with ``chat``, a ChatML chat template whose end of turn ``<|im_end|>`` is the EOS, as Qwen's instruct tokenizers
+declare it) on the task's text, and how to create a freshly initialised Qwen3 model of a given ``ModelShape`` over a
+tokenizer's vocabulary, seeded. What it does NOT know: the task itself (``vopd.world.task``), how prompts are rendered
+(``vopd.prompts``: the template saved here is applied there), training (``vopd.world.sft``), or building and caching a
+whole world (``vopd.world.build``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ if TYPE_CHECKING:
     from vopd.models import Model, Tokenizer
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+#: ChatML as Qwen writes it: ``<|im_start|>role\ncontent<|im_end|>\n`` per turn, and ``<|im_start|>assistant\n`` as the
+#: generation prompt; no default system turn. Unlike Qwen's, the conversation starts with BOS (as Llama's and Gemma's
+#: templates do): models this small use the first token as an attention sink, and without a token that occurs only
+#: there the student needed 680 SFT steps instead of 380 to reach its target (docs/tiny_world.md).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -38,12 +52,20 @@ class ModelShape:
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 384, *, chat: bool = False) -> Tokenizer:
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``.
 
     Digits are split one per token before BPE (so no merge ever spans digits, and numbers are spelled digit by
     digit); every byte is in the base alphabet (any text encodes, and decode(encode(x)) == x). The post-processor
-    prepends BOS, so ``vopd.data.encode_prompt`` yields BOS + prompt; PAD, BOS, EOS have ids 0, 1, 2.
+    prepends BOS to a text, so ``vopd.prompts.encode_prompt`` yields BOS + prompt; PAD, BOS, EOS have ids 0, 1, 2.
+
+    With ``chat``: ``<|im_start|>`` and ``<|im_end|>`` are special tokens too (ids 3, 4), ``CHAT_TEMPLATE`` (BOS, then
+    ChatML) is the chat template (saved with the tokenizer, so ``AutoTokenizer.from_pretrained(dir).apply_chat_template``
+    renders it),
+    and ``<|im_end|>`` is the EOS, as in Qwen's instruct tokenizers: a completion ends on it, rendered through the
+    template or not. ``<|eos|>`` stays in the vocabulary, unused (as Qwen's ``<|endoftext|>``). A newline is a
+    token of its own, never merged with its neighbours, so the ids of a prompt ending with the generation prompt's
+    ``assistant\\n`` are a prefix of the ids of the same conversation with the answer (``vopd.prompts.encode_example``).
     """
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as BPETokenizer
@@ -53,15 +75,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Tokenizer:
     # Merges may cross spaces (no word regex), which makes the fixed phrases of the task one token each and keeps
     # sequences short for CPU training. Arithmetic operators are isolated so that "+" in a problem and in a worked
     # solution is the same token: copying an operation is then a literal copy, which small models learn faster.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.Split(Regex(r" [-+*/] "), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    splits = [pre_tokenizers.Digits(individual_digits=True),
+              pre_tokenizers.Split(Regex(r" [-+*/] "), behavior="isolated")]
+    if chat:
+        splits.append(pre_tokenizers.Split("\n", behavior="isolated"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS],
+        special_tokens=[PAD, BOS, EOS, *([IM_START, IM_END] if chat else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -70,14 +93,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Tokenizer:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    if not chat:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=IM_END, pad_token=PAD,
+                                  chat_template=CHAT_TEMPLATE)
+    # Declared special (skipped by decode(skip_special_tokens=True)); they are in the vocabulary already.
+    out.add_special_tokens({"additional_special_tokens": [IM_START, EOS]})
+    return out
 
 
-def tokenizer_corpus(rows: Iterable[dict[str, Any]]) -> list[str]:
+def tokenizer_corpus(rows: Iterable[dict[str, Any]], *, chat: bool = False) -> list[str]:
     """The texts the tiny world's tokenizer is trained on: every row's prompt (``format_prompt``), then every worked
-    solution."""
+    solution; with ``chat``, each after the role name the chat template writes before it (``user``, ``assistant``)
+    and its newline, so each role name becomes one token."""
     rows = list(rows)
-    return [format_prompt(r["problem"]) for r in rows] + [r["solution"] for r in rows]
+    user, assistant = ("user\n", "assistant\n") if chat else ("", "")
+    return [user + format_prompt(r["problem"]) for r in rows] + [assistant + r["solution"] for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------ models
