@@ -39,9 +39,10 @@ class Interval:
 
 
 def _gram_stats(gram: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of squared norms and squared norm of the sum of rows ``idx`` (with repeats), from the Gram matrix."""
-    sub = gram[idx][:, idx]
-    return sub.diagonal().sum(), sub.sum()
+    """Sum of squared norms and squared norm of the sum of rows ``idx`` (with repeats), from the Gram matrix: with
+    c_i the times row i is drawn, Σ_a G[a,a] = c·diag(G) and Σ_ab G[a,b] = cᵀGc (no (R, R) copy per resample)."""
+    c = torch.bincount(idx, minlength=gram.shape[0]).to(gram.dtype)
+    return c @ gram.diagonal(), c @ (gram @ c)
 
 
 def trace_covariance(g: Tensor, *, boot: int = 1000, level: float = 0.95, seed: int = 0) -> Interval:
