@@ -316,7 +316,8 @@ def _check_numbers(teacher: TeacherNumbers, spec: MethodSpec, lead: tuple[int, .
     if spec.full_distribution:
         raise UserError(f"loss.method={spec.name} needs the teacher's full distribution at every position (sums over "
                         "the whole vocabulary), which a teacher sending per-token numbers does not give; use vopd-topk "
-                        "(the same unbiased gradient with a top-k baseline) or an in-process teacher")
+                        "(the same unbiased gradient with a top-k baseline), a teacher server's hidden states "
+                        "(model.teacher_head) or an in-process teacher")
     if spec.topk:
         if teacher.topk_ids is None or teacher.topk_logits is None:
             raise ValueError(f"method {spec.name} needs topk_ids and topk_logits (B, T, k) from the teacher")
