@@ -53,6 +53,27 @@ def build_micro_world(root: Path) -> MicroWorld:
     return MicroWorld(root, paths["teacher"], paths["student"], train, test)
 
 
+def fake_rollout(tok):
+    """Six prompts with random completions of different lengths (one of a single token) and fake sampler log-probs:
+    a rollout to score without sampling (the teacher-server tests)."""
+    from vopd.rollout import pack
+    from vopd.sampling import Samples
+
+    gen = torch.Generator().manual_seed(0)
+    texts = ["1 + 2 = ?", "What is 7 + 5?", "Compute 3 * 4.", "12 - 9", "2 + 2 + 2 = ?", "9 + 10"]
+    prompts = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    lengths = [5, 12, 3, 9, 1, 7]
+    completions = [torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in lengths]
+    logprobs = [(-3 * torch.rand(n, generator=gen)).tolist() for n in lengths]
+    return pack(prompts, Samples(completions, logprobs, [False] * len(texts)), tok.pad_token_id)
+
+
+@pytest.fixture(scope="session")
+def make_fake_rollout():
+    """``fake_rollout`` as a fixture: a function of a tokenizer."""
+    return fake_rollout
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a test module (restored after it), whatever earlier modules set: the tiny models are as

@@ -22,8 +22,7 @@ from vopd.loss.estimators import LossOutput
 from vopd.loss.methods import METHODS, method_spec
 from vopd.loss.scores import TeacherHidden
 from vopd.models import last_hidden, load_model, load_output_layer, load_tokenizer, output_layer
-from vopd.rollout import Rollout, pack
-from vopd.sampling import Samples
+from vopd.rollout import Rollout
 from vopd.teacher.client import RemoteTeacher
 from vopd.teacher.local import InProcessTeacher
 from vopd.teacher.wire import head_fingerprint
@@ -52,17 +51,6 @@ def servers(launch_teacher_servers, families):
         "gemma2": ([], None, families["gemma2"][1]),
         "granite": ([], None, families["granite"][1]),
     })
-
-
-def _rollout(tok) -> Rollout:
-    """Six prompts with fake completions of different lengths (one of a single token)."""
-    gen = torch.Generator().manual_seed(0)
-    texts = ["1 + 2 = ?", "What is 7 + 5?", "Compute 3 * 4.", "12 - 9", "2 + 2 + 2 = ?", "9 + 10"]
-    prompts = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in texts]
-    lengths = [5, 12, 3, 9, 1, 7]
-    completions = [torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in lengths]
-    logprobs = [(-3 * torch.rand(n, generator=gen)).tolist() for n in lengths]
-    return pack(prompts, Samples(completions, logprobs, [False] * len(texts)), tok.pad_token_id)
 
 
 def _loss(student, tok, rollout: Rollout, scores: TeacherHidden, method: str) -> tuple[LossOutput, list[torch.Tensor]]:
@@ -109,9 +97,9 @@ def test_health_reports_protocol_3_hidden_size_and_the_head_fingerprint(servers,
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_over_hidden_states_equals_the_in_process_teacher(method, servers, pair, micro_world):
+def test_every_method_over_hidden_states_equals_the_in_process_teacher(method, servers, pair, micro_world, make_fake_rollout):
     tok, teacher, student = pair
-    rollout = _rollout(tok)
+    rollout = make_fake_rollout(tok)
     with RemoteTeacher(servers["fp32"][1], head=str(micro_world.teacher)) as remote:
         assert remote.full_distribution
         scores = remote.score(rollout)  # 37 positions x 48 fp32 values: several requests under a 5 KiB answer limit
@@ -120,10 +108,10 @@ def test_every_method_over_hidden_states_equals_the_in_process_teacher(method, s
                                                                         method), 1e-5, method)
 
 
-def test_bf16_hidden_states(servers, pair, micro_world):
+def test_bf16_hidden_states(servers, pair, micro_world, make_fake_rollout):
     """A bf16 server sends bf16 states (auto); an fp32 server asked for bf16 sends its fp32 states rounded once."""
     tok, teacher, student = pair
-    rollout = _rollout(tok)
+    rollout = make_fake_rollout(tok)
     ref = teacher.score(rollout)
     live = rollout.completion_mask.bool()
     with RemoteTeacher(servers["fp32"][1], head=str(micro_world.teacher), hidden_dtype="bfloat16") as remote:
@@ -144,7 +132,7 @@ def test_bf16_hidden_states(servers, pair, micro_world):
 
 
 @pytest.mark.parametrize("family", ["gemma2", "granite"])
-def test_tied_softcapped_and_scaled_padded_heads(family, servers, families):
+def test_tied_softcapped_and_scaled_padded_heads(family, servers, families, make_fake_rollout):
     student_dir, teacher_dir = families[family]
     tok = load_tokenizer(str(teacher_dir))
     student = load_model(str(student_dir), role="student", dtype=torch.float32, device=CPU)
@@ -153,7 +141,7 @@ def test_tied_softcapped_and_scaled_padded_heads(family, servers, families):
     want = output_layer(teacher.model, len(tok))
     assert head.transform == want.transform and not head.transform.identity
     torch.testing.assert_close(head.weight, want.weight, atol=0, rtol=0)
-    rollout = _rollout(tok)
+    rollout = make_fake_rollout(tok)
     with RemoteTeacher(servers[family][1], head=str(teacher_dir)) as remote:
         scores = remote.score(rollout)
     for method in ("vopd", "opd-full"):
@@ -176,12 +164,12 @@ def test_another_output_layer_is_refused_by_fingerprint(servers, micro_world, pa
         RemoteTeacher(servers["fp32"][1], head=str(tmp_path / "nowhere"))
 
 
-def test_a_protocol_2_server_is_told_to_update(servers, pair, micro_world, monkeypatch):
+def test_a_protocol_2_server_is_told_to_update(servers, pair, micro_world, monkeypatch, make_fake_rollout):
     tok = pair[0]
     real_health = RemoteTeacher.health
     monkeypatch.setattr(RemoteTeacher, "health", lambda self: {**real_health(self), "protocol": 2})
     with pytest.raises(UserError, match="speaks protocol 2, which does not send hidden states.*update vopd"):
-        RemoteTeacher(servers["fp32"][1], head=str(micro_world.teacher)).score(_rollout(tok))
+        RemoteTeacher(servers["fp32"][1], head=str(micro_world.teacher)).score(make_fake_rollout(tok))
 
 
 @pytest.mark.parametrize("body, status, message", [

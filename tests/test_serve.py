@@ -16,8 +16,6 @@ from vopd.models import last_hidden, load_model, load_tokenizer, output_layer
 from vopd.loss.chunked import fused_distillation_loss, student_topk_ids
 from vopd.loss.scores import TeacherNumbers
 from vopd.teacher.client import RemoteTeacher
-from vopd.rollout import pack
-from vopd.sampling import Samples
 from vopd.teacher.local import InProcessTeacher
 from vopd.teacher.wire import b64_decode, b64_encode, tokenizer_fingerprint
 
@@ -51,16 +49,9 @@ def models(micro_world):
 
 
 @pytest.fixture(scope="module")
-def rollout(models):
+def rollout(models, make_fake_rollout):
     """Six prompts (more than the server's max_batch of 4) with fake completions of different lengths."""
-    tok = models[0]
-    gen = torch.Generator().manual_seed(0)
-    texts = ["1 + 2 = ?", "What is 7 + 5?", "Compute 3 * 4.", "12 - 9", "2 + 2 + 2 = ?", "9 + 10"]
-    prompts = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in texts]
-    lengths = [5, 12, 3, 9, 1, 7]
-    completions = [torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in lengths]
-    logprobs = [(-3 * torch.rand(n, generator=gen)).tolist() for n in lengths]
-    return pack(prompts, Samples(completions, logprobs, [False] * len(texts)), tok.pad_token_id)
+    return make_fake_rollout(models[0])
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
     from vopd.models import Model, Tokenizer
 
-#: The server's weight dtype (``/health``): the output layer is loaded at it, so fingerprints compare like with like.
-_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: A span of one sequence sent for scoring: (row, first scored position, one past the last).
 Span = tuple[int, int, int]
 
@@ -143,9 +141,10 @@ class RemoteTeacher:
                             f"hidden states (protocol {HIDDEN_PROTOCOL}); update vopd on the server and restart it, or "
                             "drop model.teacher_head and use a method servers score at ids (opd, vopd-topk, opd-topk, "
                             "rb-topk)")
-        from vopd.models import load_output_layer
+        from vopd.models import load_output_layer, resolve_dtype
 
-        dtype = _WEIGHT_DTYPES.get(str(info.get("dtype")), torch.float32)
+        # At the server's weight dtype, so that the fingerprints compare like with like.
+        dtype = resolve_dtype(str(info.get("dtype", "float32")), torch.device("cpu"))
         head = load_output_layer(str(self.head_path), vocab_size=int(info["vocab_size"]), dtype=dtype,
                                  trust_remote_code=self._trust_remote_code)
         mine, theirs = head_fingerprint(head.weight, head.bias, head.transform), info.get("head_sha256")
@@ -154,10 +153,7 @@ class RemoteTeacher:
                             f"uses (fingerprint {mine[:12]}... vs {str(theirs)[:12]}..., {tuple(head.weight.shape)} "
                             f"{head.weight.dtype}, logit transform {head.transform.describe()}); set model.teacher_head "
                             "to the directory of the checkpoint the server serves")
-        if int(info.get("hidden_size", -1)) != head.weight.shape[1]:
-            raise UserError(f"the teacher server at {self.url} sends hidden states of size {info.get('hidden_size')}, "
-                            f"the output layer in {self.head_path} takes {head.weight.shape[1]}")
-        self._head = head
+        self._head = head  # equal fingerprints: equal shapes, so the server's hidden_size is this layer's width
         return head
 
     def score(self, rollout: Rollout, topk_ids: Tensor | None = None, *,
@@ -216,11 +212,7 @@ class RemoteTeacher:
         for group in self._groups(spans, 0, info["limits"], hidden=wire, hidden_size=d):
             seqs = [{"ids": ids[i, : end + 1].tolist(), "start": start} for i, start, end in group]
             reply = self._request("POST", "/score", {"sequences": seqs, "encoding": "base64", "hidden": wire})
-            results = reply.get("results", [])
-            if len(results) != len(group):
-                raise RuntimeError(f"teacher server at {self.url} answered {len(results)} results for {len(group)} "
-                                   "sequences; client and server protocol versions differ")
-            for (i, start, end), res in zip(group, results):
+            for (i, start, end), res in zip(group, self._results(reply, group)):
                 hidden[i, start:end] = b64_decode(res["hidden"], HIDDEN_DTYPES[wire], (end - start) * d).reshape(-1, d)
         device = rollout.input_ids.device
         if head.weight.device != device:  # moved once: the layer stays where the loss runs
@@ -265,17 +257,21 @@ class RemoteTeacher:
 
     def _unpack(self, reply: dict[str, Any], group: list[Span], k: int, logq: Tensor,
                 logits: Tensor | None, lse: Tensor | None) -> None:
-        results = reply.get("results", [])
-        if len(results) != len(group):
-            raise RuntimeError(f"teacher server at {self.url} answered {len(results)} results for {len(group)} "
-                               "sequences; client and server protocol versions differ")
-        for (i, start, end), res in zip(group, results):
+        for (i, start, end), res in zip(group, self._results(reply, group)):
             n = end - start
             logq[i, start:end] = b64_decode(res["logq"], torch.float32, n)
             if logits is not None:
                 logits[i, start:end] = b64_decode(res["logits"], torch.float32, n * k).reshape(n, k)
             if lse is not None:
                 lse[i, start:end] = b64_decode(res["lse"], torch.float32, n)
+
+    def _results(self, reply: dict[str, Any], group: list[Span]) -> list[dict[str, Any]]:
+        """The answer's one result per sequence of ``group``, in order."""
+        results: list[dict[str, Any]] = reply.get("results", [])
+        if len(results) != len(group):
+            raise RuntimeError(f"teacher server at {self.url} answered {len(results)} results for {len(group)} "
+                               "sequences; client and server protocol versions differ")
+        return results
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         httpx = self._httpx

@@ -61,8 +61,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384, *, chat: bool =
 
     With ``chat``: ``<|im_start|>`` and ``<|im_end|>`` are special tokens too (ids 3, 4), ``CHAT_TEMPLATE`` (BOS, then
     ChatML) is the chat template (saved with the tokenizer, so ``AutoTokenizer.from_pretrained(dir).apply_chat_template``
-    renders it),
-    and ``<|im_end|>`` is the EOS, as in Qwen's instruct tokenizers: a completion ends on it, rendered through the
+    renders it), and ``<|im_end|>`` is the EOS, as in Qwen's instruct tokenizers: a completion ends on it, rendered through the
     template or not. ``<|eos|>`` stays in the vocabulary, unused (as Qwen's ``<|endoftext|>``). A newline is a
     token of its own, never merged with its neighbours, so the ids of a prompt ending with the generation prompt's
     ``assistant\\n`` are a prefix of the ids of the same conversation with the answer (``vopd.prompts.encode_example``).

@@ -21,9 +21,6 @@ import torch
 from vopd.errors import UserError
 from vopd.tools.bench.pair import serve_teacher, tiny_pair
 
-_B64 = 4 / 3  # base64 of raw bytes
-
-
 def add_payload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="teacher model directory (default: a tiny random teacher built here)")
     p.add_argument("--top-k", type=int, default=64, help="ids per position for the top-k protocols (default 64)")
@@ -36,11 +33,12 @@ def add_payload_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _answer_bytes(protocol: str, k: int, d: int) -> float:
-    """Answer bytes per scored position that a protocol's layout predicts (base64 floats; JSON framing excluded)."""
-    floats = {"ids": 1, "topk": 1 + k, "topk+lse": 2 + k}
-    if protocol in floats:
-        return floats[protocol] * 4 * _B64
-    return d * (4 if protocol == "hidden-fp32" else 2) * _B64
+    """Answer bytes per scored position that a protocol's layout predicts (base64; JSON framing excluded): the
+    bound the server checks answers against (``vopd.teacher.wire.response_bytes``)."""
+    from vopd.teacher.wire import response_bytes
+
+    hidden = {"hidden-fp32": "float32", "hidden-bf16": "bfloat16"}.get(protocol)
+    return response_bytes(1, k if protocol.startswith("topk") else 0, protocol == "topk+lse", "base64", hidden, d)
 
 
 def run_payload_bench(args: argparse.Namespace) -> int:
