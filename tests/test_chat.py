@@ -153,7 +153,7 @@ def test_generation_stops_at_the_end_of_turn_and_the_teacher_scores_it(tok, micr
     late = generate(model, plain, prompts[:1], max_new_tokens=4)
     assert late.completions == [[im_end] * 4] and late.truncated == [True]
     rollout = pack(prompts, out, tok.pad_token_id)
-    assert rollout.targets[rollout.completion_mask.bool()].tolist() == [im_end, im_end]
+    assert rollout.targets[rollout.loss_mask.bool()].tolist() == [im_end, im_end]
     scores = InProcessTeacher(make("qwen3", len(tok), seed=3), len(tok)).score(rollout)
     assert scores.hidden.shape[:2] == rollout.targets.shape  # the stop token's position is scored like any other
 
@@ -190,7 +190,7 @@ def test_training_on_conversations_masks_the_given_turns(chat_pair, tmp_path, mo
         prompt = rollout.input_ids[i, :n].tolist()
         row = json.loads(train_file.read_text().splitlines()[i])
         assert prompt == render_prompt(tok, row.get("messages") or row["problem"], chat=chat)
-        mask = rollout.completion_mask[i].bool()
+        mask = rollout.loss_mask[i].bool()
         # targets[t] is input_ids[t + 1]: the mask starts at the first sampled token, after every given turn
         assert mask[: n - 1].sum() == 0 and int(mask.sum()) == rollout.completion_lengths[i]
 

@@ -61,7 +61,7 @@ def _loss(student, tok, rollout: Rollout, scores: TeacherHidden, method: str) ->
     h, w = hidden.clone().requires_grad_(), head.weight.detach().clone().requires_grad_()
     sampled = method_spec(method).sampled
     extra = dict(sampler_logprobs=rollout.sampler_logprobs, ratio_cap=2.0) if sampled else {}
-    out = fused_distillation_loss(h, w, rollout.targets, rollout.completion_mask, scores, method=method, top_k=K,
+    out = fused_distillation_loss(h, w, rollout.targets, rollout.loss_mask, scores, method=method, top_k=K,
                                   normalizer=40.0, student_transform=head.transform, **extra)
     out.loss.backward()
     return out, [h.grad, w.grad]
@@ -113,7 +113,7 @@ def test_bf16_hidden_states(servers, pair, micro_world, make_fake_rollout):
     tok, teacher, student = pair
     rollout = make_fake_rollout(tok)
     ref = teacher.score(rollout)
-    live = rollout.completion_mask.bool()
+    live = rollout.loss_mask.bool()
     with RemoteTeacher(servers["fp32"][1], head=str(micro_world.teacher), hidden_dtype="bfloat16") as remote:
         rounded = remote.score(rollout)
     assert isinstance(rounded, TeacherHidden) and rounded.hidden.dtype == torch.bfloat16

@@ -75,13 +75,13 @@ def test_health_reports_model_vocab_tokenizer_and_limits(server, models, micro_w
 def test_remote_scores_equal_in_process_teacher(server, models, rollout, student_side):
     _, teacher, _ = models
     hidden, weight = student_side
-    ids = student_topk_ids(hidden, weight, rollout.completion_mask, K)
+    ids = student_topk_ids(hidden, weight, rollout.loss_mask, K)
     with RemoteTeacher(server, token=TOKEN) as remote:
         got = remote.score(rollout, ids, lse=True)  # 6 sequences: two requests (the server's max_batch is 4)
         plain = remote.score(rollout)
     t = teacher.score(rollout)
     z = t.hidden @ t.weight.T
-    mask = rollout.completion_mask
+    mask = rollout.loss_mask
     want_logq = z.log_softmax(-1).gather(-1, rollout.targets.unsqueeze(-1)).squeeze(-1) * mask
     want_logits = z.gather(-1, ids) * mask.unsqueeze(-1)
     torch.testing.assert_close(got.logq, want_logq, atol=1e-5, rtol=0)
@@ -96,7 +96,7 @@ def test_remote_loss_equals_chunked_loss_with_in_process_teacher(server, models,
     _, teacher, _ = models
     t = teacher.score(rollout)
     hidden, weight = student_side
-    mask = rollout.completion_mask
+    mask = rollout.loss_mask
     extra = dict(sampler_logprobs=rollout.sampler_logprobs, ratio_cap=2.0) if method != "opd-topk" else {}
     ids = student_topk_ids(hidden, weight, mask, K)
     with RemoteTeacher(server, token=TOKEN) as remote:

@@ -61,13 +61,13 @@ def test_own_prompt_changes_the_teacher_scores_and_nothing_else(setup):
     tok, teacher, prompts, own, samples = setup
     plain = pack(prompts, samples, tok.pad_token_id)
     mine = pack(prompts, samples, tok.pad_token_id, teacher_prompts=own)
-    for name in ("input_ids", "attention_mask", "targets", "completion_mask", "sampler_logprobs"):
+    for name in ("input_ids", "attention_mask", "targets", "loss_mask", "sampler_logprobs"):
         assert torch.equal(getattr(plain, name), getattr(mine, name)), name  # the student's side: byte-identical
     inner = InProcessTeacher(teacher, len(tok))
     wrapped = OwnPromptTeacher(inner, tok.pad_token_id)
     assert torch.equal(wrapped.score(plain).hidden, inner.score(plain).hidden)  # no teacher prompts: pass-through
     got = wrapped.score(mine)
-    mask = mine.completion_mask.bool()
+    mask = mine.loss_mask.bool()
     assert got.hidden.shape[:2] == mine.targets.shape and got.hidden[~mask].abs().max() == 0
     # the same numbers as the teacher's own sequence (its prompt + the completion), completion token by token
     ref = inner.score(pack(own, samples, tok.pad_token_id))
@@ -75,8 +75,8 @@ def test_own_prompt_changes_the_teacher_scores_and_nothing_else(setup):
         torch.testing.assert_close(got.hidden[i, p_s - 1:p_s - 1 + c], ref.hidden[i, p_t - 1:p_t - 1 + c])
     hs = last_hidden(teacher, mine.input_ids, mine.attention_mask)[:, :-1].detach()  # any student
     w = output_layer(teacher, len(tok)).weight.detach()
-    a = fused_distillation_loss(hs, w, mine.targets, mine.completion_mask, got, method="vopd")
-    b = fused_distillation_loss(hs, w, plain.targets, plain.completion_mask, inner.score(plain), method="vopd")
+    a = fused_distillation_loss(hs, w, mine.targets, mine.loss_mask, got, method="vopd")
+    b = fused_distillation_loss(hs, w, plain.targets, plain.loss_mask, inner.score(plain), method="vopd")
     assert (a.logq - b.logq)[mask].abs().max() > 1e-2 and torch.equal(a.logp, b.logp)
 
     # a teacher that sends numbers (a server): the student's top-k ids asked on its own grid, answers moved back
@@ -200,7 +200,7 @@ def test_own_prompt_over_a_teacher_server_equals_the_in_process_teacher(method, 
     plain = pack(prompts, samples, tok.pad_token_id)
     mine = pack(prompts, samples, tok.pad_token_id, teacher_prompts=own)
     assert [len(p) for p in own] != [len(p) for p in prompts]  # the two grids differ: alignment is by completion
-    mask = mine.completion_mask.bool()
+    mask = mine.loss_mask.bool()
     local = OwnPromptTeacher(InProcessTeacher(teacher, len(tok)), tok.pad_token_id)
     remote = OwnPromptTeacher(RemoteTeacher(server), tok.pad_token_id)
     request.addfinalizer(remote.close)

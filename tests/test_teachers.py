@@ -89,10 +89,10 @@ def test_two_teachers_give_the_update_of_each_subset_scored_by_hand(micro_world,
         sub = rollout.take([i for i, r in enumerate(routes) if r == name])
         out = student.model(input_ids=sub.input_ids, attention_mask=sub.attention_mask)
         hidden = out.last_hidden_state[:, :-1]
-        loss = fused_distillation_loss(hidden, student.lm_head.weight, sub.targets, sub.completion_mask,
+        loss = fused_distillation_loss(hidden, student.lm_head.weight, sub.targets, sub.loss_mask,
                                        teacher.score(sub), method="vopd", normalizer=total)
         loss.loss.backward()
-        m = sub.completion_mask.float()
+        m = sub.loss_mask.float()
         by_hand[name] = float(-(loss.reward * m).sum() / m.sum())
         assert got.token_metrics[f"teacher/{name}/tokens_frac"] == pytest.approx(float(m.sum()) / total)
         assert got.token_metrics[f"teacher/{name}/kl_estimate"] == pytest.approx(by_hand[name], rel=1e-5)

@@ -69,7 +69,7 @@ def _student_logprobs(model, tok, prompts, samples) -> tuple[torch.Tensor, torch
         w = output_layer(model, len(tok)).weight
         logits = h.float() @ w.float().T
         own = logits.log_softmax(-1).gather(-1, r.targets.unsqueeze(-1)).squeeze(-1)
-    m = r.completion_mask
+    m = r.loss_mask
     return r.sampler_logprobs * m, own * m, m
 
 
@@ -131,7 +131,7 @@ def test_every_optimizer_step_is_synced_exactly(vllm_student, lora):
         h = last_hidden(model, r.input_ids, r.attention_mask)[:, :-1]
         w = output_layer(model, len(tok)).weight
         logp = (h @ w.T).log_softmax(-1).gather(-1, r.targets.unsqueeze(-1)).squeeze(-1)
-        (logp * r.completion_mask).sum().neg().backward()  # any loss: the point is that the weights change
+        (logp * r.loss_mask).sum().neg().backward()  # any loss: the point is that the weights change
         opt.step()
         opt.zero_grad()
         moved.append(float((_student_logprobs(model, tok, prompts, samples)[1] - own).abs().max()))

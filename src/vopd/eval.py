@@ -400,13 +400,13 @@ def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size
         with torch.no_grad():
             for lo in range(0, rollout.size, micro_batch_size):
                 mb = rollout.select(lo, lo + micro_batch_size).to(device)
-                n = int(mb.completion_mask.sum())
+                n = int(mb.loss_mask.sum())
                 if n == 0:
                     continue
                 scores = teacher.score(mb)
                 hs = last_hidden(student, mb.input_ids, mb.attention_mask)[:, :-1]
                 head = output_layer(student, vocab_size)
-                out = fused_distillation_loss(hs, head.weight, mb.targets, mb.completion_mask, scores,
+                out = fused_distillation_loss(hs, head.weight, mb.targets, mb.loss_mask, scores,
                                               method="opd-full", student_bias=head.bias,
                                               memory_budget_mb=memory_budget_mb, student_transform=head.transform)
                 assert out.kl is not None  # opd-full always reports the exact KL_t

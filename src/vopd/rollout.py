@@ -32,8 +32,10 @@ class Rollout:
     input_ids:        (B, L) prompt + completion ids, right-padded (padding is masked out everywhere).
     attention_mask:   (B, L) 1 on real tokens.
     targets:          (B, L-1) ``input_ids[:, 1:]``: position t's logits produce ``targets[:, t]``.
-    completion_mask:  (B, L-1) 1 where ``targets[:, t]`` is a sampled completion token.
-    sampler_logprobs: (B, L-1) the sampler's log-prob of each completion target, 0 elsewhere.
+    loss_mask:        (B, L-1) True where ``targets[:, t]`` is a completion token the student sampled: the loss,
+                      the metrics, the importance ratio and the teachers read this mask, which may have holes (a
+                      completion with tokens the student did not sample, ``Samples.loss_masks``).
+    sampler_logprobs: (B, L-1) the sampler's log-prob of each sampled completion target, 0 elsewhere.
     prompt_lengths, completion_lengths, truncated: per sequence.
     teacher_prompts:  per sequence, the teacher's own prompt ids when it reads the completion after a prompt of its
                       own (``vopd.teacher.reprompt``); None: the teacher reads the student's sequences. The student's
@@ -44,7 +46,7 @@ class Rollout:
     input_ids: Tensor
     attention_mask: Tensor
     targets: Tensor
-    completion_mask: Tensor
+    loss_mask: Tensor
     sampler_logprobs: Tensor
     prompt_lengths: list[int]
     completion_lengths: list[int]
@@ -58,7 +60,7 @@ class Rollout:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.completion_mask.sum())
+        return int(self.loss_mask.sum())
 
     def select(self, start: int, stop: int) -> "Rollout":
         """Rows [start, stop), trimmed to their own longest sequence (micro-batches carry no extra padding)."""
@@ -67,7 +69,7 @@ class Rollout:
             input_ids=self.input_ids[start:stop, :width],
             attention_mask=self.attention_mask[start:stop, :width],
             targets=self.targets[start:stop, : width - 1],
-            completion_mask=self.completion_mask[start:stop, : width - 1],
+            loss_mask=self.loss_mask[start:stop, : width - 1],
             sampler_logprobs=self.sampler_logprobs[start:stop, : width - 1],
             prompt_lengths=self.prompt_lengths[start:stop],
             completion_lengths=self.completion_lengths[start:stop],
@@ -85,14 +87,14 @@ class Rollout:
             return None if items is None else [items[i] for i in rows]
 
         return Rollout(self.input_ids.index_select(0, idx), self.attention_mask.index_select(0, idx),
-                       self.targets.index_select(0, idx), self.completion_mask.index_select(0, idx),
+                       self.targets.index_select(0, idx), self.loss_mask.index_select(0, idx),
                        self.sampler_logprobs.index_select(0, idx), [self.prompt_lengths[i] for i in rows],
                        [self.completion_lengths[i] for i in rows], [self.truncated[i] for i in rows],
                        pick(self.teacher_prompts), pick(self.routes))
 
     def to(self, device: torch.device) -> "Rollout":
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
-                       self.completion_mask.to(device), self.sampler_logprobs.to(device), self.prompt_lengths,
+                       self.loss_mask.to(device), self.sampler_logprobs.to(device), self.prompt_lengths,
                        self.completion_lengths, self.truncated, self.teacher_prompts, self.routes)
 
     def completions(self) -> list[list[int]]:
@@ -112,26 +114,31 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
         raise ValueError(f"{len(prompts)} prompts but {len(samples.completions)} completions")
     if teacher_prompts is not None and len(teacher_prompts) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(teacher_prompts)} teacher prompts")
+    holes = samples.loss_masks
+    if holes is not None and [len(m) for m in holes] != [len(c) for c in samples.completions]:
+        raise ValueError("Samples.loss_masks must hold one flag per completion token of every sequence")
     rows = [p + c for p, c in zip(prompts, samples.completions)]
     width = max(2, max(len(r) for r in rows))
     b = len(rows)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     attention = torch.zeros((b, width), dtype=torch.long)
-    completion_mask = torch.zeros((b, width - 1), dtype=torch.bool)
+    loss_mask = torch.zeros((b, width - 1), dtype=torch.bool)
     sampler_lp = torch.zeros((b, width - 1), dtype=torch.float32)
     for i, (p, c) in enumerate(zip(prompts, samples.completions)):
         n = len(p) + len(c)
         input_ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
         attention[i, :n] = 1
         # completion token j sits at input position len(p)+j and is predicted from position len(p)+j-1.
-        completion_mask[i, len(p) - 1 : n - 1] = True
+        sampled = torch.ones(len(c), dtype=torch.bool) if holes is None else torch.tensor(holes[i], dtype=torch.bool)
+        loss_mask[i, len(p) - 1 : n - 1] = sampled
         if samples.logprobs and samples.logprobs[i]:
-            sampler_lp[i, len(p) - 1 : n - 1] = torch.tensor(samples.logprobs[i], dtype=torch.float32)
+            lp = torch.tensor(samples.logprobs[i], dtype=torch.float32)
+            sampler_lp[i, len(p) - 1 : n - 1] = torch.where(sampled, lp, torch.zeros_like(lp))
     return Rollout(
         input_ids=input_ids,
         attention_mask=attention,
         targets=input_ids[:, 1:].clone(),
-        completion_mask=completion_mask,
+        loss_mask=loss_mask,
         sampler_logprobs=sampler_lp,
         prompt_lengths=[len(p) for p in prompts],
         completion_lengths=[len(c) for c in samples.completions],

@@ -46,12 +46,15 @@ class Samples:
     ``completions[i]`` holds the generated ids (the stop token included when one was generated: EOS or the chat
     template's end of turn, ``vopd.prompts.stop_token_ids``); ``logprobs[i]`` the sampler's log-prob of each of them
     (empty lists when not requested); ``truncated[i]`` is True when no stop token was produced within
-    ``max_new_tokens``.
+    ``max_new_tokens``. ``loss_masks[i]``, when given, says per completion token whether the student sampled it
+    (True: it is trained on) or not (False: a tool's output, another speaker's turn, a forced token: the student and
+    the teacher read it, the loss skips it); None: every completion token was sampled.
     """
 
     completions: list[list[int]]
     logprobs: list[list[float]]
     truncated: list[bool]
+    loss_masks: list[list[bool]] | None = None
 
 
 @torch.no_grad()

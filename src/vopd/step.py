@@ -76,9 +76,9 @@ def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teachers: Teache
                 loss.backward()
             loss_sum += float(loss.detach())
             for p in parts:
-                stats.add(p.out, p.rows.completion_mask, p.rows.sampler_logprobs)
+                stats.add(p.out, p.rows.loss_mask, p.rows.sampler_logprobs)
                 if by_teacher:
-                    by_teacher[p.name].add(p.out, p.rows.completion_mask, p.rows.sampler_logprobs)
+                    by_teacher[p.name].add(p.out, p.rows.loss_mask, p.rows.sampler_logprobs)
             if i + 1 == half:
                 half_probe = _half_batch_probe(engine, micro[:half], total_tokens, normalizer)
     # Each rank's loss is its share of the global mean times W; any rank's NaN makes every rank skip.
@@ -140,13 +140,13 @@ def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teachers: Teachers, 
             with timer("teacher"):
                 scores[part.name] = ahead[part.name].result()
         elif part.name not in scores:
-            ids = student_topk_ids(h.detach(), weight.detach(), rows.completion_mask, cfg.loss.top_k,
+            ids = student_topk_ids(h.detach(), weight.detach(), rows.loss_mask, cfg.loss.top_k,
                                    bias=None if bias is None else bias.detach(), transform=transform,
                                    memory_budget_mb=cfg.loss.chunk_memory_mb)  # the head's own chunks: the same ids
             with timer("teacher"):
                 scores[part.name] = part.teacher.score(rows, topk_ids=ids, lse=spec.teacher_lse)
         out = fused_distillation_loss(
-            h, weight, rows.targets, rows.completion_mask, scores.pop(part.name), method=cfg.loss.method,
+            h, weight, rows.targets, rows.loss_mask, scores.pop(part.name), method=cfg.loss.method,
             top_k=cfg.loss.top_k, student_bias=bias, normalizer=normalizer, memory_budget_mb=cfg.loss.chunk_memory_mb,
             sampler_logprobs=rows.sampler_logprobs if use_ratio else None,
             ratio_cap=cfg.loss.ratio_cap if use_ratio else None, ratio_mode=cfg.loss.ratio_mode,

@@ -170,7 +170,7 @@ class RemoteTeacher:
             raise UserError(f"teacher server at {self.url} speaks protocol {info.get('protocol')}, which does not send "
                             f"the teacher's log-sum-exp that rb-topk needs (protocol {LSE_PROTOCOL}); update vopd on "
                             "the server and restart it, or use loss.method=vopd-topk")
-        ids, mask = rollout.input_ids.cpu(), rollout.completion_mask.cpu()
+        ids, mask = rollout.input_ids.cpu(), rollout.loss_mask.cpu()
         b, t = mask.shape
         k = 0
         if topk_ids is not None:
@@ -205,7 +205,7 @@ class RemoteTeacher:
         info = self._info or self.health()
         wire = self._wire_dtype()
         ids = rollout.input_ids.cpu()
-        b, t = rollout.completion_mask.shape
+        b, t = rollout.loss_mask.shape
         d = head.weight.shape[1]
         hidden = torch.zeros(b, t, d, dtype=HIDDEN_DTYPES[wire])
         spans = _spans(rollout)
@@ -304,14 +304,14 @@ class RemoteTeacher:
 def _spans(rollout: Rollout) -> list[Span]:
     """Per sequence with completion tokens, only tokens up to its last completion target are sent: positions
     start..end-1 are scored."""
-    attention, mask = rollout.attention_mask.cpu(), rollout.completion_mask.cpu()
+    attention, mask = rollout.attention_mask.cpu(), rollout.loss_mask.cpu()
     spans: list[Span] = []
     for i in range(mask.shape[0]):
         live = mask[i].nonzero().squeeze(-1)
         if live.numel():
             end = int(live[-1]) + 1
             if end >= int(attention[i].sum()):
-                raise ValueError(f"completion_mask of sequence {i} reaches past its attention mask")
+                raise ValueError(f"loss_mask of sequence {i} reaches past its attention mask")
             spans.append((i, int(live[0]), end))
     return spans
 

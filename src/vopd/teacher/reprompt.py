@@ -30,7 +30,10 @@ def teacher_view(rollout: Rollout, pad_id: int) -> tuple[Rollout, tuple[Tensor, 
     every completion target)."""
     assert rollout.teacher_prompts is not None
     completions = rollout.completions()
-    view = pack(rollout.teacher_prompts, Samples(completions, [], list(rollout.truncated)), pad_id)
+    # The student's loss mask (holes included) travels onto the teacher's grid: the teacher scores what is trained.
+    sampled = [rollout.loss_mask[i, p - 1:p - 1 + c].tolist()
+               for i, (p, c) in enumerate(zip(rollout.prompt_lengths, rollout.completion_lengths))]
+    view = pack(rollout.teacher_prompts, Samples(completions, [], list(rollout.truncated), sampled), pad_id)
     rows: list[int] = []
     s_pos: list[int] = []
     t_pos: list[int] = []

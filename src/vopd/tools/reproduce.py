@@ -162,7 +162,7 @@ def topk_baseline_error(world: World, ks: list[int], *, prompts: int, max_new_to
     zs = student(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, :-1]
     zt = teacher(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, :-1]
     vocab = zs.shape[-1]
-    m = r.completion_mask
+    m = r.loss_mask
     exact = distillation_loss(zs, zt, r.targets, m, method="vopd").kl
     assert exact is not None  # vopd reports the exact KL_t
     out: dict[str, Any] = {"vocab": vocab, "tokens": int(m.sum()), "exact_kl_mean": float(exact[m].mean()), "k": {}}

@@ -119,7 +119,7 @@ def collect_gradients(student: Model, teacher: InProcessTeacher, tok: Tokenizer,
             hidden = last_hidden(student, rollout.input_ids, rollout.attention_mask)[:, :-1]
             head = output_layer(student, vocab)
             out = chunked_distillation_loss(hidden, head.weight, scores.hidden, scores.weight, rollout.targets,
-                                            rollout.completion_mask, method=method_spec(method).name, top_k=top_k,
+                                            rollout.loss_mask, method=method_spec(method).name, top_k=top_k,
                                             student_bias=head.bias, teacher_bias=scores.bias,
                                             memory_budget_mb=memory_budget_mb, student_transform=head.transform,
                                             teacher_transform=scores.transform)
