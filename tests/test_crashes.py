@@ -23,7 +23,7 @@ from vopd import checkpoint as ckpt
 from vopd.config import load_config
 from vopd.errors import UserError
 from vopd.metrics import read_metrics
-from vopd.train import train
+from vopd.train import Start, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,7 +153,7 @@ def test_killed_mid_step_mid_line_and_mid_checkpoint_then_resumed_equals_uninter
     assert not (out / "final").exists()
     # 4. resumed at 4 again: steps 5 and 6 are recomputed, their old lines replaced
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
-    assert train(load_config(None, base), resume=True, log=_quiet).steps_done == 6
+    assert train(load_config(None, base), start=Start.resume(), log=_quiet).steps_done == 6
     _same_run(reference, out)
 
 
@@ -195,10 +195,10 @@ def _kill_at_random_times(base: list[str], kills: int, seed: int, run_s: float, 
 
 def _finish(cfg: Any) -> None:
     try:
-        train(cfg, resume=True, log=_quiet)
+        train(cfg, start=Start.resume(), log=_quiet)
     except UserError as exc:
         assert "--discard-newer" in str(exc)
-        train(cfg, resume=True, discard_newer=True, log=_quiet)
+        train(cfg, start=Start.resume(discard_newer=True), log=_quiet)
 
 
 @pytest.mark.parametrize("kills,steps", [

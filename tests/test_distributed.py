@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from vopd import checkpoint as ckpt
 from vopd.config import load_config
 from vopd.sampling import Samples
-from vopd.train import train
+from vopd.train import Start, train
 
 #: Per-step metrics that must agree between runs (all are global: reduced over ranks).
 COMPARE = ("loss", "grad_norm", "kl_estimate", "tokens", "reward_var")
@@ -164,10 +164,10 @@ def test_two_rank_checkpoint_resumes_to_the_uninterrupted_run(strategy, dist_ove
         tuple(w.shape) for w in weights.values())
     # The same checkpoint resumed by one process (a world-size change) ...
     shutil.copytree(tmp_path / "split", tmp_path / "single")
-    train(load_config(None, base + [f"output_dir={tmp_path / 'single'}"]), resume=True, make_sampler=lambda *_: FixedSampler(),
+    train(load_config(None, base + [f"output_dir={tmp_path / 'single'}"]), start=Start.resume(), make_sampler=lambda *_: FixedSampler(),
           log=_quiet)
     # ... and by two ranks, as it was written.
-    _two_ranks(split, resume=True)
+    _two_ranks(split, start=Start.resume())
     _assert_same_run(tmp_path / "ref", tmp_path / "split")
     _assert_same_run(tmp_path / "ref", tmp_path / "single")
 

@@ -115,7 +115,7 @@ def test_the_writer_resumes_the_history_and_the_optional_loggers(tmp_path, monke
     writer.close()
     writer = MetricsWriter(tmp_path, loggers, {}, resume_step=2)  # resumed from the checkpoint of step 2
     writer.write(3, {"loss": 30.0})
-    writer.sync()
+    writer.flush()
     writer.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert seen["purge"] == [None, 3]

@@ -22,7 +22,7 @@ from vopd.guard import sampling_failures
 from vopd.metrics import read_metrics
 from vopd.models import load_tokenizer
 from vopd.rollout import hf_engine
-from vopd.train import TrainerState, TrainingAborted, train
+from vopd.train import TrainerState, TrainingAborted, Start, train
 from vopd.world.task import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,16 +56,16 @@ def test_a_checkpoint_of_another_run_or_older_than_saved_work_is_refused(micro_w
     # --resume-from a checkpoint of another run (other method and learning rate): refused, naming the keys
     with pytest.raises(UserError, match=r"checkpoint .*other/checkpoints/step-00000002 is not from this run: its config "
                                         r"differs in loss.method \('opd' -> 'vopd'\), optim.lr \(0.01 -> 0.003\);"):
-        train(cfg, resume_from=str(other.final_checkpoint), log=_quiet)
+        train(cfg, start=Start.resume(str(other.final_checkpoint)), log=_quiet)
     # --resume-from an older checkpoint of this run: it would replace step 3 and final/
     older = out / "checkpoints" / "step-00000001"
     with pytest.raises(UserError, match=r"from checkpoint step-00000001: it would replace newer work "
                                         r"\(step-00000002, step-00000003, final\);.*--discard-newer"):
-        train(cfg, resume_from=str(older), log=_quiet)
+        train(cfg, start=Start.resume(str(older)), log=_quiet)
     assert _snapshot(out) == saved, "a refused resume changed the run's files"
 
     # Asked to: the newer work is moved aside, never deleted, and the run redoes it exactly.
-    again = train(cfg, resume_from=str(older), discard_newer=True, log=_quiet)
+    again = train(cfg, start=Start.resume(str(older), discard_newer=True), log=_quiet)
     assert again.steps_done == 3 and _steps(out) == [1, 2, 3]
     [aside] = out.glob("discarded-*")
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
@@ -76,7 +76,7 @@ def test_a_checkpoint_of_another_run_or_older_than_saved_work_is_refused(micro_w
 
     # Resuming a finished run is a no-op that leaves final/ as it is (same step: nothing newer to protect).
     before = _snapshot(out / "final")
-    assert train(cfg, resume=True, log=_quiet).steps_done == 3
+    assert train(cfg, start=Start.resume(), log=_quiet).steps_done == 3
     assert _snapshot(out / "final") == before and _steps(out) == [1, 2, 3]
 
 
@@ -85,7 +85,7 @@ def test_a_checkpoint_past_the_runs_steps_or_off_its_data_is_refused(micro_world
     train(cfg, stop_at=3, log=_quiet)
     shorter = load_config(None, train_overrides + ["steps=2"])  # steps may change on resume, but not below the step
     with pytest.raises(UserError, match=r"step-00000003 is at step 3, past this run's steps=2: set steps>=3"):
-        train(shorter, resume=True, log=_quiet)
+        train(shorter, start=Start.resume(), log=_quiet)
 
     where = Path("ck")
     ok = {"manifest_step": 3, "steps": 4, "batch_size": 4, "prompts": 64}

@@ -19,7 +19,7 @@ from vopd.models import load_model, load_tokenizer
 from vopd.world.task import read_jsonl
 from vopd.teacher.local import InProcessTeacher
 from vopd.eval import heldout_kl
-from vopd.train import TrainingAborted, train
+from vopd.train import TrainingAborted, OVERWRITE, Start, train
 
 
 def _quiet(_msg: str) -> None:
@@ -67,7 +67,7 @@ def test_resume_equals_uninterrupted(micro_world, train_overrides, tmp_path):
     cfg = load_config(None, base + [f"output_dir={tmp_path / 'split'}"])
     first = train(cfg, stop_at=2, log=_quiet)
     assert first.steps_done == 2 and not (tmp_path / "split" / "final").exists()
-    second = train(cfg, resume=True, log=_quiet)
+    second = train(cfg, start=Start.resume(), log=_quiet)
     assert second.steps_done == 4
     a, b = _weights(full.output_dir / "final"), _weights(second.output_dir / "final")
     assert a.keys() == b.keys()
@@ -182,7 +182,7 @@ def test_nan_steps_are_skipped_then_abort_keeps_last_checkpoint(micro_world, tra
     logs: list[str] = []
     with pytest.raises(TrainingAborted, match=r"3 consecutive bad steps \(max_bad_steps=2; the last: non-finite "
                                               r"loss .*checkpoints/step-0*2 "):
-        train(cfg, resume=True, log=logs.append)
+        train(cfg, start=Start.resume(), log=logs.append)
     assert sum("update skipped" in m for m in logs) == 3
     assert ckpt.latest_valid_checkpoint(cfg.output_dir) == good
     ckpt.verify_checkpoint(good)
@@ -196,9 +196,9 @@ def test_corrupt_checkpoint_on_resume_is_named_with_the_last_valid_one(micro_wor
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk
     with pytest.raises(UserError, match=r"checkpoint .*step-0*2 is corrupt .*model.safetensors.* last valid one is "
                                         r".*step-0*1: resume from it with --resume-from"):
-        train(cfg, resume=True, log=_quiet)
+        train(cfg, start=Start.resume(), log=_quiet)
     previous = ckpt.list_checkpoints(cfg.output_dir)[0]
-    result = train(cfg, resume_from=str(previous), log=_quiet)
+    result = train(cfg, start=Start.resume(str(previous)), log=_quiet)
     assert result.steps_done == 4
 
 
@@ -208,7 +208,7 @@ def test_output_dir_with_another_run_is_refused(micro_world, train_overrides):
     changed = load_config(None, train_overrides + ["steps=1", "loss.method=opd"])
     with pytest.raises(UserError, match="output_dir"):
         train(changed, log=_quiet)
-    assert train(changed, overwrite=True, log=_quiet).steps_done == 1
+    assert train(changed, start=OVERWRITE, log=_quiet).steps_done == 1
 
 
 def test_cli_reports_one_line_error(tmp_path):

@@ -19,7 +19,7 @@ from vopd.config import RolloutConfig, VllmConfig, load_config  # noqa: E402
 from vopd.errors import UserError  # noqa: E402
 from vopd.models import apply_lora, last_hidden, load_model, load_tokenizer, output_layer  # noqa: E402
 from vopd.rollout import pack  # noqa: E402
-from vopd.train import train  # noqa: E402
+from vopd.train import Start, train  # noqa: E402
 from vopd.vllm_engine import VllmSampler, shutdown  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,12 +183,12 @@ def test_training_with_vllm_learns_like_hf_and_resumes_exactly(micro_world, vllm
     train(full, log=lambda _m: None)
     part = dataclasses.replace(full, output_dir=str(tmp_path / "part"))
     train(part, stop_at=2, log=lambda _m: None)
-    train(part, resume=True, log=lambda _m: None)
+    train(part, start=Start.resume(), log=lambda _m: None)
     assert _metrics(tmp_path / "part") == _metrics(tmp_path / "full")
 
 
 def test_a_skipped_sync_is_caught(micro_world, vllm_student, tmp_path, monkeypatch):
-    real_sync = VllmSampler.sync
+    real_sync = VllmSampler.sync_weights
 
     def sync_once(self):  # the first sync happens, later ones are "lost": rollouts come from the initial weights
         if self.syncs == 0:
@@ -196,7 +196,7 @@ def test_a_skipped_sync_is_caught(micro_world, vllm_student, tmp_path, monkeypat
         else:
             self.syncs += 1
 
-    monkeypatch.setattr(VllmSampler, "sync", sync_once)
+    monkeypatch.setattr(VllmSampler, "sync_weights", sync_once)
     cfg = load_config(None, _vllm_overrides(micro_world, vllm_student, tmp_path / "run", "rollout.engine=vllm",
                                             "optim.lr=0.05"))
     with pytest.raises(UserError, match=r"stale or partial weight sync") as err:

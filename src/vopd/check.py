@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -25,6 +25,7 @@ from vopd.sampling import biasing_settings
 
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
+    from vopd.data import PromptSet
     from vopd.models import Model, Tokenizer
     from vopd.teacher.base import Teacher
     from vopd.teacher.routing import Teachers
@@ -126,17 +127,37 @@ def check_placement(cfg: TrainConfig, teacher: Teacher, name: str = "") -> None:
                         "baseline), or a local teacher directory")
 
 
-def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: TrainConfig) -> list[str]:
+def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: TrainConfig, *,
+              prompts: PromptSet | None = None) -> list[str]:
     """All checks for a training config, for any teacher placement and any number of teachers; returns
     human-readable lines of what passed. Each teacher checks its pairing with the student
     (``Teacher.pairing_checks``: one token->id map for all) and its stop tokens and chat template, then the
-    student-side checks run once."""
+    student-side checks run once. ``prompts``: the training prompts already read (``training_prompts``), so the
+    file is not read again for the template checks."""
     lines = []
+    chatting = uses_chat_template(cfg) if prompts is None else prompts.chat
     for name, teacher in teachers:
         check_placement(cfg, teacher, name)
-        mine = [*teacher.pairing_checks(student, student_tok), *chat_checks(student_tok, teacher.tokenizer, cfg)]
+        mine = [*teacher.pairing_checks(student, student_tok),
+                *chat_checks(student_tok, teacher.tokenizer, cfg, chatting)]
         lines += [f"teacher {name}: {line}" for line in mine] if name else mine
     return [*lines, *student_checks(student, student_tok, len(student_tok), cfg)]
+
+
+def training_prompts(cfg: TrainConfig, tok: Tokenizer, student: Model, teachers: Teachers,
+                     log: Callable[[str], None]) -> PromptSet:
+    """The training prompts (``data.*``) that fit ``prompt_budget``, with each teacher's own prompt and each row's
+    teacher when configured: what ``vopd train`` trains on and ``vopd check`` reports."""
+    from vopd.data import load_prompt_pairs
+    from vopd.prompts import chat_options, teacher_prompts
+
+    budget, limit_name = prompt_budget(cfg, student)  # data.max_prompt_tokens, or less: the position limit
+    single = teachers.single
+    return load_prompt_pairs(
+        cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=budget,
+        long_prompts=cfg.data.long_prompts, log=log, limit_name=limit_name, messages_field=cfg.data.messages_field,
+        chat=chat_options(cfg.data), route_field=cfg.data.teacher_field, teacher_names=teachers.names,
+        teacher=teacher_prompts(cfg.data, tok, None if single is None else single.tokenizer))
 
 
 def uses_chat_template(cfg: TrainConfig) -> bool:
@@ -151,14 +172,15 @@ def uses_chat_template(cfg: TrainConfig) -> bool:
     return any(row.get(cfg.data.messages_field) is not None for _where, row in read_rows(cfg.data.train))
 
 
-def chat_checks(student_tok: Tokenizer, teacher_tok: Tokenizer | None, cfg: TrainConfig) -> list[str]:
+def chat_checks(student_tok: Tokenizer, teacher_tok: Tokenizer | None, cfg: TrainConfig,
+                chatting: bool) -> list[str]:
     """Stop tokens and chat templates (docs/real_models.md): the student's template can open an assistant turn; a
     teacher whose tokenizer this placement holds stops on the same tokens and, when prompts go through the chat
     template, renders a probe conversation to the same ids (the first differing token named otherwise)."""
     from vopd.prompts import chat_options, compare_rendering, compare_stop_tokens, require_chat_template, \
         stop_token_ids
 
-    chat, chatting = chat_options(cfg.data), uses_chat_template(cfg)
+    chat = chat_options(cfg.data)
     if teacher_tok is None:
         lines = [f"completions stop on {student_tok.convert_ids_to_tokens(stop_token_ids(student_tok))} (the "
                  "teacher's tokenizer is not here to compare)"]
@@ -212,24 +234,14 @@ def cli_main(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.model.device)
     tok, student = load_student(cfg.model, device)
     teachers = open_teachers(cfg, vocab_size=len(tok), device=device, student=student, student_tok=tok)
-    teacher_tok = None if teachers.single is None else teachers.single.tokenizer
     try:
         for line in preflight(student, tok, teachers, cfg):
             print(f"ok  {line}")
     finally:
         teachers.close()
     if cfg.data.train:  # the prompts that fit, as `vopd train` will load them (data.long_prompts=error refuses here)
-        from vopd.data import load_prompt_pairs
-        from vopd.prompts import chat_options, teacher_prompts
-
         notes: list[str] = []
-        budget, limit_name = prompt_budget(cfg, student)
-        found = load_prompt_pairs(
-            cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=budget,
-            long_prompts=cfg.data.long_prompts, log=notes.append, limit_name=limit_name,
-            messages_field=cfg.data.messages_field, chat=chat_options(cfg.data),
-            teacher=teacher_prompts(cfg.data, tok, teacher_tok), route_field=cfg.data.teacher_field,
-            teacher_names=teachers.names)
+        found = training_prompts(cfg, tok, student, teachers, notes.append)
         routed = "" if found.routes is None else " (rows per teacher: " + ", ".join(
             f"{n} {found.routes.count(n)}" for n in teachers.names) + ")"
         print(f"ok  data: {len(found.student)} prompts of {cfg.data.train} fit" + ("" if found.teacher is None else

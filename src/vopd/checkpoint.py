@@ -41,14 +41,14 @@ _TMP_PID_RE = re.compile(r"^\.tmp-.*\.(\d+)\.[^.]+$")  # .tmp-<what>.<pid>.<rand
 
 class HasStateDict(Protocol):
     """What a checkpoint saves an optimizer's or a scheduler's state from: a ``torch.optim`` optimizer or LR scheduler,
-    or the gathered state of ``vopd.distributed.Engine.optimizer_state``."""
+    or the gathered state of ``vopd.distributed.WrappedStudent.optimizer_state``."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
 
 class LoadsStateDict(Protocol):
     """What a checkpoint loads an optimizer's or a scheduler's state into: a ``torch.optim`` optimizer or LR scheduler,
-    or ``vopd.distributed.Engine.optimizer_loader``'s sharding loader."""
+    or ``vopd.distributed.WrappedStudent.optimizer_loader``'s sharding loader."""
 
     def load_state_dict(self, state_dict: dict[str, Any], /) -> None: ...
 

@@ -251,11 +251,14 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, **kwargs: Any) -> list[
 @dataclass(frozen=True)
 class PromptSet:
     """The kept rows of a training file: the student's prompt ids, the teacher's own prompt ids (None: the
-    student's), and the name of each row's teacher (None: one teacher), all in the same order."""
+    student's), and the name of each row's teacher (None: one teacher), all in the same order; ``chat``: whether
+    the prompts went through the chat template (``data.text_as_chat``, or a conversation row), which the pre-flight's
+    template checks need (the file is read once)."""
 
     student: list[list[int]]
     teacher: list[list[int]] | None = None
     routes: list[str] | None = None
+    chat: bool = False
 
 
 def _route(row: dict[str, Any], field: str, names: Collection[str], where: str) -> str:
@@ -286,7 +289,9 @@ def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, tem
     kept: list[list[list[int]]] = []
     routes: list[str] = []
     skipped, checked = 0, RenderChecks(log)
+    chatting = chat.text_as_chat
     for where, row in rows:
+        chatting = chatting or row.get(messages_field) is not None
         route = _route(row, route_field, teacher_names, f"{path} {where}") if route_field else ""
         ids = row_prompts(row, tokenizer, field=field, messages_field=messages_field, template=template, chat=chat,
                           teacher=teacher, where=f"{path} {where}", checks=checked)
@@ -303,4 +308,4 @@ def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, tem
     if not kept:
         raise UserError(f"no usable prompt in {path} (all {len(rows)} longer than {limit_name})")
     return PromptSet([k[0] for k in kept], None if teacher is None else [k[1] for k in kept],
-                     routes if route_field else None)
+                     routes if route_field else None, chatting)

@@ -4,8 +4,9 @@ What it knows:
 - whether torch.distributed is initialised (by ``torchrun``), this process's rank, world size and device, sum/max
   reductions, and running a rank-0-only action (writing files, evaluating) so that its result *or its error* reaches
   every rank (a rank-0 failure must not leave the others waiting in a collective forever);
-- ``wrap``: turning the student into an ``Engine`` under DistributedDataParallel or FSDP2 (``fully_shard``), with
-  the pieces the trainer needs around PyTorch's own engines: gradient sync only on the last micro-batch, the
+- ``wrap``: turning the student into a ``WrappedStudent`` under DistributedDataParallel or FSDP2 (``fully_shard``), with
+  the pieces the trainer needs around PyTorch's own wrappers: gradients reduced over ranks only on the last
+  micro-batch, the
   gradient norm of sharded gradients, an unsharded copy of the student for ``generate``/evaluation/checkpoint files,
   and full (unsharded) optimizer states for checkpoints that load at any world size.
 
@@ -14,7 +15,7 @@ never branches on "distributed or not". What it does not know: the loss, samplin
 checkpoint layout (``vopd.checkpoint`` writes what it is given).
 
 The output layer (see ``StudentForward``): the chunked loss needs the student's output weight itself, outside any
-``forward``. Both engines only manage what happens inside the forward of the module they wrap, so the wrapped module
+``forward``. Both wrappers only manage what happens inside the forward of the module they wrap, so the wrapped module
 returns the weight *from its forward*: under DDP its gradient then arrives in the same backward as every other
 parameter's and is all-reduced with them; under FSDP2 the output layer belongs to the root unit, whose parameters
 are unsharded (plain tensors) during that forward and stay unsharded until the backward has reduce-scattered their
@@ -170,11 +171,11 @@ def broadcast_object(value: T) -> T:
 
 
 class StudentForward(nn.Module):
-    """The module the data-parallel engine wraps: the student's decoder *and* its output layer.
+    """The module the data-parallel wrapper wraps: the student's decoder *and* its output layer.
 
     ``forward`` returns (last hidden states (B, L, D), output weight (V, D) sliced to the tokenizer, bias or None).
     The chunked loss forms logits from the weight chunk by chunk, so the output layer's own ``forward`` never runs;
-    returning the weight here is what puts it under the engine (see the module docstring)."""
+    returning the weight here is what puts it under the wrapper (see the module docstring)."""
 
     def __init__(self, model: nn.Module, vocab_size: int) -> None:
         super().__init__()
@@ -200,15 +201,16 @@ class _StateDictOf:
 
 
 @dataclass
-class Engine:
-    """The student as trained, and the handles the loop needs.
+class WrappedStudent:
+    """The student as trained (one process, DDP or FSDP2), and the handles the loop needs. Not an "engine": that
+    word is the rollout engine's (``rollout.engine``).
 
     strategy: "single" (one process), "ddp" or "fsdp2".
     model:    the student (under FSDP2 its parameters are sharded DTensors, in place).
     forward:  ``StudentForward`` over ``model``, wrapped by DDP or made the FSDP2 root; call it for training.
     full:     an unsharded student with the current weights: ``generate``, evaluation, checkpoint files and the final
               export use it. It is ``model`` itself except under FSDP2, where it is a separate copy refreshed after
-              every optimizer step (``after_step``).
+              every optimizer step (``refresh_full_copy``).
     """
 
     strategy: str
@@ -219,7 +221,7 @@ class Engine:
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
+    def grad_reduction(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """Context for one micro-batch's forward + backward. DDP: gradients are all-reduced only on the last
         micro-batch (``no_sync`` before it; the sum accumulates locally, and the last backward reduces it).
         FSDP2 reduce-scatters every micro-batch: skipping it would keep unsharded gradients alive between
@@ -256,7 +258,7 @@ class Engine:
         _, total = self._grad_norm()
         return 0.0 if total is None else float(total) ** 2
 
-    def after_step(self) -> None:
+    def refresh_full_copy(self) -> None:
         """FSDP2: copy the updated (gathered) trainable weights into ``full``. A collective: every rank calls it."""
         if self.strategy != "fsdp2":
             return
@@ -293,14 +295,14 @@ class Engine:
         ``optimizer_state``) into ``optimizer``, sharding it under FSDP2. Every rank calls it with the same state."""
         if self.strategy != "fsdp2":
             return optimizer
-        engine = self
+        wrapped = self
 
         class _Loader:
             def load_state_dict(self, state: dict[str, Any]) -> None:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-                by_name = _indices_to_names(state, engine._trainable_names())
-                set_optimizer_state_dict(engine.model, optimizer, by_name,
+                by_name = _indices_to_names(state, wrapped._trainable_names())
+                set_optimizer_state_dict(wrapped.model, optimizer, by_name,
                                          options=StateDictOptions(full_state_dict=True))
 
         return _Loader()
@@ -330,14 +332,14 @@ def _indices_to_names(state: dict[str, Any], names: list[str]) -> dict[str, Any]
             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
 
 
-def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.device) -> Engine:
+def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.device) -> WrappedStudent:
     """The student under ``strategy`` at the current world size (one process: no wrapping at all).
 
-    Call it after the weights are final for step 0 (a resume loads into ``Engine.full`` and calls
+    Call it after the weights are final for step 0 (a resume loads into ``WrappedStudent.full`` and calls
     ``load_full_weights``) and before building the optimizer (FSDP2 replaces the parameters by sharded ones)."""
     trunk = StudentForward(model, vocab_size)
     if world_size() == 1:
-        return Engine("single", model, trunk, model)
+        return WrappedStudent("single", model, trunk, model)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -349,7 +351,7 @@ def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.de
                                           else {"broadcast_buffers": False})
         ddp = DistributedDataParallel(trunk, device_ids=[device.index] if device.type == "cuda" else None,
                                       **no_buffer_sync)
-        return Engine("ddp", model, ddp, model)
+        return WrappedStudent("ddp", model, ddp, model)
     if strategy == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -371,7 +373,7 @@ def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.de
         # FSDP2 warns that the root returns views (the output weight sliced to the tokenizer, hidden states): an
         # in-place op on them would skip its pre-backward hook. The trainer never modifies them in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPStudentForward\) returned a view")
-        return Engine("fsdp2", model, trunk, full)
+        return WrappedStudent("fsdp2", model, trunk, full)
     raise UserError(f"distributed.strategy={strategy!r} is not one of ddp, fsdp2")
 
 

@@ -182,7 +182,7 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
 
-    def sync(self) -> None:
+    def flush(self) -> None:
         """Make every line written so far durable (before a checkpoint vouches for the steps they describe)."""
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -1,15 +1,16 @@
 """Rollouts: the one data contract between sampling, teacher scoring and the loss.
 
 What it knows: turning prompts + sampled completions (+ the sampler's log-probs) into right-padded training tensors,
-already aligned for the estimators (``targets[:, t]`` is the token the logits at position t predict), and slicing
-them into micro-batches. What it does not know: which sampler produced the completions (Hugging Face generate today,
+already aligned for the estimators (``targets[:, t]`` is the token the logits at position t predict), with a loss
+mask that may have holes (tokens the student did not sample), slicing them into micro-batches, and the rollout
+source the loop takes each step's batch from (``RolloutSource``; synchronous today). What it does not know: which sampler produced the completions (Hugging Face generate today,
 an inference engine later: anything returning ``vopd.sampling.Samples`` fits), models, or the loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ from vopd.sampling import Cache, Samples, biasing_settings, generate
 
 if TYPE_CHECKING:
     from vopd.config import RolloutConfig, TrainConfig
+    from vopd.data import PromptSet, PromptStream
     from vopd.models import Model, Tokenizer
 
 
@@ -41,6 +43,9 @@ class Rollout:
                       own (``vopd.teacher.reprompt``); None: the teacher reads the student's sequences. The student's
                       tensors above never depend on it.
     routes:           per sequence, the name of the teacher that scores it (``model.teachers``); None: one teacher.
+    weights_version:  the student weights that sampled it: those after this many training steps (the loop trains
+                      on-policy, so step k takes rollouts of version k; a buffered or asynchronous producer tags
+                      older ones, ``RolloutSource``).
     """
 
     input_ids: Tensor
@@ -53,6 +58,7 @@ class Rollout:
     truncated: list[bool]
     teacher_prompts: list[list[int]] | None = None
     routes: list[str] | None = None
+    weights_version: int = 0
 
     @property
     def size(self) -> int:
@@ -76,6 +82,7 @@ class Rollout:
             truncated=self.truncated[start:stop],
             teacher_prompts=None if self.teacher_prompts is None else self.teacher_prompts[start:stop],
             routes=None if self.routes is None else self.routes[start:stop],
+            weights_version=self.weights_version,
         )
 
     def take(self, rows: list[int]) -> "Rollout":
@@ -90,12 +97,13 @@ class Rollout:
                        self.targets.index_select(0, idx), self.loss_mask.index_select(0, idx),
                        self.sampler_logprobs.index_select(0, idx), [self.prompt_lengths[i] for i in rows],
                        [self.completion_lengths[i] for i in rows], [self.truncated[i] for i in rows],
-                       pick(self.teacher_prompts), pick(self.routes))
+                       pick(self.teacher_prompts), pick(self.routes), self.weights_version)
 
     def to(self, device: torch.device) -> "Rollout":
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
                        self.loss_mask.to(device), self.sampler_logprobs.to(device), self.prompt_lengths,
-                       self.completion_lengths, self.truncated, self.teacher_prompts, self.routes)
+                       self.completion_lengths, self.truncated, self.teacher_prompts, self.routes,
+                       self.weights_version)
 
     def completions(self) -> list[list[int]]:
         """Each sequence's completion ids (the sampled tokens, the stop token included)."""
@@ -104,10 +112,11 @@ class Rollout:
 
 
 def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
-         teacher_prompts: list[list[int]] | None = None, routes: list[str] | None = None) -> Rollout:
+         teacher_prompts: list[list[int]] | None = None, routes: list[str] | None = None,
+         weights_version: int = 0) -> Rollout:
     """Right-pad prompt + completion rows and align targets, masks and sampler log-probs. ``teacher_prompts``: the
     teacher's own prompt per row (kept as ids; ``vopd.teacher.reprompt`` builds the teacher's sequences);
-    ``routes``: the name of each row's teacher (``model.teachers``)."""
+    ``routes``: the name of each row's teacher (``model.teachers``); ``weights_version``: see ``Rollout``."""
     if routes is not None and len(routes) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(routes)} routes")
     if len(prompts) != len(samples.completions):
@@ -145,6 +154,7 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
         truncated=list(samples.truncated),
         teacher_prompts=None if teacher_prompts is None else [list(p) for p in teacher_prompts],
         routes=None if routes is None else list(routes),
+        weights_version=weights_version,
     )
 
 
@@ -154,6 +164,39 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
 #: sampler's log-prob of each completion token (they feed the importance ratio, so an engine whose numerics differ
 #: from the trainer's is corrected for, up to ``loss.ratio_cap``); ``truncated[i]`` when no EOS was generated.
 Sampler = Callable[[list[list[int]]], Samples]
+
+
+class RolloutSource(Protocol):
+    """Where the loop takes each step's rollouts from: ``rollouts(k)`` gives this rank's share of step k's batch,
+    tagged with the weights version that sampled it; ``position()`` is the data position after the batches taken so
+    far (a checkpoint saves it, ``vopd.setup.TrainerState.data``). Synchronous today (``OnPolicyRollouts``); a
+    buffered or asynchronous producer fits behind the same two calls without touching the loop."""
+
+    def rollouts(self, step: int) -> Rollout: ...
+
+    def position(self) -> dict[str, int]: ...
+
+
+class OnPolicyRollouts:
+    """The synchronous source: step k's prompts (``PromptStream``, the global batch sliced per rank) sampled when
+    asked, by the sampler over the live student, so from the weights after k steps (version k)."""
+
+    def __init__(self, sample: Sampler, prompts: PromptSet, stream: PromptStream, pad_id: int, *, batch_size: int,
+                 rank: int, world_size: int) -> None:
+        self.sample, self.prompts, self.stream, self.pad_id = sample, prompts, stream, pad_id
+        per_rank = batch_size // world_size
+        self.batch_size, self.lo, self.hi = batch_size, rank * per_rank, (rank + 1) * per_rank
+
+    def rollouts(self, step: int) -> Rollout:
+        ids = self.stream.take(self.batch_size)[self.lo:self.hi]
+        p = self.prompts
+        batch = [p.student[i] for i in ids]
+        own = None if p.teacher is None else [p.teacher[i] for i in ids]
+        route = None if p.routes is None else [p.routes[i] for i in ids]
+        return pack(batch, self.sample(batch), self.pad_id, teacher_prompts=own, routes=route, weights_version=step)
+
+    def position(self) -> dict[str, int]:
+        return self.stream.state()
 
 
 def hf_sampler(model: Model, tokenizer: Tokenizer, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
@@ -194,7 +237,7 @@ def engine_factory(cfg: TrainConfig) -> SamplerFactory:
     return vllm_engine
 
 
-def check_sync(rollout: RolloutConfig, token_metrics: dict[str, float], weight_dtype: torch.dtype) -> None:
+def check_weight_sync(rollout: RolloutConfig, token_metrics: dict[str, float], weight_dtype: torch.dtype) -> None:
     """With ``rollout.check_sync`` and unbiased sampling settings, a one-line error when the sampler's log-probs of
     the sampled tokens drifted from the trainer's (``logprob_diff_mean``) by more than ``rollout.sync_tolerance`` (0: 1e-3 for float32 weights,
     5e-2 for half precision, where engine and trainer kernels round differently): the rollouts did not come from

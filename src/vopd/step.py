@@ -47,7 +47,7 @@ class StepGradient:
     scored_ahead_s: float | None = None  # seconds of scoring done on the background thread (None: no overlap)
 
 
-def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teachers: Teachers, rollout: Rollout,
+def accumulate_gradients(cfg: TrainConfig, student: dist.WrappedStudent, teachers: Teachers, rollout: Rollout,
                          device: torch.device, timer: PhaseTimer) -> StepGradient:
     """Score, loss and backward over this rank's ``rollout`` in micro-batches; the gradients are left in the model
     (reduced over ranks), ready for the optimizer step."""
@@ -70,8 +70,8 @@ def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teachers: Teache
     half_probe: tuple[float, int] | None = None
     with ScoreAhead(cfg, teachers, micro) as ahead:
         for i, mb in enumerate(micro):
-            with engine.sync(last=i == len(micro) - 1):
-                parts = micro_batch_loss(cfg, engine, teachers, mb, normalizer, timer, ahead=ahead.take(i))
+            with student.grad_reduction(last=i == len(micro) - 1):
+                parts = micro_batch_loss(cfg, student, teachers, mb, normalizer, timer, ahead=ahead.take(i))
                 loss = torch.stack([p.out.loss for p in parts]).sum()
                 loss.backward()
             loss_sum += float(loss.detach())
@@ -80,7 +80,7 @@ def accumulate_gradients(cfg: TrainConfig, engine: dist.Engine, teachers: Teache
                 if by_teacher:
                     by_teacher[p.name].add(p.out, p.rows.loss_mask, p.rows.sampler_logprobs)
             if i + 1 == half:
-                half_probe = _half_batch_probe(engine, micro[:half], total_tokens, normalizer)
+                half_probe = _half_batch_probe(student, micro[:half], total_tokens, normalizer)
     # Each rank's loss is its share of the global mean times W; any rank's NaN makes every rank skip.
     loss_total = float(dist.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64))) / dist.world_size()
     metrics = stats.reduce()
@@ -110,7 +110,7 @@ class PartLoss:
     out: LossOutput
 
 
-def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teachers: Teachers, mb: Rollout, normalizer: float,
+def micro_batch_loss(cfg: TrainConfig, student: dist.WrappedStudent, teachers: Teachers, mb: Rollout, normalizer: float,
                      timer: PhaseTimer, *, ahead: Mapping[str, Future[TeacherScores]] | None = None) -> list[PartLoss]:
     """One micro-batch's loss, one part per teacher that scores rows of it (one part with one teacher), each graph
     ready for ``backward`` (their sum is the micro-batch's loss). The teacher's time is charged to the teacher phase.
@@ -128,9 +128,9 @@ def micro_batch_loss(cfg: TrainConfig, engine: dist.Engine, teachers: Teachers, 
         if part.name not in ahead and not asks_ids(cfg, part.teacher):
             with timer("teacher"):
                 scores[part.name] = part.teacher.score(part.of(mb), lse=spec.teacher_lse)
-    hidden, weight, bias = engine.forward(mb.input_ids, mb.attention_mask)
+    hidden, weight, bias = student.forward(mb.input_ids, mb.attention_mask)
     hidden = hidden[:, :-1]
-    transform = logit_transform(engine.model)  # softcapping / scaling (docs/estimators.md, "Output transforms")
+    transform = logit_transform(student.model)  # softcapping / scaling (docs/estimators.md, "Output transforms")
     use_ratio = cfg.loss.ratio_cap > 0
     outs = []
     for part in parts:
@@ -209,7 +209,7 @@ class ScoreAhead:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _half_batch_probe(engine: dist.Engine, first: list[Rollout], total_tokens: float,
+def _half_batch_probe(student: dist.WrappedStudent, first: list[Rollout], total_tokens: float,
                       normalizer: float) -> tuple[float, int] | None:
     """(|G_a|^2, a): the squared norm of the token-mean gradient of the first micro-batches' ``a`` rollouts, for
     ``metrics.gradient_noise``. Each micro-batch's loss is divided by ``normalizer`` = N/W, so the accumulated
@@ -217,9 +217,9 @@ def _half_batch_probe(engine: dist.Engine, first: list[Rollout], total_tokens: f
     the mean over ranks (sum over all ranks' first halves / N)."""
     tokens = float(sum(mb.num_tokens for mb in first))
     units = sum(mb.size for mb in first)
-    sq = engine.grad_sq_norm()
+    sq = student.grad_sq_norm()
     scale = normalizer
-    if engine.strategy == "fsdp2":
+    if student.strategy == "fsdp2":
         counts = dist.all_reduce_sum(torch.tensor([tokens, float(units)], dtype=torch.float64))
         tokens, units, scale = float(counts[0]), int(counts[1]), total_tokens
     if tokens == 0:

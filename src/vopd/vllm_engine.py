@@ -240,7 +240,7 @@ class VllmSampler:
         self.stop_ids = stop_token_ids(tokenizer)  # EOS and the chat template's end of turn, as HF generate
         self.syncs = 0
 
-    def sync(self) -> None:
+    def sync_weights(self) -> None:
         """Replace the engine's weights with the student's, in one reload (every weight at once), and drop KV
         blocks cached with the old ones."""
         if self.sleep:
@@ -253,7 +253,7 @@ class VllmSampler:
         vllm = _import_vllm()
         if not prompts:
             return Samples([], [], [])
-        self.sync()
+        self.sync_weights()
         r = self.rollout
         # Per-request seeds from torch's generator, which the loop seeds per (step, rank): a resumed run draws the
         # same seeds, and vLLM's per-request seed makes each request's tokens independent of the batch around it.

@@ -85,7 +85,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, start: dict[s
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from vopd.metrics import read_metrics
-    from vopd.train import train
+    from vopd.train import Start, train
     from vopd.world.build import build_world
 
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_config(None, _overrides(world, method, out, args))
         print(f"\n== distilling with {method}: {args.steps} steps x {args.batch_size} rollouts ==")
         t = time.perf_counter()
-        result = train(cfg, overwrite=args.overwrite, log=lambda m: None)
+        result = train(cfg, start=Start.from_flags(overwrite=args.overwrite), log=lambda m: None)
         seconds[method] = time.perf_counter() - t
         curves[method] = read_metrics(result.output_dir / "metrics.jsonl")
         last = curves[method][-1]

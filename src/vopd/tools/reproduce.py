@@ -99,14 +99,14 @@ def _train_one(world: World, out: Path, args: argparse.Namespace, method: str, l
                top_k: int) -> list[dict[str, Any]]:
     """One training run (reused when its final model exists: an interrupted grid resumes cheaply)."""
     from vopd.metrics import read_metrics
-    from vopd.train import train
+    from vopd.train import OVERWRITE, train
 
     name = _run_name(method, lr, seed, None if top_k == args.top_k else top_k)
     run_dir = out / "runs" / name
     if not (run_dir / "final").is_dir():
         cfg = _config(world, args, method, lr, seed, top_k, run_dir)
         t = time.perf_counter()
-        train(cfg, overwrite=True, log=lambda m: None)
+        train(cfg, start=OVERWRITE, log=lambda m: None)
         print(f"  {name}: {time.perf_counter() - t:.0f}s", flush=True)
     return read_metrics(run_dir / "metrics.jsonl")
 
@@ -192,10 +192,10 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
 
     cpu = torch.device("cpu")
     tok, student, teacher_model = _world_models(world)
-    engine = dist.wrap(student, len(tok), "ddp", cpu)  # one process: no wrapping, whatever the strategy
+    wrapped = dist.wrap(student, len(tok), "ddp", cpu)  # one process: no wrapping, whatever the strategy
     teachers = Teachers({ONLY: InProcessTeacher(teacher_model, len(tok))})
-    optimizer = torch.optim.AdamW(engine.trainable(), lr=0.0)
-    ids, sampler, batch = _sample(engine.full, tok, world, world.train_data, batch_size, world.config.eval_max_new_tokens,
+    optimizer = torch.optim.AdamW(wrapped.trainable(), lr=0.0)
+    ids, sampler, batch = _sample(wrapped.full, tok, world, world.train_data, batch_size, world.config.eval_max_new_tokens,
                                   seed)
     cfgs = {m: load_config(None, [f"model.student={world.student}", f"model.teacher={world.teacher}",
                                   f"data.train={world.train_data}", f"loss.method={m}", f"loss.top_k={top_k}",
@@ -214,7 +214,7 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
                     sampler(ids)
             else:
                 with timer("student"):
-                    parts = micro_batch_loss(cfgs[m], engine, teachers, batch, float(batch.num_tokens), timer)
+                    parts = micro_batch_loss(cfgs[m], wrapped, teachers, batch, float(batch.num_tokens), timer)
                     parts[0].out.loss.backward()
                 with timer("optimizer"):
                     optimizer.step()

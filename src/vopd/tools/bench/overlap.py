@@ -75,7 +75,7 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
             comps = [torch.randint(3, vocab, (args.completion_len,), generator=gen).tolist() for _ in prompts]
             rollout = pack(prompts, Samples(comps, [[-1.0] * len(c) for c in comps], [False] * len(comps)),
                            tok.pad_token_id)
-            engine = dist.wrap(student, vocab, "ddp", cpu)  # one process: the model itself
+            wrapped = dist.wrap(student, vocab, "ddp", cpu)  # one process: the model itself
             times: dict[str, list[tuple[float, float]]] = {"overlap": [], "inline": [], "in-process": []}
             grads: dict[str, list[torch.Tensor]] = {}
             order = list(times)
@@ -86,7 +86,7 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
                     timer = PhaseTimer(cpu)
                     t0 = time.perf_counter()
                     with timer("student"):
-                        accumulate_gradients(cfgs[mode], engine, local if mode == "in-process" else teachers,
+                        accumulate_gradients(cfgs[mode], wrapped, local if mode == "in-process" else teachers,
                                              rollout, cpu, timer)
                     wall = time.perf_counter() - t0
                     if rep == 0:  # the warm-up round also gives the gradients compared below

@@ -222,7 +222,7 @@ def _vllm_generation(model: Any, prompts: list[list[int]], case: dict[str, Any])
         times, peak, _base = _timed(call, torch.device(case["device"]), max(case["warmup"] - 1, 0), case["repeats"])
         for _ in range(3):
             s0 = time.perf_counter()
-            sampler.sync()
+            sampler.sync_weights()
             sync_s.append(time.perf_counter() - s0)
         shutdown()
     if set(lengths) != {n_new}:

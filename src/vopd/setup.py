@@ -1,0 +1,267 @@
+"""A training run, set up once: everything the loop reads, built in the order that leaves nothing behind when a run
+cannot start.
+
+What it knows: how a run starts (``Start``: a new run, an overwrite, or a resume from the newest or a given
+checkpoint, with or without discarding newer work: one value where four flags used to be), and the order of set-up
+(``set_up``): the student, the teachers, the training prompts (read once), the pre-flight on the very teacher objects
+that train, LoRA and gradient checkpointing, the loss plan, the wrapped student and the rollout source; only then the
+output directory (so a run that cannot start leaves it untouched), the optimizer, the scheduler and the resume state
+(``TrainerState``, what a checkpoint holds besides weights and optimizer). What it does not know: the loop
+(``vopd.train``), the loss math (``vopd.loss``), which teacher placement it talks to (``vopd.teacher``), the rules of
+the output directory (``vopd.rundir``) or the checkpoint layout (``vopd.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+
+import torch
+
+from vopd import checkpoint as ckpt
+from vopd import distributed as dist
+from vopd.check import preflight, training_prompts
+from vopd.config import TrainConfig, config_to_dict, save_config
+from vopd.data import PromptSet, PromptStream
+from vopd.errors import UserError
+from vopd.metrics import MetricsWriter
+from vopd.models import Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, resolve_device
+from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory, engine_factory
+from vopd.rundir import prepare_output_dir
+from vopd.teacher.base import SELF
+from vopd.teacher.reprompt import OwnPromptTeacher
+from vopd.teacher.routing import Teachers, open_teachers
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Start:
+    """How a run starts: ``new`` (an empty or absent ``output_dir``), ``overwrite`` (an earlier run there is moved
+    aside first) or ``resume`` (from ``checkpoint``, or the newest valid one when None; ``discard_newer`` lets it
+    replace work newer than that checkpoint, moved aside: ``vopd.rundir``)."""
+
+    how: Literal["new", "overwrite", "resume"] = "new"
+    checkpoint: str | None = None
+    discard_newer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.how not in ("new", "overwrite", "resume"):
+            raise UserError(f"a run starts new, overwrite or resume, not {self.how!r}")
+        if self.how != "resume" and (self.checkpoint is not None or self.discard_newer):
+            raise UserError("--discard-newer only applies to a resume: pass it with --resume or --resume-from")
+
+    @classmethod
+    def resume(cls, checkpoint: str | Path | None = None, *, discard_newer: bool = False) -> "Start":
+        return cls("resume", None if checkpoint is None else str(checkpoint), discard_newer)
+
+    @classmethod
+    def from_flags(cls, *, resume: bool = False, overwrite: bool = False, resume_from: str | None = None,
+                   discard_newer: bool = False) -> "Start":
+        """The ``vopd train`` flags (``--resume``, ``--overwrite``, ``--resume-from``, ``--discard-newer``) as one
+        value; contradictory flags are a one-line error."""
+        if overwrite and (resume or resume_from):
+            raise UserError("--overwrite and --resume/--resume-from exclude each other: pass only one")
+        if resume or resume_from:
+            return cls.resume(resume_from, discard_newer=discard_newer)
+        return cls("overwrite" if overwrite else "new", None, discard_newer)
+
+
+NEW = Start()
+OVERWRITE = Start("overwrite")
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint's ``trainer_state.json`` holds besides weights and optimizer: the next step, the data
+    position (``PromptStream.state()``), the skipped-step counters and the world size that wrote it."""
+
+    step: int = 0
+    data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "index": 0})
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "TrainerState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self, where: Path, *, manifest_step: int, steps: int, batch_size: int, prompts: int) -> None:
+        """Refuse a checkpoint whose state cannot be this run's: counts that are not counts, a step that is not its
+        manifest's or lies past ``steps``, or a data position that is not where ``step`` batches end (the prompts
+        changed). One-line ``UserError`` naming the key."""
+        counts = {"step": self.step, "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
+                  "world_size": self.world_size, **{f"data.{k}": v for k, v in self.data.items()}}
+        for key, value in counts.items():
+            if type(value) is not int or value < 0:
+                raise UserError(f"checkpoint {where} is inconsistent: trainer_state {key}={value!r} is not a count; "
+                                "resume from another checkpoint")
+        if set(self.data) != {"epoch", "index"}:
+            raise UserError(f"checkpoint {where} is inconsistent: trainer_state data={self.data!r} is not a data "
+                            "position (epoch, index); resume from another checkpoint")
+        if self.step != manifest_step or self.skipped_steps > self.step or self.world_size < 1:
+            raise UserError(f"checkpoint {where} is inconsistent: trainer_state step={self.step}, skipped_steps="
+                            f"{self.skipped_steps}, world_size={self.world_size} for a checkpoint of step "
+                            f"{manifest_step}; resume from another checkpoint")
+        if not 1 <= self.step <= steps:
+            raise UserError(f"checkpoint {where} is at step {self.step}, past this run's steps={steps}: set "
+                            f"steps>={self.step} to continue it")
+        if self.data["epoch"] * prompts + self.data["index"] != self.step * batch_size:
+            raise UserError(f"checkpoint {where} does not fit the training data: its data position (epoch "
+                            f"{self.data['epoch']}, index {self.data['index']}) is not where {self.step} steps of "
+                            f"batch_size={batch_size} over {prompts} prompts end; the prompts changed since (data.train "
+                            "file, data.max_prompt_tokens or rollout.max_new_tokens): restore them or start a new run")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` at the last step."""
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Run:
+    """Everything the loop reads, built once by ``set_up``. ``state`` and ``last_checkpoint`` change as it runs."""
+
+    cfg: TrainConfig
+    device: torch.device
+    info: Callable[[str], None]  # rank 0's log; a no-op on the other ranks
+    tok: Tokenizer
+    student: dist.WrappedStudent
+    teachers: Teachers  # the objects the pre-flight passed
+    prompts: PromptSet
+    source: RolloutSource
+    out_dir: Path
+    config_dict: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: TrainerState
+    writer: MetricsWriter | None  # rank 0 only
+    bar: tqdm | None  # rank 0 only, with cfg.progress
+    last_checkpoint: Path | None
+
+    @property
+    def vocab(self) -> int:
+        return len(self.tok)
+
+
+@contextlib.contextmanager
+def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
+           make_sampler: SamplerFactory | None) -> Iterator[Run]:
+    """The run ``cfg`` describes, started as ``start``; teachers, the metrics writer and the progress bar are closed
+    when the block ends. Under torchrun every rank calls this (rank 0 claims the directory, docs/scaling.md)."""
+    device = dist.init(resolve_device(cfg.model.device), timeout_min=cfg.distributed.timeout_min)
+    # The same seed on every rank: anything random before step 0 (LoRA init) must be identical across ranks.
+    torch.manual_seed(cfg.seed)
+    info = log if dist.is_main() else (lambda _msg: None)
+    tok, model = load_student(cfg.model, device)
+    if cfg.model.teacher == SELF and cfg.lora.enabled and dist.world_size() > 1 and \
+            cfg.distributed.strategy == "fsdp2":
+        raise UserError("model.teacher=self with LoRA scores with the student's own sharded weights, which FSDP2 does "
+                        "not allow outside its forward; use distributed.strategy=ddp, or lora.enabled=false")
+    teachers = open_teachers(cfg, vocab_size=len(tok), device=device, student=model, student_tok=tok)
+    with contextlib.ExitStack() as closing:
+        closing.callback(lambda: teachers.close())
+        prompts = training_prompts(cfg, tok, model, teachers, info)  # read once: the pre-flight sees these rows
+        if prompts.teacher is not None:  # the teacher reads each completion after its own prompt (docs/real_models.md)
+            teachers = teachers.map(lambda t: OwnPromptTeacher(t, tok.pad_token_id))
+        for line in preflight(model, tok, teachers, cfg, prompts=prompts):  # each teacher's placement and method
+            info(f"pre-flight ok: {line}")
+        if cfg.batch_size % dist.world_size():
+            raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
+        if cfg.lora.enabled:
+            model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                               target_modules=cfg.lora.target_modules)
+        if cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        # The student under DDP/FSDP2 (one process: unwrapped) and the sampler on its full weights, before the
+        # output directory is claimed: a rollout engine that cannot start leaves no run behind.
+        student = dist.wrap(model, len(tok), cfg.distributed.strategy, device)
+        sample = (make_sampler or engine_factory(cfg))(student.full, tok, cfg.rollout)
+        out_dir, config_dict = Path(cfg.output_dir), config_to_dict(cfg)
+        start_from = dist.on_main(lambda: _claim(out_dir, cfg, config_dict, start))  # every rank: the same one
+        if start.how == "resume" and start.checkpoint is None and start_from is None:
+            info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
+        optimizer = torch.optim.AdamW(student.trainable(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        scheduler = make_scheduler(optimizer, cfg)
+        state = TrainerState()
+        if start_from is not None:
+            state = _resume(start_from, student, optimizer, scheduler, info, cfg, len(prompts.student))
+        state.world_size = dist.world_size()
+        stream = PromptStream(len(prompts.student), seed=cfg.seed, shuffle=cfg.data.shuffle, **state.data)
+        source = OnPolicyRollouts(sample, prompts, stream, tok.pad_token_id, batch_size=cfg.batch_size,
+                                  rank=dist.rank(), world_size=dist.world_size())
+        # The history continues at the resumed step: later lines (about to be recomputed) and torn ones are dropped.
+        writer = MetricsWriter(out_dir, cfg.loggers, config_dict, resume_step=state.step) if dist.is_main() else None
+        if writer is not None:
+            closing.callback(writer.close)
+        bar = _progress(cfg, state.step) if dist.is_main() else None
+        if bar is not None:
+            closing.callback(bar.close)
+        yield Run(cfg, device, info, tok, student, teachers, prompts, source, out_dir, config_dict, optimizer,
+                  scheduler, state, writer, bar, start_from)
+
+
+def _claim(out_dir: Path, cfg: TrainConfig, config_dict: dict[str, Any], start: Start) -> Path | None:
+    """Rank 0 claims ``output_dir`` for ``start`` (``vopd.rundir``) and writes the config; the checkpoint to resume
+    from, or None."""
+    found = prepare_output_dir(out_dir, config_dict, resume=start.how == "resume", overwrite=start.how == "overwrite",
+                               resume_from=start.checkpoint, discard_newer=start.discard_newer)
+    save_config(cfg, out_dir / "config.yaml")
+    return found
+
+
+def _resume(start_from: Path, student: dist.WrappedStudent, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LambdaLR, info: Callable[[str], None], cfg: TrainConfig,
+            prompts: int) -> TrainerState:
+    """Every rank reads the same full checkpoint (any world size and strategy wrote the same files), after checking
+    that its trainer state can be this run's (``TrainerState.check``), before anything is loaded."""
+    if not Path(start_from).is_dir():
+        raise UserError(f"rank {dist.rank()} cannot see checkpoint {start_from}: with several nodes, output_dir "
+                        "must be on a filesystem every node shares")
+
+    def check(saved: dict[str, Any]) -> None:
+        TrainerState.from_dict(saved).check(start_from, manifest_step=ckpt.checkpoint_step(start_from),
+                                            steps=cfg.steps, batch_size=cfg.batch_size, prompts=prompts)
+
+    state = TrainerState.from_dict(ckpt.load_checkpoint(
+        start_from, model=student.full, optimizer=student.optimizer_loader(optimizer), scheduler=scheduler,
+        check_state=check))
+    if scheduler.last_epoch != state.step:
+        raise UserError(f"checkpoint {start_from} is inconsistent: scheduler.pt is at step {scheduler.last_epoch}, "
+                        f"trainer_state at step {state.step}; resume from another checkpoint")
+    student.load_full_weights()
+    info(f"resumed from {start_from} at step {state.step}")
+    if state.world_size != dist.world_size():
+        info(f"resume: world size {dist.world_size()} (the checkpoint was written at {state.world_size}); the global "
+             "batch and its token mean are unchanged, but rollouts are sampled on other ranks with other seeds")
+    return state
+
+
+def _progress(cfg: TrainConfig, start: int) -> tqdm | None:
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=f"vopd {cfg.loss.method}", unit="step", dynamic_ncols=True)
