@@ -114,17 +114,17 @@ def check_top_k(cfg: TrainConfig, vocab: int) -> None:
 
 
 def check_placement(cfg: TrainConfig, teacher: Teacher, name: str = "") -> None:
-    """A teacher server without its output layer here sends per-token numbers only: the methods that need the full
-    distribution are refused."""
+    """The run's method must be one this teacher's placement can serve (``Teacher.supports``: e.g. a teacher server
+    without its output layer here sends per-token numbers only, so the full-vocabulary methods are refused, and
+    rb-topk needs a server that sends the teacher's log-sum-exp): a one-line ``UserError`` with the placement's
+    reason and fix, before step 1. Teacher ``name`` of ``model.teachers``: its own keys are named."""
     from vopd.loss.methods import method_spec
 
-    if method_spec(cfg.loss.method).full_distribution and not teacher.full_distribution:
-        where = cfg.model.teachers.get(name, "") if name else cfg.model.teacher
-        raise UserError(f"loss.method={cfg.loss.method} needs the teacher's full distribution at every position, "
-                        f"which a teacher server ({where}) sends only as hidden states: set model.teacher_head"
-                        f"{'s.' + name if name else ''}=DIR (the served checkpoint's directory: only its output layer "
-                        "is loaded here), or use loss.method=vopd-topk (the same unbiased gradient with a top-k "
-                        "baseline), or a local teacher directory")
+    reason = teacher.supports(method_spec(cfg.loss.method))
+    if reason is not None:
+        if name:  # the placement names the one teacher's keys; this one is set by name
+            reason = f"teacher {name}: " + reason.replace("model.teacher_head=", f"model.teacher_heads.{name}=")
+        raise UserError(reason)
 
 
 def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: TrainConfig, *,

@@ -1,7 +1,10 @@
 """The teacher family: one ``Teacher`` protocol (``vopd.teacher.base``) and its placements.
 
-- ``base``: the protocol and the typed scores every teacher returns; ``open_teacher`` picks the placement.
+- ``base``: the protocol (scores, the form they take, ``supports``: which methods a placement serves, with the
+  reason and fix when it cannot); ``open_teacher`` picks the placement. ``answers``: what an answer may hold.
 - ``local``: a frozen Hugging Face model in this process (hidden states + output layer: every method).
-- ``client``: the HTTP client of a teacher server (per-token numbers: the methods that need no full distribution).
+- ``http``: the HTTP transport every server placement shares (session, token, retries, request packing, bytes).
+- ``client``: the vopd server's protocols over it (numbers at ids: protocols 1-2; hidden states: protocol 3).
 - ``server``: `vopd serve-teacher`, the server side; ``wire``: what client and server share (protocol, codec, limits).
+- ``reprompt``: a teacher prompt of its own, around any placement; ``routing``: several teachers by name.
 """

@@ -1,11 +1,12 @@
 """The one teacher seam: the ``Teacher`` protocol every placement implements, and ``open_teacher`` to pick one.
 
 What it knows: what the training loop may ask of a teacher (scores for a micro-batch of rollouts, in one of the two
-typed forms of ``vopd.loss.scores``; whether they carry the teacher's full distribution; its pre-flight pairing
-checks against the student; its tokenizer, when it holds one; closing), and which placement ``model.teacher`` names
-(a local model directory, the URL of a `vopd serve-teacher` server, or ``self``: the student's initial weights). What
-it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client``; a prompt of
-the teacher's own is ``vopd.teacher.reprompt``), the loss math, or the loop.
+typed forms of ``vopd.loss.scores``; which of the two forms it answers in; which methods it can serve, with the
+reason and the fix when it cannot (``supports``, read by the pre-flight before step 1; ``vopd.teacher.answers`` helps
+a placement say it); its pre-flight pairing checks against the student; its tokenizer, when it holds one; closing),
+and which placement ``model.teacher`` names (a local model directory, the URL of a `vopd serve-teacher` server, or
+``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
+of the teacher's own is ``vopd.teacher.reprompt``), the loss math, or the loop.
 """
 
 from __future__ import annotations
@@ -19,20 +20,28 @@ from vopd.loss.scores import TeacherScores
 from vopd.rollout import Rollout
 
 if TYPE_CHECKING:
+    from vopd.loss.methods import MethodSpec
     from vopd.models import Model, Tokenizer
 
 
 class Teacher(Protocol):
     """A frozen teacher as the loop sees it.
 
-    ``full_distribution``: ``score`` returns ``TeacherHidden`` (the whole distribution at every position: every
-    method, and the exact held-out KL); otherwise ``TeacherNumbers`` (log q(y_t), logits at asked ids, lse), enough
-    for the methods whose ``MethodSpec.per_token_teacher`` holds, and such a teacher must be asked about the
-    student's top-k ids (``topk_ids``) for the top-k methods, so it scores after the student's forward.
+    ``supports(spec)``: None when this placement can serve method ``spec``, else one line naming what is missing and
+    the fix; the pre-flight asks it for the run's method before step 1 (``vopd.check.check_placement``).
+    ``full_distribution`` says which form ``score`` answers in, not which methods it serves: ``TeacherHidden``
+    (the whole distribution at every position: every method, and the exact held-out KL), or ``TeacherNumbers``
+    (log q(y_t) and what else ``supports`` promises: logits at asked ids, lse); such a teacher must be asked about
+    the student's top-k ids (``topk_ids``) for the top-k methods, so it scores after the student's forward.
     """
 
     @property
     def full_distribution(self) -> bool: ...
+
+    def supports(self, spec: MethodSpec) -> str | None:
+        """None when ``score`` can give method ``spec`` what it needs; otherwise a one-line reason that names the
+        method, what this placement lacks, and the fix (another placement, an option, another method)."""
+        ...
 
     @property
     def tokenizer(self) -> Tokenizer | None:

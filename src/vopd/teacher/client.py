@@ -1,24 +1,24 @@
-"""The client side of a remote teacher (`vopd serve-teacher`): a ``Teacher`` that answers with per-token numbers,
-or, given the teacher's output layer (``head``), with its whole distribution.
+"""The client of a `vopd serve-teacher` server: its protocols, over the shared HTTP transport (``vopd.teacher.http``).
 
-What it knows: turning a ``Rollout`` (+ the student's top-k ids) into ``/score`` requests split to the server's
-limits, retrying with exponential back-off, and putting the answers back on the rollout's (B, L-1) grid as
-``TeacherNumbers``: log q(y_t), the teacher's logits at the asked ids and (`rb-topk`) its log-sum-exp. Renormalising
-on the same ids cancels the teacher's log-sum-exp (docs/estimators.md), so its logits at the ids suffice for the
-top-k KL. With ``head`` (protocol 3) it asks for the teacher's last hidden states instead and returns
-``TeacherHidden`` with the output layer it loaded from the teacher's checkpoint (only that layer: ``vopd.models.
-load_output_layer``), after checking its fingerprint against the server's: the fused head then forms the teacher's
-logits exactly as for an in-process teacher, so every method works, the full-vocabulary ones included. Its
-pre-flight compares tokenizer fingerprints (the teacher's tokenizer is never loaded here).
+What it knows: the vopd server's protocols. Numbers at ids (protocol 1; 2 adds the teacher's log-sum-exp): turning a
+``Rollout`` (+ the student's top-k ids) into ``/score`` requests sized to the limits ``/health`` reports, and putting
+the answers back on the rollout's (B, L-1) grid as ``TeacherNumbers``: log q(y_t), the teacher's logits at the asked
+ids and (`rb-topk`) its log-sum-exp. Renormalising on the same ids cancels the teacher's log-sum-exp
+(docs/estimators.md), so its logits at the ids suffice for the top-k KL. Hidden states (protocol 3), given the
+teacher's output layer (``head``): it asks for the teacher's last hidden states and returns ``TeacherHidden`` with
+the output layer it loaded from the teacher's checkpoint (only that layer: ``vopd.models.load_output_layer``), after
+checking its fingerprint against the server's: the fused head then forms the teacher's logits exactly as for an
+in-process teacher, so every method works, the full-vocabulary ones included. Which methods a server can serve, by
+form and protocol version (``supports``), and the identity checks of the pre-flight (tokenizer and output-layer
+fingerprints: the teacher's tokenizer is never loaded here).
 
-What it does not know: the training loop, the loss math (``vopd.loss.chunked`` takes the numbers), checkpoints (it
-only tells the user to resume), or the server side (``vopd.teacher.server``).
+What it does not know: HTTP (sessions, tokens, retries, byte counts, packing requests: ``vopd.teacher.http``), the
+codec (``vopd.teacher.wire``), the training loop, the loss math (``vopd.loss.chunked`` takes the numbers),
+checkpoints (it only tells the user to resume), or the server side (``vopd.teacher.server``).
 """
 
 from __future__ import annotations
 
-import os
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,12 +28,13 @@ from vopd.errors import UserError
 from vopd.loss.head import OutputHead
 from vopd.loss.scores import TeacherHidden, TeacherNumbers
 from vopd.rollout import Rollout
+from vopd.teacher.answers import Answers, lacks
+from vopd.teacher.http import Item, Limits, Session, pack
 from vopd.teacher.wire import (HIDDEN_DTYPES, HIDDEN_PROTOCOL, LSE_PROTOCOL, TOKEN_ENV, b64_decode, b64_encode,
                                head_fingerprint, response_bytes, tokenizer_fingerprint)
 
 if TYPE_CHECKING:
-    import httpx
-
+    from vopd.loss.methods import MethodSpec
     from vopd.models import Model, Tokenizer
 
 #: A span of one sequence sent for scoring: (row, first scored position, one past the last).
@@ -41,15 +42,14 @@ Span = tuple[int, int, int]
 
 
 class RemoteTeacher:
-    """HTTP client of ``vopd serve-teacher``.
+    """Client of ``vopd serve-teacher``.
 
     url: ``http://host:port``. token: bearer token; None reads ``$VOPD_TEACHER_TOKEN`` (unset or empty: none).
-    A request is tried ``retries + 1`` times; between tries it waits ``backoff_s``, then twice that, and so on.
-    Connection errors, timeouts and 5xx answers are retried; 4xx answers are the caller's mistake and raise at once.
-    ``head``: the local directory of the checkpoint the server serves (config.json + safetensors): only its output
-    layer is loaded, at the server's dtype, and the server is asked for hidden states (``hidden_dtype``: "float32",
-    "bfloat16", or "auto": bfloat16 when the server's weights are half precision, else float32); ``score`` then
-    returns the full distribution (``full_distribution`` is true).
+    ``timeout_s``, ``retries``, ``backoff_s``: the transport's (``vopd.teacher.http.Session``, ``self.http``, which
+    also counts the bytes sent and received). ``head``: the local directory of the checkpoint the server serves
+    (config.json + safetensors): only its output layer is loaded, at the server's dtype, and the server is asked for
+    hidden states (``hidden_dtype``: "float32", "bfloat16", or "auto": bfloat16 when the server's weights are half
+    precision, else float32); ``score`` then returns the full distribution (``full_distribution`` is true).
     """
 
     #: The server's tokenizer is not here: its fingerprint stands in for it (``pairing_checks``).
@@ -58,18 +58,9 @@ class RemoteTeacher:
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.5, head: str | None = None, hidden_dtype: str = "auto",
                  trust_remote_code: bool = False) -> None:
-        try:
-            import httpx
-        except ImportError as exc:
-            raise UserError(f"a remote teacher needs httpx ({exc}); pip install 'vopd[serve]'") from None
-        if not url.startswith(("http://", "https://")):
-            raise UserError(f"teacher URL {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000)")
-        self.url = url.rstrip("/")
-        self.retries, self.backoff_s = max(0, retries), backoff_s
-        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._httpx = httpx
-        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self.http = Session(url, token=token, token_env=TOKEN_ENV, timeout_s=timeout_s, retries=retries,
+                            backoff_s=backoff_s)
+        self.url = self.http.url
         self._info: dict[str, Any] | None = None
         if hidden_dtype != "auto" and hidden_dtype not in HIDDEN_DTYPES:
             raise UserError(f"hidden_dtype={hidden_dtype!r}; valid: auto, {', '.join(HIDDEN_DTYPES)}")
@@ -79,8 +70,6 @@ class RemoteTeacher:
             _check_model_dir(head, "teacher_head")  # a wrong path fails now, not at the first step
         self.head_path, self._hidden_dtype, self._trust_remote_code = head, hidden_dtype, trust_remote_code
         self._head: OutputHead | None = None  # loaded once the server's dtype is known (``_output_layer``)
-        #: Bodies sent and received by this client (answered requests), for ``vopd bench teacher-payload``.
-        self.bytes_sent = self.bytes_received = 0
 
     @property
     def full_distribution(self) -> bool:
@@ -88,7 +77,7 @@ class RemoteTeacher:
         return self.head_path is not None
 
     def close(self) -> None:
-        self._client.close()
+        self.http.close()
 
     def __enter__(self) -> "RemoteTeacher":
         return self
@@ -98,12 +87,33 @@ class RemoteTeacher:
 
     def health(self) -> dict[str, Any]:
         """The server's ``/health``: model, vocab_size, limits (cached for request splitting)."""
-        self._info = self._request("GET", "/health")
+        self._info = self.http.request("GET", "/health")
         return self._info
 
     @property
     def vocab_size(self) -> int:
         return int((self._info or self.health())["vocab_size"])
+
+    def supports(self, spec: MethodSpec) -> str | None:
+        """Hidden states (``head``): every method, from a protocol-3 server. Numbers at ids: the methods that need
+        no full distribution (the others refused without asking the server), ``rb-topk`` (the teacher's
+        log-sum-exp) from a protocol-2 server."""
+        if self.head_path is not None:
+            return self._no_hidden(self._info or self.health())
+        need = lacks(spec, Answers(at_ids=True, lse=True))  # the log-sum-exp depends on the version: below
+        if need is not None:
+            return (f"loss.method={spec.name} needs {need}, which a teacher server ({self.url}) sends only as hidden "
+                    "states: set model.teacher_head=DIR (the served checkpoint's directory: only its output layer is "
+                    "loaded here), or use loss.method=vopd-topk (the same unbiased gradient with a top-k baseline), "
+                    "or a local teacher directory")
+        if lacks(spec, Answers(at_ids=True)) is None:  # log q(y_t) and logits at ids: every protocol sends them
+            return None
+        version = _version(self._info or self.health())
+        if version < LSE_PROTOCOL:
+            return (f"loss.method={spec.name} needs the teacher's log-sum-exp, which the teacher server at {self.url} "
+                    f"sends from protocol {LSE_PROTOCOL} on; it speaks protocol {version}: update vopd on the server "
+                    "and restart it, or use loss.method=vopd-topk")
+        return None
 
     def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         """The tokenizer fingerprint from ``/health`` stands in for comparing the tokenizers."""
@@ -124,38 +134,6 @@ class RemoteTeacher:
                          f"states as {self._wire_dtype()}, every method exact")
         return lines
 
-    def _wire_dtype(self) -> str:
-        """The dtype name the hidden states travel in."""
-        if self._hidden_dtype != "auto":
-            return self._hidden_dtype
-        return "bfloat16" if (self._info or self.health()).get("dtype") in ("bfloat16", "float16") else "float32"
-
-    def _output_layer(self) -> OutputHead:
-        """The teacher's output layer, loaded from ``head`` at the server's dtype (so that the fingerprints compare
-        like with like) and checked against the server's ``/health``, once."""
-        if self._head is not None:
-            return self._head
-        info = self._info or self.health()
-        if int(info.get("protocol", 1)) < HIDDEN_PROTOCOL:
-            raise UserError(f"teacher server at {self.url} speaks protocol {info.get('protocol')}, which does not send "
-                            f"hidden states (protocol {HIDDEN_PROTOCOL}); update vopd on the server and restart it, or "
-                            "drop model.teacher_head and use a method servers score at ids (opd, vopd-topk, opd-topk, "
-                            "rb-topk)")
-        from vopd.models import load_output_layer, resolve_dtype
-
-        # At the server's weight dtype, so that the fingerprints compare like with like.
-        dtype = resolve_dtype(str(info.get("dtype", "float32")), torch.device("cpu"))
-        head = load_output_layer(str(self.head_path), vocab_size=int(info["vocab_size"]), dtype=dtype,
-                                 trust_remote_code=self._trust_remote_code)
-        mine, theirs = head_fingerprint(head.weight, head.bias, head.transform), info.get("head_sha256")
-        if mine != theirs:
-            raise UserError(f"the output layer in {self.head_path} is not the one the teacher server at {self.url} "
-                            f"uses (fingerprint {mine[:12]}... vs {str(theirs)[:12]}..., {tuple(head.weight.shape)} "
-                            f"{head.weight.dtype}, logit transform {head.transform.describe()}); set model.teacher_head "
-                            "to the directory of the checkpoint the server serves")
-        self._head = head  # equal fingerprints: equal shapes, so the server's hidden_size is this layer's width
-        return head
-
     def score(self, rollout: Rollout, topk_ids: Tensor | None = None, *,
               lse: bool = False) -> TeacherNumbers | TeacherHidden:
         """log q(y_t) at every completion position of ``rollout``; given ``topk_ids`` (B, L-1, k) aligned with
@@ -164,9 +142,14 @@ class RemoteTeacher:
         output layer (``topk_ids`` and ``lse`` are not needed). Results are on the rollout's device."""
         if self.head_path is not None:
             return self._score_hidden(rollout)
+        return self._score_numbers(rollout, topk_ids, lse)
+
+    # -- numbers at ids (protocols 1 and 2) -----------------------------------------------------------------------
+
+    def _score_numbers(self, rollout: Rollout, topk_ids: Tensor | None, lse: bool) -> TeacherNumbers:
         info = self._info or self.health()
         limits = info["limits"]
-        if lse and int(info.get("protocol", 1)) < LSE_PROTOCOL:
+        if lse and _version(info) < LSE_PROTOCOL:
             raise UserError(f"teacher server at {self.url} speaks protocol {info.get('protocol')}, which does not send "
                             f"the teacher's log-sum-exp that rb-topk needs (protocol {LSE_PROTOCOL}); update vopd on "
                             "the server and restart it, or use loss.method=vopd-topk")
@@ -184,9 +167,7 @@ class RemoteTeacher:
         logq = torch.zeros(b, t, dtype=torch.float32)
         logits = torch.zeros(b, t, k, dtype=torch.float32) if k else None
         lse_out = torch.zeros(b, t, dtype=torch.float32) if lse else None
-
-        spans = _spans(rollout)
-        for group in self._groups(spans, k, limits, lse):
+        for group in self._groups(_spans(rollout), k, limits, lse):
             seqs = []
             for i, start, end in group:
                 seq: dict[str, Any] = {"ids": ids[i, : end + 1].tolist(), "start": start}
@@ -197,8 +178,59 @@ class RemoteTeacher:
             body: dict[str, Any] = {"sequences": seqs, "k": k, "encoding": "base64"}
             if lse:
                 body["lse"] = True
-            self._unpack(self._request("POST", "/score", body), group, k, logq, logits, lse_out)
+            self._unpack(self.http.request("POST", "/score", body), group, k, logq, logits, lse_out)
         return TeacherNumbers(logq, topk_ids, logits, lse_out).to(rollout.input_ids.device)
+
+    def _unpack(self, reply: dict[str, Any], group: list[Span], k: int, logq: Tensor,
+                logits: Tensor | None, lse: Tensor | None) -> None:
+        for (i, start, end), res in zip(group, self._results(reply, group)):
+            n = end - start
+            logq[i, start:end] = b64_decode(res["logq"], torch.float32, n)
+            if logits is not None:
+                logits[i, start:end] = b64_decode(res["logits"], torch.float32, n * k).reshape(n, k)
+            if lse is not None:
+                lse[i, start:end] = b64_decode(res["lse"], torch.float32, n)
+
+    # -- hidden states (protocol 3) ------------------------------------------------------------------------------
+
+    def _no_hidden(self, info: dict[str, Any]) -> str | None:
+        """Why the server that answered ``/health`` with ``info`` cannot send hidden states (a protocol before 3),
+        or None."""
+        if _version(info) >= HIDDEN_PROTOCOL:
+            return None
+        return (f"teacher server at {self.url} speaks protocol {info.get('protocol')}, which does not "
+                f"send hidden states (protocol {HIDDEN_PROTOCOL}); update vopd on the server and restart it, or drop "
+                "model.teacher_head and use a method servers score at ids (opd, vopd-topk, opd-topk, rb-topk)")
+
+    def _wire_dtype(self) -> str:
+        """The dtype name the hidden states travel in."""
+        if self._hidden_dtype != "auto":
+            return self._hidden_dtype
+        return "bfloat16" if (self._info or self.health()).get("dtype") in ("bfloat16", "float16") else "float32"
+
+    def _output_layer(self) -> OutputHead:
+        """The teacher's output layer, loaded from ``head`` at the server's dtype (so that the fingerprints compare
+        like with like) and checked against the server's ``/health``, once."""
+        if self._head is not None:
+            return self._head
+        info = self._info or self.health()
+        refusal = self._no_hidden(info)
+        if refusal is not None:
+            raise UserError(refusal)
+        from vopd.models import load_output_layer, resolve_dtype
+
+        # At the server's weight dtype, so that the fingerprints compare like with like.
+        dtype = resolve_dtype(str(info.get("dtype", "float32")), torch.device("cpu"))
+        head = load_output_layer(str(self.head_path), vocab_size=int(info["vocab_size"]), dtype=dtype,
+                                 trust_remote_code=self._trust_remote_code)
+        mine, theirs = head_fingerprint(head.weight, head.bias, head.transform), info.get("head_sha256")
+        if mine != theirs:
+            raise UserError(f"the output layer in {self.head_path} is not the one the teacher server at {self.url} "
+                            f"uses (fingerprint {mine[:12]}... vs {str(theirs)[:12]}..., {tuple(head.weight.shape)} "
+                            f"{head.weight.dtype}, logit transform {head.transform.describe()}); set model.teacher_head "
+                            "to the directory of the checkpoint the server serves")
+        self._head = head  # equal fingerprints: equal shapes, so the server's hidden_size is this layer's width
+        return head
 
     def _score_hidden(self, rollout: Rollout) -> TeacherHidden:
         head = self._output_layer()
@@ -211,7 +243,7 @@ class RemoteTeacher:
         spans = _spans(rollout)
         for group in self._groups(spans, 0, info["limits"], hidden=wire, hidden_size=d):
             seqs = [{"ids": ids[i, : end + 1].tolist(), "start": start} for i, start, end in group]
-            reply = self._request("POST", "/score", {"sequences": seqs, "encoding": "base64", "hidden": wire})
+            reply = self.http.request("POST", "/score", {"sequences": seqs, "encoding": "base64", "hidden": wire})
             for (i, start, end), res in zip(group, self._results(reply, group)):
                 hidden[i, start:end] = b64_decode(res["hidden"], HIDDEN_DTYPES[wire], (end - start) * d).reshape(-1, d)
         device = rollout.input_ids.device
@@ -220,50 +252,32 @@ class RemoteTeacher:
                                            head.transform)
         return TeacherHidden(hidden.to(device), head.weight, head.bias, head.transform)
 
-    # -- internals -----------------------------------------------------------------------------------------------
+    # -- both forms ----------------------------------------------------------------------------------------------
 
     def _groups(self, spans: list[Span], k: int, limits: dict[str, Any], lse: bool = False, *,
                 hidden: str | None = None, hidden_size: int = 0) -> list[list[Span]]:
-        """Consecutive sequences packed into requests within max_batch, max_tokens (padded), the body limit and the
-        answer's limit (``max_response_mb``, from protocol-2 servers that report it)."""
-        max_body = 0.9 * limits["max_body_mb"] * 2**20
-        max_answer = 0.9 * float(limits.get("max_response_mb", float("inf"))) * 2**20
-        groups: list[list[Span]] = []
-        cur: list[Span] = []
-        longest = body = 0
-        answer = 0.0
-        for span in spans:
-            n = span[2] + 1
-            if n > limits["max_tokens"]:
+        """Consecutive sequences packed into requests within the server's limits (``/health``): max_batch,
+        max_tokens (padded), the body limit and the answer's limit (``max_response_mb``, from protocol-2 servers that
+        report it); a sequence that alone passes max_tokens or the answer's limit is refused, naming the fix."""
+        bounds = Limits(max_batch=limits["max_batch"], max_tokens=limits["max_tokens"],
+                        max_body=0.9 * limits["max_body_mb"] * 2**20,
+                        max_answer=0.9 * float(limits.get("max_response_mb", float("inf"))) * 2**20)
+        items = []
+        for _row, start, end in spans:
+            n = end + 1
+            if n > bounds.max_tokens:
                 raise UserError(f"a sequence of {n} tokens exceeds the teacher server's max_tokens="
                                 f"{limits['max_tokens']}; restart the server with a larger --max-tokens")
-            size = 8 * n + (16 * (n - 1 - span[1]) * k) // 3 + 64  # JSON ids + base64 int32 top-k, generous
-            reply = response_bytes(span[2] - span[1], k, lse, "base64", hidden, hidden_size)
-            if reply > max_answer:
+            size = 8 * n + (16 * (n - 1 - start) * k) // 3 + 64  # JSON ids + base64 int32 top-k, generous
+            reply = response_bytes(end - start, k, lse, "base64", hidden, hidden_size)
+            if reply > bounds.max_answer:
                 asked = f"hidden states ({hidden_size} x {hidden})" if hidden else f"k={k}"
-                raise UserError(f"scoring a sequence of {span[2] - span[1]} positions with {asked} needs a "
+                raise UserError(f"scoring a sequence of {end - start} positions with {asked} needs a "
                                 f"{reply / 2**20:.3g} MiB answer, over the teacher server's max_response_mb="
                                 f"{limits['max_response_mb']}; restart it with a larger --max-response-mb or lower "
                                 "loss.top_k")
-            if cur and (len(cur) + 1 > limits["max_batch"] or max(longest, n) * (len(cur) + 1) > limits["max_tokens"]
-                        or body + size > max_body or answer + reply > max_answer):
-                groups.append(cur)
-                cur, longest, body, answer = [], 0, 0, 0.0
-            cur.append(span)
-            longest, body, answer = max(longest, n), body + size, answer + reply
-        if cur:
-            groups.append(cur)
-        return groups
-
-    def _unpack(self, reply: dict[str, Any], group: list[Span], k: int, logq: Tensor,
-                logits: Tensor | None, lse: Tensor | None) -> None:
-        for (i, start, end), res in zip(group, self._results(reply, group)):
-            n = end - start
-            logq[i, start:end] = b64_decode(res["logq"], torch.float32, n)
-            if logits is not None:
-                logits[i, start:end] = b64_decode(res["logits"], torch.float32, n * k).reshape(n, k)
-            if lse is not None:
-                lse[i, start:end] = b64_decode(res["lse"], torch.float32, n)
+            items.append(Item(tokens=n, body=size, answer=reply))
+        return [[spans[j] for j in group] for group in pack(items, bounds)]
 
     def _results(self, reply: dict[str, Any], group: list[Span]) -> list[dict[str, Any]]:
         """The answer's one result per sequence of ``group``, in order."""
@@ -273,32 +287,10 @@ class RemoteTeacher:
                                "sequences; client and server protocol versions differ")
         return results
 
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        httpx = self._httpx
-        tries = self.retries + 1
-        last = ""
-        for attempt in range(tries):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))  # exponential back-off
-            try:
-                resp = self._client.request(method, path, json=payload)
-            except httpx.TransportError as exc:  # refused, reset, timed out, DNS: the server may come back
-                last = f"{type(exc).__name__}: {_one_line(exc)}"
-                continue
-            if resp.status_code >= 500:
-                last = f"HTTP {resp.status_code}: {_error_text(resp)}"
-                continue
-            if resp.status_code == 401:
-                raise UserError(f"teacher server at {self.url} refused the token (401): set ${TOKEN_ENV} to the "
-                                "server's token")
-            if resp.status_code >= 400:
-                raise UserError(f"teacher server at {self.url} rejected the request (HTTP {resp.status_code}): "
-                                f"{_error_text(resp)}")
-            self.bytes_sent += len(resp.request.content)
-            self.bytes_received += len(resp.content)
-            return resp.json()
-        raise UserError(f"teacher server at {self.url} is unreachable after {tries} tries (last error {last}): restart "
-                        "it and resume with --resume; the last checkpoint is kept")
+
+def _version(info: dict[str, Any]) -> int:
+    """The protocol version a server's ``/health`` answer ``info`` states (1 when it does not say)."""
+    return int(info.get("protocol", 1))
 
 
 def _spans(rollout: Rollout) -> list[Span]:
@@ -314,15 +306,3 @@ def _spans(rollout: Rollout) -> list[Span]:
                 raise ValueError(f"loss_mask of sequence {i} reaches past its attention mask")
             spans.append((i, int(live[0]), end))
     return spans
-
-
-def _one_line(exc: object) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def _error_text(resp: httpx.Response) -> str:
-    try:
-        return _one_line(resp.json().get("error", resp.text))
-    except ValueError:
-        return _one_line(resp.text or resp.reason_phrase)

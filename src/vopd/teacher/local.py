@@ -1,11 +1,11 @@
 """A frozen teacher living in this process: a Hugging Face causal LM scored on the rollout's sequences.
 
 What it knows: running the teacher (eval mode, no grad, its own dtype and device) over a rollout and handing the
-loss its last hidden states and output layer (``TeacherHidden``: the full distribution, so every method works),
-moved to the rollout's device; its pre-flight pairing with the student (one token->id map, output layers that cover
-it, a head that reproduces the teacher's own logits). Also the student as its own teacher (``model.teacher=self``
-with LoRA: ``SelfTeacher``, the base model with its adapters off while scoring). What it does not know: optimisers,
-the training loop, the loss math, or HTTP (``vopd.teacher.client``).
+loss its last hidden states and output layer (``TeacherHidden``: the full distribution, so it ``supports`` every
+method), moved to the rollout's device; its pre-flight pairing with the student (one token->id map, output layers
+that cover it, a head that reproduces the teacher's own logits). Also the student as its own teacher
+(``model.teacher=self`` with LoRA: ``SelfTeacher``, the base model with its adapters off while scoring). What it
+does not know: optimisers, the training loop, the loss math, or HTTP (``vopd.teacher.client``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
+from vopd.loss.methods import MethodSpec
 from vopd.loss.scores import TeacherHidden
 from vopd.models import Model, Tokenizer, base_model, head_error, head_mismatch, last_hidden, output_layer
 from vopd.rollout import Rollout
@@ -98,6 +99,10 @@ class SelfTeacher:
         return TeacherHidden(hidden, head.weight.detach(), None if head.bias is None else head.bias.detach(),
                              head.transform).to(rollout.input_ids.device)
 
+    def supports(self, spec: MethodSpec) -> str | None:
+        """Every method: the whole distribution is here."""
+        return None
+
     def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         return ["teacher = the student's initial weights (model.teacher=self: LoRA adapters disabled while scoring)"]
 
@@ -125,6 +130,10 @@ class InProcessTeacher:
         hidden = last_hidden(self.model, r.input_ids, r.attention_mask)[:, :-1]
         head = output_layer(self.model, self.vocab_size)
         return TeacherHidden(hidden, head.weight, head.bias, head.transform).to(rollout.input_ids.device)
+
+    def supports(self, spec: MethodSpec) -> str | None:
+        """Every method: the whole distribution is here."""
+        return None
 
     def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         lines = []

@@ -21,6 +21,7 @@ from vopd.rollout import Rollout, pack
 from vopd.sampling import Samples
 
 if TYPE_CHECKING:
+    from vopd.loss.methods import MethodSpec
     from vopd.models import Model, Tokenizer
     from vopd.teacher.base import Teacher
 
@@ -65,6 +66,10 @@ class OwnPromptTeacher:
     @property
     def tokenizer(self) -> Tokenizer | None:
         return self.inner.tokenizer
+
+    def supports(self, spec: MethodSpec) -> str | None:
+        """The wrapped teacher's: its own prompt changes which positions it reads, not what it sends."""
+        return self.inner.supports(spec)
 
     def score(self, rollout: Rollout, *, topk_ids: Tensor | None = None, lse: bool = False) -> TeacherScores:
         if rollout.teacher_prompts is None:

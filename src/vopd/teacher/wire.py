@@ -10,8 +10,8 @@ shape (invalid or too deeply nested JSON: 400). It also bounds the memory of one
 structure is counted before it is parsed (no more arrays/objects/values than a request within the limits can
 hold), and the answer's size is estimated before any scoring (``response_bytes`` against ``max_response_mb``).
 
-What it does not know: HTTP, FastAPI or authentication, the model and its scoring (``vopd.teacher.server``), or the client's
-request splitting and retries (``vopd.teacher.client``).
+What it does not know: HTTP, FastAPI or authentication, the model and its scoring (``vopd.teacher.server``), or the
+client's request splitting and retries (``vopd.teacher.client`` over ``vopd.teacher.http``).
 """
 
 from __future__ import annotations

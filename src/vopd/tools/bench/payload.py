@@ -75,10 +75,10 @@ def run_payload_bench(args: argparse.Namespace) -> int:
             for name, methods, make, call in cases:
                 with RemoteTeacher(url, **make) as remote:  # type: ignore[arg-type]
                     d = int(remote.health()["hidden_size"])  # cached: scoring asks for it no more
-                    remote.bytes_sent = remote.bytes_received = 0  # /score bodies only
+                    remote.http.bytes_sent = remote.http.bytes_received = 0  # /score bodies only
                     remote.score(rollout, **call)  # type: ignore[arg-type]
                     tokens = rollout.num_tokens
-                    rows.append((name, methods, remote.bytes_sent / tokens, remote.bytes_received / tokens))
+                    rows.append((name, methods, remote.http.bytes_sent / tokens, remote.http.bytes_received / tokens))
         finally:
             proc.terminate()
             proc.wait(30)

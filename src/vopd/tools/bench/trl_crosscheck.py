@@ -48,14 +48,14 @@ def crosscheck(case: dict[str, Any]) -> dict[str, Any]:
                                      student_bias=head.bias, teacher_bias=scores.bias,
                                      student_transform=head.transform, teacher_transform=scores.transform).loss
 
-    # TRL's layout: prompts left-padded, completions right-padded, loss_mask 1 up to and including EOS.
+    # TRL's layout: prompts left-padded, completions right-padded, completion_mask (its key) 1 up to and with EOS.
     p_w, c_w = max(r.prompt_lengths), max(r.completion_lengths)
     inputs = {k: torch.full((r.size, w), fill, dtype=torch.long) for k, w, fill in (
-        ("prompt_ids", p_w, pad), ("prompt_mask", p_w, 0), ("completion_ids", c_w, pad), ("loss_mask", c_w, 0))}
+        ("prompt_ids", p_w, pad), ("prompt_mask", p_w, 0), ("completion_ids", c_w, pad), ("completion_mask", c_w, 0))}
     for i, (pl, cl) in enumerate(zip(r.prompt_lengths, r.completion_lengths)):
         inputs["prompt_ids"][i, p_w - pl:], inputs["prompt_mask"][i, p_w - pl:] = r.input_ids[i, :pl], 1
-        inputs["completion_ids"][i, :cl], inputs["loss_mask"][i, :cl] = r.input_ids[i, pl:pl + cl], 1
-    inputs["num_items_in_batch"] = inputs["loss_mask"].sum().float()
+        inputs["completion_ids"][i, :cl], inputs["completion_mask"][i, :cl] = r.input_ids[i, pl:pl + cl], 1
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum().float()
     with tempfile.TemporaryDirectory() as out:
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=trl_args(case, Path(out), 1),
                                       train_dataset=Dataset.from_list([{"prompt": "x"}]), processing_class=tok)
