@@ -18,7 +18,8 @@ from vopd.metrics import PhaseTimer
 from vopd.models import load_model, load_tokenizer
 from vopd.rollout import Rollout, pack
 from vopd.sampling import Samples
-from vopd.step import accumulate_gradients, micro_batch_loss
+from vopd.loss.head import IDENTITY
+from vopd.step import accumulate_gradients, loss_plan, micro_batch_loss
 from vopd.teacher.client import RemoteTeacher
 from vopd.teacher.local import InProcessTeacher
 from vopd.teacher.routing import ONLY, Teachers
@@ -72,7 +73,7 @@ def _step(cfg, student, teacher, rollout: Rollout):
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad(set_to_none=True)
     with torch.no_grad():
-        parts = micro_batch_loss(cfg, wrapped, Teachers({ONLY: teacher}), rollout, 1.0, PhaseTimer(CPU))
+        parts = micro_batch_loss(loss_plan(cfg.loss, IDENTITY), wrapped, Teachers({ONLY: teacher}), rollout, 1.0, PhaseTimer(CPU))
     return got.loss, got.token_metrics, grads, parts[0].out
 
 

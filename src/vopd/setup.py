@@ -4,7 +4,7 @@ cannot start.
 What it knows: how a run starts (``Start``: a new run, an overwrite, or a resume from the newest or a given
 checkpoint, with or without discarding newer work: one value where four flags used to be), and the order of set-up
 (``set_up``): the student, the teachers, the training prompts (read once), the pre-flight on the very teacher objects
-that train, LoRA and gradient checkpointing, the loss plan, the wrapped student and the rollout source; only then the
+that train, LoRA and gradient checkpointing, the loss plan (``vopd.loss.plan``, resolved once), the wrapped student and the rollout source; only then the
 output directory (so a run that cannot start leaves it untouched), the optimizer, the scheduler and the resume state
 (``TrainerState``, what a checkpoint holds besides weights and optimizer). What it does not know: the loop
 (``vopd.train``), the loss math (``vopd.loss``), which teacher placement it talks to (``vopd.teacher``), the rules of
@@ -28,10 +28,13 @@ from vopd.check import preflight, training_prompts
 from vopd.config import TrainConfig, config_to_dict, save_config
 from vopd.data import PromptSet, PromptStream
 from vopd.errors import UserError
+from vopd.loss.plan import LossPlan
 from vopd.metrics import MetricsWriter
-from vopd.models import Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, resolve_device
+from vopd.models import (Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, logit_transform,
+                         resolve_device)
 from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory, engine_factory
 from vopd.rundir import prepare_output_dir
+from vopd.step import loss_plan
 from vopd.teacher.base import SELF
 from vopd.teacher.reprompt import OwnPromptTeacher
 from vopd.teacher.routing import Teachers, open_teachers
@@ -148,6 +151,7 @@ class Run:
     tok: Tokenizer
     student: dist.WrappedStudent
     teachers: Teachers  # the objects the pre-flight passed
+    plan: LossPlan  # the loss, resolved once (vopd.loss.plan)
     prompts: PromptSet
     source: RolloutSource
     out_dir: Path
@@ -194,6 +198,7 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
+        plan = loss_plan(cfg.loss, logit_transform(model))
         # The student under DDP/FSDP2 (one process: unwrapped) and the sampler on its full weights, before the
         # output directory is claimed: a rollout engine that cannot start leaves no run behind.
         student = dist.wrap(model, len(tok), cfg.distributed.strategy, device)
@@ -219,7 +224,7 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         bar = _progress(cfg, state.step) if dist.is_main() else None
         if bar is not None:
             closing.callback(bar.close)
-        yield Run(cfg, device, info, tok, student, teachers, prompts, source, out_dir, config_dict, optimizer,
+        yield Run(cfg, device, info, tok, student, teachers, plan, prompts, source, out_dir, config_dict, optimizer,
                   scheduler, state, writer, bar, start_from)
 
 

@@ -21,10 +21,11 @@ from typing import Callable, Mapping
 import torch
 
 from vopd import distributed as dist
-from vopd.config import TrainConfig
+from vopd.config import LossConfig, TrainConfig
 from vopd.loss.chunked import fused_distillation_loss, student_topk_ids
 from vopd.loss.estimators import LossOutput
-from vopd.loss.methods import method_spec
+from vopd.loss.head import LogitTransform
+from vopd.loss.plan import LossPlan
 from vopd.metrics import PhaseTimer, TokenStats
 from vopd.models import logit_transform
 from vopd.rollout import Rollout
@@ -47,10 +48,19 @@ class StepGradient:
     scored_ahead_s: float | None = None  # seconds of scoring done on the background thread (None: no overlap)
 
 
+def loss_plan(loss: LossConfig, transform: LogitTransform) -> LossPlan:
+    """The run's loss from the ``loss`` section of the config and the student's logit transform (softcapping /
+    scaling, docs/estimators.md "Output transforms"), built once before step 0 (``vopd.setup``)."""
+    return LossPlan.of(loss.method, top_k=loss.top_k, ratio_cap=loss.ratio_cap, ratio_mode=loss.ratio_mode,
+                       memory_budget_mb=loss.chunk_memory_mb, transform=transform)
+
+
 def accumulate_gradients(cfg: TrainConfig, student: dist.WrappedStudent, teachers: Teachers, rollout: Rollout,
-                         device: torch.device, timer: PhaseTimer) -> StepGradient:
+                         device: torch.device, timer: PhaseTimer, plan: LossPlan | None = None) -> StepGradient:
     """Score, loss and backward over this rank's ``rollout`` in micro-batches; the gradients are left in the model
-    (reduced over ranks), ready for the optimizer step."""
+    (reduced over ranks), ready for the optimizer step. ``plan``: the run's loss (None: built here from ``cfg.loss``,
+    for callers outside the trainer)."""
+    plan = plan or loss_plan(cfg.loss, logit_transform(student.model))
     # The variance proxy needs the gradient of a part of the batch: a one-micro-batch step runs as two.
     mbs = cfg.micro_batch_size
     if cfg.grad_noise and mbs >= rollout.size >= 2:
@@ -68,10 +78,10 @@ def accumulate_gradients(cfg: TrainConfig, student: dist.WrappedStudent, teacher
     by_teacher = {name: TokenStats(ratio_cap=cfg.loss.ratio_cap) for name in teachers.names} if teachers.routed else {}
     loss_sum = 0.0
     half_probe: tuple[float, int] | None = None
-    with ScoreAhead(cfg, teachers, micro) as ahead:
+    with ScoreAhead(plan, cfg.model.teacher_overlap, teachers, micro) as ahead:
         for i, mb in enumerate(micro):
             with student.grad_reduction(last=i == len(micro) - 1):
-                parts = micro_batch_loss(cfg, student, teachers, mb, normalizer, timer, ahead=ahead.take(i))
+                parts = micro_batch_loss(plan, student, teachers, mb, normalizer, timer, ahead=ahead.take(i))
                 loss = torch.stack([p.out.loss for p in parts]).sum()
                 loss.backward()
             loss_sum += float(loss.detach())
@@ -110,7 +120,7 @@ class PartLoss:
     out: LossOutput
 
 
-def micro_batch_loss(cfg: TrainConfig, student: dist.WrappedStudent, teachers: Teachers, mb: Rollout, normalizer: float,
+def micro_batch_loss(plan: LossPlan, student: dist.WrappedStudent, teachers: Teachers, mb: Rollout, normalizer: float,
                      timer: PhaseTimer, *, ahead: Mapping[str, Future[TeacherScores]] | None = None) -> list[PartLoss]:
     """One micro-batch's loss, one part per teacher that scores rows of it (one part with one teacher), each graph
     ready for ``backward`` (their sum is the micro-batch's loss). The teacher's time is charged to the teacher phase.
@@ -120,18 +130,16 @@ def micro_batch_loss(cfg: TrainConfig, student: dist.WrappedStudent, teachers: T
     background thread (``ahead``: a remote teacher, ``model.teacher_overlap``), in which case the answer is awaited
     after the forward; one that sends per-token numbers is asked about the student's top-k ids for the top-k
     methods, so it scores after the student's forward."""
-    spec = method_spec(cfg.loss.method)
+    spec = plan.spec
     ahead = ahead or {}
     parts = teachers.parts(mb)
     scores: dict[str, TeacherScores] = {}
     for part in parts:
-        if part.name not in ahead and not asks_ids(cfg, part.teacher):
+        if part.name not in ahead and not asks_ids(plan, part.teacher):
             with timer("teacher"):
                 scores[part.name] = part.teacher.score(part.of(mb), lse=spec.teacher_lse)
     hidden, weight, bias = student.forward(mb.input_ids, mb.attention_mask)
     hidden = hidden[:, :-1]
-    transform = logit_transform(student.model)  # softcapping / scaling (docs/estimators.md, "Output transforms")
-    use_ratio = cfg.loss.ratio_cap > 0
     outs = []
     for part in parts:
         rows = part.of(mb)
@@ -140,17 +148,14 @@ def micro_batch_loss(cfg: TrainConfig, student: dist.WrappedStudent, teachers: T
             with timer("teacher"):
                 scores[part.name] = ahead[part.name].result()
         elif part.name not in scores:
-            ids = student_topk_ids(h.detach(), weight.detach(), rows.loss_mask, cfg.loss.top_k,
-                                   bias=None if bias is None else bias.detach(), transform=transform,
-                                   memory_budget_mb=cfg.loss.chunk_memory_mb)  # the head's own chunks: the same ids
+            ids = student_topk_ids(h.detach(), weight.detach(), rows.loss_mask, plan.top_k,
+                                   bias=None if bias is None else bias.detach(), transform=plan.transform,
+                                   memory_budget_mb=plan.memory_budget_mb)  # the head's own chunks: the same ids
             with timer("teacher"):
                 scores[part.name] = part.teacher.score(rows, topk_ids=ids, lse=spec.teacher_lse)
         out = fused_distillation_loss(
-            h, weight, rows.targets, rows.loss_mask, scores.pop(part.name), method=cfg.loss.method,
-            top_k=cfg.loss.top_k, student_bias=bias, normalizer=normalizer, memory_budget_mb=cfg.loss.chunk_memory_mb,
-            sampler_logprobs=rows.sampler_logprobs if use_ratio else None,
-            ratio_cap=cfg.loss.ratio_cap if use_ratio else None, ratio_mode=cfg.loss.ratio_mode,
-            student_transform=transform)
+            h, weight, rows.targets, rows.loss_mask, scores.pop(part.name), student_bias=bias, normalizer=normalizer,
+            sampler_logprobs=rows.sampler_logprobs if plan.uses_ratio else None, **plan.head_options())
         outs.append(PartLoss(part.name, rows, out))
     if mb.num_tokens == 0:
         # Without completion tokens the loss only touches the hidden states; DDP expects a gradient for every
@@ -160,10 +165,10 @@ def micro_batch_loss(cfg: TrainConfig, student: dist.WrappedStudent, teachers: T
     return outs
 
 
-def asks_ids(cfg: TrainConfig, teacher: Teacher) -> bool:
+def asks_ids(plan: LossPlan, teacher: Teacher) -> bool:
     """Whether ``teacher`` must be told the student's top-k ids (a top-k method with a teacher that sends per-token
     numbers), and so can only score after the student's forward."""
-    return method_spec(cfg.loss.method).topk and not teacher.full_distribution
+    return plan.spec.topk and not teacher.full_distribution
 
 
 class ScoreAhead:
@@ -173,13 +178,13 @@ class ScoreAhead:
     scores are the ones inline scoring would get (the estimators stay on-policy and exact): only the waiting moves.
     A failure is raised where the answer is awaited; leaving the context cancels what was not started."""
 
-    def __init__(self, cfg: TrainConfig, teachers: Teachers, micro: list[Rollout]) -> None:
-        lse = method_spec(cfg.loss.method).teacher_lse
+    def __init__(self, plan: LossPlan, overlap: bool, teachers: Teachers, micro: list[Rollout]) -> None:
+        lse = plan.spec.teacher_lse
         self.jobs: list[list[tuple[str, Callable[[], TeacherScores]]]] = []
         for mb in micro:
-            parts = teachers.parts(mb) if cfg.model.teacher_overlap else []
+            parts = teachers.parts(mb) if overlap else []
             self.jobs.append([(p.name, partial(self._timed, p.teacher, p.of(mb), lse)) for p in parts
-                              if p.elsewhere and not asks_ids(cfg, p.teacher)])
+                              if p.elsewhere and not asks_ids(plan, p.teacher)])
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="vopd-teacher") if any(self.jobs) else None
         self.sent: dict[int, dict[str, Future[TeacherScores]]] = {}
         self.busy_s = 0.0  # scoring time on the background thread; the part not waited for was hidden

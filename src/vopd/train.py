@@ -88,7 +88,7 @@ def _loop(run: Run, stop_at: int | None) -> dict[str, Any]:
                 rollout = _on_policy(run.source.rollouts(step), step)
             # 2-4. per micro-batch: teacher scores, student forward, advantages + loss, backward (vopd.step)
             with timer("student"):
-                grad = accumulate_gradients(cfg, run.student, run.teachers, rollout, run.device, timer)
+                grad = accumulate_gradients(cfg, run.student, run.teachers, rollout, run.device, timer, run.plan)
             # the sampler must have drawn from these very weights: a stale or half-applied weight sync shows here
             check_weight_sync(cfg.rollout, grad.token_metrics, next(run.student.full.parameters()).dtype)
             # 5. step (or skip a bad one: vopd.guard)

@@ -227,6 +227,10 @@ class _FusedHead(torch.autograd.Function):
         return (out[0], out[1], out[2]) + (None,) * 10
 
 
+#: ``loss.top_k``'s default, when a caller names no width and the teacher's answer carries none.
+_DEFAULT_TOP_K = 100
+
+
 def fused_distillation_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -235,7 +239,7 @@ def fused_distillation_loss(
     teacher: TeacherScores,
     *,
     method: Method,
-    top_k: int = 100,
+    top_k: int | None = None,
     student_bias: Tensor | None = None,
     normalizer: float | Tensor | None = None,
     sampler_logprobs: Tensor | None = None,
@@ -253,7 +257,8 @@ def fused_distillation_loss(
         tokens, mask, sampler_logprobs: (B, T), as in ``distillation_loss``.
         teacher: ``TeacherHidden`` (hidden (B, T, D_t), weight (V, D_t), bias): every method; or ``TeacherNumbers``
                  (logq (B, T); topk_ids/topk_logits (B, T, k) for top-k methods; lse (B, T) for ``rb-topk``): the
-                 methods whose ``MethodSpec.per_token_teacher`` holds. With numbers, k is the width of the ids.
+                 methods whose ``MethodSpec.per_token_teacher`` holds. With numbers, k is the width of the ids, which
+                 must be ``top_k`` when both are given (a teacher answering at another width is an error).
     Options: as ``distillation_loss``, plus ``memory_budget_mb``, the budget for a chunk's (rows x V) fp32 buffers
     (``chunk_rows``), and ``student_transform``, the student's logit transform (a ``TeacherHidden`` carries the
     teacher's; ``TeacherNumbers`` are already final).
@@ -267,7 +272,12 @@ def fused_distillation_loss(
                              f"{tuple(teacher.weight.shape)}")
     else:
         t_vocab, t_lead = vocab, tuple(teacher.logq.shape)
-        top_k = teacher.k or top_k
+        if top_k is not None and teacher.k and teacher.k != top_k:  # never silently trained at another width
+            raise UserError(f"the teacher answered with top-k logits at {teacher.k} ids per position, but "
+                            f"loss.top_k={top_k} was asked: the teacher or server does not follow the request; "
+                            "update vopd on the teacher server and restart it")
+        top_k = top_k or teacher.k
+    top_k = top_k or _DEFAULT_TOP_K
     spec = check_inputs(method, top_k, vocab, t_vocab, tokens, mask, lead, t_lead)
     if student_weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"hidden size mismatch: student hidden {student_hidden.shape[-1]} vs weight "

@@ -27,9 +27,6 @@ if TYPE_CHECKING:
     from vopd.models import Model, Tokenizer
     from vopd.rollout import Rollout, Sampler
 
-PAPER_METHODS = ("opd", "vopd", "vopd-topk", "opd-full", "opd-topk")
-
-
 def _mean_sd(values: Sequence[float | None]) -> dict[str, float]:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -186,7 +183,8 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
 
     from vopd import distributed as dist
     from vopd.metrics import PhaseTimer
-    from vopd.step import micro_batch_loss
+    from vopd.models import logit_transform
+    from vopd.step import loss_plan, micro_batch_loss
     from vopd.teacher.local import InProcessTeacher
     from vopd.teacher.routing import ONLY, Teachers
 
@@ -201,6 +199,7 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
                                   f"data.train={world.train_data}", f"loss.method={m}", f"loss.top_k={top_k}",
                                   *world.data_overrides()])
             for m in methods}
+    plans = {m: loss_plan(cfgs[m].loss, logit_transform(wrapped.model)) for m in methods}
     times: dict[str, list[dict[str, float]]] = {m: [] for m in [*methods, "generate"]}
     order = [*methods, "generate"]
     rng = random.Random(seed)
@@ -214,7 +213,7 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
                     sampler(ids)
             else:
                 with timer("student"):
-                    parts = micro_batch_loss(cfgs[m], wrapped, teachers, batch, float(batch.num_tokens), timer)
+                    parts = micro_batch_loss(plans[m], wrapped, teachers, batch, float(batch.num_tokens), timer)
                     parts[0].out.loss.backward()
                 with timer("optimizer"):
                     optimizer.step()
@@ -305,7 +304,7 @@ def plot_topk(topk: dict[str, Any], sweep: dict[str, Any], path: Path) -> Path:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a few minutes: 2 seeds, one learning rate, 8 steps, 64 evaluation problems")
-    parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS) + ["vopd-opt", "rb-topk"],
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3e-4],
