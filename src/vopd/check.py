@@ -26,6 +26,8 @@ from vopd.sampling import biasing_settings
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
     from vopd.data import PromptSet
+    from vopd.loss.methods import MethodSpec
+    from vopd.loss.plan import LossPlan
     from vopd.models import Model, Tokenizer
     from vopd.teacher.base import Teacher
     from vopd.teacher.routing import Teachers
@@ -47,7 +49,8 @@ def self_check(student: Model, tokenizer: Tokenizer, vocab_size: int, *, text: s
     """KL(student || student) through the chunked path must be ~0, and its log p(y) must equal the model's own
     forward (a model whose logits are not ``transform(hidden @ W.T + b)`` with the transform vopd reads from its
     config — ``vopd.models.logit_transform``: softcapping, logit scaling — fails here)."""
-    from vopd.loss.chunked import chunked_distillation_loss
+    from vopd.loss.chunked import fused_distillation_loss
+    from vopd.loss.scores import TeacherHidden
     from vopd.models import head_mismatch, last_hidden, output_layer
 
     device = next(student.parameters()).device
@@ -61,9 +64,9 @@ def self_check(student: Model, tokenizer: Tokenizer, vocab_size: int, *, text: s
         hidden = last_hidden(student, ids, attention)[:, :-1]
         head = output_layer(student, vocab_size)
         targets, mask = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
-        out = chunked_distillation_loss(hidden, head.weight, hidden, head.weight, targets, mask, method="vopd",
-                                        student_bias=head.bias, teacher_bias=head.bias,
-                                        student_transform=head.transform, teacher_transform=head.transform)
+        out = fused_distillation_loss(hidden, head.weight, targets, mask,
+                                      TeacherHidden(hidden, head.weight, head.bias, head.transform), method="vopd",
+                                      student_bias=head.bias, student_transform=head.transform)
         logits = student(input_ids=ids, attention_mask=attention).logits[:, :-1, :vocab_size].float()
         ref = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     finally:
@@ -113,14 +116,14 @@ def check_top_k(cfg: TrainConfig, vocab: int) -> None:
                         f"takes the top k of it): set loss.top_k <= {vocab}")
 
 
-def check_placement(cfg: TrainConfig, teacher: Teacher, name: str = "") -> None:
+def check_placement(cfg: TrainConfig, teacher: Teacher, name: str = "", spec: MethodSpec | None = None) -> None:
     """The run's method must be one this teacher's placement can serve (``Teacher.supports``: e.g. a teacher server
     without its output layer here sends per-token numbers only, so the full-vocabulary methods are refused, and
     rb-topk needs a server that sends the teacher's log-sum-exp): a one-line ``UserError`` with the placement's
     reason and fix, before step 1. Teacher ``name`` of ``model.teachers``: its own keys are named."""
     from vopd.loss.methods import method_spec
 
-    reason = teacher.supports(method_spec(cfg.loss.method))
+    reason = teacher.supports(spec or method_spec(cfg.loss.method))
     if reason is not None:
         if name:  # the placement names the one teacher's keys; this one is set by name
             reason = f"teacher {name}: " + reason.replace("model.teacher_head=", f"model.teacher_heads.{name}=")
@@ -128,16 +131,17 @@ def check_placement(cfg: TrainConfig, teacher: Teacher, name: str = "") -> None:
 
 
 def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: TrainConfig, *,
-              prompts: PromptSet | None = None) -> list[str]:
+              prompts: PromptSet | None = None, plan: LossPlan | None = None) -> list[str]:
     """All checks for a training config, for any teacher placement and any number of teachers; returns
     human-readable lines of what passed. Each teacher checks its pairing with the student
     (``Teacher.pairing_checks``: one token->id map for all) and its stop tokens and chat template, then the
     student-side checks run once. ``prompts``: the training prompts already read (``training_prompts``), so the
-    file is not read again for the template checks."""
+    file is not read again for the template checks; ``plan``: the run's loss, whose method every teacher must
+    serve (default: ``cfg.loss.method``'s)."""
     lines = []
     chatting = uses_chat_template(cfg) if prompts is None else prompts.chat
     for name, teacher in teachers:
-        check_placement(cfg, teacher, name)
+        check_placement(cfg, teacher, name, None if plan is None else plan.spec)
         mine = [*teacher.pairing_checks(student, student_tok),
                 *chat_checks(student_tok, teacher.tokenizer, cfg, chatting)]
         lines += [f"teacher {name}: {line}" for line in mine] if name else mine

@@ -188,7 +188,8 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         prompts = training_prompts(cfg, tok, model, teachers, info)  # read once: the pre-flight sees these rows
         if prompts.teacher is not None:  # the teacher reads each completion after its own prompt (docs/real_models.md)
             teachers = teachers.map(lambda t: OwnPromptTeacher(t, tok.pad_token_id))
-        for line in preflight(model, tok, teachers, cfg, prompts=prompts):  # each teacher's placement and method
+        plan = loss_plan(cfg.loss, logit_transform(model))  # resolved once; every teacher must serve its method
+        for line in preflight(model, tok, teachers, cfg, prompts=prompts, plan=plan):  # placement and method
             info(f"pre-flight ok: {line}")
         if cfg.batch_size % dist.world_size():
             raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
@@ -198,7 +199,6 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
-        plan = loss_plan(cfg.loss, logit_transform(model))
         # The student under DDP/FSDP2 (one process: unwrapped) and the sampler on its full weights, before the
         # output directory is claimed: a rollout engine that cannot start leaves no run behind.
         student = dist.wrap(model, len(tok), cfg.distributed.strategy, device)

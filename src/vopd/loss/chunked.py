@@ -360,8 +360,9 @@ def chunked_distillation_loss(
     student_transform: LogitTransform = IDENTITY,
     teacher_transform: LogitTransform = IDENTITY,
 ) -> LossOutput:
-    """The same loss and gradients as ``distillation_loss`` without materialising (B, T, V) logits: the public
-    form of ``fused_distillation_loss`` for a teacher given as its hidden states and output layer.
+    """``fused_distillation_loss`` for a teacher given as its hidden states and output layer (kept for users who
+    import it from ``vopd``; vopd itself calls ``fused_distillation_loss``, the one entry point). The same loss and
+    gradients as ``distillation_loss`` without materialising (B, T, V) logits.
 
     Shapes:
         student_hidden: (B, T, D_s), the student's last hidden states (after the final norm), requires grad.

@@ -100,7 +100,7 @@ def collect_gradients(student: Model, teacher: InProcessTeacher, tok: Tokenizer,
                       methods: list[str], replicates: int, max_new_tokens: int, top_k: int, seed: int,
                       memory_budget_mb: float = 256) -> dict[str, Tensor]:
     """(R, P) parameter gradients per method, every method on the same R rollout batches."""
-    from vopd.loss.chunked import chunked_distillation_loss
+    from vopd.loss.chunked import fused_distillation_loss
     from vopd.models import last_hidden, output_layer
     from vopd.rollout import hf_sampler, pack
 
@@ -118,11 +118,9 @@ def collect_gradients(student: Model, teacher: InProcessTeacher, tok: Tokenizer,
             student.zero_grad(set_to_none=True)
             hidden = last_hidden(student, rollout.input_ids, rollout.attention_mask)[:, :-1]
             head = output_layer(student, vocab)
-            out = chunked_distillation_loss(hidden, head.weight, scores.hidden, scores.weight, rollout.targets,
-                                            rollout.loss_mask, method=method_spec(method).name, top_k=top_k,
-                                            student_bias=head.bias, teacher_bias=scores.bias,
-                                            memory_budget_mb=memory_budget_mb, student_transform=head.transform,
-                                            teacher_transform=scores.transform)
+            out = fused_distillation_loss(hidden, head.weight, rollout.targets, rollout.loss_mask, scores,
+                                          method=method_spec(method).name, top_k=top_k, student_bias=head.bias,
+                                          memory_budget_mb=memory_budget_mb, student_transform=head.transform)
             out.loss.backward()
             grads[method].append(_flat_grad(params))
     student.zero_grad(set_to_none=True)

@@ -3,7 +3,7 @@
 What it knows: how to build random-initialised ``Qwen3ForCausalLM`` models from configs written here (Qwen3-1.7B and
 -4B students, Qwen3-8B teacher, V = 151,936, bf16 weights; and a ``tiny`` set for CPU smoke tests), and how to time
 one case: a training-side step the way the trainer runs it (teacher ``last_hidden`` without grad, student
-``last_hidden`` with gradient checkpointing, LoRA or all weights trainable, ``chunked_distillation_loss`` on the
+``last_hidden`` with gradient checkpointing, LoRA or all weights trainable, ``fused_distillation_loss`` on the
 completion positions, backward, optionally an AdamW step), the loss head alone (``vopd.tools.bench.estimators``'s worker), or
 ``model.generate`` with a static or dynamic KV cache. Median of repeats after warm-up, peak memory from
 ``torch.cuda.max_memory_allocated`` (CPU: peak RSS, indicative only); an out-of-memory error becomes a result row.
@@ -109,7 +109,8 @@ def _timed(fn: Callable[[], object], dev: torch.device, warmup: int, repeats: in
 def _train_case(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from vopd.loss.chunked import chunked_distillation_loss
+    from vopd.loss.chunked import fused_distillation_loss
+    from vopd.loss.scores import TeacherHidden
     from vopd.models import apply_lora, enable_gradient_checkpointing, last_hidden, output_layer
 
     torch.manual_seed(0)
@@ -139,10 +140,10 @@ def _train_case(case: dict[str, Any]) -> dict[str, Any]:
             ht = last_hidden(teacher, ids, attention)[:, :-1]
         hs = last_hidden(student, ids, attention)[:, :-1]
         s_head = output_layer(student, vocab)
-        out = chunked_distillation_loss(hs, s_head.weight, ht, t_head.weight, targets, mask, method=case["method"],
-                                        top_k=case["top_k"], student_bias=s_head.bias, teacher_bias=t_head.bias,
-                                        memory_budget_mb=case["budget_mb"], student_transform=s_head.transform,
-                                        teacher_transform=t_head.transform)
+        out = fused_distillation_loss(hs, s_head.weight, targets, mask,
+                                      TeacherHidden(ht, t_head.weight, t_head.bias, t_head.transform),
+                                      method=case["method"], top_k=case["top_k"], student_bias=s_head.bias,
+                                      memory_budget_mb=case["budget_mb"], student_transform=s_head.transform)
         out.loss.backward()
         if opt is not None:
             opt.step()
@@ -236,7 +237,8 @@ def _head_case(case: dict[str, Any]) -> dict[str, Any]:
     """One measurement, meant to run in a fresh process."""
     import torch
 
-    from vopd.loss.chunked import chunked_distillation_loss
+    from vopd.loss.chunked import fused_distillation_loss
+    from vopd.loss.scores import TeacherHidden
     from vopd.loss.estimators import distillation_loss
 
     torch.manual_seed(0)
@@ -259,8 +261,8 @@ def _head_case(case: dict[str, Any]) -> dict[str, Any]:
                 zt = ht @ wt.T
             out = distillation_loss(hs @ ws.T, zt, y, mask, method=case["method"], top_k=case["top_k"])
         else:
-            out = chunked_distillation_loss(hs, ws, ht, wt, y, mask, method=case["method"], top_k=case["top_k"],
-                                            memory_budget_mb=case["budget_mb"])
+            out = fused_distillation_loss(hs, ws, y, mask, TeacherHidden(ht, wt), method=case["method"],
+                                          top_k=case["top_k"], memory_budget_mb=case["budget_mb"])
         out.loss.backward()
 
     def sync() -> None:
