@@ -3,7 +3,8 @@
 What it knows: every option of a run (its name, type, default, meaning and allowed values), how to check it, how to
 load it (defaults, then a YAML/TOML file, then ``key=value`` overrides) and how to write it back so that it loads to
 an equal config. The dataclasses are the one source of truth: ``docs/config.md`` is generated from them
-(``config_reference_markdown``). What it does NOT know: how text becomes typed values (``vopd.config_io`` parses
+(``config_reference_markdown``). Each section class checks its own fields in its ``validate``; ``TrainConfig.validate``
+adds the rules that span sections. The check primitive and the teacher rules live in ``vopd.config_rules``. What it does NOT know: how text becomes typed values (``vopd.config_io`` parses
 files and overrides and checks types, for any dataclass tree); what the options do (models, sampling, losses,
 checkpoints live elsewhere), torch, devices; which sampling settings suit which loss method (the trainer checks
 that). Derived values (gradient accumulation, the evaluation length, the resolved dtype) are computed by
@@ -15,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any, Literal, Sequence, TypeVar
 import yaml
 
 from vopd.config_io import apply_overrides, build, field_types, is_section, read_config_file, type_name
+from vopd.config_rules import DEVICE_RE, check, check_teacher_heads, check_teacher_routing, check_teachers
 from vopd.data import PROMPT_TEMPLATE
 from vopd.errors import UserError
 from vopd.loss.methods import Method  # the one definition of the method names
@@ -78,6 +79,15 @@ class ModelConfig:
         True, "Remote teachers: score the next micro-batch on a background thread while the student trains on this "
         "one (the same step's rollouts: identical numbers, less waiting). In-process teachers always score inline.")
 
+    def validate(self) -> None:
+        """The [model] rules: the teachers (``vopd.config_rules``), the device, the remote teacher's patience."""
+        check_teacher_heads(self.teacher, self.teachers, self.teacher_heads, self.teacher_head,
+                            self.teacher_hidden_dtype)
+        check_teachers(self.teacher, self.teachers)
+        check(bool(DEVICE_RE.match(self.device)), "model.device", self.device, "auto, cpu, cuda or cuda:N")
+        check(self.teacher_timeout_s > 0, "model.teacher_timeout_s", self.teacher_timeout_s, "> 0")
+        check(self.teacher_retries >= 0, "model.teacher_retries", self.teacher_retries, ">= 0")
+
 
 @dataclass
 class LoraConfig:
@@ -93,6 +103,14 @@ class LoraConfig:
         "architecture calls its projections (q_proj.. in Llama/Qwen, qkv_proj/gate_up_proj in Phi-3). The output layer "
         "is never a target.",
     )
+
+    def validate(self) -> None:
+        """The [lora] ranges."""
+        check(self.r >= 1, "lora.r", self.r, ">= 1")
+        check(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
+        check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
+        check(not self.enabled or bool(self.target_modules), "lora.target_modules", self.target_modules,
+              "non-empty when lora.enabled")
 
 
 @dataclass
@@ -126,6 +144,13 @@ class DataConfig:
     long_prompts: Literal["skip", "error"] = _opt("skip", "What to do with a prompt longer than max_prompt_tokens.")
     shuffle: bool = _opt(True, "Shuffle the training problems (with the run's seed).")
 
+    def validate(self) -> None:
+        """The [data] rules (the routing to several teachers is a cross-section rule of ``TrainConfig``)."""
+        check(bool(self.prompt_field), "data.prompt_field", self.prompt_field, "non-empty")
+        check(bool(self.messages_field), "data.messages_field", self.messages_field, "non-empty")
+        check("{problem}" in self.template, "data.template", self.template, "a text containing {problem}")
+        check(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", self.max_prompt_tokens, ">= 1")
+
 
 @dataclass
 class RolloutConfig:
@@ -151,6 +176,15 @@ class RolloutConfig:
         0.0, "Largest allowed logprob_diff_mean (mean |log p_trainer - log p_sampler| per token) when "
         "rollout.check_sync; 0 = auto: 1e-3 with float32 weights, 5e-2 with bfloat16/float16.")
 
+    def validate(self) -> None:
+        """The [rollout] ranges (which sampling settings suit which loss method is the trainer's check)."""
+        check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, ">= 1")
+        check(self.temperature > 0, "rollout.temperature", self.temperature, "> 0")
+        check(0.0 <= self.top_p <= 1.0, "rollout.top_p", self.top_p, "in [0, 1]")
+        check(self.top_k >= 0, "rollout.top_k", self.top_k, ">= 0 (0 = off)")
+        check(self.batch_size >= 1, "rollout.batch_size", self.batch_size, ">= 1")
+        check(self.sync_tolerance >= 0, "rollout.sync_tolerance", self.sync_tolerance, ">= 0 (0 = auto)")
+
 
 @dataclass
 class LossConfig:
@@ -165,6 +199,13 @@ class LossConfig:
     ratio_mode: Literal["truncate", "mask"] = _opt(
         "truncate", "What a ratio above loss.ratio_cap does: truncate (weight min(ratio, cap): truncated importance "
         "sampling) or mask (the token gets weight 0: masked importance sampling).")
+
+    def validate(self) -> None:
+        """The [loss] ranges."""
+        check(self.top_k >= 1, "loss.top_k", self.top_k, ">= 1")
+        check(self.chunk_memory_mb >= 1, "loss.chunk_memory_mb", self.chunk_memory_mb, ">= 1")
+        # A cap below 1 would clip every ratio under its unbiased value 1; 0 is the documented "off".
+        check(self.ratio_cap == 0 or self.ratio_cap >= 1, "loss.ratio_cap", self.ratio_cap, "0 (off) or >= 1")
 
 
 @dataclass
@@ -185,6 +226,18 @@ class OptimConfig:
         "(||update|| / ||weights||, logged as update_ratio) is a bad step: skipped, like one with a non-finite loss; "
         "0 = no limit (non-finite weights are always refused).")
 
+    def validate(self) -> None:
+        """The [optim] ranges."""
+        check(self.lr > 0, "optim.lr", self.lr, "> 0")
+        check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        check(0.0 <= self.beta1 < 1.0, "optim.beta1", self.beta1, "in [0, 1)")
+        check(0.0 <= self.beta2 < 1.0, "optim.beta2", self.beta2, "in [0, 1)")
+        check(self.eps > 0, "optim.eps", self.eps, "> 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 = off)")
+        check(self.max_update_ratio >= 0, "optim.max_update_ratio", self.max_update_ratio, ">= 0 (0 = no limit)")
+
 
 @dataclass
 class EvalConfig:
@@ -197,6 +250,18 @@ class EvalConfig:
     max_new_tokens: int = _opt(0, "Longest completion; 0 = rollout.max_new_tokens.")
     limit: int = _opt(0, "Evaluate on the first this many problems; 0 = all.")
     greedy: bool = _opt(False, "Greedy decoding (ignores temperature and top_p).")
+
+    def validate(self) -> None:
+        """The [eval] rules (that eval.every needs data.eval is a cross-section rule of ``TrainConfig``)."""
+        check(self.every >= 0, "eval.every", self.every, ">= 0")
+        check(self.n >= 1, "eval.n", self.n, ">= 1")
+        check(self.greedy or self.temperature > 0, "eval.temperature", self.temperature,
+              "> 0 (or set eval.greedy=true)")
+        check(not self.greedy or self.n == 1, "eval.n", self.n,
+              "1 when eval.greedy=true (greedy samples are all the same)")
+        check(0.0 <= self.top_p <= 1.0, "eval.top_p", self.top_p, "in [0, 1]")
+        check(self.max_new_tokens >= 0, "eval.max_new_tokens", self.max_new_tokens, ">= 0 (0 = rollout.max_new_tokens)")
+        check(self.limit >= 0, "eval.limit", self.limit, ">= 0 (0 = all)")
 
 
 @dataclass
@@ -213,6 +278,13 @@ class VllmConfig:
                        "every sampling phase).")
     cpu_kv_cache_gb: float = _opt(1.0, "CPU only: KV-cache size in GiB.")
 
+    def validate(self) -> None:
+        """The [vllm] ranges."""
+        check(0.0 < self.gpu_memory_utilization <= 1.0, "vllm.gpu_memory_utilization", self.gpu_memory_utilization,
+              "in (0, 1]")
+        check(self.max_model_len >= 0, "vllm.max_model_len", self.max_model_len, ">= 0 (0 = auto)")
+        check(self.cpu_kv_cache_gb > 0, "vllm.cpu_kv_cache_gb", self.cpu_kv_cache_gb, "> 0")
+
 
 @dataclass
 class DistributedConfig:
@@ -223,6 +295,10 @@ class DistributedConfig:
         "sharded over the ranks. Ignored in a single process."
     )
     timeout_min: float = _opt(60.0, "Minutes a rank waits in a collective (e.g. while rank 0 evaluates or saves).")
+
+    def validate(self) -> None:
+        """The [distributed] ranges."""
+        check(self.timeout_min > 0, "distributed.timeout_min", self.timeout_min, "> 0")
 
 
 @dataclass
@@ -266,149 +342,47 @@ class TrainConfig:
         return self.eval.max_new_tokens or self.rollout.max_new_tokens
 
     def validate(self, *, require_paths: bool = True) -> None:
-        """Cross-field and range rules; raises ``UserError`` naming the first broken one.
+        """Every rule; raises ``UserError`` naming the first broken one. Each section checks its own fields
+        (``ModelConfig.validate``, ...); the rules here are those that span sections, and the top-level keys.
 
         ``require_paths=False`` skips the required-path checks (for tools that only inspect a config)."""
-        _validate(self, require_paths)
+        m, d, e = self.model, self.data, self.eval
+        if require_paths:
+            for key, value, what in (
+                ("model.student", m.student, "the student's local model directory"),
+                ("model.teacher", m.teacher or ",".join(m.teachers), "the teacher's local model directory"),
+                ("data.train", d.train, "the training problems file"),
+            ):
+                if not value.strip():
+                    raise UserError(f"config key {key} is required: set it to {what} (e.g. {key}=PATH)")
+        m.validate()
+        check_teacher_routing(m.teachers, d.teacher_field, d.teacher_own_template)
+        for section in (self.distributed, self.lora, d, self.rollout, self.vllm, self.loss, self.optim, e):
+            section.validate()
+        if e.every > 0 and not d.eval:
+            raise UserError(f"config key eval.every={e.every} needs evaluation data: set data.eval=PATH or "
+                            "eval.every=0")
+        check(self.steps >= 1, "steps", self.steps, ">= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise UserError(f"config key batch_size={self.batch_size} is not a multiple of micro_batch_size="
+                            f"{self.micro_batch_size}: make micro_batch_size divide batch_size")
+        check(self.seed >= 0, "seed", self.seed, ">= 0")
+        check(bool(self.output_dir), "output_dir", self.output_dir, "non-empty")
+        check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        check(self.save_every >= 0, "save_every", self.save_every, ">= 0 (0 = only at the end)")
+        check(self.keep_last >= 1, "keep_last", self.keep_last, ">= 1")
+        check(self.max_bad_steps >= 0, "max_bad_steps", self.max_bad_steps, ">= 0")
+        check(len(set(self.loggers)) == len(self.loggers), "loggers", self.loggers, "a list without repeats")
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """The concrete dtype name for ``dtype`` on ``device`` (a resolved device string, e.g. "cuda:0" or "cpu")."""
+    """The concrete dtype name for ``dtype`` on ``device`` (a resolved device string, e.g. "cuda:0" or "cpu"): the
+    one place of the 'auto' rule (``vopd.models.torch_dtype`` looks the result up)."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-# ---------------------------------------------------------------------------------------------- validation rules
-
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-
-
-def _check(ok: bool, key: str, value: object, rule: str) -> None:
-    if not ok:
-        raise UserError(f"config key {key}={value!r} is invalid: it must be {rule}")
-
-
-_TEACHER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def _validate_heads(m: ModelConfig) -> None:
-    """model.teacher_head(s) name the checkpoints of teacher servers (their output layers project hidden states)."""
-    _check(m.teacher_hidden_dtype in ("auto", "float32", "bfloat16"), "model.teacher_hidden_dtype",
-           m.teacher_hidden_dtype, "auto, float32 or bfloat16")
-    remote = ("http://", "https://")
-    if m.teacher_head:
-        if m.teachers:
-            raise UserError("config key model.teacher_head is for model.teacher; with model.teachers set "
-                            "model.teacher_heads={name: DIR} for each server teacher")
-        if not m.teacher.startswith(remote):
-            raise UserError(f"config key model.teacher_head is for a teacher server, but model.teacher={m.teacher!r} "
-                            "is loaded here whole (every method works already): remove model.teacher_head")
-    for name in m.teacher_heads:
-        if name not in m.teachers:
-            raise UserError(f"model.teacher_heads names {name!r}, which is not a teacher of model.teachers "
-                            f"({sorted(m.teachers)}); fix the name")
-        if not m.teachers[name].startswith(remote):
-            raise UserError(f"model.teacher_heads.{name} is for a teacher server, but model.teachers.{name}="
-                            f"{m.teachers[name]!r} is loaded here whole: remove it from model.teacher_heads")
-
-
-def _validate_teachers(c: TrainConfig) -> None:
-    """model.teacher or model.teachers (several, routed by data.teacher_field), never both."""
-    m, d = c.model, c.data
-    _validate_heads(m)
-    if not m.teachers:
-        if d.teacher_field:
-            raise UserError(f"config key data.teacher_field={d.teacher_field!r} routes rows to teachers, but "
-                            "model.teachers is empty: set model.teachers={name: PATH, ...} or data.teacher_field=''")
-        return
-    if m.teacher:
-        raise UserError(f"config keys model.teacher={m.teacher!r} and model.teachers are both set: keep one "
-                        "(model.teachers routes rows to several teachers by data.teacher_field)")
-    for name, where in m.teachers.items():
-        _check(bool(_TEACHER_NAME_RE.match(name)), "model.teachers", name,
-               "keyed by names of letters, digits, '_', '.' or '-' (they appear in metric names)")
-        _check(isinstance(where, str) and bool(where.strip()), f"model.teachers.{name}", where,
-               "a local model directory, a server URL or self")
-    if not d.teacher_field:
-        raise UserError("config key data.teacher_field is required with model.teachers: set it to the record field "
-                        f"that names each row's teacher (one of {sorted(m.teachers)})")
-    if d.teacher_own_template:
-        raise UserError("data.teacher_own_template=true is not supported with model.teachers (each teacher would "
-                        "render with its own template): render with the student's template (false)")
-
-
-def _validate(c: TrainConfig, require_paths: bool) -> None:
-    if require_paths:
-        for key, value, what in (
-            ("model.student", c.model.student, "the student's local model directory"),
-            ("model.teacher", c.model.teacher or ",".join(c.model.teachers), "the teacher's local model directory"),
-            ("data.train", c.data.train, "the training problems file"),
-        ):
-            if not value.strip():
-                raise UserError(f"config key {key} is required: set it to {what} (e.g. {key}=PATH)")
-    _validate_teachers(c)
-    _check(bool(_DEVICE_RE.match(c.model.device)), "model.device", c.model.device, "auto, cpu, cuda or cuda:N")
-    _check(c.model.teacher_timeout_s > 0, "model.teacher_timeout_s", c.model.teacher_timeout_s, "> 0")
-    _check(c.model.teacher_retries >= 0, "model.teacher_retries", c.model.teacher_retries, ">= 0")
-    _check(c.distributed.timeout_min > 0, "distributed.timeout_min", c.distributed.timeout_min, "> 0")
-    _check(c.lora.r >= 1, "lora.r", c.lora.r, ">= 1")
-    _check(c.lora.alpha > 0, "lora.alpha", c.lora.alpha, "> 0")
-    _check(0.0 <= c.lora.dropout < 1.0, "lora.dropout", c.lora.dropout, "in [0, 1)")
-    _check(not c.lora.enabled or bool(c.lora.target_modules), "lora.target_modules", c.lora.target_modules,
-           "non-empty when lora.enabled")
-    _check(bool(c.data.prompt_field), "data.prompt_field", c.data.prompt_field, "non-empty")
-    _check(bool(c.data.messages_field), "data.messages_field", c.data.messages_field, "non-empty")
-    _check("{problem}" in c.data.template, "data.template", c.data.template, "a text containing {problem}")
-    _check(c.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", c.data.max_prompt_tokens, ">= 1")
-    r = c.rollout
-    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, ">= 1")
-    _check(r.temperature > 0, "rollout.temperature", r.temperature, "> 0")
-    _check(0.0 <= r.top_p <= 1.0, "rollout.top_p", r.top_p, "in [0, 1]")
-    _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0 = off)")
-    _check(r.batch_size >= 1, "rollout.batch_size", r.batch_size, ">= 1")
-    _check(r.sync_tolerance >= 0, "rollout.sync_tolerance", r.sync_tolerance, ">= 0 (0 = auto)")
-    v = c.vllm
-    _check(0.0 < v.gpu_memory_utilization <= 1.0, "vllm.gpu_memory_utilization", v.gpu_memory_utilization, "in (0, 1]")
-    _check(v.max_model_len >= 0, "vllm.max_model_len", v.max_model_len, ">= 0 (0 = auto)")
-    _check(v.cpu_kv_cache_gb > 0, "vllm.cpu_kv_cache_gb", v.cpu_kv_cache_gb, "> 0")
-    _check(c.loss.top_k >= 1, "loss.top_k", c.loss.top_k, ">= 1")
-    _check(c.loss.chunk_memory_mb >= 1, "loss.chunk_memory_mb", c.loss.chunk_memory_mb, ">= 1")
-    # A cap below 1 would clip every ratio under its unbiased value 1; 0 is the documented "off".
-    _check(c.loss.ratio_cap == 0 or c.loss.ratio_cap >= 1, "loss.ratio_cap", c.loss.ratio_cap, "0 (off) or >= 1")
-    o = c.optim
-    _check(o.lr > 0, "optim.lr", o.lr, "> 0")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    _check(0.0 <= o.beta1 < 1.0, "optim.beta1", o.beta1, "in [0, 1)")
-    _check(0.0 <= o.beta2 < 1.0, "optim.beta2", o.beta2, "in [0, 1)")
-    _check(o.eps > 0, "optim.eps", o.eps, "> 0")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
-    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
-    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 = off)")
-    _check(o.max_update_ratio >= 0, "optim.max_update_ratio", o.max_update_ratio, ">= 0 (0 = no limit)")
-    e = c.eval
-    _check(e.every >= 0, "eval.every", e.every, ">= 0")
-    _check(e.n >= 1, "eval.n", e.n, ">= 1")
-    _check(e.greedy or e.temperature > 0, "eval.temperature", e.temperature, "> 0 (or set eval.greedy=true)")
-    _check(not e.greedy or e.n == 1, "eval.n", e.n, "1 when eval.greedy=true (greedy samples are all the same)")
-    _check(0.0 <= e.top_p <= 1.0, "eval.top_p", e.top_p, "in [0, 1]")
-    _check(e.max_new_tokens >= 0, "eval.max_new_tokens", e.max_new_tokens, ">= 0 (0 = rollout.max_new_tokens)")
-    _check(e.limit >= 0, "eval.limit", e.limit, ">= 0 (0 = all)")
-    if e.every > 0 and not c.data.eval:
-        raise UserError(f"config key eval.every={e.every} needs evaluation data: set data.eval=PATH or eval.every=0")
-    _check(c.steps >= 1, "steps", c.steps, ">= 1")
-    _check(c.batch_size >= 1, "batch_size", c.batch_size, ">= 1")
-    _check(c.micro_batch_size >= 1, "micro_batch_size", c.micro_batch_size, ">= 1")
-    if c.batch_size % c.micro_batch_size:
-        raise UserError(f"config key batch_size={c.batch_size} is not a multiple of micro_batch_size="
-                        f"{c.micro_batch_size}: make micro_batch_size divide batch_size")
-    _check(c.seed >= 0, "seed", c.seed, ">= 0")
-    _check(bool(c.output_dir), "output_dir", c.output_dir, "non-empty")
-    _check(c.log_every >= 1, "log_every", c.log_every, ">= 1")
-    _check(c.save_every >= 0, "save_every", c.save_every, ">= 0 (0 = only at the end)")
-    _check(c.keep_last >= 1, "keep_last", c.keep_last, ">= 1")
-    _check(c.max_bad_steps >= 0, "max_bad_steps", c.max_bad_steps, ">= 0")
-    _check(len(set(c.loggers)) == len(c.loggers), "loggers", c.loggers, "a list without repeats")
 
 
 # -------------------------------------------------------------------------------------------------- public API

@@ -321,11 +321,11 @@ def cli_main(args: argparse.Namespace) -> int:
     top_p = defaults["top_p"] if args.top_p is None else args.top_p
     top_k = int(defaults["top_k"] if args.top_k is None else args.top_k)
     greedy = args.greedy or args.temperature == 0
-    from vopd.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from vopd.models import load_model, load_tokenizer, resolve_device, torch_dtype
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model, role="evaluated")
-    model = load_model(args.model, role="evaluated", dtype=resolve_dtype(args.dtype, device), device=device).eval()
+    model = load_model(args.model, role="evaluated", dtype=torch_dtype(args.dtype, device), device=device).eval()
     result = evaluate(
         model, tokenizer, problems, n=1 if greedy else args.n, temperature=args.temperature, top_p=top_p,
         top_k=top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, kind=kind,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch import Tensor
 
-from vopd.config import resolve_dtype as dtype_name
+from vopd.config import resolve_dtype
 from vopd.errors import UserError
 from vopd.loss.head import LogitTransform, OutputHead
 
@@ -42,9 +42,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of a config dtype name on ``device`` ('auto': ``vopd.config.resolve_dtype``'s rule)."""
-    return _DTYPES[dtype_name(name, str(device))]
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a config dtype name on ``device``; 'auto' is resolved by ``vopd.config.resolve_dtype`` (the
+    one place of that rule), this only looks the resolved name up."""
+    return _DTYPES[resolve_dtype(name, str(device))]
 
 
 def _check_model_dir(path: str, role: str) -> Path:
@@ -90,7 +91,7 @@ def load_student(model: ModelConfig, device: torch.device) -> tuple[Tokenizer, M
     """(tokenizer, model) of ``model.student`` at ``model.dtype`` on ``device``: the one way the student is loaded
     (the teacher's is ``vopd.teacher.base.open_teacher``)."""
     tok = load_tokenizer(model.student, role="student", trust_remote_code=model.trust_remote_code)
-    student = load_model(model.student, role="student", dtype=resolve_dtype(model.dtype, device), device=device,
+    student = load_model(model.student, role="student", dtype=torch_dtype(model.dtype, device), device=device,
                          trust_remote_code=model.trust_remote_code)
     return tok, student
 

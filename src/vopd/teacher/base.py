@@ -98,10 +98,10 @@ def open_teacher(path: str, *, vocab_size: int, device: torch.device, dtype: str
 
         return RemoteTeacher(path, timeout_s=timeout_s, retries=retries, head=head, hidden_dtype=hidden_dtype,
                              trust_remote_code=trust_remote_code)
-    from vopd.models import load_model, load_tokenizer, resolve_dtype
+    from vopd.models import load_model, load_tokenizer, torch_dtype
     from vopd.teacher.local import InProcessTeacher
 
     tokenizer = load_tokenizer(path, role="teacher", trust_remote_code=trust_remote_code)
-    model = load_model(path, role="teacher", dtype=resolve_dtype(dtype, device), device=device,
+    model = load_model(path, role="teacher", dtype=torch_dtype(dtype, device), device=device,
                        trust_remote_code=trust_remote_code)
     return InProcessTeacher(model, vocab_size, tokenizer=tokenizer)

@@ -217,10 +217,10 @@ class RemoteTeacher:
         refusal = self._no_hidden(info)
         if refusal is not None:
             raise UserError(refusal)
-        from vopd.models import load_output_layer, resolve_dtype
+        from vopd.models import load_output_layer, torch_dtype
 
         # At the server's weight dtype, so that the fingerprints compare like with like.
-        dtype = resolve_dtype(str(info.get("dtype", "float32")), torch.device("cpu"))
+        dtype = torch_dtype(str(info.get("dtype", "float32")), torch.device("cpu"))
         head = load_output_layer(str(self.head_path), vocab_size=int(info["vocab_size"]), dtype=dtype,
                                  trust_remote_code=self._trust_remote_code)
         mine, theirs = head_fingerprint(head.weight, head.bias, head.transform), info.get("head_sha256")

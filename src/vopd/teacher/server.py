@@ -273,7 +273,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from vopd.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from vopd.models import load_model, load_tokenizer, resolve_device, torch_dtype
 
     token = args.token or os.environ.get(args.token_env) or None
     if not token and not _is_loopback(args.host) and not args.insecure_no_token:
@@ -285,7 +285,7 @@ def cli_main(args: argparse.Namespace) -> int:
         raise UserError(f"the teacher server needs fastapi and uvicorn ({exc}); pip install 'vopd[serve]'") from None
     device = resolve_device(args.device)
     tok = load_tokenizer(args.tokenizer or args.model, role="teacher", trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, role="teacher", dtype=resolve_dtype(args.dtype, device), device=device,
+    model = load_model(args.model, role="teacher", dtype=torch_dtype(args.dtype, device), device=device,
                        trust_remote_code=args.trust_remote_code)
     name = os.path.basename(os.path.normpath(args.model))
     app = create_app(model, tok, token=token, max_batch=args.max_batch, max_tokens=args.max_tokens,
