@@ -164,8 +164,7 @@ class _FusedHead(torch.autograd.Function):
         cd = compute_dtype(hs.dtype)
         half_cuda = hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32
         ws_c = ws if half_cuda else ws.to(cd)  # converted once, not per chunk
-        if isinstance(teacher, TeacherHidden):
-            wt_c = teacher.weight if half_cuda else teacher.weight.to(cd)
+        teacher = teacher.for_head(cd, keep_weight_dtype=half_cuda)  # the teacher's output layer too
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         n, dev = hs.shape[0], hs.device
         gdt = torch.float32 if half_cuda else cd
@@ -175,24 +174,13 @@ class _FusedHead(torch.autograd.Function):
         stats = torch.zeros(n, _NUM_STATS, dtype=cd, device=dev)
         loss = torch.zeros((), dtype=cd, device=dev)
 
-        def part(x: Tensor | None, lo: int, hi: int) -> Tensor | None:
-            return None if x is None else x[lo:hi].to(cd)
-
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             h_c, y_c = hs[lo:hi], y[lo:hi].unsqueeze(-1)
             zs = transform.apply_(raw_logits(h_c, ws_c, bs, cd))  # (c, V), the final logits
             # d final / d raw, taken before _head_chunk consumes zs (docs/estimators.md, "Output transforms").
             dz = None if transform.identity else transform.derivative(zs)
-            given: dict[str, Tensor | None]
-            if isinstance(teacher, TeacherHidden):
-                with torch.no_grad():
-                    zt = raw_logits(teacher.hidden[lo:hi], wt_c, teacher.bias, cd)
-                    given = {"zt": teacher.transform.apply_(zt)}
-            else:
-                ids = None if teacher.topk_ids is None else teacher.topk_ids[lo:hi]
-                given = {"ids": ids, "logq": part(teacher.logq, lo, hi), "zt_k": part(teacher.topk_logits, lo, hi),
-                         "lse_t": part(teacher.lse, lo, hi)}
+            given = teacher.chunk_inputs(lo, hi, cd)  # each score form supplies its own (vopd.loss.scores)
             loss_c, g = _head_chunk(zs, y_c, stats[lo:hi], spec, top_k, inv_n,
                                     None if sampler_lp is None else sampler_lp[lo:hi], ratio_cap, ratio_mode,
                                     **given)

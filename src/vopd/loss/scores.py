@@ -1,7 +1,9 @@
 """What the fused head takes from a teacher: its hidden states and output layer, or its per-token numbers.
 
 What it knows: the two typed forms a teacher's scores come in, their shapes, and how to select the live rows (the
-completion positions) of each. ``TeacherHidden`` carries the teacher's whole distribution (logits are formed chunk
+completion positions) of each, and what each supplies the fused head per chunk of rows (``chunk_inputs``: the
+teacher's logits formed from its hidden states, or its numbers), so the head never asks which form it holds.
+``TeacherHidden`` carries the teacher's whole distribution (logits are formed chunk
 by chunk inside the head, through the teacher's logit transform), so every method can use it; ``TeacherNumbers``
 carries only what a teacher server sends per position, enough for the methods whose ``MethodSpec.per_token_teacher``
 is true. What it does not know: where the numbers came from (``vopd.teacher`` produces them), or any loss math.
@@ -9,13 +11,13 @@ is true. What it does not know: where the numbers came from (``vopd.teacher`` pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 import torch
 from torch import Tensor
 
-from vopd.loss.head import IDENTITY, LogitTransform
+from vopd.loss.head import IDENTITY, LogitTransform, raw_logits
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,16 @@ class TeacherHidden:
         flat = self.hidden.detach().reshape(-1, self.hidden.shape[-1])
         return TeacherHidden(flat.index_select(0, idx), self.weight.detach(),
                              None if self.bias is None else self.bias.detach(), self.transform)
+
+    def for_head(self, cd: torch.dtype, keep_weight_dtype: bool) -> "TeacherHidden":
+        """The form the head reads: the output layer converted to the compute dtype ``cd`` once per call, not per
+        chunk (kept as is when ``keep_weight_dtype``: half-precision weights on CUDA, fp32-accumulated matmuls)."""
+        return self if keep_weight_dtype else replace(self, weight=self.weight.to(cd))
+
+    def chunk_inputs(self, lo: int, hi: int, cd: torch.dtype) -> dict[str, Tensor | None]:
+        """Rows [lo, hi): the teacher's final logits ``zt`` (c, V), formed here without a graph."""
+        with torch.no_grad():
+            return {"zt": self.transform.apply_(raw_logits(self.hidden[lo:hi], self.weight, self.bias, cd))}
 
     def to(self, device: torch.device) -> "TeacherHidden":
         return TeacherHidden(self.hidden.to(device), self.weight.to(device),
@@ -72,6 +84,18 @@ class TeacherNumbers:
         return TeacherNumbers(pick(self.logq), None if self.topk_ids is None else pick(self.topk_ids).long(),
                               None if self.topk_logits is None else pick(self.topk_logits),
                               None if self.lse is None else pick(self.lse))
+
+    def for_head(self, cd: torch.dtype, keep_weight_dtype: bool) -> "TeacherNumbers":
+        return self  # numbers are converted per chunk (``chunk_inputs``): there is no output layer to convert
+
+    def chunk_inputs(self, lo: int, hi: int, cd: torch.dtype) -> dict[str, Tensor | None]:
+        """Rows [lo, hi): the ids asked about, log q(y), the logits at the ids and the lse (in ``cd``)."""
+
+        def part(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[lo:hi].to(cd)
+
+        return {"ids": None if self.topk_ids is None else self.topk_ids[lo:hi], "logq": part(self.logq),
+                "zt_k": part(self.topk_logits), "lse_t": part(self.lse)}
 
     def to(self, device: torch.device) -> "TeacherNumbers":
         def move(x: Tensor | None) -> Tensor | None:
