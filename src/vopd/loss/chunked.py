@@ -1,4 +1,4 @@
-"""The memory-efficient path of the five estimators: from hidden states and output-layer weights, chunked over
+"""The memory-efficient path of the seven estimators: from hidden states and output-layer weights, chunked over
 positions, with closed-form gradients.
 
 What it knows: for the completion positions only (the mask selects rows before any matmul), it walks over chunks of
