@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch import Tensor
 
-from vopd.config import resolve_dtype
+from vopd.config_rules import resolve_dtype
 from vopd.errors import UserError
 from vopd.loss.head import LogitTransform, OutputHead
 
@@ -43,7 +43,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of a config dtype name on ``device``; 'auto' is resolved by ``vopd.config.resolve_dtype`` (the
+    """The torch dtype of a config dtype name on ``device``; 'auto' is resolved by ``vopd.config_rules.resolve_dtype`` (the
     one place of that rule), this only looks the resolved name up."""
     return _DTYPES[resolve_dtype(name, str(device))]
 
