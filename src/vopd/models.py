@@ -268,7 +268,8 @@ def load_output_layer(path: str, *, vocab_size: int, dtype: torch.dtype, trust_r
         weight_key = _find_key(files, names[id(embed)], "weight")
     if weight_key is None:
         raise UserError(f"{str(p)!r} holds no output-layer weight ({names[id(head)]}.weight) in its safetensors files; "
-                        "set model.teacher_head to the directory of the checkpoint the server serves")
+                        "set the teacher's head (model.teachers[].head) to the directory of the checkpoint the server "
+                        "serves")
     bias_key = _find_key(files, names[id(head)], "bias") if getattr(head, "bias", None) is not None else None
     from safetensors import safe_open
 
