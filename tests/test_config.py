@@ -15,9 +15,9 @@ from vopd.config import (
     config_reference_markdown,
     config_to_dict,
     load_config,
-    resolve_dtype,
     save_config,
 )
+from vopd.config_rules import resolve_dtype
 from vopd.data import PROMPT_TEMPLATE
 from vopd.errors import UserError
 

@@ -22,7 +22,8 @@ from vopd.loss.head import IDENTITY
 from vopd.step import accumulate_gradients, loss_plan, micro_batch_loss
 from vopd.teacher.client import RemoteTeacher
 from vopd.teacher.local import InProcessTeacher
-from vopd.teacher.routing import ONLY, Teachers
+from vopd.teacher.routing import Teachers
+from vopd.teacher_config import TEACHER as ONLY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

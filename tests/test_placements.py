@@ -20,7 +20,8 @@ from vopd.teacher.client import RemoteTeacher
 from vopd.teacher.http import Item, Limits, pack
 from vopd.teacher.local import InProcessTeacher, SelfTeacher
 from vopd.teacher.reprompt import OwnPromptTeacher
-from vopd.teacher.routing import ONLY, Teachers
+from vopd.teacher.routing import Teachers
+from vopd.teacher_config import TEACHER as ONLY
 from vopd.teacher.wire import tokenizer_fingerprint
 from vopd.train import train
 

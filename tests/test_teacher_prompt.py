@@ -112,13 +112,14 @@ def test_teacher_self_is_the_student_until_the_prompts_differ(micro_world, train
 def test_teacher_self_with_lora_scores_with_the_adapters_off(setup, micro_world, train_overrides, tmp_path):
     from vopd.models import apply_lora
     from vopd.teacher.base import open_teacher
+    from vopd.teacher_config import TeacherConfig
 
     tok, _, prompts, _, samples = setup
     rollout = pack(prompts, samples, tok.pad_token_id)
     base = load_model(str(micro_world.teacher), role="student", dtype=torch.float32, device=torch.device("cpu"))
     reference = InProcessTeacher(load_model(str(micro_world.teacher), role="teacher", dtype=torch.float32,
                                             device=torch.device("cpu")), len(tok)).score(rollout).hidden
-    teacher = open_teacher("self", vocab_size=len(tok), device=torch.device("cpu"), student=base, student_tok=tok,
+    teacher = open_teacher(TeacherConfig(model="self"), vocab_size=len(tok), device=torch.device("cpu"), student=base, student_tok=tok,
                            lora=True)
     student = apply_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"])  # after, as `vopd train`
     with torch.no_grad():
@@ -145,12 +146,12 @@ def test_teacher_prompt_refusals(micro_world, train_overrides, tmp_path):
         _run(train_overrides + ["data.teacher_prompt_field=hint"], tmp_path, "nohint")
     from vopd.prompts import teacher_prompts
 
-    data = load_config(None, ["data.teacher_own_template=true"], require_paths=False).data
+    cfg = load_config(None, ["data.teacher_own_template=true"], require_paths=False)
     with pytest.raises(UserError, match="teacher_own_template=true needs the teacher's tokenizer"):
-        teacher_prompts(data, object(), None)
-    chat = teacher_prompts(load_config(None, ["data.teacher_system_prompt=Know the answer.",
-                                              "data.system_prompt=Be brief."], require_paths=False).data,
-                           "student-tok", "teacher-tok")
+        teacher_prompts(cfg.model.teacher_configs[0], cfg.data, object(), None)
+    cfg = load_config(None, ["data.teacher_system_prompt=Know the answer.", "data.system_prompt=Be brief."],
+                      require_paths=False)
+    chat = teacher_prompts(cfg.model.teacher_configs[0], cfg.data, "student-tok", "teacher-tok")
     assert chat.chat == ChatOptions("Know the answer.") and chat.tokenizer == "student-tok" and chat.field == ""
 
 
@@ -169,7 +170,8 @@ def _step_gradient(cfg, student, vocab, teacher, rollout, monkeypatch):
     from vopd import distributed as dist
     from vopd import step as step_module
     from vopd.metrics import PhaseTimer
-    from vopd.teacher.routing import ONLY, Teachers
+    from vopd.teacher.routing import Teachers
+    from vopd.teacher_config import TEACHER as ONLY
 
     cpu = torch.device("cpu")
     seen: list[torch.Tensor] = []

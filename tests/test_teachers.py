@@ -196,7 +196,7 @@ def test_a_server_killed_under_overlap_still_ends_the_run_loudly(servers, train_
     cfg = load_config(None, train_overrides + [f"model.teacher={url}", "loss.method=opd", "steps=4", "save_every=1",
                                                "batch_size=8", "micro_batch_size=2", "model.teacher_retries=1",
                                                "model.teacher_timeout_s=5", "rollout.check_sync=false"])
-    assert cfg.model.teacher_overlap
+    assert cfg.model.teacher_configs[0].overlap
     t0 = time.monotonic()
     with pytest.raises(UserError, match=r"teacher server at .* is unreachable after 2 tries .* the last checkpoint "
                                         r"is kept"):

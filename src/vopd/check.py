@@ -141,10 +141,11 @@ def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: T
     lines = []
     chatting = uses_chat_template(cfg) if prompts is None else prompts.chat
     for name, teacher in teachers:
-        check_placement(cfg, teacher, name, None if plan is None else plan.spec)
+        shown = name if teachers.routed else ""  # one teacher: its lines and errors carry no name
+        check_placement(cfg, teacher, shown, None if plan is None else plan.spec)
         mine = [*teacher.pairing_checks(student, student_tok),
                 *chat_checks(student_tok, teacher.tokenizer, cfg, chatting)]
-        lines += [f"teacher {name}: {line}" for line in mine] if name else mine
+        lines += [f"teacher {shown}: {line}" for line in mine] if shown else mine
     return [*lines, *student_checks(student, student_tok, len(student_tok), cfg)]
 
 
@@ -161,7 +162,9 @@ def training_prompts(cfg: TrainConfig, tok: Tokenizer, student: Model, teachers:
         cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=budget,
         long_prompts=cfg.data.long_prompts, log=log, limit_name=limit_name, messages_field=cfg.data.messages_field,
         chat=chat_options(cfg.data), route_field=cfg.data.teacher_field, teacher_names=teachers.names,
-        teacher=teacher_prompts(cfg.data, tok, None if single is None else single.tokenizer))
+        # every teacher reads its prompt alike (TrainConfig.validate): the first one's options serve all rows
+        teacher=teacher_prompts(cfg.model.teacher_configs[0], cfg.data, tok,
+                                None if single is None else single.tokenizer))
 
 
 def uses_chat_template(cfg: TrainConfig) -> bool:
@@ -192,8 +195,8 @@ def chat_checks(student_tok: Tokenizer, teacher_tok: Tokenizer | None, cfg: Trai
         lines = [compare_stop_tokens(student_tok, teacher_tok)]
     if chatting:
         lines.append(require_chat_template(student_tok, chat))
-        if cfg.data.teacher_own_template:  # per-model rendering: the templates may differ
-            lines.append("the teacher renders its prompts with its own chat template (data.teacher_own_template)")
+        if any(t.own_template for t in cfg.model.teacher_configs):  # per-model rendering: the templates may differ
+            lines.append("the teacher renders its prompts with its own chat template (model.teachers[].own_template)")
         elif teacher_tok is not None:
             lines.append(compare_rendering(student_tok, teacher_tok, chat))
     return lines
@@ -231,8 +234,8 @@ def cli_main(args: argparse.Namespace) -> int:
     from vopd.teacher.routing import open_teachers
 
     cfg = load_config(args.config, args.overrides, require_paths=False)  # no training data needed to check models
-    for key, value in (("model.student", cfg.model.student), ("model.teacher", cfg.model.teacher or
-                                                                ",".join(cfg.model.teachers))):
+    for key, value in (("model.student", cfg.model.student),
+                       ("model.teacher", ",".join(t.model for t in cfg.model.teacher_configs if t.model))):
         if not value:
             raise UserError(f"config key {key} is required: set it to a local model directory ({key}=PATH)")
     device = resolve_device(cfg.model.device)

@@ -13,80 +13,53 @@ properties/functions and never written back into a config.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Literal, Sequence
 
 import yaml
 
 from vopd.config_io import apply_overrides, build, field_types, is_section, read_config_file, type_name
-from vopd.config_rules import DEVICE_RE, check, check_teacher_heads, check_teacher_routing, check_teachers
-from vopd.data import PROMPT_TEMPLATE
+from vopd.config_io import option as _opt
+from vopd.config_rules import DEVICE_RE, Dtype, check
 from vopd.errors import UserError
 from vopd.loss.methods import Method  # the one definition of the method names
+from vopd.prompts import PROMPT_TEMPLATE
+from vopd.teacher_config import OLD_KEYS, TeacherConfig, check_teachers, entries, migrate, notice, respell
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Logger = Literal["tensorboard", "wandb"]
-_T = TypeVar("_T")
-
-
-def _opt(default: _T, doc: str) -> _T:
-    """A field with its documentation attached (the docs table is generated from it). Lists and dicts get a fresh
-    copy."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.copy(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelConfig:
-    """[model] The student (trained) and the teacher (frozen), as local Hugging Face model directories."""
+    """[model] The student (trained) and its teachers (frozen): local Hugging Face model directories, or servers."""
 
     student: str = _opt("", "Required. Local Hugging Face directory of the student (the model that is trained).")
     teacher: str = _opt(
-        "", "Required. Local Hugging Face directory of the frozen teacher; same tokenizer as the student. Or the URL of "
-        "a `vopd serve-teacher` server (http://host:port; methods opd, vopd-topk, opd-topk, rb-topk, or every method "
-        "with model.teacher_head). Or `self`: the student's initial weights (with LoRA: the base model with its adapters "
-        "disabled; else a frozen copy)."
-    )
-    teacher_head: str = _opt(
-        "", "Teacher server only: local directory of the checkpoint the server serves (config.json + safetensors). Only "
-        "its output layer is loaded here; the server sends hidden states, and every method is exact remotely "
-        "(docs/teacher_server.md, \"Protocol 3\").")
-    teacher_heads: dict[str, str] = _opt(
-        {}, "model.teacher_head for several teachers: {name: checkpoint directory} for the server teachers of "
-        "model.teachers that should send hidden states.")
-    teacher_hidden_dtype: str = _opt(
-        "auto", "Hidden states from a teacher server: auto (bfloat16 when the server's weights are half precision, "
-        "else float32), float32 or bfloat16 (half the bytes).")
+        "", "The one teacher, by place: shorthand of model.teachers=[{name: teacher, model: PATH}] (a local "
+        "directory, a teacher server's URL, or self; every option at its default). Required unless model.teachers.")
+    teachers: list[TeacherConfig] = _opt(
+        [], "The teachers, each a table of the keys below (model.teachers[].*); several are routed per row by "
+        "data.teacher_field (docs/teacher_server.md, \"Several teachers\"). Instead of model.teacher.")
     dtype: Dtype = _opt("auto", "Student weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
-    teacher_dtype: Dtype = _opt("auto", "Teacher weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N; auto = cuda if available, else cpu.")
     gradient_checkpointing: bool = _opt(False, "Recompute student activations in the backward pass to save memory.")
     trust_remote_code: bool = _opt(False, "Allow model code shipped inside the model directories to run.")
-    teacher_timeout_s: float = _opt(60.0, "Remote teacher only: seconds to wait for one scoring request.")
-    teacher_retries: int = _opt(
-        3, "Remote teacher only: retries of a failed request (connection error, timeout, 5xx), with back-off."
-    )
-    teachers: dict[str, str] = _opt(
-        {}, "Several teachers, routed per row: {name: local directory, server URL or self}; data.teacher_field names "
-        "each row's teacher. Instead of model.teacher (docs/teacher_server.md, \"Several teachers\").")
-    teacher_overlap: bool = _opt(
-        True, "Remote teachers: score the next micro-batch on a background thread while the student trains on this "
-        "one (the same step's rollouts: identical numbers, less waiting). In-process teachers always score inline.")
+
+    @property
+    def teacher_configs(self) -> list[TeacherConfig]:
+        """The run's teachers: ``teachers``, or the shorthand ``teacher`` as its one entry."""
+        return entries(self.teacher, self.teachers)
 
     def validate(self) -> None:
-        """The [model] rules: the teachers (``vopd.config_rules``), the device, the remote teacher's patience."""
-        check_teacher_heads(self.teacher, self.teachers, self.teacher_heads, self.teacher_head,
-                            self.teacher_hidden_dtype)
-        check_teachers(self.teacher, self.teachers)
+        """The [model] rules of its own fields (each teacher's are ``TeacherConfig.validate``, called with the
+        routing rules by ``TrainConfig.validate``)."""
         check(bool(DEVICE_RE.match(self.device)), "model.device", self.device, "auto, cpu, cuda or cuda:N")
-        check(self.teacher_timeout_s > 0, "model.teacher_timeout_s", self.teacher_timeout_s, "> 0")
-        check(self.teacher_retries >= 0, "model.teacher_retries", self.teacher_retries, ">= 0")
 
 
 @dataclass
@@ -115,7 +88,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    """[data] Problems to sample completions for (local files)."""
+    """[data] Problems to sample completions for (local files), and which field of a row names its teacher."""
 
     train: str = _opt("", "Required. Local file of training problems.")
     eval: str = _opt("", "Local file of evaluation problems; empty = no evaluation.")
@@ -130,16 +103,8 @@ class DataConfig:
         {}, "Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3.")
     text_as_chat: bool = _opt(
         False, "Render text prompts through the chat template too, as one user turn holding the templated text.")
-    teacher_prompt_field: str = _opt(
-        "", "Record field holding the teacher's own prompt (a text or a conversation, e.g. with the reference "
-        "solution): the teacher scores the student's completion after it. Empty: the student's prompt.")
-    teacher_system_prompt: str = _opt(
-        "", "System turn of the teacher's rendering only (instead of data.system_prompt).")
-    teacher_own_template: bool = _opt(
-        False, "Render the teacher's prompts with the teacher tokenizer's own chat template (student and teacher "
-        "templates may then differ); local teachers only.")
     teacher_field: str = _opt(
-        "", "With model.teachers: the record field naming each row's teacher (a key of model.teachers).")
+        "", "The record field naming each row's teacher (a name of model.teachers); empty = no routing (one teacher).")
     max_prompt_tokens: int = _opt(1024, "Longest prompt, in tokens, that is used.")
     long_prompts: Literal["skip", "error"] = _opt("skip", "What to do with a prompt longer than max_prompt_tokens.")
     shuffle: bool = _opt(True, "Shuffle the training problems (with the run's seed).")
@@ -350,13 +315,15 @@ class TrainConfig:
         if require_paths:
             for key, value, what in (
                 ("model.student", m.student, "the student's local model directory"),
-                ("model.teacher", m.teacher or ",".join(m.teachers), "the teacher's local model directory"),
+                *([(f"model.teachers[{i}].model", t.model, "the teacher's local model directory")
+                   for i, t in enumerate(m.teachers)] or [("model.teacher", m.teacher,
+                                                           "the teacher's local model directory")]),
                 ("data.train", d.train, "the training problems file"),
             ):
                 if not value.strip():
                     raise UserError(f"config key {key} is required: set it to {what} (e.g. {key}=PATH)")
         m.validate()
-        check_teacher_routing(m.teachers, d.teacher_field, d.teacher_own_template)
+        check_teachers(m.teacher, m.teachers, d.teacher_field)  # each teacher's rules, and routing rows to them
         for section in (self.distributed, self.lora, d, self.rollout, self.vllm, self.loss, self.optim, e):
             section.validate()
         if e.every > 0 and not d.eval:
@@ -377,14 +344,6 @@ class TrainConfig:
         check(len(set(self.loggers)) == len(self.loggers), "loggers", self.loggers, "a list without repeats")
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """The concrete dtype name for ``dtype`` on ``device`` (a resolved device string, e.g. "cuda:0" or "cpu"): the
-    one place of the 'auto' rule (``vopd.models.torch_dtype`` looks the result up)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
 # -------------------------------------------------------------------------------------------------- public API
 
 
@@ -397,9 +356,25 @@ def config_from_dict(d: dict[str, Any], *, require_paths: bool = True) -> TrainC
     """A checked, validated ``TrainConfig`` from a (possibly partial) nested dict; missing keys take defaults."""
     if not isinstance(d, dict):
         raise UserError(f"a config must be a table of keys, got {type(d).__name__}: write `key: value` lines")
-    cfg = build(TrainConfig, d)
-    cfg.validate(require_paths=require_paths)
+    d, old, spelled = migrate(d)  # the teacher keys of earlier versions, onto model.teachers
+    for key in old:
+        _notice(notice(key))
+    try:
+        cfg = build(TrainConfig, d)
+        cfg.validate(require_paths=require_paths)
+    except UserError as exc:  # name a moved key as it was written
+        raise UserError(respell(str(exc), spelled)) from None
     return cfg
+
+
+_NOTICED: set[str] = set()
+
+
+def _notice(text: str) -> None:
+    """Log ``text`` (a warning) once per process."""
+    if text not in _NOTICED:
+        _NOTICED.add(text)
+        log.warning(text)
 
 
 def load_config(
@@ -408,7 +383,8 @@ def load_config(
     """Defaults, updated by the YAML/TOML file at ``path`` (if any), then by ``key=value`` overrides (dotted keys,
     values read as YAML: ``lora.target_modules=[q_proj,v_proj]``, ``lora.enabled=true``); checked and validated."""
     data = read_config_file(Path(path)) if path is not None else {}
-    return config_from_dict(apply_overrides(data, overrides, TrainConfig), require_paths=require_paths)
+    return config_from_dict(apply_overrides(data, overrides, TrainConfig, aliases=OLD_KEYS),
+                            require_paths=require_paths)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -442,13 +418,22 @@ def config_reference_markdown() -> str:
         "evaluation length = `eval.max_new_tokens`, or `rollout.max_new_tokens` when 0; dtype `auto` = bfloat16 on",
         "CUDA, float32 on CPU. Which sampling settings suit which `loss.method` is checked by the trainer.",
         "",
+        "Teachers: `model.teacher=PATH` is one teacher with every option at its default; `model.teachers` is the list",
+        "of teachers, each a table of the `model.teachers[].*` keys (options of its own; several are routed per row",
+        "by `data.teacher_field`): `model.teachers=[{name: math, model: http://host:8000, head: /ckpt}]` on the",
+        "command line, `[[model.teachers]]` tables in TOML. The keys of earlier versions are read too (at the end).",
+        "",
     ]
     hints = field_types(TrainConfig)
     top = [(n, t) for n, t in hints.items() if not is_section(t)]
     sections = [(n, t) for n, t in hints.items() if is_section(t)]
-    for title, cls, prefix, names in [("Top level", TrainConfig, "", [n for n, _ in top])] + [
-        (f"`{n}`", t, n + ".", [f.name for f in dataclasses.fields(t)]) for n, t in sections
-    ]:
+    tables: list[tuple[str, type, str, list[str]]] = [("Top level", TrainConfig, "", [n for n, _ in top])]
+    for n, t in sections:
+        tables.append((f"`{n}`", t, n + ".", [f.name for f in dataclasses.fields(t)]))
+        if t is ModelConfig:  # the keys of each entry of model.teachers
+            tables.append(("`model.teachers[]`: each teacher", TeacherConfig, "model.teachers[].",
+                           [f.name for f in dataclasses.fields(TeacherConfig)]))
+    for title, cls, prefix, names in tables:
         doc = (cls.__doc__ or "").strip()
         lines += [f"## {title}", "", doc.split("] ", 1)[-1] if doc.startswith("[") else doc, ""]
         lines += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
@@ -462,7 +447,19 @@ def config_reference_markdown() -> str:
                 f"| {_md_code(getattr(instance, name))} | {f.metadata.get('doc', '')} |"
             )
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _old_spellings())
+
+
+def _old_spellings() -> list[str]:
+    """The docs' section on the teacher keys of earlier versions (still read, with a notice)."""
+    lines = ["## Old spellings of the teacher keys", "",
+             "Still read, each with a one-line notice naming its new spelling; a run saved with them resumes (its",
+             "saved config is compared in the new spelling). `model.teachers` as a table `{name: PATH}` (with",
+             "`data.teacher_field`) becomes the list `[{name: NAME, model: PATH}]`; a key below applies to every",
+             "teacher, except `model.teacher_heads` (`{name: DIR}`: by name).", "",
+             "| old key | new key |", "| --- | --- |"]
+    lines += [f"| `{old}` | `{notice(old).split(' it now reads ', 1)[1].split(' (', 1)[0]}` |" for old in OLD_KEYS]
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

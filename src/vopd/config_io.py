@@ -10,6 +10,7 @@ passes its root dataclass in), or how to write a config back.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -18,13 +19,21 @@ import sys
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeGuard, TypeVar, get_args, get_origin
+from typing import Any, Literal, Mapping, Sequence, TypeGuard, TypeVar, get_args, get_origin
 
 import yaml
 
 from vopd.errors import UserError
 
 _T = TypeVar("_T")
+
+
+def option(default: _T, doc: str) -> _T:
+    """A dataclass field with its documentation attached (the docs table is generated from it). Lists and dicts get
+    a fresh copy per instance."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
 
 
 def is_section(tp: object) -> TypeGuard[type]:
@@ -44,7 +53,7 @@ def type_name(tp: Any) -> str:
         return " | ".join(json.dumps(a) for a in get_args(tp))
     if origin is list:
         (item,) = get_args(tp)
-        return f"list[{type_name(item)}]"
+        return "list of tables" if is_section(item) else f"list[{type_name(item)}]"
     if origin is dict:
         return "dict[str, scalar]"
     return getattr(tp, "__name__", str(tp))
@@ -192,12 +201,12 @@ def _is_text(tp: Any) -> bool:
     return tp is str or (get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp)))
 
 
-def _parse_override(item: str, root: type) -> tuple[list[str], Any]:
+def _parse_override(item: str, root: type, aliases: Mapping[str, Any]) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UserError(f"override {item!r} is not key=value: write e.g. optim.lr=3e-5")
-    tp = _field_type(key, root)
+    tp = aliases[key] if key in aliases else _field_type(key, root)
     if _is_text(tp) and not (len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""):
         # Text keys take the text as written: a template with "{...}" or ": ", or a path like "no" or "1e3",
         # must not be reinterpreted by YAML. Quote it to get YAML's reading (e.g. data.eval="" for empty).
@@ -208,11 +217,13 @@ def _parse_override(item: str, root: type) -> tuple[list[str], Any]:
         raise UserError(f"override {item!r} has a value YAML cannot read: quote it or fix the brackets") from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str], root: type) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], root: type,
+                    aliases: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``data`` (changed in place and returned) with each ``key=value`` of ``overrides`` set, in order: dotted keys
-    of dataclass ``root`` (unknown ones refused with a suggestion), values read as YAML except for text keys."""
+    of dataclass ``root`` (unknown ones refused with a suggestion), values read as YAML except for text keys.
+    ``aliases``: further dotted keys (an old spelling the caller moves later) with their types."""
     for item in overrides:
-        parts, value = _parse_override(item, root)
+        parts, value = _parse_override(item, root, aliases or {})
         node = data
         for part in parts[:-1]:
             child = node.get(part)

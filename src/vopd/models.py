@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch import Tensor
 
-from vopd.config import resolve_dtype
+from vopd.config_rules import resolve_dtype
 from vopd.errors import UserError
 from vopd.loss.head import LogitTransform, OutputHead
 
@@ -43,7 +43,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of a config dtype name on ``device``; 'auto' is resolved by ``vopd.config.resolve_dtype`` (the
+    """The torch dtype of a config dtype name on ``device``; 'auto' is resolved by ``vopd.config_rules.resolve_dtype`` (the
     one place of that rule), this only looks the resolved name up."""
     return _DTYPES[resolve_dtype(name, str(device))]
 
@@ -268,7 +268,8 @@ def load_output_layer(path: str, *, vocab_size: int, dtype: torch.dtype, trust_r
         weight_key = _find_key(files, names[id(embed)], "weight")
     if weight_key is None:
         raise UserError(f"{str(p)!r} holds no output-layer weight ({names[id(head)]}.weight) in its safetensors files; "
-                        "set model.teacher_head to the directory of the checkpoint the server serves")
+                        "set the teacher's head (model.teachers[].head) to the directory of the checkpoint the server "
+                        "serves")
     bias_key = _find_key(files, names[id(head)], "bias") if getattr(head, "bias", None) is not None else None
     from safetensors import safe_open
 

@@ -161,26 +161,30 @@ def render_prompt(tokenizer: Tokenizer, prompt: Prompt, *, template: str = PROMP
 
 @dataclass(frozen=True)
 class TeacherPrompts:
-    """How a row's prompt for the teacher is rendered (``data.teacher_*``): the row's ``field`` (empty: the student's
-    prompt), ``chat`` options, and the tokenizer whose chat template renders it (the teacher's own with
-    ``data.teacher_own_template``, else the student's)."""
+    """How a row's prompt for the teacher is rendered (a teacher's ``prompt_field``/``system_prompt``/
+    ``own_template``, ``vopd.teacher_config.TeacherConfig``): the row's ``field`` (empty: the student's prompt),
+    ``chat`` options, and the tokenizer whose chat template renders it (the teacher's own with ``own_template``, else
+    the student's)."""
 
     field: str
     chat: ChatOptions
     tokenizer: Tokenizer
 
 
-def teacher_prompts(data: Any, student_tok: Tokenizer, teacher_tok: Tokenizer | None) -> TeacherPrompts | None:
-    """The ``TeacherPrompts`` a config's ``[data]`` section (``vopd.config.DataConfig``) asks for, or None when the
-    teacher reads the student's prompts."""
-    if not (data.teacher_prompt_field or data.teacher_system_prompt or data.teacher_own_template):
+def teacher_prompts(teacher: Any, data: Any, student_tok: Tokenizer,
+                    teacher_tok: Tokenizer | None) -> TeacherPrompts | None:
+    """The ``TeacherPrompts`` a teacher's options (``vopd.teacher_config.TeacherConfig``) ask for, with the student's
+    chat options from ``[data]`` (``vopd.config.DataConfig``), or None when the teacher reads the student's
+    prompts."""
+    if not (teacher.prompt_field or teacher.system_prompt or teacher.own_template):
         return None
-    if data.teacher_own_template and teacher_tok is None:
+    if teacher.own_template and teacher_tok is None:  # the old key's words: the text callers and tests know
         raise UserError("data.teacher_own_template=true needs the teacher's tokenizer, which a teacher server does not "
-                        "share; set data.teacher_own_template=false (the student's template) or use a local teacher")
-    chat = ChatOptions(data.teacher_system_prompt or data.system_prompt, dict(data.chat_template_kwargs),
+                        "share; set model.teachers[].own_template=false (the student's template) or use a local "
+                        "teacher")
+    chat = ChatOptions(teacher.system_prompt or data.system_prompt, dict(data.chat_template_kwargs),
                        data.text_as_chat)
-    return TeacherPrompts(data.teacher_prompt_field, chat, teacher_tok if data.teacher_own_template else student_tok)
+    return TeacherPrompts(teacher.prompt_field, chat, teacher_tok if teacher.own_template else student_tok)
 
 
 class RenderChecks:
@@ -213,7 +217,8 @@ def row_prompts(row: Mapping[str, Any], tokenizer: Tokenizer, *, field: str, mes
         own = row.get(teacher.field) if teacher.field else prompt
         if own is None or (isinstance(own, str) and not own.strip()):
             raise UserError(f"{where}: no teacher prompt in field {teacher.field!r} (the row has fields "
-                            f"{sorted(row)}); set data.teacher_prompt_field to the field that holds it")
+                            f"{sorted(row)}); set model.teachers[].prompt_field (data.teacher_prompt_field) to the "
+                            "field that holds it")
         todo.append((own, teacher.tokenizer, teacher.chat, "teacher "))
     out = []
     for text, tok, options, role in todo:

@@ -16,6 +16,7 @@ checkpoint layout beyond ``vopd.checkpoint``'s listing and verification, the met
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from vopd.checkpoint import (CHECKPOINTS, checkpoint_problem, checkpoint_step, l
 from vopd.config import TrainConfig, config_to_dict
 from vopd.errors import UserError
 from vopd.metrics import METRICS_FILE, read_metrics
+from vopd.teacher_config import canonical
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +44,46 @@ FINAL_STATE = "trainer_state.json"
 RESUME_MUTABLE_KEYS = (
     "steps", "output_dir", "loggers", "progress", "log_every", "save_every", "keep_last", "max_bad_steps",
     "eval", "data.eval", "model.device", "model.gradient_checkpointing", "rollout.batch_size", "loss.chunk_memory_mb",
-    "distributed", "model.teacher_timeout_s", "model.teacher_retries", "optim.max_update_ratio",
+    "distributed", "model.teachers.*.timeout_s", "model.teachers.*.retries", "optim.max_update_ratio",
 )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys; a list of named tables (``model.teachers``) by name: ``model.teachers.NAME.dtype``."""
     flat: dict[str, Any] = {}
     for key, value in d.items():
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            for entry in value:
+                flat.update(_flatten(entry, f"{prefix}{key}.{entry['name']}."))
         else:
             flat[prefix + key] = value
     return flat
+
+
+def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
+    """``key`` is one of ``ignore`` or under one (``*`` stands for one name, e.g. a teacher's)."""
+    return any(fnmatch.fnmatchcase(key, i) or fnmatch.fnmatchcase(key, i + ".*") for i in ignore)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = RESUME_MUTABLE_KEYS
                        ) -> list[str]:
     """Dotted keys whose values differ between two config dicts, except keys under ``ignore``. A key the older
     config lacks (one a later vopd added) counts as holding its default: runs saved before an upgrade that added
-    keys still resume, unless the new key is set to something else."""
-    a, b = _flatten(old), _flatten(new)
+    keys still resume, unless the new key is set to something else. Both are compared in today's spelling
+    (``vopd.teacher_config.canonical``): a run saved with the old teacher keys resumes under the new ones."""
+    a, b = _flatten(canonical(old)), _flatten(canonical(new))
     defaults = _flatten(config_to_dict(TrainConfig()))
     keys = sorted(set(a) | set(b))
-    return [k for k in keys
-            if a.get(k, defaults.get(k, "<unset>")) != b.get(k, "<unset>")
-            and not any(k == i or k.startswith(i + ".") for i in ignore)]
+    return [k for k in keys if a.get(k, defaults.get(k, "<unset>")) != b.get(k, "<unset>") and not _ignored(k, ignore)]
 
 
 def _refuse_differences(what: str, old: dict[str, Any], new: dict[str, Any], fix: str) -> None:
     """The one resume rule, for the run's marker and for a checkpoint's own config alike."""
     diffs = config_differences(old, new)
     if diffs:
-        flat_old, flat_new = _flatten(old), _flatten(new)
+        flat_old, flat_new = _flatten(canonical(old)), _flatten(canonical(new))
         shown = ", ".join(f"{k} ({flat_old.get(k, '<unset>')!r} -> {flat_new.get(k, '<unset>')!r})" for k in diffs)
         raise UserError(f"{what}: its config differs in {shown}; {fix}")
 

@@ -178,7 +178,7 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
     torch.manual_seed(cfg.seed)
     info = log if dist.is_main() else (lambda _msg: None)
     tok, model = load_student(cfg.model, device)
-    if cfg.model.teacher == SELF and cfg.lora.enabled and dist.world_size() > 1 and \
+    if any(t.model == SELF for t in cfg.model.teacher_configs) and cfg.lora.enabled and dist.world_size() > 1 and \
             cfg.distributed.strategy == "fsdp2":
         raise UserError("model.teacher=self with LoRA scores with the student's own sharded weights, which FSDP2 does "
                         "not allow outside its forward; use distributed.strategy=ddp, or lora.enabled=false")

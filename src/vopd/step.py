@@ -78,7 +78,7 @@ def accumulate_gradients(cfg: TrainConfig, student: dist.WrappedStudent, teacher
     by_teacher = {name: TokenStats(ratio_cap=cfg.loss.ratio_cap) for name in teachers.names} if teachers.routed else {}
     loss_sum = 0.0
     half_probe: tuple[float, int] | None = None
-    with ScoreAhead(plan, cfg.model.teacher_overlap, teachers, micro) as ahead:
+    with ScoreAhead(plan, any(t.overlap for t in cfg.model.teacher_configs), teachers, micro) as ahead:
         for i, mb in enumerate(micro):
             with student.grad_reduction(last=i == len(micro) - 1):
                 parts = micro_batch_loss(plan, student, teachers, mb, normalizer, timer, ahead=ahead.take(i))
@@ -127,7 +127,7 @@ def micro_batch_loss(plan: LossPlan, student: dist.WrappedStudent, teachers: Tea
 
     A teacher that needs nothing from the student's forward (the full distribution, or ``opd``'s log q(y_t)) scores
     first (only its last hidden states stay alive during the student's forward), or was already asked on the
-    background thread (``ahead``: a remote teacher, ``model.teacher_overlap``), in which case the answer is awaited
+    background thread (``ahead``: a remote teacher, ``model.teachers[].overlap``), in which case the answer is awaited
     after the forward; one that sends per-token numbers is asked about the student's top-k ids for the top-k
     methods, so it scores after the student's forward."""
     spec = plan.spec
@@ -172,7 +172,7 @@ def asks_ids(plan: LossPlan, teacher: Teacher) -> bool:
 
 
 class ScoreAhead:
-    """Overlapped scoring (``model.teacher_overlap``): the parts of micro-batch i+1 that a remote teacher can score
+    """Overlapped scoring (``model.teachers[].overlap``): the parts of micro-batch i+1 that a remote teacher can score
     without the student (``asks_ids`` false) are sent on one background thread while the student works on micro-batch
     i. Bounded: at most the current and the next micro-batch are in flight. The rollouts are this step's, so the
     scores are the ones inline scoring would get (the estimators stay on-policy and exact): only the waiting moves.

@@ -4,8 +4,8 @@ What it knows: what the training loop may ask of a teacher (scores for a micro-b
 typed forms of ``vopd.loss.scores``; which of the two forms it answers in; which methods it can serve, with the
 reason and the fix when it cannot (``supports``, read by the pre-flight before step 1; ``vopd.teacher.answers`` helps
 a placement say it); its pre-flight pairing checks against the student; its tokenizer, when it holds one; closing),
-and which placement ``model.teacher`` names (a local model directory, the URL of a `vopd serve-teacher` server, or
-``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
+and which placement a teacher's ``model`` names (``vopd.teacher_config.TeacherConfig``: a local model directory, the
+URL of a `vopd serve-teacher` server, or ``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
 of the teacher's own is ``vopd.teacher.reprompt``), the loss math, or the loop.
 """
 
@@ -21,6 +21,7 @@ from vopd.rollout import Rollout
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
+    from vopd.teacher_config import TeacherConfig
     from vopd.models import Model, Tokenizer
 
 
@@ -64,25 +65,20 @@ class Teacher(Protocol):
     def close(self) -> None: ...
 
 
-def is_remote(teacher: str) -> bool:
-    """``model.teacher`` names a ``vopd serve-teacher`` server rather than a model directory."""
-    return teacher.startswith(("http://", "https://"))
-
-
-#: ``model.teacher`` naming the student's own initial weights (self-distillation).
+#: A teacher's ``model`` naming the student's own initial weights (self-distillation).
 SELF = "self"
 
 
-def open_teacher(path: str, *, vocab_size: int, device: torch.device, dtype: str = "auto",
-                 trust_remote_code: bool = False, timeout_s: float = 60.0, retries: int = 3,
-                 student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False,
-                 head: str | None = None, hidden_dtype: str = "auto") -> Teacher:
-    """The teacher that ``path`` (``model.teacher``) names: a frozen model loaded here from a local directory, the
-    client of a teacher server for a URL (nothing is sent until it is first used), or ``self``: the ``student``'s
-    initial weights, as the base model with its LoRA adapters disabled when ``lora`` (no second copy), else a frozen
-    copy made now. ``head`` (a server only): the local checkpoint of the served teacher, whose output layer turns the
-    server's hidden states (in ``hidden_dtype``) into its full distribution. No pre-flight here: the caller runs
+def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device, trust_remote_code: bool = False,
+                 student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False) -> Teacher:
+    """The teacher that ``entry`` (one of ``model.teachers``) names by its ``model``: a frozen model loaded here from
+    a local directory (in ``entry.dtype``), the client of a teacher server for a URL (``entry.server``: a `vopd
+    serve-teacher` server; nothing is sent until it is first used), or ``self``: the ``student``'s initial weights,
+    as the base model with its LoRA adapters disabled when ``lora`` (no second copy), else a frozen copy made now.
+    ``entry.head`` (a server only): the local checkpoint of the served teacher, whose output layer turns the server's
+    hidden states (in ``entry.hidden_dtype``) into its full distribution. No pre-flight here: the caller runs
     ``vopd.check.preflight`` with it."""
+    path = entry.model
     if path == SELF:
         from vopd.teacher.local import InProcessTeacher, SelfTeacher
 
@@ -93,15 +89,16 @@ def open_teacher(path: str, *, vocab_size: int, device: torch.device, dtype: str
         import copy
 
         return InProcessTeacher(copy.deepcopy(student), vocab_size, tokenizer=student_tok)
-    if is_remote(path):
+    if entry.remote:
         from vopd.teacher.client import RemoteTeacher
 
-        return RemoteTeacher(path, timeout_s=timeout_s, retries=retries, head=head, hidden_dtype=hidden_dtype,
-                             trust_remote_code=trust_remote_code)
+        assert entry.server == "vopd"  # the one kind today (TeacherConfig.server)
+        return RemoteTeacher(path, timeout_s=entry.timeout_s, retries=entry.retries, head=entry.head or None,
+                             hidden_dtype=entry.hidden_dtype, trust_remote_code=trust_remote_code)
     from vopd.models import load_model, load_tokenizer, torch_dtype
     from vopd.teacher.local import InProcessTeacher
 
     tokenizer = load_tokenizer(path, role="teacher", trust_remote_code=trust_remote_code)
-    model = load_model(path, role="teacher", dtype=torch_dtype(dtype, device), device=device,
+    model = load_model(path, role="teacher", dtype=torch_dtype(entry.dtype, device), device=device,
                        trust_remote_code=trust_remote_code)
     return InProcessTeacher(model, vocab_size, tokenizer=tokenizer)

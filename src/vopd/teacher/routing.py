@@ -1,11 +1,11 @@
-"""The run's teachers: one (``model.teacher``) or several by name (``model.teachers``), and which rows each scores.
+"""The run's teachers by name (``model.teachers``, or the one of ``model.teacher``), and which rows each scores.
 
 What it knows: opening every teacher a config names (each through ``vopd.teacher.base.open_teacher``, so each is
 any placement: a local directory, a server URL, ``self``), wrapping them all alike (a teacher prompt of their own),
-closing them, and splitting a micro-batch into the rows of each teacher (``Rollout.routes``, from
-``data.teacher_field``), in a fixed order so that every rank and every run splits the same way. The loss of a step
-stays one global token mean over all teachers' rows (``vopd.step``): routing chooses who scores a token, never how
-much it weighs. What it does not know: how a teacher scores, the loss, or the pre-flight (``vopd.check``).
+closing them, and, when rows are routed (``data.teacher_field``), splitting a micro-batch into the rows of each
+teacher (``Rollout.routes``), in a fixed order so that every rank and every run splits the same way. The loss of a
+step stays one global token mean over all teachers' rows (``vopd.step``): routing chooses who scores a token, never
+how much it weighs. What it does not know: how a teacher scores, the loss, or the pre-flight (``vopd.check``).
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from vopd.rollout import Rollout
-from vopd.teacher.base import Teacher, is_remote, open_teacher
+from vopd.teacher.base import Teacher, open_teacher
 
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
     from vopd.models import Model, Tokenizer
-
-#: The name of the one teacher of ``model.teacher`` (no routing; metrics carry no per-teacher keys).
-ONLY = ""
 
 
 @dataclass(frozen=True)
@@ -33,25 +30,27 @@ class Part:
     name: str
     teacher: Teacher
     rows: list[int] | None
-    elsewhere: bool = False  # scoring runs in another process (a server): it can overlap the student's work
+    elsewhere: bool = False  # scoring runs in another process (a server) and may overlap the student's work
 
     def of(self, rollout: Rollout) -> Rollout:
         return rollout if self.rows is None else rollout.take(self.rows)
 
 
 class Teachers:
-    """Teachers by name, in a fixed (sorted) order. ``routed``: rows name their teacher (``Rollout.routes``).
-    ``elsewhere``: the names of the teachers that score in another process (a teacher server)."""
+    """Teachers by name, in a fixed (sorted) order. ``routed``: rows name their teacher (``Rollout.routes``); else
+    there is one teacher and it scores every row. ``elsewhere``: the names of the teachers that score in another
+    process (a teacher server) and may score ahead on a background thread (``overlap``)."""
 
-    def __init__(self, by_name: dict[str, Teacher], *, elsewhere: set[str] | frozenset[str] = frozenset()) -> None:
+    def __init__(self, by_name: dict[str, Teacher], *, routed: bool | None = None,
+                 elsewhere: set[str] | frozenset[str] = frozenset()) -> None:
+        """``routed`` None: routed when there are several teachers."""
         if not by_name:
             raise ValueError("Teachers needs at least one teacher")
+        if routed is False and len(by_name) > 1:
+            raise ValueError("several teachers need routed rows (data.teacher_field)")
         self.by_name = dict(sorted(by_name.items()))
+        self.routed = len(by_name) > 1 if routed is None else routed
         self.elsewhere = frozenset(elsewhere) & set(self.by_name)
-
-    @property
-    def routed(self) -> bool:
-        return ONLY not in self.by_name
 
     @property
     def names(self) -> list[str]:
@@ -60,18 +59,19 @@ class Teachers:
     @property
     def single(self) -> Teacher | None:
         """The teacher of every row, when there is one (evaluation's exact KL needs it), else None."""
-        return None if self.routed else self.by_name[ONLY]
+        return None if self.routed else next(iter(self.by_name.values()))
 
     def __iter__(self) -> Iterator[tuple[str, Teacher]]:
         return iter(self.by_name.items())
 
     def map(self, wrap: Callable[[Teacher], Teacher]) -> "Teachers":
-        return Teachers({name: wrap(t) for name, t in self}, elsewhere=self.elsewhere)
+        return Teachers({name: wrap(t) for name, t in self}, routed=self.routed, elsewhere=self.elsewhere)
 
     def parts(self, rollout: Rollout) -> list[Part]:
         """The micro-batch ``rollout`` split by teacher: one part per teacher that has rows in it, in name order."""
         if not self.routed:
-            return [Part(ONLY, self.by_name[ONLY], None, ONLY in self.elsewhere)]
+            ((name, teacher),) = self.by_name.items()
+            return [Part(name, teacher, None, name in self.elsewhere)]
         if rollout.routes is None:
             raise ValueError("a rollout without routes reached several teachers: pack(..., routes=...) is missing")
         parts = []
@@ -94,27 +94,19 @@ class Teachers:
 
 def open_teachers(cfg: TrainConfig, *, vocab_size: int, device: torch.device, student: Model,
                   student_tok: Tokenizer) -> Teachers:
-    """Every teacher of ``cfg``: ``model.teacher`` alone (named ``ONLY``), or each of ``model.teachers``. A teacher
-    that fails to open closes the ones opened before it."""
-    m = cfg.model
-    places = m.teachers or {ONLY: m.teacher}
+    """Every teacher of ``cfg`` (``model.teachers``, or the shorthand ``model.teacher`` as the one named
+    ``teacher``), routed when ``data.teacher_field`` is set. A teacher that fails to open closes the ones opened
+    before it."""
+    configs = sorted(cfg.model.teacher_configs, key=lambda t: t.name)
+    routed = bool(cfg.data.teacher_field)
     opened: dict[str, Teacher] = {}
     try:
-        for name, path in sorted(places.items()):
-            opened[name] = open_teacher(path, vocab_size=vocab_size, device=device, dtype=m.teacher_dtype,
-                                        trust_remote_code=m.trust_remote_code, timeout_s=m.teacher_timeout_s,
-                                        retries=m.teacher_retries, student=student, student_tok=student_tok,
-                                        lora=cfg.lora.enabled, head=_head(cfg, name) or None,
-                                        hidden_dtype=m.teacher_hidden_dtype)
+        for entry in configs:
+            opened[entry.name] = open_teacher(entry, vocab_size=vocab_size, device=device,
+                                              trust_remote_code=cfg.model.trust_remote_code, student=student,
+                                              student_tok=student_tok, lora=cfg.lora.enabled)
     except BaseException:
         if opened:
-            Teachers(opened).close()
+            Teachers(opened, routed=True).close()
         raise
-    return Teachers(opened, elsewhere={name for name, path in places.items() if is_remote(path)})
-
-
-def _head(cfg: TrainConfig, name: str) -> str:
-    """``open_teacher``'s ``head`` (the local checkpoint whose output layer turns a server's hidden states into the
-    full distribution) for teacher ``name``: ``model.teacher_head`` for the one teacher, ``model.teacher_heads``
-    by name; "" for none."""
-    return cfg.model.teacher_head if name == ONLY else cfg.model.teacher_heads.get(name, "")
+    return Teachers(opened, routed=routed, elsewhere={t.name for t in configs if t.remote and t.overlap})

@@ -186,12 +186,13 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
     from vopd.models import logit_transform
     from vopd.step import loss_plan, micro_batch_loss
     from vopd.teacher.local import InProcessTeacher
-    from vopd.teacher.routing import ONLY, Teachers
+    from vopd.teacher.routing import Teachers
+    from vopd.teacher_config import TEACHER
 
     cpu = torch.device("cpu")
     tok, student, teacher_model = _world_models(world)
     wrapped = dist.wrap(student, len(tok), "ddp", cpu)  # one process: no wrapping, whatever the strategy
-    teachers = Teachers({ONLY: InProcessTeacher(teacher_model, len(tok))})
+    teachers = Teachers({TEACHER: InProcessTeacher(teacher_model, len(tok))})
     optimizer = torch.optim.AdamW(wrapped.trainable(), lr=0.0)
     ids, sampler, batch = _sample(wrapped.full, tok, world, world.train_data, batch_size, world.config.eval_max_new_tokens,
                                   seed)

@@ -2,7 +2,7 @@
 
 What it knows: serving a teacher with a real ``vopd serve-teacher`` process on loopback (a given model directory, or
 a tiny random pair built here), one fixed batch of rollouts, and timing ``vopd.step.accumulate_gradients`` with
-the teacher in this process and behind the server with ``model.teacher_overlap`` on and off, interleaved in a shuffled order over repeats (medians reported), checking that
+the teacher in this process and behind the server with ``model.teachers[].overlap`` on and off, interleaved in a shuffled order over repeats (medians reported), checking that
 both give bit-identical gradients. Every number it prints is measured in this run. What it does not know: the loss
 math, sampling or the optimizer step (the step's gradient is where scoring and the student overlap).
 """
@@ -10,6 +10,7 @@ math, sampling or the optimizer step (the step's gradient is where scoring and t
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import tempfile
@@ -26,7 +27,7 @@ def add_overlap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="teacher model directory (default: a tiny random pair built here)")
     p.add_argument("--student", default=None, help="student model directory (same tokenizer; with --teacher)")
     p.add_argument("--method", default="opd", help="loss.method (a method the server can serve; default opd)")
-    p.add_argument("--hidden", action="store_true", help="the server sends hidden states (model.teacher_head = the "
+    p.add_argument("--hidden", action="store_true", help="the server sends hidden states (the teacher's head = the "
                    "teacher directory): every method, e.g. --method vopd")
     p.add_argument("--batch", type=int, default=8, help="sequences in the step (default 8)")
     p.add_argument("--micro", type=int, default=2, help="sequences per micro-batch (default 2)")
@@ -58,13 +59,14 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
         try:
             tok = load_tokenizer(str(student_dir))
             student = load_model(str(student_dir), role="student", dtype=torch.float32, device=cpu)
-            overrides = [f"model.student={student_dir}", f"model.teacher={url}", f"loss.method={args.method}",
+            overrides = [f"model.student={student_dir}", f"loss.method={args.method}",
                          f"batch_size={args.batch}", f"micro_batch_size={args.micro}", "grad_noise=false",
-                         "loss.ratio_cap=0", *([f"model.teacher_head={teacher_dir}"] if args.hidden else [])]
-            cfgs = {mode: load_config(None, [*overrides, f"model.teacher_overlap={mode == 'overlap'}"],
-                                      require_paths=False) for mode in ("overlap", "inline")}
-            in_process = [o for o in overrides if not o.startswith("model.teacher_head=")]
-            cfgs["in-process"] = load_config(None, [*in_process, f"model.teacher={teacher_dir}"], require_paths=False)
+                         "loss.ratio_cap=0"]
+            head = f", head: {json.dumps(str(teacher_dir))}" if args.hidden else ""
+            cfgs = {mode: load_config(None, [*overrides, f"model.teachers=[{{model: {json.dumps(url)}{head}, overlap: "
+                                                         f"{str(mode == 'overlap').lower()}}}]"], require_paths=False)
+                    for mode in ("overlap", "inline")}
+            cfgs["in-process"] = load_config(None, [*overrides, f"model.teacher={teacher_dir}"], require_paths=False)
             teachers = open_teachers(cfgs["inline"], vocab_size=len(tok), device=cpu, student=student,
                                      student_tok=tok)
             local = open_teachers(cfgs["in-process"], vocab_size=len(tok), device=cpu, student=student,

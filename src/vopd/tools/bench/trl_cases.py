@@ -158,12 +158,13 @@ def _vopd_case(case: dict[str, Any], clock: _StepClock, tmp: Path) -> None:
 
     b = case["batch_size"]
     overrides = [
-        f"model.student={case['student']}", f"model.teacher={case['teacher']}", f"data.train={case['data']}",
+        f"model.student={case['student']}", f"data.train={case['data']}",
+        f"model.teachers=[{{model: {json.dumps(str(case['teacher']))}, dtype: float32}}]",
         f"loss.method={case['impl']}", f"output_dir={tmp / 'run'}", f"steps={case['steps']}", f"batch_size={b}",
         f"micro_batch_size={b}", f"rollout.max_new_tokens={case['max_new_tokens']}", f"rollout.batch_size={b}",
         f"optim.lr={case['lr']}", "optim.schedule=constant", "optim.grad_clip=1.0", "optim.weight_decay=0.0",
         "data.shuffle=false", "progress=false", f"seed={case['seed']}", "model.device=cpu", "model.dtype=float32",
-        "model.teacher_dtype=float32", "model.gradient_checkpointing=false",
+        "model.gradient_checkpointing=false",
     ]
     overrides.append("grad_noise=false")  # an optional diagnostic costing an extra micro-batch; TRL has none
     train(load_config(None, overrides + list(case["overrides"])), log=lambda _msg: None,
