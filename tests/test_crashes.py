@@ -157,6 +157,21 @@ def test_killed_mid_step_mid_line_and_mid_checkpoint_then_resumed_equals_uninter
     _same_run(reference, out)
 
 
+def test_a_finished_run_resumed_sweeps_what_a_killed_delete_left(train_overrides, tmp_path):
+    """Killed while deleting an old checkpoint after the last step's save (a random kill found it): the resumed run
+    has no step left to save, so it is the claim of the directory that must sweep the dead writer's temp dir."""
+    base = train_overrides + ["steps=2", "save_every=1", "keep_last=1"]
+    out = train(load_config(None, base), log=_quiet).output_dir
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that existed and is gone, as a killed writer's is
+    left = out / "checkpoints" / f".tmp-del-step-00000001.{dead.pid}.0a1b2c3d"
+    (left / "model").mkdir(parents=True)
+    (left / "model" / "model.safetensors").write_bytes(b"half-deleted")
+    assert train(load_config(None, base), start=Start.resume(), log=_quiet).steps_done == 2
+    assert not left.exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+
+
 def _kill_at_random_times(base: list[str], kills: int, seed: int, run_s: float, tmp_path: Path) -> list[str]:
     """Start `vopd train` (with --resume after the first start), kill it with SIGKILL at a random time within the
     ``run_s`` seconds that the steps left would take, ``kills`` times; a resume refused for a history without

@@ -132,6 +132,14 @@ def _remove_stale_temps(ckdir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def remove_stale_temps(output_dir: str | Path) -> None:
+    """What a writer killed mid-save or mid-delete left under ``output_dir/checkpoints``, removed when a run claims
+    the directory: a resumed run with no step left to save would otherwise never sweep it."""
+    ckdir = Path(output_dir) / CHECKPOINTS
+    if ckdir.is_dir():
+        _remove_stale_temps(ckdir)
+
+
 def _remove_dir(path: Path) -> None:
     """Rename out of the ``step-*`` namespace first, so a crash mid-delete leaves only a stale temp directory."""
     doomed = path.with_name(f"{_TMP_PREFIX}del-{path.name}.{os.getpid()}.{os.urandom(4).hex()}")

@@ -233,6 +233,7 @@ def _claim(out_dir: Path, cfg: TrainConfig, config_dict: dict[str, Any], start: 
     from, or None."""
     found = prepare_output_dir(out_dir, config_dict, resume=start.how == "resume", overwrite=start.how == "overwrite",
                                resume_from=start.checkpoint, discard_newer=start.discard_newer)
+    ckpt.remove_stale_temps(out_dir)
     save_config(cfg, out_dir / "config.yaml")
     return found
 
