@@ -45,15 +45,35 @@ def test_the_plan_of_a_config_is_its_loss_section(tmp_path):
 def test_the_plan_gives_the_head_the_options_spelled_out():
     h, w, tokens, mask, numbers = _inputs(6)
     plan = LossPlan.of("vopd-topk", top_k=6, ratio_cap=0, memory_budget_mb=0.001)
-    got = fused_distillation_loss(h, w, tokens, mask, numbers, **plan.head_options())
+    got = fused_distillation_loss(h, w, tokens, mask, numbers, plan=plan)
     spelled = fused_distillation_loss(h, w, tokens, mask, numbers, method="vopd-topk", top_k=6,
                                       memory_budget_mb=0.001)
     assert torch.equal(got.loss, spelled.loss) and torch.equal(got.reward, spelled.reward)
+    with pytest.raises(TypeError, match="as plan= or as method= and its options, not both"):
+        fused_distillation_loss(h, w, tokens, mask, numbers, plan=plan, top_k=6)
 
 
 def test_a_teacher_answering_at_another_top_k_is_an_error():
     h, w, tokens, mask, numbers = _inputs(4)
     with pytest.raises(UserError, match=r"top-k logits at 4 ids per position, but loss.top_k=6 was asked"):
         fused_distillation_loss(h, w, tokens, mask, numbers, method="vopd-topk", top_k=6)
+    with pytest.raises(UserError, match=r"top-k logits at 4 ids per position, but loss.top_k=6 was asked"):
+        fused_distillation_loss(h, w, tokens, mask, numbers, plan=LossPlan.of("vopd-topk", top_k=6, ratio_cap=0))
     # Without an asked width the answer's width is the one used.
     assert torch.isfinite(fused_distillation_loss(h, w, tokens, mask, numbers, method="vopd-topk").loss)
+
+
+def test_each_path_has_one_entry_per_rule_of_the_method_table():
+    """A new estimator is one row of the method table plus one entry in each path's table: both cover the rules
+    the table uses, no more, and two methods share an entry only when they share a rule."""
+    from typing import get_args
+
+    from vopd.loss import chunk, estimators
+    from vopd.loss.methods import TABLE, Rule
+
+    used = {spec.rule for spec in TABLE.values()}
+    assert used == set(get_args(Rule)) == set(chunk.RULES) == set(estimators.RULES)
+    assert len(used) == len(TABLE)  # today every method has a rule of its own
+    for spec in TABLE.values():  # a sampled method subtracts a baseline; an analytic one has none
+        assert (chunk.RULES[spec.rule].baseline is None) == (estimators.RULES[spec.rule].baseline is None) == (
+            not spec.sampled), spec.name

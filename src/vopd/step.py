@@ -155,7 +155,7 @@ def micro_batch_loss(plan: LossPlan, student: dist.WrappedStudent, teachers: Tea
                 scores[part.name] = part.teacher.score(rows, topk_ids=ids, lse=spec.teacher_lse)
         out = fused_distillation_loss(
             h, weight, rows.targets, rows.loss_mask, scores.pop(part.name), student_bias=bias, normalizer=normalizer,
-            sampler_logprobs=rows.sampler_logprobs if plan.uses_ratio else None, **plan.head_options())
+            sampler_logprobs=rows.sampler_logprobs if plan.uses_ratio else None, plan=plan)
         outs.append(PartLoss(part.name, rows, out))
     if mb.num_tokens == 0:
         # Without completion tokens the loss only touches the hidden states; DDP expects a gradient for every

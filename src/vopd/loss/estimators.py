@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
-from vopd.loss.methods import Method, MethodSpec, method_spec
+from vopd.loss.methods import Method, MethodSpec, Rule, method_spec
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_inputs(
-    method: str,
+    spec: MethodSpec,
     top_k: int,
     vocab_student: int,
     vocab_teacher: int,
@@ -74,9 +74,8 @@ def check_inputs(
     leading_student: tuple[int, ...],
     leading_teacher: tuple[int, ...],
 ) -> MethodSpec:
-    """Shared argument validation: one ``ValueError`` naming the problem and the fix. Returns the method's row
-    of the table (``vopd.loss.methods``), resolved once here so the math below reads properties, not names."""
-    spec = method_spec(method)
+    """Shared argument validation: one ``ValueError`` naming the problem and the fix. Returns ``spec``, the
+    method's row of the table (``vopd.loss.methods``), so the math reads properties, not names."""
     if vocab_student != vocab_teacher:
         raise ValueError(
             f"student vocabulary size {vocab_student} != teacher vocabulary size {vocab_teacher}; both models "
@@ -180,6 +179,98 @@ def _rb_topk_parts(logp_all: Tensor, logq_all: Tensor, s: Tensor, y: Tensor, k: 
     return baseline, exact_part, in_k, mass
 
 
+@dataclass
+class DenseView:
+    """What the dense rules read, all (B, T) unless said, zero outside the mask ``m``.
+
+    s, t (B, T, V): both models' logits (masked positions zeroed); logp_all, logq_all (B, T, V): their log-softmax;
+    y (B, T, 1): the sampled ids; logp: log p(y) (with its graph); reward: r_t, detached; top_k. kl: KL_t with its
+    graph (``exact_kl`` methods); kl_k, mass: KL~_t with its graph and the student's mass on its top-k ids
+    (``topk_kl`` methods). A rule may add what its surrogate needs (``rb-topk``: the exact part over K, in_k) and the
+    mass it defines."""
+
+    s: Tensor
+    t: Tensor
+    logp_all: Tensor
+    logq_all: Tensor
+    y: Tensor
+    m: Tensor
+    logp: Tensor
+    reward: Tensor
+    top_k: int
+    kl: Tensor | None = None
+    kl_k: Tensor | None = None
+    mass: Tensor | None = None
+    exact_part: Tensor | None = None
+    in_k: Tensor | None = None
+
+
+def _need(x: Tensor | None, what: str) -> Tensor:
+    if x is None:
+        raise AssertionError(f"the dense view has no {what}: the method table and the view disagree")
+    return x
+
+
+def _no_baseline(v: DenseView) -> Tensor:  # opd
+    return torch.zeros_like(v.reward)
+
+
+def _value(v: DenseView) -> Tensor:  # vopd: V(s_t) = -KL_t over the full vocabulary (docs/estimators.md, `vopd`)
+    return -(_need(v.kl, "KL_t").detach() * v.m)
+
+
+def _topk_value(v: DenseView) -> Tensor:  # vopd-topk: the top-k KL; the sampled terms keep the full softmax
+    return -(_need(v.kl_k, "KL~_t").detach() * v.m)
+
+
+def _optimal(v: DenseView) -> Tensor:  # vopd-opt
+    return _optimal_baseline(v.logp_all.detach(), v.logq_all) * v.m
+
+
+def _topk_mean(v: DenseView) -> Tensor:  # rb-topk: the mean reward on K, and the exact part over K
+    baseline, v.exact_part, v.in_k, mass = _rb_topk_parts(v.logp_all, v.logq_all, v.s.detach(), v.y, v.top_k)
+    v.mass = mass * v.m
+    return baseline * v.m
+
+
+def _score_function(v: DenseView, weight: Tensor | None) -> Tensor:
+    return -_need(weight, "the weight") * v.logp  # the surrogate -sg(A_t) log p(y_t): its gradient is the estimator
+
+
+def _rao_blackwell(v: DenseView, weight: Tensor | None) -> Tensor:
+    # Exact over K, plus the sampled token only when it falls outside K (Rao-Blackwellised over K).
+    return _need(v.exact_part, "the exact part") - (~_need(v.in_k, "in_k")) * _need(weight, "the weight") * v.logp
+
+
+def _kl_surrogate(v: DenseView, _weight: Tensor | None) -> Tensor:  # opd-full: KL_t, differentiated analytically
+    return _need(v.kl, "KL_t")
+
+
+def _topk_kl_surrogate(v: DenseView, _weight: Tensor | None) -> Tensor:  # opd-topk: biased, ignores the tail mass
+    return _need(v.kl_k, "KL~_t")
+
+
+@dataclass(frozen=True)
+class DenseRule:
+    """One entry: ``baseline`` (sampled methods: b_t; None for an analytic gradient) and ``surrogate`` (the view and
+    the detached weight on log p(y) -> the per-token term whose autograd gradient is the estimator)."""
+
+    baseline: Callable[[DenseView], Tensor] | None
+    surrogate: Callable[[DenseView, Tensor | None], Tensor]
+
+
+#: The dense reference's estimators, one entry per ``MethodSpec.rule`` (``vopd.loss.chunk.RULES`` is the fused one).
+RULES: dict[Rule, DenseRule] = {
+    "none": DenseRule(_no_baseline, _score_function),
+    "kl": DenseRule(_value, _score_function),
+    "kl-topk": DenseRule(_topk_value, _score_function),
+    "optimal": DenseRule(_optimal, _score_function),
+    "topk-mean": DenseRule(_topk_mean, _rao_blackwell),
+    "grad-kl": DenseRule(None, _kl_surrogate),
+    "grad-kl-topk": DenseRule(None, _topk_kl_surrogate),
+}
+
+
 def distillation_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -209,12 +300,45 @@ def distillation_loss(
         ratio_cap:  truncation of the importance ratio (None: no cap).
         ratio_mode: what a ratio above ``ratio_cap`` does: ``truncate`` (weight = cap) or ``mask`` (weight = 0).
 
-    All softmax/KL math runs in fp32 (fp64 if the inputs are fp64), whatever the input dtype.
+    All softmax/KL math runs in fp32 (fp64 if the inputs are fp64), whatever the input dtype. The per-method math is
+    the method's entry of ``RULES``.
     """
     spec = check_inputs(
-        method, top_k, student_logits.shape[-1], teacher_logits.shape[-1], tokens, mask,
+        method_spec(method), top_k, student_logits.shape[-1], teacher_logits.shape[-1], tokens, mask,
         tuple(student_logits.shape[:-1]), tuple(teacher_logits.shape[:-1]),
     )
+    v = _dense_view(student_logits, teacher_logits, tokens, mask, spec, top_k)
+    rule = RULES[spec.rule]
+    baseline = advantage = ratio = weight = None
+    if rule.baseline is not None:
+        baseline = rule.baseline(v)
+        advantage = v.reward - baseline  # A_t = r_t - b_t, detached (docs/estimators.md: sg(r_t + KL_t) for vopd)
+        ratio = importance_ratio(v.logp, sampler_logprobs, ratio_cap, ratio_mode)
+        weight = advantage if ratio is None else advantage * ratio
+        if ratio is not None:
+            ratio = ratio * v.m
+    per_token = rule.surrogate(v, weight)
+
+    n = token_normalizer(mask, normalizer)
+    loss = (per_token * v.m).sum() / n.to(v.m.dtype) if n is not None else (per_token * 0.0).sum()
+    return LossOutput(
+        loss=loss,
+        num_tokens=mask.sum().detach(),
+        logp=v.logp.detach() * v.m,
+        logq=v.logq_all.gather(-1, v.y).squeeze(-1).detach() * v.m,
+        reward=v.reward,
+        baseline=baseline,
+        advantage=advantage,
+        kl=None if v.kl is None else v.kl.detach() * v.m,
+        kl_topk=None if v.kl_k is None else v.kl_k.detach() * v.m,
+        topk_mass=v.mass if spec.topk else None,
+        ratio=ratio,
+    )
+
+
+def _dense_view(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, mask: Tensor, spec: MethodSpec,
+                top_k: int) -> DenseView:
+    """The shared quantities of the dense path, in the compute dtype."""
     cd = compute_dtype(student_logits.dtype)
     live = mask.bool()
     m = live.to(cd)
@@ -223,59 +347,13 @@ def distillation_loss(
     s = torch.where(live.unsqueeze(-1), student_logits.to(cd), 0.0)
     t = torch.where(live.unsqueeze(-1), teacher_logits.detach().to(cd), 0.0)
     y = torch.where(live, tokens.long(), 0).unsqueeze(-1)
-
-    logp_all = s.log_softmax(-1)
-    logq_all = t.log_softmax(-1)
+    logp_all, logq_all = s.log_softmax(-1), t.log_softmax(-1)
     logp = logp_all.gather(-1, y).squeeze(-1)
-    logq = logq_all.gather(-1, y).squeeze(-1)
-    reward = (logq - logp).detach() * m  # r_t, docs/estimators.md, "Background"
-
-    kl = kl_topk = topk_mass = baseline = advantage = ratio = None
-    if spec.full_distribution and not spec.sampled:  # opd-full
-        per_token = _xlogy_diff(logp_all.exp(), logp_all, logq_all)  # KL_t, differentiated analytically
-        kl = per_token.detach() * m
-    elif not spec.sampled:  # opd-topk
-        per_token, topk_mass = _topk_kl(s, t, top_k)  # biased: ignores the tail mass
-        kl_topk, topk_mass = per_token.detach() * m, topk_mass * m
-    else:
-        if spec.baseline == "none":  # opd
-            baseline = torch.zeros_like(reward)
-        elif spec.baseline == "kl":  # vopd
-            # Value function V(s_t) = -KL_t over the full vocabulary (docs/estimators.md, `vopd`), detached.
-            kl = _xlogy_diff(logp_all.detach().exp(), logp_all.detach(), logq_all) * m
-            baseline = -kl
-        elif spec.baseline == "kl-topk":  # vopd-topk: the baseline uses the top-k KL; the sampled terms keep the full softmax
-            kl_k, topk_mass = _topk_kl(s.detach(), t, top_k)
-            kl_topk, topk_mass = kl_k * m, topk_mass * m
-            baseline = -kl_topk
-        elif spec.baseline == "optimal":  # vopd-opt
-            kl = _xlogy_diff(logp_all.detach().exp(), logp_all.detach(), logq_all) * m
-            baseline = _optimal_baseline(logp_all.detach(), logq_all) * m
-        else:  # rb-topk
-            baseline, exact_part, in_k, topk_mass = _rb_topk_parts(logp_all, logq_all, s.detach(), y, top_k)
-            baseline, topk_mass = baseline * m, topk_mass * m
-        advantage = reward - baseline  # A_t = r_t - b_t, detached (docs/estimators.md: sg(r_t + KL_t) for vopd)
-        ratio = importance_ratio(logp, sampler_logprobs, ratio_cap, ratio_mode)
-        weight = advantage if ratio is None else advantage * ratio
-        per_token = -weight * logp  # surrogate -sg(A_t) log p(y_t); its gradient is the estimator
-        if spec.baseline == "topk-mean":  # rb-topk:
-            # exact over K, plus the sampled token only when it falls outside K (Rao-Blackwellised over K)
-            per_token = exact_part - (~in_k) * weight * logp
-        if ratio is not None:
-            ratio = ratio * m
-
-    n = token_normalizer(mask, normalizer)
-    loss = (per_token * m).sum() / n.to(cd) if n is not None else (per_token * 0.0).sum()
-    return LossOutput(
-        loss=loss,
-        num_tokens=mask.sum().detach(),
-        logp=logp.detach() * m,
-        logq=logq.detach() * m,
-        reward=reward,
-        baseline=baseline,
-        advantage=advantage,
-        kl=kl,
-        kl_topk=kl_topk,
-        topk_mass=topk_mass,
-        ratio=ratio,
-    )
+    reward = (logq_all.gather(-1, y).squeeze(-1) - logp).detach() * m  # r_t, docs/estimators.md, "Background"
+    v = DenseView(s, t, logp_all, logq_all, y, m, logp, reward, top_k)
+    if spec.exact_kl:
+        v.kl = _xlogy_diff(logp_all.exp(), logp_all, logq_all)  # KL_t
+    if spec.topk_kl:
+        v.kl_k, mass = _topk_kl(s, t, top_k)
+        v.mass = mass * m
+    return v

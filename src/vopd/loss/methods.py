@@ -21,6 +21,12 @@ Method = Literal["opd", "vopd", "vopd-topk", "opd-full", "opd-topk", "vopd-opt",
 Baseline = Literal["none", "kl", "kl-topk", "optimal", "topk-mean"]
 
 
+#: How the estimators compute a method, one entry per kind in each path's table (``vopd.loss.estimators``, dense;
+#: ``vopd.loss.chunked``, fused): a sampled method by the baseline it subtracts, an analytic one by the KL it
+#: differentiates (``grad-kl``: the exact KL_t, ``grad-kl-topk``: KL~_t on the student's top-k ids).
+Rule = Literal["none", "kl", "kl-topk", "optimal", "topk-mean", "grad-kl", "grad-kl-topk"]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One method's properties.
@@ -52,6 +58,13 @@ class MethodSpec:
     def topk_kl(self) -> bool:
         """It reports KL~_t between p and q renormalised on the student's top-k ids."""
         return self.baseline == "kl-topk" or (self.topk and not self.sampled)
+
+    @property
+    def rule(self) -> Rule:
+        """This method's entry in the estimators' tables: its baseline when sampled, else the KL it differentiates."""
+        if self.baseline is not None:
+            return self.baseline
+        return "grad-kl" if self.full_distribution else "grad-kl-topk"
 
     @property
     def per_token_teacher(self) -> bool:

@@ -9,8 +9,6 @@ What it does not know: the config file (``vopd.step.loss_plan`` builds a plan fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 from vopd.loss.estimators import RatioMode
 from vopd.loss.head import IDENTITY, LogitTransform
 from vopd.loss.methods import MethodSpec, method_spec
@@ -44,9 +42,3 @@ class LossPlan:
     @property
     def uses_ratio(self) -> bool:
         return self.ratio_cap is not None
-
-    def head_options(self) -> dict[str, Any]:
-        """The keyword options of ``vopd.loss.chunked.fused_distillation_loss`` this plan fixes."""
-        return {"method": self.spec.name, "top_k": self.top_k, "ratio_cap": self.ratio_cap,
-                "ratio_mode": self.ratio_mode, "memory_budget_mb": self.memory_budget_mb,
-                "student_transform": self.transform}

@@ -12,12 +12,18 @@ is true. What it does not know: where the numbers came from (``vopd.teacher`` pr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
+from vopd.errors import UserError
 from vopd.loss.head import IDENTITY, LogitTransform, raw_logits
+from vopd.loss.methods import MethodSpec
+
+#: A map of per-position tensors from one grid of positions to another (``vopd.teacher.reprompt``: the teacher's
+#: own prompt moves the completion tokens), applied to the leading dimensions.
+Realign = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,26 @@ class TeacherHidden:
     weight: Tensor
     bias: Tensor | None = None
     transform: LogitTransform = IDENTITY
+
+    @property
+    def k(self) -> int:
+        """The width of top-k logits sent: none, the head gathers them from the full logits at the asked ids."""
+        return 0
+
+    def grid(self, vocab: int) -> tuple[int, tuple[int, ...]]:
+        """(the teacher's vocabulary size, its leading shape), after checking its own hidden size; ``vocab`` (the
+        student's) is not needed here, as the output layer says the teacher's."""
+        if self.weight.shape[1] != self.hidden.shape[-1]:
+            raise ValueError(f"hidden size mismatch: teacher hidden {self.hidden.shape[-1]} vs weight "
+                             f"{tuple(self.weight.shape)}")
+        return self.weight.shape[0], tuple(self.hidden.shape[:-1])
+
+    def check_for(self, spec: MethodSpec, lead: tuple[int, ...]) -> None:
+        """Hidden states serve every method (``vopd.loss.methods``): nothing to check."""
+
+    def realigned(self, move: Realign, topk_ids: Tensor | None) -> "TeacherHidden":
+        """The same scores on another grid of positions (the head gathers at ``topk_ids`` itself)."""
+        return TeacherHidden(move(self.hidden), self.weight, self.bias, self.transform)
 
     def rows(self, idx: Tensor) -> "TeacherHidden":
         """The live rows ``idx`` of the flattened leading dimensions: hidden becomes (N, D_t)."""
@@ -73,6 +99,33 @@ class TeacherNumbers:
     @property
     def k(self) -> int:
         return 0 if self.topk_ids is None else int(self.topk_ids.shape[-1])
+
+    def grid(self, vocab: int) -> tuple[int, tuple[int, ...]]:
+        """(the vocabulary size, the leading shape): numbers are sent on the student's ids, so its ``vocab``."""
+        return vocab, tuple(self.logq.shape)
+
+    def check_for(self, spec: MethodSpec, lead: tuple[int, ...]) -> None:
+        """The numbers must be what ``spec`` needs, on the student's grid ``lead``."""
+        if spec.full_distribution:
+            raise UserError(f"loss.method={spec.name} needs the teacher's full distribution at every position (sums "
+                            "over the whole vocabulary), which a teacher sending per-token numbers does not give; use "
+                            "vopd-topk (the same unbiased gradient with a top-k baseline), a teacher server's hidden "
+                            "states (model.teacher_head) or an in-process teacher")
+        if spec.topk:
+            if self.topk_ids is None or self.topk_logits is None:
+                raise ValueError(f"method {spec.name} needs topk_ids and topk_logits (B, T, k) from the teacher")
+            for name, x in (("topk_ids", self.topk_ids), ("topk_logits", self.topk_logits)):
+                if tuple(x.shape) != lead + (self.k,):
+                    raise ValueError(f"{name} shape {tuple(x.shape)} must be (B, T, k) = {lead + (self.k,)}")
+        if spec.teacher_lse and (self.lse is None or tuple(self.lse.shape) != lead):
+            raise ValueError(f"method {spec.name} needs teacher_lse (B, T) = {lead}, the teacher's log-sum-exp "
+                             "(TeacherNumbers.lse, RemoteTeacher.score(..., lse=True)); got "
+                             f"{None if self.lse is None else tuple(self.lse.shape)}")
+
+    def realigned(self, move: Realign, topk_ids: Tensor | None) -> "TeacherNumbers":
+        """The same numbers on another grid of positions, about ``topk_ids`` (the ids asked on that grid)."""
+        return TeacherNumbers(move(self.logq), topk_ids, None if self.topk_logits is None else move(self.topk_logits),
+                              None if self.lse is None else move(self.lse))
 
     def rows(self, idx: Tensor) -> "TeacherNumbers":
         """The live rows ``idx`` of the flattened leading dimensions."""

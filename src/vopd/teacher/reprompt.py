@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vopd.loss.scores import TeacherHidden, TeacherNumbers, TeacherScores
+from vopd.loss.scores import TeacherScores
 from vopd.rollout import Rollout, pack
 from vopd.sampling import Samples
 
@@ -83,11 +83,7 @@ class OwnPromptTeacher:
         def back(x: Tensor) -> Tensor:
             return _move(x, lead_s, (rows, t_pos), (rows, s_pos))
 
-        if isinstance(scores, TeacherHidden):
-            return TeacherHidden(back(scores.hidden), scores.weight, scores.bias, scores.transform)
-        return TeacherNumbers(back(scores.logq), topk_ids,
-                              None if scores.topk_logits is None else back(scores.topk_logits),
-                              None if scores.lse is None else back(scores.lse))
+        return scores.realigned(back, topk_ids)  # numbers are about the ids the student asked on its own grid
 
     def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         return [*self.inner.pairing_checks(student, student_tok),
