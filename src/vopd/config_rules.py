@@ -3,8 +3,9 @@
 What it knows: how a broken rule is reported (``check``: one ``UserError`` naming the key, its value and the rule),
 the shapes of a device name and of a teacher name, the dtype names and the one rule that resolves ``auto`` on a
 device (``resolve_dtype``), and which teacher places are servers (``is_remote``). It imports nothing of vopd but its
-errors, so the config classes (``vopd.config``, ``vopd.teacher_config``) and the torch side (``vopd.models``) can
-share it. What it does NOT know: the config classes, their defaults, loading, torch, or what the options do.
+errors, so the config classes (``vopd.config``, ``vopd.config_sections``, ``vopd.teacher_config``) and the torch
+side (``vopd.models``) can share it. What it does NOT know: the config classes, their defaults, loading, torch, or
+what the options do.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 What it knows: the authors' evaluation protocol (docs/evaluation.md, "Background: the authors' protocol": 8 samples at temperature
 0.6, last boxed answer, math-verify; multiple choice at top-p 0.95, top-k 20 with a JSON letter), how the three
 metrics follow from graded samples (``compute_metrics``, a pure function), and what a training run evaluates
-(``evaluate_student``: accuracy on ``data.eval`` and the exact held-out KL to the teacher, ``heldout_kl`` and
-``rollout_kl``). What it does not know: how answers are extracted and compared (``vopd.grading``), file formats and
-field names (``vopd.data``), how tokens are drawn (``vopd.sampling``), or how models are loaded (``vopd.models``).
+(``evaluate_student``: accuracy on ``data.eval`` and the exact held-out KL to the teacher, ``heldout_kl`` of
+``vopd.heldout``, importable from here too). What it does not know: how answers are extracted and compared
+(``vopd.grading``), file formats and field names (``vopd.data``), how tokens are drawn (``vopd.sampling``), how the
+held-out KL is computed (``vopd.heldout``), or how models are loaded (``vopd.models``).
 
 Metrics, for P problems with n samples each (c_ij = 1 when sample j of problem i is correct):
   Avg@n  = (1 / sum_i n_i) * sum_ij c_ij          mean accuracy over all samples
@@ -28,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 from vopd.data import MCQ_PROMPT_TEMPLATE, PROMPT_TEMPLATE, Problem, load_problems
 from vopd.errors import UserError
 from vopd.grading import DEFAULT_TIMEOUT_S, answers_match, extract_answer
+from vopd.heldout import heldout_kl
 from vopd.prompts import ChatOptions, chat_options, render_prompt, template_kwargs_json
 
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
     from vopd.models import Model, Tokenizer
-    from vopd.rollout import Rollout
     from vopd.teacher.base import Teacher
 
 Kind = Literal["math", "mcq"]
@@ -359,59 +360,3 @@ def evaluate_student(student: Model, teacher: Teacher | None, tok: Tokenizer, cf
     if teacher is not None and teacher.full_distribution:
         out["eval_kl"] = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab)
     return out
-
-
-def heldout_kl(student: Model, teacher: Teacher, tok: Tokenizer, problems: list[str], cfg: TrainConfig,
-               vocab: int, seed: int | None = None) -> float:
-    """Mean exact KL_t(student || teacher) on one temperature-1 completion per problem; RNG state is restored."""
-    import torch
-
-    from vopd.rollout import hf_sampler, pack
-
-    rng = torch.get_rng_state()
-    torch.manual_seed(cfg.seed + 12345 if seed is None else seed)
-    try:
-        ids = [render_prompt(tok, p, template=cfg.data.template, chat=chat_options(cfg.data)) for p in problems]
-        sampler = hf_sampler(student, tok, max_new_tokens=cfg.eval_max_new_tokens, temperature=1.0, top_p=1.0,
-                             top_k=0, batch_size=cfg.rollout.batch_size)
-        rollout = pack(ids, sampler(ids), tok.pad_token_id)
-        kl, _ = rollout_kl(student, teacher, rollout, vocab_size=vocab, micro_batch_size=cfg.micro_batch_size)
-    finally:
-        torch.set_rng_state(rng)
-    return kl
-
-
-def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size: int,
-               micro_batch_size: int, memory_budget_mb: float = 256) -> tuple[float, float]:
-    """Exact mean KL_t(student || teacher) over the rollout's completion tokens, and the token count.
-
-    Uses the ``opd-full`` fused head without gradients (its value is the mean KL_t), so the teacher must have the
-    full distribution. The student's train/eval mode is left as it was."""
-    import torch
-
-    from vopd.loss.chunked import fused_distillation_loss
-    from vopd.models import last_hidden, output_layer
-
-    device = next(student.parameters()).device
-    was_training = student.training
-    student.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for lo in range(0, rollout.size, micro_batch_size):
-                mb = rollout.select(lo, lo + micro_batch_size).to(device)
-                n = int(mb.loss_mask.sum())
-                if n == 0:
-                    continue
-                scores = teacher.score(mb)
-                hs = last_hidden(student, mb.input_ids, mb.attention_mask)[:, :-1]
-                head = output_layer(student, vocab_size)
-                out = fused_distillation_loss(hs, head.weight, mb.targets, mb.loss_mask, scores,
-                                              method="opd-full", student_bias=head.bias,
-                                              memory_budget_mb=memory_budget_mb, student_transform=head.transform)
-                assert out.kl is not None  # opd-full always reports the exact KL_t
-                total += float(out.kl.sum())
-                count += n
-    finally:
-        student.train(was_training)
-    return (total / count if count else float("nan")), float(count)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Protocol, TypeAlias, Union
 from vopd.errors import UserError
 
 #: A Hugging Face tokenizer (``vopd.models.Tokenizer``; that module cannot be imported here: it imports vopd.config,
-#: which imports this one).
+#: which imports this one through vopd.config_sections).
 Tokenizer: TypeAlias = Any
 #: One chat turn: {"role": "system" | "user" | "assistant" | ..., "content": text}.
 Message: TypeAlias = dict[str, str]

@@ -7,8 +7,8 @@ the list, and how the keys of earlier vopd versions (``model.teacher_*``, ``mode
 ``model.teacher_heads``, ``data.teacher_prompt_field``/``teacher_system_prompt``/``teacher_own_template``) map onto
 entries (``migrate``: with one notice per old key, and the old spelling of each moved key so that an error names the
 key as it was written). The one-teacher shorthand ``model.teacher=PATH`` is the entry ``{name: teacher, model:
-PATH}`` (``entries``). What it does NOT know: the other config sections (``vopd.config`` holds them and calls this
-module), loading files, or how a teacher is opened and scores (``vopd.teacher``).
+PATH}`` (``entries``). What it does NOT know: the other config sections (``vopd.config_sections``; ``vopd.config``
+calls this module), loading files, or how a teacher is opened and scores (``vopd.teacher``).
 """
 
 from __future__ import annotations

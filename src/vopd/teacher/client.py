@@ -99,7 +99,7 @@ class RemoteTeacher:
         no full distribution (the others refused without asking the server), ``rb-topk`` (the teacher's
         log-sum-exp) from a protocol-2 server."""
         if self.head_path is not None:
-            return self._no_hidden(self._info or self.health())
+            return _no_hidden(self._info or self.health(), self.url)
         need = lacks(spec, Answers(at_ids=True, lse=True))  # the log-sum-exp depends on the version: below
         if need is not None:
             return (f"loss.method={spec.name} needs {need}, which a teacher server ({self.url}) sends only as hidden "
@@ -118,14 +118,7 @@ class RemoteTeacher:
     def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         """The tokenizer fingerprint from ``/health`` stands in for comparing the tokenizers."""
         health = self.health()
-        vocab = len(student_tok)
-        mine, theirs = tokenizer_fingerprint(student_tok), health.get("tokenizer_sha256")
-        if mine != theirs:
-            raise UserError(f"the teacher server at {self.url} uses another tokenizer than the student (fingerprint "
-                            f"{str(theirs)[:12]}... vs {mine[:12]}..., {health.get('vocab_size')} vs {vocab} tokens); "
-                            "OPD needs one shared tokenizer: serve a teacher from the student's model family")
-        lines = [f"teacher server {self.url} ({health.get('model')}, protocol {health.get('protocol')}): same "
-                 f"tokenizer ({vocab} tokens, fingerprint {mine[:12]})"]
+        lines = [_same_tokenizer(health, student_tok, self.url)]
         if self.head_path is not None:
             head = self._output_layer()
             lines.append(f"teacher output layer from {self.head_path} is the server's ({tuple(head.weight.shape)}, "
@@ -167,23 +160,14 @@ class RemoteTeacher:
         logq = torch.zeros(b, t, dtype=torch.float32)
         logits = torch.zeros(b, t, k, dtype=torch.float32) if k else None
         lse_out = torch.zeros(b, t, dtype=torch.float32) if lse else None
-        for group in self._groups(_spans(rollout), k, limits, lse):
-            seqs = []
-            for i, start, end in group:
-                seq: dict[str, Any] = {"ids": ids[i, : end + 1].tolist(), "start": start}
-                if k:
-                    assert topk_ids is not None
-                    seq["topk_ids"] = b64_encode(topk_ids[i, start:end])
-                seqs.append(seq)
-            body: dict[str, Any] = {"sequences": seqs, "k": k, "encoding": "base64"}
-            if lse:
-                body["lse"] = True
+        for group in _groups(_spans(rollout), k, limits, lse):
+            body = _numbers_request(ids, group, k, topk_ids, lse)
             self._unpack(self.http.request("POST", "/score", body), group, k, logq, logits, lse_out)
         return TeacherNumbers(logq, topk_ids, logits, lse_out).to(rollout.input_ids.device)
 
     def _unpack(self, reply: dict[str, Any], group: list[Span], k: int, logq: Tensor,
                 logits: Tensor | None, lse: Tensor | None) -> None:
-        for (i, start, end), res in zip(group, self._results(reply, group)):
+        for (i, start, end), res in zip(group, _results(reply, group, self.url)):
             n = end - start
             logq[i, start:end] = b64_decode(res["logq"], torch.float32, n)
             if logits is not None:
@@ -192,15 +176,6 @@ class RemoteTeacher:
                 lse[i, start:end] = b64_decode(res["lse"], torch.float32, n)
 
     # -- hidden states (protocol 3) ------------------------------------------------------------------------------
-
-    def _no_hidden(self, info: dict[str, Any]) -> str | None:
-        """Why the server that answered ``/health`` with ``info`` cannot send hidden states (a protocol before 3),
-        or None."""
-        if _version(info) >= HIDDEN_PROTOCOL:
-            return None
-        return (f"teacher server at {self.url} speaks protocol {info.get('protocol')}, which does not "
-                f"send hidden states (protocol {HIDDEN_PROTOCOL}); update vopd on the server and restart it, or drop "
-                "model.teacher_head and use a method servers score at ids (opd, vopd-topk, opd-topk, rb-topk)")
 
     def _wire_dtype(self) -> str:
         """The dtype name the hidden states travel in."""
@@ -214,21 +189,10 @@ class RemoteTeacher:
         if self._head is not None:
             return self._head
         info = self._info or self.health()
-        refusal = self._no_hidden(info)
+        refusal = _no_hidden(info, self.url)
         if refusal is not None:
             raise UserError(refusal)
-        from vopd.models import load_output_layer, torch_dtype
-
-        # At the server's weight dtype, so that the fingerprints compare like with like.
-        dtype = torch_dtype(str(info.get("dtype", "float32")), torch.device("cpu"))
-        head = load_output_layer(str(self.head_path), vocab_size=int(info["vocab_size"]), dtype=dtype,
-                                 trust_remote_code=self._trust_remote_code)
-        mine, theirs = head_fingerprint(head.weight, head.bias, head.transform), info.get("head_sha256")
-        if mine != theirs:
-            raise UserError(f"the output layer in {self.head_path} is not the one the teacher server at {self.url} "
-                            f"uses (fingerprint {mine[:12]}... vs {str(theirs)[:12]}..., {tuple(head.weight.shape)} "
-                            f"{head.weight.dtype}, logit transform {head.transform.describe()}); set model.teacher_head "
-                            "to the directory of the checkpoint the server serves")
+        head = _same_head(str(self.head_path), info, self.url, self._trust_remote_code)
         self._head = head  # equal fingerprints: equal shapes, so the server's hidden_size is this layer's width
         return head
 
@@ -241,10 +205,10 @@ class RemoteTeacher:
         d = head.weight.shape[1]
         hidden = torch.zeros(b, t, d, dtype=HIDDEN_DTYPES[wire])
         spans = _spans(rollout)
-        for group in self._groups(spans, 0, info["limits"], hidden=wire, hidden_size=d):
+        for group in _groups(spans, 0, info["limits"], hidden=wire, hidden_size=d):
             seqs = [{"ids": ids[i, : end + 1].tolist(), "start": start} for i, start, end in group]
             reply = self.http.request("POST", "/score", {"sequences": seqs, "encoding": "base64", "hidden": wire})
-            for (i, start, end), res in zip(group, self._results(reply, group)):
+            for (i, start, end), res in zip(group, _results(reply, group, self.url)):
                 hidden[i, start:end] = b64_decode(res["hidden"], HIDDEN_DTYPES[wire], (end - start) * d).reshape(-1, d)
         device = rollout.input_ids.device
         if head.weight.device != device:  # moved once: the layer stays where the loss runs
@@ -252,40 +216,101 @@ class RemoteTeacher:
                                            head.transform)
         return TeacherHidden(hidden.to(device), head.weight, head.bias, head.transform)
 
-    # -- both forms ----------------------------------------------------------------------------------------------
 
-    def _groups(self, spans: list[Span], k: int, limits: dict[str, Any], lse: bool = False, *,
-                hidden: str | None = None, hidden_size: int = 0) -> list[list[Span]]:
-        """Consecutive sequences packed into requests within the server's limits (``/health``): max_batch,
-        max_tokens (padded), the body limit and the answer's limit (``max_response_mb``, from protocol-2 servers that
-        report it); a sequence that alone passes max_tokens or the answer's limit is refused, naming the fix."""
-        bounds = Limits(max_batch=limits["max_batch"], max_tokens=limits["max_tokens"],
-                        max_body=0.9 * limits["max_body_mb"] * 2**20,
-                        max_answer=0.9 * float(limits.get("max_response_mb", float("inf"))) * 2**20)
-        items = []
-        for _row, start, end in spans:
-            n = end + 1
-            if n > bounds.max_tokens:
-                raise UserError(f"a sequence of {n} tokens exceeds the teacher server's max_tokens="
-                                f"{limits['max_tokens']}; restart the server with a larger --max-tokens")
-            size = 8 * n + (16 * (n - 1 - start) * k) // 3 + 64  # JSON ids + base64 int32 top-k, generous
-            reply = response_bytes(end - start, k, lse, "base64", hidden, hidden_size)
-            if reply > bounds.max_answer:
-                asked = f"hidden states ({hidden_size} x {hidden})" if hidden else f"k={k}"
-                raise UserError(f"scoring a sequence of {end - start} positions with {asked} needs a "
-                                f"{reply / 2**20:.3g} MiB answer, over the teacher server's max_response_mb="
-                                f"{limits['max_response_mb']}; restart it with a larger --max-response-mb or lower "
-                                "loss.top_k")
-            items.append(Item(tokens=n, body=size, answer=reply))
-        return [[spans[j] for j in group] for group in pack(items, bounds)]
+# --- the pre-flight's identity checks ---------------------------------------------------------------------------
 
-    def _results(self, reply: dict[str, Any], group: list[Span]) -> list[dict[str, Any]]:
-        """The answer's one result per sequence of ``group``, in order."""
-        results: list[dict[str, Any]] = reply.get("results", [])
-        if len(results) != len(group):
-            raise RuntimeError(f"teacher server at {self.url} answered {len(results)} results for {len(group)} "
-                               "sequences; client and server protocol versions differ")
-        return results
+def _same_tokenizer(health: dict[str, Any], student_tok: Tokenizer, url: str) -> str:
+    """The pre-flight line of a server (``/health`` answer ``health``) whose tokenizer fingerprint is the student's;
+    a ``UserError`` when it is not."""
+    vocab = len(student_tok)
+    mine, theirs = tokenizer_fingerprint(student_tok), health.get("tokenizer_sha256")
+    if mine != theirs:
+        raise UserError(f"the teacher server at {url} uses another tokenizer than the student (fingerprint "
+                        f"{str(theirs)[:12]}... vs {mine[:12]}..., {health.get('vocab_size')} vs {vocab} tokens); "
+                        "OPD needs one shared tokenizer: serve a teacher from the student's model family")
+    return (f"teacher server {url} ({health.get('model')}, protocol {health.get('protocol')}): same "
+            f"tokenizer ({vocab} tokens, fingerprint {mine[:12]})")
+
+
+def _no_hidden(info: dict[str, Any], url: str) -> str | None:
+    """Why the server that answered ``/health`` with ``info`` cannot send hidden states (a protocol before 3),
+    or None."""
+    if _version(info) >= HIDDEN_PROTOCOL:
+        return None
+    return (f"teacher server at {url} speaks protocol {info.get('protocol')}, which does not "
+            f"send hidden states (protocol {HIDDEN_PROTOCOL}); update vopd on the server and restart it, or drop "
+            "model.teacher_head and use a method servers score at ids (opd, vopd-topk, opd-topk, rb-topk)")
+
+
+def _same_head(path: str, info: dict[str, Any], url: str, trust_remote_code: bool) -> OutputHead:
+    """The output layer of the checkpoint in ``path``, refused (``UserError``) unless its fingerprint is the one the
+    server reports in ``/health`` (``info``)."""
+    from vopd.models import load_output_layer, torch_dtype
+
+    # At the server's weight dtype, so that the fingerprints compare like with like.
+    dtype = torch_dtype(str(info.get("dtype", "float32")), torch.device("cpu"))
+    head = load_output_layer(path, vocab_size=int(info["vocab_size"]), dtype=dtype,
+                             trust_remote_code=trust_remote_code)
+    mine, theirs = head_fingerprint(head.weight, head.bias, head.transform), info.get("head_sha256")
+    if mine != theirs:
+        raise UserError(f"the output layer in {path} is not the one the teacher server at {url} "
+                        f"uses (fingerprint {mine[:12]}... vs {str(theirs)[:12]}..., {tuple(head.weight.shape)} "
+                        f"{head.weight.dtype}, logit transform {head.transform.describe()}); set model.teacher_head "
+                        "to the directory of the checkpoint the server serves")
+    return head
+
+
+# --- requests -----------------------------------------------------------------------------------------------------
+
+def _groups(spans: list[Span], k: int, limits: dict[str, Any], lse: bool = False, *, hidden: str | None = None,
+            hidden_size: int = 0) -> list[list[Span]]:
+    """Consecutive sequences packed into requests within the server's limits (``/health``): max_batch,
+    max_tokens (padded), the body limit and the answer's limit (``max_response_mb``, from protocol-2 servers that
+    report it); a sequence that alone passes max_tokens or the answer's limit is refused, naming the fix."""
+    bounds = Limits(max_batch=limits["max_batch"], max_tokens=limits["max_tokens"],
+                    max_body=0.9 * limits["max_body_mb"] * 2**20,
+                    max_answer=0.9 * float(limits.get("max_response_mb", float("inf"))) * 2**20)
+    items = []
+    for _row, start, end in spans:
+        n = end + 1
+        if n > bounds.max_tokens:
+            raise UserError(f"a sequence of {n} tokens exceeds the teacher server's max_tokens="
+                            f"{limits['max_tokens']}; restart the server with a larger --max-tokens")
+        size = 8 * n + (16 * (n - 1 - start) * k) // 3 + 64  # JSON ids + base64 int32 top-k, generous
+        reply = response_bytes(end - start, k, lse, "base64", hidden, hidden_size)
+        if reply > bounds.max_answer:
+            asked = f"hidden states ({hidden_size} x {hidden})" if hidden else f"k={k}"
+            raise UserError(f"scoring a sequence of {end - start} positions with {asked} needs a "
+                            f"{reply / 2**20:.3g} MiB answer, over the teacher server's max_response_mb="
+                            f"{limits['max_response_mb']}; restart it with a larger --max-response-mb or lower "
+                            "loss.top_k")
+        items.append(Item(tokens=n, body=size, answer=reply))
+    return [[spans[j] for j in group] for group in pack(items, bounds)]
+
+
+def _numbers_request(ids: Tensor, group: list[Span], k: int, topk_ids: Tensor | None, lse: bool) -> dict[str, Any]:
+    """The ``/score`` body asking for numbers at ids for the spans of ``group`` (``ids``: the rollout's input ids on
+    the CPU; ``topk_ids``: (B, L-1, k) on the CPU when k > 0)."""
+    seqs = []
+    for i, start, end in group:
+        seq: dict[str, Any] = {"ids": ids[i, : end + 1].tolist(), "start": start}
+        if k:
+            assert topk_ids is not None
+            seq["topk_ids"] = b64_encode(topk_ids[i, start:end])
+        seqs.append(seq)
+    body: dict[str, Any] = {"sequences": seqs, "k": k, "encoding": "base64"}
+    if lse:
+        body["lse"] = True
+    return body
+
+
+def _results(reply: dict[str, Any], group: list[Span], url: str) -> list[dict[str, Any]]:
+    """The answer's one result per sequence of ``group``, in order."""
+    results: list[dict[str, Any]] = reply.get("results", [])
+    if len(results) != len(group):
+        raise RuntimeError(f"teacher server at {url} answered {len(results)} results for {len(group)} "
+                           "sequences; client and server protocol versions differ")
+    return results
 
 
 def _version(info: dict[str, Any]) -> int:

@@ -20,7 +20,8 @@ training (``vopd.teacher.client`` is the client side and the loss); TLS (put it 
 full logits, which it never sends (hidden states carry them D/V times smaller).
 
 This module deliberately does not use ``from __future__ import annotations``: FastAPI reads the endpoint
-annotations (``Request``) at runtime, and they are local to ``create_app`` so that fastapi stays an optional import.
+annotations (``Request``) at runtime, and they are local to ``create_app`` so that fastapi stays an optional import
+(the module-level helpers quote theirs).
 """
 
 import argparse
@@ -42,7 +43,7 @@ from vopd.teacher.wire import (DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_MB, DEFAULT_M
                                tokenizer_fingerprint)
 
 if TYPE_CHECKING:  # quoted below: this module's annotations are evaluated at run time (see the docstring)
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
 
     from vopd.models import Model, Tokenizer
 
@@ -134,6 +135,72 @@ def _encode(x: Tensor, encoding: str) -> str | list[Any]:
     return b64_encode(x) if encoding == "base64" else x.tolist()
 
 
+# --- the HTTP side, one function per concern (``create_app`` wires them to the routes) -----------------------------
+
+def _authorize(authorization: str, token: str | None) -> None:
+    """Nothing when ``token`` is unset or the ``Authorization`` header carries it; else a 401."""
+    if not token:
+        return
+    scheme, _, value = authorization.partition(" ")
+    # Constant-time comparison: the token must not leak through response timing.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
+                            f"server's token (${TOKEN_ENV})")
+
+
+def _health(scorer: TeacherScorer, limits: Limits, model_name: str, fingerprint: str) -> dict[str, Any]:
+    """The ``/health`` answer: what a client checks before it sends anything (protocol, tokenizer, head)."""
+    return {"status": "ok", "protocol": PROTOCOL_VERSION, "model": model_name,
+            "vocab_size": scorer.vocab_size, "tokenizer_sha256": fingerprint, "dtype": str(scorer.dtype).removeprefix("torch."),
+            "device": str(scorer.device), "limits": limits.__dict__, "hidden_size": scorer.hidden_size,
+            "head_sha256": scorer.head_sha256,
+            "logit_transform": {"scale": scorer.transform.scale, "softcap": scorer.transform.softcap}}
+
+
+async def _read_body(request: "Request", max_body_mb: float) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to exceed ``max_body_mb``."""
+    max_body = int(max_body_mb * 2**20)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_body:
+        raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit max_body_mb="
+                            f"{max_body_mb:g}")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: chunked uploads have no content-length
+        size += len(chunk)
+        if size > max_body:
+            raise ApiError(413, f"request body exceeds this server's limit max_body_mb={max_body_mb:g}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _answer(body: bytes, scorer: TeacherScorer, limits: Limits) -> bytes:
+    """The ``/score`` answer to ``body`` as JSON bytes: parse, score (or take hidden states), encode."""
+    req = parse_request(body, limits, scorer.vocab_size, scorer.hidden_size)
+    seqs, k, encoding = req.sequences, req.k, req.encoding
+    try:
+        if req.hidden is not None:
+            states = scorer.hidden(seqs)
+        else:
+            scored = scorer.score(seqs, k)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        # Not a 5xx: retrying the same request cannot help, a smaller one can.
+        raise ApiError(413, "request ran out of teacher memory; send fewer tokens per request or restart the "
+                            "server with a smaller --max-tokens") from None
+    if req.hidden is not None:
+        dtype = HIDDEN_DTYPES[req.hidden]
+        answer = [{"hidden": b64_encode(h, dtype)} for h in states]
+        return json.dumps({"encoding": encoding, "hidden": req.hidden, "results": answer}).encode()
+    results = []
+    for lq, lg, ls in scored:
+        res = {"logq": _encode(lq, encoding), "logits": None if lg is None else _encode(lg, encoding)}
+        if req.lse:
+            res["lse"] = _encode(ls, encoding)
+        results.append(res)
+    return json.dumps({"encoding": encoding, "k": k, "results": results}).encode()
+
+
 def create_app(model: "Model", tokenizer: "Tokenizer", *, token: str | None, max_batch: int = DEFAULT_MAX_BATCH,
                max_tokens: int = DEFAULT_MAX_TOKENS, max_k: int = DEFAULT_MAX_K,
                max_body_mb: float = DEFAULT_MAX_BODY_MB, max_response_mb: float = DEFAULT_MAX_RESPONSE_MB,
@@ -156,7 +223,6 @@ def create_app(model: "Model", tokenizer: "Tokenizer", *, token: str | None, max
     scorer = TeacherScorer(model, len(tokenizer))
     fingerprint = tokenizer_fingerprint(tokenizer)
     model_name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
-    max_body = int(max_body_mb * 2**20)
     app = FastAPI(title="vopd teacher server", version=str(PROTOCOL_VERSION), docs_url=None, redoc_url=None,
                   openapi_url=None)
 
@@ -173,66 +239,17 @@ def create_app(model: "Model", tokenizer: "Tokenizer", *, token: str | None, max
     async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:  # a bug: still one JSON line
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
-    def authorize(request: Request) -> None:
-        if not token:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, value = got.partition(" ")
-        # Constant-time comparison: the token must not leak through response timing.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
-                                f"server's token (${TOKEN_ENV})")
-
     @app.get("/health")
     def health(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return {"status": "ok", "protocol": PROTOCOL_VERSION, "model": model_name,
-                "vocab_size": scorer.vocab_size, "tokenizer_sha256": fingerprint, "dtype": str(scorer.dtype).removeprefix("torch."),
-                "device": str(scorer.device), "limits": limits.__dict__, "hidden_size": scorer.hidden_size,
-                "head_sha256": scorer.head_sha256,
-                "logit_transform": {"scale": scorer.transform.scale, "softcap": scorer.transform.softcap}}
-
-    def handle(body: bytes) -> bytes:
-        req = parse_request(body, limits, scorer.vocab_size, scorer.hidden_size)
-        seqs, k, encoding = req.sequences, req.k, req.encoding
-        try:
-            if req.hidden is not None:
-                states = scorer.hidden(seqs)
-            else:
-                scored = scorer.score(seqs, k)
-        except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            # Not a 5xx: retrying the same request cannot help, a smaller one can.
-            raise ApiError(413, "request ran out of teacher memory; send fewer tokens per request or restart the "
-                                "server with a smaller --max-tokens") from None
-        if req.hidden is not None:
-            dtype = HIDDEN_DTYPES[req.hidden]
-            answer = [{"hidden": b64_encode(h, dtype)} for h in states]
-            return json.dumps({"encoding": encoding, "hidden": req.hidden, "results": answer}).encode()
-        results = []
-        for lq, lg, ls in scored:
-            res = {"logq": _encode(lq, encoding), "logits": None if lg is None else _encode(lg, encoding)}
-            if req.lse:
-                res["lse"] = _encode(ls, encoding)
-            results.append(res)
-        return json.dumps({"encoding": encoding, "k": k, "results": results}).encode()
+        _authorize(request.headers.get("authorization", ""), token)
+        return _health(scorer, limits, model_name, fingerprint)
 
     @app.post("/score")
     async def score(request: Request) -> Response:
-        authorize(request)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body:
-            raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit max_body_mb="
-                                f"{max_body_mb:g}")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # counted as it arrives: chunked uploads have no content-length
-            size += len(chunk)
-            if size > max_body:
-                raise ApiError(413, f"request body exceeds this server's limit max_body_mb={max_body_mb:g}")
-            chunks.append(chunk)
+        _authorize(request.headers.get("authorization", ""), token)
+        body = await _read_body(request, max_body_mb)
         # JSON parsing, the forward and encoding run in the threadpool so the event loop keeps serving /health.
-        content = await run_in_threadpool(handle, b"".join(chunks))
+        content = await run_in_threadpool(_answer, body, scorer, limits)
         return Response(content=content, media_type="application/json")
 
     return app

@@ -20,7 +20,7 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -179,10 +179,8 @@ def _check_range(t: Tensor, where: str, vocab: int) -> None:
         bad = int(t[(t < 0) | (t >= vocab)][0])
         raise ApiError(422, f"{where} holds token id {bad}, outside the teacher's vocabulary [0, {vocab})")
 
-
-def parse_request(body: bytes, limits: Limits, vocab: int, hidden_size: int = 0) -> ScoreRequest:
-    """The validated ``/score`` body, or an ``ApiError`` naming the problem. ``hidden_size``: the width of the
-    teacher's hidden states (to bound the answer of a ``hidden`` request)."""
+def _load_body(body: bytes, limits: Limits) -> dict[str, Any]:
+    """The body as a JSON object, its structure counted against ``limits`` before it is parsed."""
     # Parsed JSON takes up to ~60 bytes per array/object/number: count them first (bytes.count runs at memory speed).
     max_containers, max_values = _structure_budget(limits)
     containers, separators = body.count(b"[") + body.count(b"{"), body.count(b",")
@@ -203,6 +201,21 @@ def parse_request(body: bytes, limits: Limits, vocab: int, hidden_size: int = 0)
         raise ApiError(422, 'request body must be a JSON object {"sequences": [...], "k": K, "encoding": ...}')
     if unknown := sorted(set(req) - _REQUEST_FIELDS):
         raise ApiError(422, f"unknown request field(s) {unknown}; valid fields: {sorted(_REQUEST_FIELDS)}")
+    return req
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What the request asks back, the same for every sequence (the fields of ``ScoreRequest`` but the sequences)."""
+
+    k: int
+    encoding: str
+    lse: bool
+    hidden: str | None
+
+
+def _parse_answer(req: dict[str, Any], limits: Limits, vocab: int) -> _Answer:
+    """The request's encoding, lse, hidden and k fields, checked against each other and the limits."""
     encoding = req.get("encoding", "json")
     if encoding not in _ENCODINGS:
         raise ApiError(422, f"encoding={encoding!r}; valid encodings: {', '.join(_ENCODINGS)}")
@@ -226,7 +239,73 @@ def parse_request(body: bytes, limits: Limits, vocab: int, hidden_size: int = 0)
         raise ApiError(413, f"k={k} exceeds this server's limit max_k={limits.max_k} ids per position")
     if k > vocab:
         raise ApiError(422, f"k={k} exceeds the vocabulary size {vocab}")
-    seqs = req.get("sequences")
+    return _Answer(k, encoding, want_lse, hidden)
+
+
+def _sequence_ids(s: dict[str, Any], where: str) -> Tensor:
+    """The ``ids`` of one sequence object, as integers; their length and range are checked after the padded-token
+    limit (``_sequence_start``)."""
+    if unknown := sorted(set(s) - _SEQUENCE_FIELDS):
+        raise ApiError(422, f"unknown field(s) {unknown} in {where}; valid fields: {sorted(_SEQUENCE_FIELDS)}")
+    if "ids" not in s:
+        raise ApiError(422, f"{where} has no ids")
+    return _int_tensor(s["ids"], f"{where}.ids", 1)
+
+
+def _sequence_start(s: dict[str, Any], ids: Tensor, where: str, vocab: int) -> int:
+    """The first scored position of a sequence with these ``ids``, once the ids themselves are checked."""
+    n = ids.numel()
+    if n < 2:
+        raise ApiError(422, f"{where}.ids has {n} token(s); at least 2 are needed to score a next token")
+    _check_range(ids, f"{where}.ids", vocab)
+    start = s.get("start", 0)
+    if type(start) is not int or not 0 <= start <= n - 2:
+        raise ApiError(422, f"{where}.start={start!r} is outside the sequence: it must be an integer in "
+                            f"[0, {n - 2}] (positions start..n-2 predict ids[start+1..n-1])")
+    return start
+
+
+def _check_answer_size(positions: int, answer: _Answer, limits: Limits, hidden_size: int) -> None:
+    """413 when the answer to the ``positions`` scored so far would exceed ``max_response_mb``."""
+    k, encoding, hidden = answer.k, answer.encoding, answer.hidden
+    size = response_bytes(positions, k, answer.lse, encoding, hidden, hidden_size)
+    if size > limits.max_response_mb * 2**20:
+        values = f"{hidden_size} {hidden} hidden values" if hidden else f"{1 + k + int(answer.lse)} values as {encoding}"
+        raise ApiError(413, f"the answer would take ~{size / 2**20:.3g} MiB ({positions} scored positions x "
+                            f"{values}), over this server's limit "
+                            f"max_response_mb={limits.max_response_mb:g}; send fewer positions or a smaller k per "
+                            "request" + (", or use encoding=base64" if encoding == "json" else ""))
+
+
+def _sequence_topk(topk: object, where: str, t: int, answer: _Answer, vocab: int) -> Tensor | None:
+    """A sequence's ``topk_ids`` as (t, k) int64 for its ``t`` scored positions: present exactly when k > 0."""
+    k = answer.k
+    if k == 0 and topk is not None:
+        raise ApiError(422, f"{where}.topk_ids given but k is 0; set k to the number of ids per position")
+    if k == 0:
+        return None
+    if topk is None:
+        raise ApiError(422, f"{where}.topk_ids missing: k={k} needs {t} rows of {k} ids")
+    if answer.encoding == "base64":
+        if not isinstance(topk, str):
+            raise ApiError(422, f"{where}.topk_ids must be a base64 string of int32 with encoding=base64")
+        try:
+            topk_t = b64_decode(topk, torch.int32, t * k).to(torch.int64).reshape(t, k)
+        except ValueError as exc:
+            raise ApiError(422, f"{where}.topk_ids {exc} ({t} positions x k={k})") from None
+    else:
+        topk_t = _int_tensor(topk, f"{where}.topk_ids", 2)
+    if tuple(topk_t.shape) != (t, k):
+        raise ApiError(422, f"{where}.topk_ids has shape {tuple(topk_t.shape)}, expected ({t}, {k}): one row "
+                            "of k ids per scored position start..n-2")
+    _check_range(topk_t, f"{where}.topk_ids", vocab)
+    return topk_t
+
+
+def _parse_sequences(seqs: object, answer: _Answer, limits: Limits, vocab: int,
+                     hidden_size: int) -> list[ParsedSequence]:
+    """Every sequence of the request, checked in order; the padded tokens and the answer's size are totals, checked
+    as each sequence adds to them (so the first sequence over a limit is the one the error comes at)."""
     if not isinstance(seqs, list) or not seqs:
         raise ApiError(422, "sequences must be a non-empty list of {\"ids\": [...], \"start\": int} objects")
     if len(seqs) > limits.max_batch:
@@ -234,56 +313,27 @@ def parse_request(body: bytes, limits: Limits, vocab: int, hidden_size: int = 0)
                             "request; split the batch")
     out: list[ParsedSequence] = []
     longest = positions = 0
-    max_response = limits.max_response_mb * 2**20
     for i, s in enumerate(seqs):
         where = f"sequences[{i}]"
         if not isinstance(s, dict):
             raise ApiError(422, f"{where} must be an object with ids and start")
-        if unknown := sorted(set(s) - _SEQUENCE_FIELDS):
-            raise ApiError(422, f"unknown field(s) {unknown} in {where}; valid fields: {sorted(_SEQUENCE_FIELDS)}")
-        if "ids" not in s:
-            raise ApiError(422, f"{where} has no ids")
-        ids = _int_tensor(s["ids"], f"{where}.ids", 1)
-        n = ids.numel()
-        longest = max(longest, n)
+        ids = _sequence_ids(s, where)
+        longest = max(longest, ids.numel())
         if longest * (i + 1) > limits.max_tokens:
             raise ApiError(413, f"request needs at least {longest * (i + 1)} padded tokens (sequences x longest "
                                 f"sequence), over this server's limit max_tokens={limits.max_tokens}; split the batch")
-        if n < 2:
-            raise ApiError(422, f"{where}.ids has {n} token(s); at least 2 are needed to score a next token")
-        _check_range(ids, f"{where}.ids", vocab)
-        start = s.get("start", 0)
-        if type(start) is not int or not 0 <= start <= n - 2:
-            raise ApiError(422, f"{where}.start={start!r} is outside the sequence: it must be an integer in "
-                                f"[0, {n - 2}] (positions start..n-2 predict ids[start+1..n-1])")
-        t = n - 1 - start
+        start = _sequence_start(s, ids, where, vocab)
+        t = ids.numel() - 1 - start
         positions += t
-        answer = response_bytes(positions, k, want_lse, encoding, hidden, hidden_size)
-        if answer > max_response:
-            values = f"{hidden_size} {hidden} hidden values" if hidden else f"{1 + k + int(want_lse)} values as {encoding}"
-            raise ApiError(413, f"the answer would take ~{answer / 2**20:.3g} MiB ({positions} scored positions x "
-                                f"{values}), over this server's limit "
-                                f"max_response_mb={limits.max_response_mb:g}; send fewer positions or a smaller k per "
-                                "request" + (", or use encoding=base64" if encoding == "json" else ""))
-        topk = s.get("topk_ids")
-        if k == 0 and topk is not None:
-            raise ApiError(422, f"{where}.topk_ids given but k is 0; set k to the number of ids per position")
-        if k > 0:
-            if topk is None:
-                raise ApiError(422, f"{where}.topk_ids missing: k={k} needs {t} rows of {k} ids")
-            if encoding == "base64":
-                if not isinstance(topk, str):
-                    raise ApiError(422, f"{where}.topk_ids must be a base64 string of int32 with encoding=base64")
-                try:
-                    topk_t = b64_decode(topk, torch.int32, t * k).to(torch.int64).reshape(t, k)
-                except ValueError as exc:
-                    raise ApiError(422, f"{where}.topk_ids {exc} ({t} positions x k={k})") from None
-            else:
-                topk_t = _int_tensor(topk, f"{where}.topk_ids", 2)
-            if tuple(topk_t.shape) != (t, k):
-                raise ApiError(422, f"{where}.topk_ids has shape {tuple(topk_t.shape)}, expected ({t}, {k}): one row "
-                                    "of k ids per scored position start..n-2")
-            _check_range(topk_t, f"{where}.topk_ids", vocab)
-        out.append(ParsedSequence(ids, start, topk_t if k > 0 else None))
-    return ScoreRequest(out, k, encoding, want_lse, hidden)
+        _check_answer_size(positions, answer, limits, hidden_size)
+        out.append(ParsedSequence(ids, start, _sequence_topk(s.get("topk_ids"), where, t, answer, vocab)))
+    return out
 
+
+def parse_request(body: bytes, limits: Limits, vocab: int, hidden_size: int = 0) -> ScoreRequest:
+    """The validated ``/score`` body, or an ``ApiError`` naming the problem. ``hidden_size``: the width of the
+    teacher's hidden states (to bound the answer of a ``hidden`` request)."""
+    req = _load_body(body, limits)
+    answer = _parse_answer(req, limits, vocab)
+    sequences = _parse_sequences(req.get("sequences"), answer, limits, vocab, hidden_size)
+    return ScoreRequest(sequences, answer.k, answer.encoding, answer.lse, answer.hidden)

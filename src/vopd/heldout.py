@@ -1,0 +1,78 @@
+"""The exact held-out KL(student || teacher) of a training run: one fresh temperature-1 completion per problem, and
+the mean per-token KL over a rollout.
+
+What it knows: how the held-out sample is drawn (``heldout_kl``: seeded, the caller's torch RNG state restored;
+prompts rendered as in training) and how its KL is computed exactly (``rollout_kl``: the ``opd-full`` fused head
+without gradients, whose value is the mean KL_t, so the teacher must send its full distribution). What it does not
+know: accuracy, grading and the evaluation protocol (``vopd.eval``, whose ``evaluate_student`` calls this module),
+how tokens are drawn (``vopd.rollout``, ``vopd.sampling``), how the teacher scores (``vopd.teacher``), or the loss math
+(``vopd.loss``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vopd.prompts import chat_options, render_prompt
+
+if TYPE_CHECKING:
+    from vopd.config import TrainConfig
+    from vopd.models import Model, Tokenizer
+    from vopd.rollout import Rollout
+    from vopd.teacher.base import Teacher
+
+
+def heldout_kl(student: Model, teacher: Teacher, tok: Tokenizer, problems: list[str], cfg: TrainConfig,
+               vocab: int, seed: int | None = None) -> float:
+    """Mean exact KL_t(student || teacher) on one temperature-1 completion per problem; RNG state is restored."""
+    import torch
+
+    from vopd.rollout import hf_sampler, pack
+
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg.seed + 12345 if seed is None else seed)
+    try:
+        ids = [render_prompt(tok, p, template=cfg.data.template, chat=chat_options(cfg.data)) for p in problems]
+        sampler = hf_sampler(student, tok, max_new_tokens=cfg.eval_max_new_tokens, temperature=1.0, top_p=1.0,
+                             top_k=0, batch_size=cfg.rollout.batch_size)
+        rollout = pack(ids, sampler(ids), tok.pad_token_id)
+        kl, _ = rollout_kl(student, teacher, rollout, vocab_size=vocab, micro_batch_size=cfg.micro_batch_size)
+    finally:
+        torch.set_rng_state(rng)
+    return kl
+
+
+def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size: int,
+               micro_batch_size: int, memory_budget_mb: float = 256) -> tuple[float, float]:
+    """Exact mean KL_t(student || teacher) over the rollout's completion tokens, and the token count.
+
+    Uses the ``opd-full`` fused head without gradients (its value is the mean KL_t), so the teacher must have the
+    full distribution. The student's train/eval mode is left as it was."""
+    import torch
+
+    from vopd.loss.chunked import fused_distillation_loss
+    from vopd.models import last_hidden, output_layer
+
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for lo in range(0, rollout.size, micro_batch_size):
+                mb = rollout.select(lo, lo + micro_batch_size).to(device)
+                n = int(mb.loss_mask.sum())
+                if n == 0:
+                    continue
+                scores = teacher.score(mb)
+                hs = last_hidden(student, mb.input_ids, mb.attention_mask)[:, :-1]
+                head = output_layer(student, vocab_size)
+                out = fused_distillation_loss(hs, head.weight, mb.targets, mb.loss_mask, scores,
+                                              method="opd-full", student_bias=head.bias,
+                                              memory_budget_mb=memory_budget_mb, student_transform=head.transform)
+                assert out.kl is not None  # opd-full always reports the exact KL_t
+                total += float(out.kl.sum())
+                count += n
+    finally:
+        student.train(was_training)
+    return (total / count if count else float("nan")), float(count)
