@@ -105,7 +105,8 @@ def test_a_server_without_its_output_layer_refuses_full_vocabulary_methods_witho
     for name, spec in TABLE.items():
         if spec.full_distribution:
             assert re.match(f"loss.method={name} needs the teacher's full distribution at every position, which a "
-                            rf"teacher server \({DEAD}\) sends only as hidden states: set model.teacher_head=DIR",
+                            rf"teacher server \({DEAD}\) sends only as hidden states: set its head "
+                            r"\(model.teachers\[\]\.head=DIR",
                             remote.supports(spec) or "")
     assert remote.supports(method_spec("opd")) is None and remote.supports(method_spec("opd-topk")) is None
 
@@ -122,7 +123,7 @@ def test_a_hidden_state_client_needs_a_protocol_3_server_for_every_method(micro_
 
 def test_a_routed_teacher_is_named_with_its_own_keys(train_overrides):
     cfg = load_config(None, train_overrides + ["loss.method=vopd"])
-    with pytest.raises(UserError, match=r"^teacher math: loss.method=vopd needs .* set model.teacher_heads.math=DIR"):
+    with pytest.raises(UserError, match=r"^teacher math: loss.method=vopd needs .* set its head \(model.teachers\[\]\.head=DIR"):
         check_placement(cfg, RemoteTeacher(DEAD), "math")
 
 
@@ -147,8 +148,8 @@ def test_the_docs_table_is_what_supports_says(micro_world, tok, monkeypatch):
     }
     for protocol, head, row in ((1, None, "server, numbers at ids, protocol 1"),
                                 (2, None, "server, numbers at ids, protocol 2"),
-                                (2, str(micro_world.teacher), "server + `model.teacher_head`, protocol 2"),
-                                (3, str(micro_world.teacher), "server + `model.teacher_head`, protocol 3")):
+                                (2, str(micro_world.teacher), "server + `head`, protocol 2"),
+                                (3, str(micro_world.teacher), "server + `head`, protocol 3")):
         monkeypatch.setattr(RemoteTeacher, "health", lambda self, p=protocol: _health(tok, p))
         placements[row] = RemoteTeacher(DEAD, head=head)
         assert _served(placements[row]) == _served(OwnPromptTeacher(placements[row], 0))  # it delegates

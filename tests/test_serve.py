@@ -293,6 +293,11 @@ def test_malformed_json_of_any_shape_gets_a_4xx_never_a_500():
             assert exc.status in (400, 413, 422) and exc.message and "\n" not in exc.message, exc.message
             statuses.add(exc.status)
     assert {400, 422} <= statuses
+    for hidden in ([], ["float32"], {"a": 1}, 3, True, "float16"):  # the hidden field of any JSON type: a 422
+        body = json.dumps({"sequences": [{"ids": [1, 2]}], "encoding": "base64", "hidden": hidden}).encode()
+        with pytest.raises(ApiError, match=r"^hidden=.*valid values: 'float32', 'bfloat16'") as info:
+            parse_request(body, limits, 50)
+        assert info.value.status == 422
 
 
 def test_json_and_base64_encodings_agree(server):

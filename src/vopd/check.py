@@ -125,8 +125,8 @@ def check_placement(cfg: TrainConfig, teacher: Teacher, name: str = "", spec: Me
 
     reason = teacher.supports(spec or method_spec(cfg.loss.method))
     if reason is not None:
-        if name:  # the placement names the one teacher's keys; this one is set by name
-            reason = f"teacher {name}: " + reason.replace("model.teacher_head=", f"model.teacher_heads.{name}=")
+        if name:  # several teachers: say which one the reason is about
+            reason = f"teacher {name}: {reason}"
         raise UserError(reason)
 
 

@@ -124,20 +124,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temps(ckdir: Path) -> None:
-    """Delete temporary directories left by writers that died (their pid is gone)."""
-    for p in ckdir.glob(_TMP_PREFIX + "*"):
+def remove_stale_temps(output_dir: str | Path) -> None:
+    """Delete what writers that died (their pid is gone) left mid-save or mid-delete in ``output_dir/checkpoints``:
+    at every save, and when a run claims the directory (a resumed run with no step left to save never saves)."""
+    for p in (Path(output_dir) / CHECKPOINTS).glob(_TMP_PREFIX + "*"):
         m = _TMP_PID_RE.match(p.name)
         if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def remove_stale_temps(output_dir: str | Path) -> None:
-    """What a writer killed mid-save or mid-delete left under ``output_dir/checkpoints``, removed when a run claims
-    the directory: a resumed run with no step left to save would otherwise never sweep it."""
-    ckdir = Path(output_dir) / CHECKPOINTS
-    if ckdir.is_dir():
-        _remove_stale_temps(ckdir)
 
 
 def _remove_dir(path: Path) -> None:
@@ -173,7 +166,7 @@ def save_checkpoint(
         raise UserError(f"keep_last={keep_last} is invalid: keep at least 1 checkpoint")
     ckdir = Path(output_dir) / CHECKPOINTS
     ckdir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(ckdir)
+    remove_stale_temps(output_dir)
     rng = rng_state()
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}.{os.getpid()}.", dir=ckdir))

@@ -110,7 +110,7 @@ class TeacherNumbers:
             raise UserError(f"loss.method={spec.name} needs the teacher's full distribution at every position (sums "
                             "over the whole vocabulary), which a teacher sending per-token numbers does not give; use "
                             "vopd-topk (the same unbiased gradient with a top-k baseline), a teacher server's hidden "
-                            "states (model.teacher_head) or an in-process teacher")
+                            "states (model.teachers[].head) or an in-process teacher")
         if spec.topk:
             if self.topk_ids is None or self.topk_logits is None:
                 raise ValueError(f"method {spec.name} needs topk_ids and topk_logits (B, T, k) from the teacher")

@@ -103,8 +103,8 @@ class RemoteTeacher:
         need = lacks(spec, Answers(at_ids=True, lse=True))  # the log-sum-exp depends on the version: below
         if need is not None:
             return (f"loss.method={spec.name} needs {need}, which a teacher server ({self.url}) sends only as hidden "
-                    "states: set model.teacher_head=DIR (the served checkpoint's directory: only its output layer is "
-                    "loaded here), or use loss.method=vopd-topk (the same unbiased gradient with a top-k baseline), "
+                    "states: set its head (model.teachers[].head=DIR, the served checkpoint's directory: only its output "
+                    "layer is loaded here), or use loss.method=vopd-topk (the same unbiased gradient with a top-k baseline), "
                     "or a local teacher directory")
         if lacks(spec, Answers(at_ids=True)) is None:  # log q(y_t) and logits at ids: every protocol sends them
             return None
@@ -239,7 +239,7 @@ def _no_hidden(info: dict[str, Any], url: str) -> str | None:
         return None
     return (f"teacher server at {url} speaks protocol {info.get('protocol')}, which does not "
             f"send hidden states (protocol {HIDDEN_PROTOCOL}); update vopd on the server and restart it, or drop "
-            "model.teacher_head and use a method servers score at ids (opd, vopd-topk, opd-topk, rb-topk)")
+            "its head (model.teachers[].head) and use a method servers score at ids (opd, vopd-topk, opd-topk, rb-topk)")
 
 
 def _same_head(path: str, info: dict[str, Any], url: str, trust_remote_code: bool) -> OutputHead:
@@ -255,8 +255,8 @@ def _same_head(path: str, info: dict[str, Any], url: str, trust_remote_code: boo
     if mine != theirs:
         raise UserError(f"the output layer in {path} is not the one the teacher server at {url} "
                         f"uses (fingerprint {mine[:12]}... vs {str(theirs)[:12]}..., {tuple(head.weight.shape)} "
-                        f"{head.weight.dtype}, logit transform {head.transform.describe()}); set model.teacher_head "
-                        "to the directory of the checkpoint the server serves")
+                        f"{head.weight.dtype}, logit transform {head.transform.describe()}); point its head (model.teachers[].head; "
+                        "model.teacher_head in older configs) at the directory of the checkpoint the server serves")
     return head
 
 

@@ -224,7 +224,7 @@ def _parse_answer(req: dict[str, Any], limits: Limits, vocab: int) -> _Answer:
         raise ApiError(422, f"lse={want_lse!r} must be true or false (true: also return the teacher's log-sum-exp)")
     hidden = req.get("hidden")
     if hidden is not None:
-        if hidden not in HIDDEN_DTYPES:
+        if not isinstance(hidden, str) or hidden not in HIDDEN_DTYPES:  # a list or object is not hashable
             raise ApiError(422, f"hidden={hidden!r}; valid values: {', '.join(map(repr, HIDDEN_DTYPES))} (the dtype of "
                                 "the returned hidden states), or leave it out for log-probs at ids")
         if encoding != "base64":
