@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from vopd.loss.estimators import need
 from vopd.loss.methods import MethodSpec, Rule
 
 
@@ -64,13 +65,6 @@ class ChunkView:
     baseline: Tensor | None = None
 
 
-def _need(x: Tensor | None, what: str) -> Tensor:
-    """A view field the rule's method always has (the method table says so); a bug otherwise, not a user error."""
-    if x is None:
-        raise AssertionError(f"the chunk view has no {what}: the method table and the view disagree")
-    return x
-
-
 def view(zs: Tensor, y: Tensor, spec: MethodSpec, top_k: int, inv_n: float, *, zt: Tensor | None = None,
          ids: Tensor | None = None, logq: Tensor | None = None, zt_k: Tensor | None = None,
          lse_t: Tensor | None = None) -> ChunkView:
@@ -89,7 +83,7 @@ def view(zs: Tensor, y: Tensor, spec: MethodSpec, top_k: int, inv_n: float, *, z
         zs_k = zs.gather(-1, ids)
         if zt is not None:
             zt_k = zt.gather(-1, ids)
-        zt_k = _need(zt_k, "teacher logits at the top-k ids")  # gathered from zt, or sent as numbers
+        zt_k = need(zt_k, "teacher logits at the top-k ids")  # gathered from zt, or sent as numbers
         if spec.topk_kl:
             logp_k, logq_k = zs_k.log_softmax(-1), zt_k.log_softmax(-1)
             p_k = logp_k.exp()
@@ -106,13 +100,13 @@ def view(zs: Tensor, y: Tensor, spec: MethodSpec, top_k: int, inv_n: float, *, z
     inv_s = 1.0 / sum_e.squeeze(-1)
     if zt_y is not None and lse_t is not None:
         logq = zt_y - lse_t
-    c = ChunkView(y, e, inv_s, lse_s, zs_y - lse_s, _need(logq, "log q(y)"), inv_n, ids, zs_k, zt_k, lse_t, d,
+    c = ChunkView(y, e, inv_s, lse_s, zs_y - lse_s, need(logq, "log q(y)"), inv_n, ids, zs_k, zt_k, lse_t, d,
                   logp_k=logp_k, logq_k=logq_k, p_k=p_k, kl_k=kl_k)
     if spec.topk_kl:
-        c.mass = (_need(zs_k, "zs_k") - lse_s.unsqueeze(-1)).exp().sum(-1)
+        c.mass = (need(zs_k, "zs_k") - lse_s.unsqueeze(-1)).exp().sum(-1)
     if d is not None:
         c.pd = torch.linalg.vecdot(e, d) * inv_s  # sum_v p_v (z_s - z_t)_v
-        c.kl = c.pd - lse_s + _need(lse_t, "lse_t")  # KL_t = A/S - lse_s + lse_t (single-pass KL)
+        c.kl = c.pd - lse_s + need(lse_t, "lse_t")  # KL_t = A/S - lse_s + lse_t (single-pass KL)
     return c
 
 
@@ -124,11 +118,11 @@ def _no_baseline(c: ChunkView) -> Tensor:  # opd
 
 
 def _value(c: ChunkView) -> Tensor:  # vopd: b_t = -KL_t (docs/estimators.md, `vopd`)
-    return -_need(c.kl, "KL_t")
+    return -need(c.kl, "KL_t")
 
 
 def _topk_value(c: ChunkView) -> Tensor:  # vopd-topk: b_t = -KL~_t (docs/estimators.md, `vopd-topk`)
-    return -_need(c.kl_k, "KL~_t")
+    return -need(c.kl_k, "KL~_t")
 
 
 def _optimal(c: ChunkView) -> Tensor:
@@ -136,18 +130,18 @@ def _optimal(c: ChunkView) -> Tensor:
 
     With r_v = -d_v + lse_s - lse_t:  sum p w = 1 - S2  and  sum p w d = (1 + S2) sum p d - 2 sum p^2 d, so two more
     reductions give b*; a one-hot p (S2 = 1) falls back to the value -KL_t."""
-    e, d, pd, kl = c.e, _need(c.d, "d"), _need(c.pd, "pd"), _need(c.kl, "KL_t")
+    e, d, pd, kl = c.e, need(c.d, "d"), need(c.pd, "pd"), need(c.kl, "KL_t")
     s2 = torch.linalg.vecdot(e, e) * c.inv_s**2
     p2d = torch.linalg.vecdot(e * e, d) * c.inv_s**2
     den = 1 - s2
-    b = -((1 + s2) * pd - 2 * p2d) / den.clamp_min(1e-30) + c.lse_s - _need(c.lse_t, "lse_t")
+    b = -((1 + s2) * pd - 2 * p2d) / den.clamp_min(1e-30) + c.lse_s - need(c.lse_t, "lse_t")
     return torch.where(den > 1e-12, b, -kl)
 
 
 def _on_k(c: ChunkView) -> tuple[Tensor, Tensor, Tensor]:
     """``rb-topk`` on the student's top-k ids K with the full lse's: log p_v, p_v and r_v = log q_v - log p_v."""
-    logp_k = _need(c.zs_k, "zs_k") - c.lse_s.unsqueeze(-1)
-    logq_k = _need(c.zt_k, "zt_k") - _need(c.lse_t, "lse_t").unsqueeze(-1)
+    logp_k = need(c.zs_k, "zs_k") - c.lse_s.unsqueeze(-1)
+    logq_k = need(c.zt_k, "zt_k") - need(c.lse_t, "lse_t").unsqueeze(-1)
     p_k = logp_k.exp()
     return logp_k, p_k, logq_k - logp_k
 
@@ -163,7 +157,7 @@ def _topk_mean(c: ChunkView) -> Tensor:  # rb-topk: b_t = the mean reward on K
 
 def _score_function(c: ChunkView, coef: Tensor | None) -> tuple[Tensor, Tensor]:
     """-sg(coef) log p(y): dL/dz = w * coef * (p - onehot(y)), written into e's buffer (p = e * inv_s)."""
-    coef = _need(coef, "the advantage")
+    coef = need(coef, "the advantage")
     loss = -(coef * c.logp).sum() * c.inv_n
     g = c.e.mul_((coef * c.inv_n * c.inv_s).unsqueeze(-1))
     g.scatter_add_(-1, c.y, -(coef * c.inv_n).unsqueeze(-1))
@@ -172,9 +166,9 @@ def _score_function(c: ChunkView, coef: Tensor | None) -> tuple[Tensor, Tensor]:
 
 def _rao_blackwell(c: ChunkView, coef: Tensor | None) -> tuple[Tensor, Tensor]:
     """``rb-topk``: exact over K, sum_{v in K} p_v A_v (p - e_v); sampled only outside K: A_y (p - e_y)."""
-    ids, b = _need(c.ids, "ids"), _need(c.baseline, "the baseline")
+    ids, b = need(c.ids, "ids"), need(c.baseline, "the baseline")
     logp_k, p_k, r_k = _on_k(c)
-    coef = _need(coef, "the advantage") * ~(ids == c.y).any(-1)
+    coef = need(coef, "the advantage") * ~(ids == c.y).any(-1)
     pa_k = p_k * (r_k - b.unsqueeze(-1))
     loss = -((pa_k * logp_k).sum() + (coef * c.logp).sum()) * c.inv_n
     g = c.e.mul_(((pa_k.sum(-1) + coef) * c.inv_n * c.inv_s).unsqueeze(-1))
@@ -185,16 +179,16 @@ def _rao_blackwell(c: ChunkView, coef: Tensor | None) -> tuple[Tensor, Tensor]:
 
 def _kl_gradient(c: ChunkView, _coef: Tensor | None) -> tuple[Tensor, Tensor]:
     """``opd-full``: dL/dz = w p (log p - log q - KL_t) = w p (d - sum_v p_v d_v), in d's buffer."""
-    kl, d, pd = _need(c.kl, "KL_t"), _need(c.d, "d"), _need(c.pd, "pd")
+    kl, d, pd = need(c.kl, "KL_t"), need(c.d, "d"), need(c.pd, "pd")
     g = d.sub_(pd.unsqueeze(-1)).mul_(c.e).mul_((c.inv_n * c.inv_s).unsqueeze(-1))
     return kl.sum() * c.inv_n, g
 
 
 def _topk_kl_gradient(c: ChunkView, _coef: Tensor | None) -> tuple[Tensor, Tensor]:
     """``opd-topk``: dL/dz = w p~ (log p~ - log q~ - KL~_t) on K, 0 elsewhere."""
-    kl_k, p_k = _need(c.kl_k, "KL~_t"), _need(c.p_k, "p~")
-    g_k = p_k * (_need(c.logp_k, "log p~") - _need(c.logq_k, "log q~") - kl_k.unsqueeze(-1)) * c.inv_n
-    return kl_k.sum() * c.inv_n, c.e.zero_().scatter_(-1, _need(c.ids, "ids"), g_k)
+    kl_k, p_k = need(c.kl_k, "KL~_t"), need(c.p_k, "p~")
+    g_k = p_k * (need(c.logp_k, "log p~") - need(c.logq_k, "log q~") - kl_k.unsqueeze(-1)) * c.inv_n
+    return kl_k.sum() * c.inv_n, c.e.zero_().scatter_(-1, need(c.ids, "ids"), g_k)
 
 
 @dataclass(frozen=True)

@@ -205,9 +205,11 @@ class DenseView:
     in_k: Tensor | None = None
 
 
-def _need(x: Tensor | None, what: str) -> Tensor:
+def need(x: Tensor | None, what: str) -> Tensor:
+    """A view field the rule's method always has (the method table says so), for either path's rules; a bug
+    otherwise, not a user error."""
     if x is None:
-        raise AssertionError(f"the dense view has no {what}: the method table and the view disagree")
+        raise AssertionError(f"the estimator's view has no {what}: the method table and the view disagree")
     return x
 
 
@@ -216,11 +218,11 @@ def _no_baseline(v: DenseView) -> Tensor:  # opd
 
 
 def _value(v: DenseView) -> Tensor:  # vopd: V(s_t) = -KL_t over the full vocabulary (docs/estimators.md, `vopd`)
-    return -(_need(v.kl, "KL_t").detach() * v.m)
+    return -(need(v.kl, "KL_t").detach() * v.m)
 
 
 def _topk_value(v: DenseView) -> Tensor:  # vopd-topk: the top-k KL; the sampled terms keep the full softmax
-    return -(_need(v.kl_k, "KL~_t").detach() * v.m)
+    return -(need(v.kl_k, "KL~_t").detach() * v.m)
 
 
 def _optimal(v: DenseView) -> Tensor:  # vopd-opt
@@ -234,20 +236,20 @@ def _topk_mean(v: DenseView) -> Tensor:  # rb-topk: the mean reward on K, and th
 
 
 def _score_function(v: DenseView, weight: Tensor | None) -> Tensor:
-    return -_need(weight, "the weight") * v.logp  # the surrogate -sg(A_t) log p(y_t): its gradient is the estimator
+    return -need(weight, "the weight") * v.logp  # the surrogate -sg(A_t) log p(y_t): its gradient is the estimator
 
 
 def _rao_blackwell(v: DenseView, weight: Tensor | None) -> Tensor:
     # Exact over K, plus the sampled token only when it falls outside K (Rao-Blackwellised over K).
-    return _need(v.exact_part, "the exact part") - (~_need(v.in_k, "in_k")) * _need(weight, "the weight") * v.logp
+    return need(v.exact_part, "the exact part") - (~need(v.in_k, "in_k")) * need(weight, "the weight") * v.logp
 
 
 def _kl_surrogate(v: DenseView, _weight: Tensor | None) -> Tensor:  # opd-full: KL_t, differentiated analytically
-    return _need(v.kl, "KL_t")
+    return need(v.kl, "KL_t")
 
 
 def _topk_kl_surrogate(v: DenseView, _weight: Tensor | None) -> Tensor:  # opd-topk: biased, ignores the tail mass
-    return _need(v.kl_k, "KL~_t")
+    return need(v.kl_k, "KL~_t")
 
 
 @dataclass(frozen=True)
