@@ -56,3 +56,47 @@ def test_reproduce_refuses_a_zero_budget_before_building_anything(capsys):
 
     assert main(["reproduce", "--steps", "0"]) != 0
     assert "--steps 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_regime_study_on_the_micro_world(micro_world, tmp_path):
+    """`vopd regime` at micro scale: an equal budget gives steps = budget / batch, the grid's own batch reuses the
+    grid's run, every run has a record with the fields docs/results/regime.json promises, the gaps to opd-full are
+    paired by seed, and the plot is drawn."""
+    from vopd.tools import regime
+
+    world = SimpleNamespace(student=micro_world.student, teacher=micro_world.teacher, train_data=micro_world.train,
+                            test_data=micro_world.test, root=micro_world.root,
+                            config=SimpleNamespace(eval_max_new_tokens=8, chat_options=ChatOptions()),
+                            data_overrides=lambda: ["data.text_as_chat=false"])
+    parser = argparse.ArgumentParser()
+    reproduce.add_cli_arguments(parser)
+    grid = parser.parse_args(["--steps", "2", "--batch-size", "4", "--top-k", "4", "--eval-every", "2",
+                              "--eval-problems", "4", "--methods", "opd", "--seeds", "0", "--lrs", "1e-3"])
+    grid_runs = reproduce.run_grid(world, tmp_path, grid)
+    study = argparse.ArgumentParser()
+    regime.add_cli_arguments(study)
+    args = study.parse_args(["--batch-sizes", "2", "4", "--budget", "8", "--methods", "opd", "opd-full",
+                             "--seeds", "0", "1", "--lr", "1e-3"])
+    records = regime.run_study(world, tmp_path, args, grid)
+    assert [(r["batch_size"], r["steps"], r["method"], r["seed"]) for r in records] == [
+        (b, 8 // b, m, s) for b in (2, 4) for m in ("opd", "opd-full") for s in (0, 1)]
+    for r in records:
+        assert {"method", "batch_size", "seed", "accuracy", "heldout_kl"} <= set(r)
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["heldout_kl"] > 0 and r["tokens_per_step"] > 0
+    same = next(r for r in records if (r["batch_size"], r["method"], r["seed"]) == (4, "opd", 0))
+    assert same["heldout_kl"] == grid_runs["opd-lr0.001-seed0"][-1]["eval_kl"]  # the grid's run, reused
+    table = regime.summarise(records)
+    assert table["2"]["steps"] == 4 and table["4"]["methods"]["opd-full"]["accuracy_minus_opd-full"]["mean"] == 0.0
+    gap = table["2"]["methods"]["opd"]["heldout_kl_minus_opd-full"]
+    pairs = [a["heldout_kl"] - b["heldout_kl"] for a in records for b in records
+             if a["batch_size"] == b["batch_size"] == 2 and a["seed"] == b["seed"]
+             and (a["method"], b["method"]) == ("opd", "opd-full")]
+    assert gap["n"] == 2 and math.isclose(gap["mean"], sum(pairs) / 2)
+    assert regime.plot(table, tmp_path / "regime.png").stat().st_size > 0
+
+
+def test_regime_refuses_an_unequal_budget_before_building_anything(capsys):
+    from vopd.cli import main
+
+    assert main(["regime", "--batch-sizes", "8", "12", "--budget", "100"]) != 0
+    assert "--budget 100 is not a positive multiple of every batch size" in capsys.readouterr().err

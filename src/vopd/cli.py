@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vopd.tools.bench.cli", "benchmarks: `vopd bench estimators|training|generation|trl`"),
     "serve-teacher": ("vopd.teacher.server", "serve a frozen teacher over HTTP for remote scoring"),
     "reproduce": ("vopd.tools.reproduce", "the paper's claims on the tiny world: methods x seeds, same budget"),
+    "regime": ("vopd.tools.regime", "when the baseline matters: rollouts per step x methods x seeds, equal budget"),
     "variance": ("vopd.tools.variance", "variance and bias of each method's parameter gradient over many rollouts"),
 }
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from vopd.models import Model, Tokenizer
     from vopd.rollout import Rollout, Sampler
 
-def _mean_sd(values: Sequence[float | None]) -> dict[str, float]:
+def mean_sd(values: Sequence[float | None]) -> dict[str, float]:
     vals = [v for v in values if v is not None]
     if not vals:
         return {"mean": float("nan"), "sd": float("nan"), "n": 0}
@@ -38,7 +38,7 @@ def _run_name(method: str, lr: float, seed: int, top_k: int | None = None) -> st
     return f"{method}{'' if top_k is None else f'-k{top_k}'}-lr{lr:g}-seed{seed}"
 
 
-def _config(world: World, args: argparse.Namespace, method: str, lr: float, seed: int, top_k: int,
+def config_for(world: World, args: argparse.Namespace, method: str, lr: float, seed: int, top_k: int,
             run_dir: Path) -> TrainConfig:
     """The one training budget every method gets (only method, lr, seed and k vary)."""
     return load_config(None, [
@@ -86,22 +86,23 @@ def evaluate_initial_student(world: World, out: Path, args: argparse.Namespace) 
 
     tok, student, teacher_model = _world_models(world)
     teacher = InProcessTeacher(teacher_model, len(tok))
-    rows = [evaluate_student(student, teacher, tok, _config(world, args, "opd", args.lrs[0], seed, args.top_k, out),
+    rows = [evaluate_student(student, teacher, tok, config_for(world, args, "opd", args.lrs[0], seed, args.top_k, out),
                              len(tok)) for seed in args.seeds]
-    return {"accuracy": _mean_sd([r["eval_avg_at_n"] for r in rows]),
-            "heldout_kl": _mean_sd([r["eval_kl"] for r in rows])}
+    return {"accuracy": mean_sd([r["eval_avg_at_n"] for r in rows]),
+            "heldout_kl": mean_sd([r["eval_kl"] for r in rows])}
 
 
-def _train_one(world: World, out: Path, args: argparse.Namespace, method: str, lr: float, seed: int,
-               top_k: int) -> list[dict[str, Any]]:
-    """One training run (reused when its final model exists: an interrupted grid resumes cheaply)."""
+def train_one(world: World, out: Path, args: argparse.Namespace, method: str, lr: float, seed: int,
+              top_k: int, tag: str = "") -> list[dict[str, Any]]:
+    """One training run (reused when its final model exists: an interrupted grid resumes cheaply); ``tag`` names
+    a run whose budget is not the grid's (``vopd.tools.regime``)."""
     from vopd.metrics import read_metrics
     from vopd.train import OVERWRITE, train
 
-    name = _run_name(method, lr, seed, None if top_k == args.top_k else top_k)
+    name = _run_name(method, lr, seed, None if top_k == args.top_k else top_k) + tag
     run_dir = out / "runs" / name
     if not (run_dir / "final").is_dir():
-        cfg = _config(world, args, method, lr, seed, top_k, run_dir)
+        cfg = config_for(world, args, method, lr, seed, top_k, run_dir)
         t = time.perf_counter()
         train(cfg, start=OVERWRITE, log=lambda m: None)
         print(f"  {name}: {time.perf_counter() - t:.0f}s", flush=True)
@@ -110,14 +111,14 @@ def _train_one(world: World, out: Path, args: argparse.Namespace, method: str, l
 
 def run_grid(world: World, out: Path, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Train every method for every learning rate and seed; returns the metrics.jsonl rows of each run."""
-    return {_run_name(m, lr, s): _train_one(world, out, args, m, lr, s, args.top_k)
+    return {_run_name(m, lr, s): train_one(world, out, args, m, lr, s, args.top_k)
             for lr in args.lrs for m in args.methods for s in args.seeds}
 
 
 def run_k_sweep(world: World, out: Path, args: argparse.Namespace, vocab: int) -> dict[int, list[dict[str, Any]]]:
     """`vopd-topk` trained at every k of ``args.ks`` (first seed, ``args.sweep_lr``): accuracy vs k."""
     ks = sorted({min(k, vocab) for k in args.ks})
-    return {k: _train_one(world, out, args, "vopd-topk", args.sweep_lr, args.seeds[0], k) for k in ks}
+    return {k: train_one(world, out, args, "vopd-topk", args.sweep_lr, args.seeds[0], k) for k in ks}
 
 
 def summarise_grid(runs: dict[str, list[dict[str, Any]]], methods: list[str], seeds: list[int],
@@ -128,16 +129,16 @@ def summarise_grid(runs: dict[str, list[dict[str, Any]]], methods: list[str], se
     for method in methods:
         rows = [runs[_run_name(method, lr, s)] for s in seeds]
         finals = [r[-1] for r in rows]
-        phases = {p: _mean_sd([statistics.fmean(x[f"time_{p}"] for x in r) for r in rows])
+        phases = {p: mean_sd([statistics.fmean(x[f"time_{p}"] for x in r) for r in rows])
                   for p in ("generate", "teacher", "student", "optimizer", "step")}
         gn = [[x["grad_norm"] for x in r] for r in rows]
         table[method] = {
-            "accuracy": _mean_sd([f.get("eval_avg_at_n") for f in finals]),
-            "heldout_kl": _mean_sd([f.get("eval_kl") for f in finals]),
-            "grad_norm_mean": _mean_sd([statistics.fmean(g) for g in gn]),
-            "grad_norm_sd_over_steps": _mean_sd([statistics.pstdev(g) for g in gn]),
+            "accuracy": mean_sd([f.get("eval_avg_at_n") for f in finals]),
+            "heldout_kl": mean_sd([f.get("eval_kl") for f in finals]),
+            "grad_norm_mean": mean_sd([statistics.fmean(g) for g in gn]),
+            "grad_norm_sd_over_steps": mean_sd([statistics.pstdev(g) for g in gn]),
             # the online proxy (docs/metrics.md): tr Cov of the step's gradient, averaged over steps
-            "grad_var_mean": _mean_sd([statistics.fmean(x["grad_var"] for x in r if "grad_var" in x) for r in rows
+            "grad_var_mean": mean_sd([statistics.fmean(x["grad_var"] for x in r if "grad_var" in x) for r in rows
                                        if any("grad_var" in x for x in r)]),
             "time": phases,
         }
@@ -323,6 +324,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-repeats", type=int, default=20,
                         help="rounds of the interleaved per-method step timing on one fixed batch")
     parser.add_argument("--output-dir", default="runs/reproduce")
+
+
+def default_arguments() -> argparse.Namespace:
+    """The grid's settings as ``vopd reproduce`` runs them by default (``vopd.tools.regime`` trains on the same)."""
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    return parser.parse_args([])
 
 
 def cli_main(args: argparse.Namespace) -> int:
