@@ -97,7 +97,7 @@ class ScriptedModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.tokenizer, self.script, self.calls = tokenizer, script, {}
 
-    def generate(self, input_ids, attention_mask, generation_config):
+    def generate(self, input_ids, attention_mask, generation_config, logits_processor=None):
         rows = []
         for ids, mask in zip(input_ids, attention_mask):
             prompt = self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)

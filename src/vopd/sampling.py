@@ -3,14 +3,16 @@
 What it knows: left-padding a batch of prompt ids, calling ``model.generate`` (a dynamic or a static KV cache)
 with *every* sampling setting written out (transformers otherwise fills in defaults such as top_k=50 that would bias the OPD estimators),
 and reading back the log-prob of each sampled token under the distribution it was actually drawn from (the
-processed scores: after temperature/top-k/top-p). What it does not know: which settings are allowed for a method
-(the trainer validates that), grading, or training.
+processed scores: after temperature/top-k/top-p). Those log-probs are gathered step by step, so sampling holds
+one step's (B, V) scores, never all of them (transformers' ``output_scores`` would keep every step's: 32 rows x 2048
+steps x 151,936 x 4 B is 40 GB). What it does not know: which settings are allowed for a method (the trainer
+validates that), grading, or training.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Callable, Literal, get_args
 
 import torch
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 Cache = Literal["dynamic", "static"]
 CACHES: tuple[str, ...] = get_args(Cache)
 
+#: A transformers logits processor: (ids so far, (B, V) scores of the next token) -> processed scores.
+Processor = Callable[[torch.LongTensor, torch.FloatTensor], torch.FloatTensor]
 
 
 def biasing_settings(*, temperature: float, top_p: float, top_k: int) -> list[str]:
@@ -38,6 +42,56 @@ def biasing_settings(*, temperature: float, top_p: float, top_k: int) -> list[st
     if top_k > 0:
         found.append(f"rollout.top_k={top_k}")
     return found
+
+
+class _SampledLogprobs:
+    """A logits processor, last in ``generate``'s list, that records the log-prob of each sampled token under the
+    scores it sees (the processed scores, the distribution the token is drawn from).
+
+    ``generate`` calls processors before it picks the token, so step t's (B, V) log-softmax is held until step t + 1,
+    whose ``input_ids`` end with step t's token; ``finish`` gathers the last step's. Only one step's scores are alive.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[torch.Tensor] = []  # (B,) per step: log p(sampled token)
+        self._pending: torch.Tensor | None = None  # (B, V) log-softmax of the step whose token is not yet known
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self._pending is not None:
+            self._steps.append(self._pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self._pending = None  # freed before the next step's log-softmax is allocated
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take(input_ids[:, -1])
+        self._pending = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, new: torch.Tensor) -> torch.Tensor:
+        """(B, T) log-probs of ``new``, the (B, T) generated ids. A step that ``generate`` ran and then undid (it
+        may, on some devices, to defer its stop check) recorded step T's token and left its own scores pending:
+        those are dropped, as its token was."""
+        if len(self._steps) < new.shape[1]:
+            self._take(new[:, -1])
+        self._pending = None
+        return torch.stack(self._steps, dim=1)
+
+
+def _warpers(*, temperature: float, top_p: float, top_k: int) -> list[Processor]:
+    """The temperature/top-k/top-p processors ``generate`` would add itself, in its order and under its conditions
+    (transformers ``_get_logits_processor``). They are passed in explicitly, ahead of the recorder, because
+    ``generate`` appends its own warpers after the caller's processors: a recorder passed alone would see the scores
+    before temperature/top-k/top-p. ``tests/test_sampling_memory.py`` holds the result to ``output_scores``."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    found: list[Processor] = []
+    if temperature != 1.0:
+        found.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        found.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        found.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return found
+
 
 @dataclass(frozen=True)
 class Samples:
@@ -80,7 +134,7 @@ def generate(
     Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for reproducible samples.
     ``cache`` picks the KV cache (``CACHES``); it changes speed and memory, not the distribution sampled from.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if cache not in CACHES:
         raise ValueError(f"cache={cache!r}; valid caches: {', '.join(CACHES)}")
@@ -92,9 +146,10 @@ def generate(
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_k=None if greedy else top_k,  # 0 disables top-k; None would fall back to the default 50
-        top_p=None if greedy else top_p,
+        # Neutral values: the warpers are passed as processors (_warpers), so that the recorder can follow them.
+        temperature=None if greedy else 1.0,
+        top_k=None if greedy else 0,  # 0 disables top-k; None would fall back to the default 50
+        top_p=None if greedy else 1.0,
         min_p=None,
         typical_p=1.0,
         repetition_penalty=1.0,
@@ -103,12 +158,12 @@ def generate(
         pad_token_id=pad_id,
         eos_token_id=stops or None,  # a list: generate stops at any of them
         bos_token_id=tokenizer.bos_token_id,
-        output_scores=return_logprobs,
         return_dict_in_generate=True,
         # None keeps the model's default (a dynamic cache); a static cache is sized prompt width + max_new_tokens
         # (transformers keeps the largest size seen, so later calls reuse one shape instead of recompiling).
         cache_implementation=None if cache == "dynamic" else cache,
     )
+    warpers = [] if greedy else _warpers(temperature=temperature, top_p=top_p, top_k=top_k)
     was_training = model.training
     model.eval()
     # generate() fills every None field of gen_config from model.generation_config (the checkpoint's
@@ -129,16 +184,17 @@ def generate(
             for i, p in enumerate(chunk):
                 input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                 attention[i, width - len(p) :] = 1
-            out = model.generate(
+            recorder = _SampledLogprobs() if return_logprobs else None
+            sequences = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 generation_config=gen_config,
-            )
-            new = out.sequences[:, width:].cpu()
-            if return_logprobs:
-                # scores[t] are the processed logits of step t: the distribution the token was drawn from.
-                steps = torch.stack([s.float().log_softmax(-1) for s in out.scores], dim=1).cpu()
-                chosen = steps.gather(-1, new[:, : steps.shape[1]].unsqueeze(-1)).squeeze(-1)
+                logits_processor=LogitsProcessorList(warpers + ([recorder] if recorder else [])),
+            ).sequences  # only the ids: the output also holds the KV cache, which must not outlive this batch
+            new = sequences[:, width:]
+            if recorder is not None:
+                chosen = recorder.finish(new).cpu()
+            new = new.cpu()
             for i in range(new.shape[0]):
                 row = new[i].tolist()
                 end = next((j for j, t in enumerate(row) if t in stops), None)
