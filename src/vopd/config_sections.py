@@ -224,8 +224,8 @@ class VllmConfig:
                               "rollout.max_new_tokens.")
     enforce_eager: bool = _opt(False, "GPU only: no CUDA-graph capture (less memory, slower decoding); always "
                                "eager on the CPU.")
-    sleep: bool = _opt(False, "GPU only: release vLLM's memory while the trainer runs (sleep/wake around "
-                       "every sampling phase).")
+    sleep: bool = _opt(False, "GPU only: release vLLM's memory (weights and KV cache: sleep level 2) while the "
+                       "trainer runs, woken around every weight push (untested until run on a GPU).")
     cpu_kv_cache_gb: float = _opt(1.0, "CPU only: KV-cache size in GiB.")
 
     def validate(self) -> None:

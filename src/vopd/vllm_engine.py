@@ -242,10 +242,20 @@ class VllmSampler:
 
     def sync_weights(self) -> None:
         """Replace the engine's weights with the student's, in one reload (every weight at once), and drop KV
-        blocks cached with the old ones."""
+        blocks cached with the old ones.
+
+        With ``vllm.sleep`` (GPU only, untested until it runs on one: docs/scaling.md) the engine sleeps at level 2
+        between sampling phases (weights and KV cache discarded: every weight is pushed here anyway), and wakes in
+        two parts around the push: the weights first (the push writes into them), the KV cache after it (so the
+        push's transient copies are gone before the cache is re-allocated). PyTorch's cache of blocks the trainer
+        freed is returned to the driver first, or vLLM's allocator would not see that memory."""
         if self.sleep:
-            self.llm.wake_up()
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(student_weights(self.model))})
+        if self.sleep:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
         self.syncs += 1
 
@@ -265,7 +275,7 @@ class VllmSampler:
             outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], params,
                                      use_tqdm=False)
         if self.sleep:
-            self.llm.sleep(level=1)  # weights stay pageable; the KV cache is freed for the trainer
+            self.llm.sleep(level=2)  # weights and KV cache freed for the trainer; the next push refills the weights
         completions, logprobs, truncated = [], [], []
         for out in outs:  # vLLM returns outputs in the order of the prompts
             c = out.outputs[0]
