@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
+from vopd.precision import autocast_to
 from vopd.prompts import stop_token_ids
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def generate(
     batch_size: int = 64,
     cache: Cache = "dynamic",
     stop_ids: list[int] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Samples:
     """Sample one completion per prompt (repeat a prompt in ``prompts`` to get several).
 
@@ -79,6 +81,8 @@ def generate(
     template's end-of-turn token).
     Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for reproducible samples.
     ``cache`` picks the KV cache (``CACHES``); it changes speed and memory, not the distribution sampled from.
+    ``autocast``: the compute dtype of a model stored as float32 masters (``vopd.precision.Precision.autocast``): its
+    forwards run under ``torch.autocast`` to it, as the trainer's do; None: in the weights' own dtype.
     """
     from transformers import GenerationConfig
 
@@ -129,11 +133,12 @@ def generate(
             for i, p in enumerate(chunk):
                 input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                 attention[i, width - len(p) :] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                generation_config=gen_config,
-            )
+            with autocast_to(autocast, device):
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    generation_config=gen_config,
+                )
             new = out.sequences[:, width:].cpu()
             if return_logprobs:
                 # scores[t] are the processed logits of step t: the distribution the token was drawn from.
