@@ -259,3 +259,43 @@ def test_teacher_self_on_two_ranks(dist_overrides, micro_world, tmp_path):
         assert all(m["kl_mean"] > 1e-3 for m in moved) and moved[0]["grad_norm"] > 1e-3, name
         state = json.loads((ckpt.list_checkpoints(tmp_path / name / "two")[-1] / "trainer_state.json").read_text())
         assert state["world_size"] == 2, name
+
+
+def _step_delta(run: Path, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The update of the first step: the checkpointed (float32 master) weights minus the student's initial ones."""
+    masters = _weights(ckpt.list_checkpoints(run)[-1] / "model")
+    assert all(w.dtype == torch.float32 for w in masters.values())
+    return {k: masters[k] - start[k].float() for k in start}
+
+
+def test_two_ranks_at_bf16_compute_equal_one_process(dist_overrides, micro_world, tmp_path):
+    """bf16 compute over float32 masters: one step under DDP and under FSDP2 on two ranks is the one-process step.
+
+    With Adam's eps=1 far above |g| and no clipping, the step is lr * g/(|g| + 1) ~ lr * g: the update measures the
+    gradient itself (lr=10 makes it ~1e6 float32 steps of a typical weight, so the weights resolve it). DDP runs the
+    one-process computation (autocast over the float32 masters) on the same micro-batches; only the float32 sums
+    over micro-batches and ranks are ordered differently, so its update matches to float32 rounding (measured 2e-8).
+    FSDP2 computes in bf16 throughout (MixedPrecisionPolicy casts the parameters, so norms and the residual stream
+    are bf16 too, where autocast keeps them float32): each op rounds to bf16 (relative error up to 2^-9 ~ 0.2%), and
+    the gradient passes a few dozen such ops, so its update differs by a few tenths of a percent (measured 0.5%).
+    2% leaves room for that and is far below a reduction error (a sum instead of a mean over ranks is 100%, a rank's
+    micro-batches lost 50%). That FSDP2 computes in bf16 and reduces in float32 is test_master_weights' check."""
+    base = dist_overrides + ["steps=1", "model.dtype=bfloat16", "optim.lr=10", "optim.grad_clip=0"]
+    train(load_config(None, base + [f"output_dir={tmp_path / 'one'}"]), make_sampler=lambda *_: FixedSampler(),
+          log=_quiet)
+    runs = [base + [f"distributed.strategy={s}", f"output_dir={tmp_path / s}"] for s in ("ddp", "fsdp2")]
+    multiprocessing.set_forkserver_preload([__name__, "transformers.models.qwen3.modeling_qwen3"])
+    mp.start_processes(_runs_worker, args=(2, _free_port(), runs), nprocs=2, join=True, start_method="forkserver")
+    start = load_file(str(micro_world.student / "model.safetensors"))
+    one = _step_delta(tmp_path / "one", start)
+    for strategy, tol in (("ddp", 1e-6), ("fsdp2", 2e-2)):
+        delta = _step_delta(tmp_path / strategy, start)
+        error = sum(float((delta[k] - one[k]).norm() ** 2) for k in one) ** 0.5
+        size = sum(float(one[k].norm() ** 2) for k in one) ** 0.5
+        assert 0 < size and error <= tol * size, (strategy, error / size)
+        assert _weights(tmp_path / strategy / "final")[next(iter(start))].dtype == torch.bfloat16
+        (x,), (y,) = _metrics(tmp_path / "one"), _metrics(tmp_path / strategy)
+        for key in ("loss", "grad_norm", "kl_estimate"):
+            assert y[key] == pytest.approx(x[key], rel=tol, abs=1e-7), (strategy, key)
+        state = json.loads((ckpt.list_checkpoints(tmp_path / strategy)[-1] / "trainer_state.json").read_text())
+        assert state["world_size"] == 2, strategy

@@ -18,11 +18,13 @@ from vopd.errors import UserError
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 TEACHER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+#: The dtype of the trained weights and their AdamW states (``model.master_dtype``, ``vopd.precision``).
+MasterDtype = Literal["float32", "bfloat16", "float16"]
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """The concrete dtype name for ``dtype`` on ``device`` (a resolved device string, e.g. "cuda:0" or "cpu"): the
-    one place of the 'auto' rule (``vopd.models.torch_dtype`` looks the result up as a torch dtype)."""
+    one place of the 'auto' rule (``vopd.precision.torch_dtype`` looks the result up as a torch dtype)."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.startswith("cuda") else "float32"

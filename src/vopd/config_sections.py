@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from vopd.config_io import option as _opt
-from vopd.config_rules import DEVICE_RE, Dtype, check
+from vopd.config_rules import DEVICE_RE, Dtype, MasterDtype, check
 from vopd.loss.methods import Method  # the one definition of the method names
 from vopd.prompts import PROMPT_TEMPLATE
 from vopd.teacher_config import TeacherConfig, entries
@@ -31,7 +31,13 @@ class ModelConfig:
     teachers: list[TeacherConfig] = _opt(
         [], "The teachers, each a table of the keys below (model.teachers[].*); several are routed per row by "
         "data.teacher_field (docs/teacher_server.md, \"Several teachers\"). Instead of model.teacher.")
-    dtype: Dtype = _opt("auto", "Student weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    dtype: Dtype = _opt(
+        "auto", "Student compute dtype (forward and backward); auto = bfloat16 on CUDA, float32 on CPU.")
+    master_dtype: MasterDtype = _opt(
+        "float32", "Dtype of the trained weights and their AdamW states: float32 (master weights; a half model.dtype "
+        "then computes in half precision under autocast or FSDP2's MixedPrecisionPolicy, docs/scaling.md), or "
+        "model.dtype itself (pure half-precision training: updates below its resolution are lost). The final model is "
+        "saved in model.dtype; checkpoints hold the masters.")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N; auto = cuda if available, else cpu.")
     gradient_checkpointing: bool = _opt(False, "Recompute student activations in the backward pass to save memory.")
     trust_remote_code: bool = _opt(False, "Allow model code shipped inside the model directories to run.")
@@ -45,6 +51,10 @@ class ModelConfig:
         """The [model] rules of its own fields (each teacher's are ``TeacherConfig.validate``, called with the
         routing rules by ``TrainConfig.validate``)."""
         check(bool(DEVICE_RE.match(self.device)), "model.device", self.device, "auto, cpu, cuda or cuda:N")
+        # Masters narrower than the compute dtype would round every update to the compute dtype and back: refused.
+        # With model.dtype=auto the pair is checked once the device is known (vopd.precision.resolve_precision).
+        check(self.master_dtype == "float32" or self.dtype in ("auto", self.master_dtype), "model.master_dtype",
+              self.master_dtype, f"float32 or model.dtype ({self.dtype})")
 
 
 @dataclass
@@ -124,7 +134,8 @@ class RolloutConfig:
         "rollout.sync_tolerance (a stale or half-applied weight sync).")
     sync_tolerance: float = _opt(
         0.0, "Largest allowed logprob_diff_mean (mean |log p_trainer - log p_sampler| per token) when "
-        "rollout.check_sync; 0 = auto: 1e-3 with float32 weights, 5e-2 with bfloat16/float16.")
+        "rollout.check_sync; 0 = auto: 1e-3 when the student computes in float32 (model.dtype), 5e-2 in "
+        "bfloat16/float16.")
 
     def validate(self) -> None:
         """The [rollout] ranges (which sampling settings suit which loss method is the trainer's check)."""

@@ -6,9 +6,10 @@ What it knows:
   every rank (a rank-0 failure must not leave the others waiting in a collective forever);
 - ``wrap``: turning the student into a ``WrappedStudent`` under DistributedDataParallel or FSDP2 (``fully_shard``), with
   the pieces the trainer needs around PyTorch's own wrappers: gradients reduced over ranks only on the last
-  micro-batch, the
-  gradient norm of sharded gradients, an unsharded copy of the student for ``generate``/evaluation/checkpoint files,
-  and full (unsharded) optimizer states for checkpoints that load at any world size.
+  micro-batch, the gradient norm of sharded gradients, an unsharded copy of the student for ``generate``/evaluation/
+  checkpoint files, and full (unsharded) optimizer states for checkpoints that load at any world size;
+- where the student's precision (``vopd.precision``) acts: autocast inside ``StudentForward`` (one process, DDP) or
+  FSDP2's ``MixedPrecisionPolicy``, over float32 masters either way.
 
 At world size 1 every helper is a no-op returning its input and ``wrap`` returns the plain model, so the trainer
 never branches on "distributed or not". What it does not know: the loss, sampling, the training loop, or the
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vopd.errors import UserError
+from vopd.precision import Precision
 
 if TYPE_CHECKING:
     from vopd.checkpoint import HasStateDict, LoadsStateDict
@@ -175,18 +177,20 @@ class StudentForward(nn.Module):
 
     ``forward`` returns (last hidden states (B, L, D), output weight (V, D) sliced to the tokenizer, bias or None).
     The chunked loss forms logits from the weight chunk by chunk, so the output layer's own ``forward`` never runs;
-    returning the weight here is what puts it under the wrapper (see the module docstring)."""
+    returning the weight here is what puts it under the wrapper (see the module docstring). ``autocast``: the
+    compute dtype of float32 masters (one process, DDP): the forward runs under autocast and returns the three in
+    that dtype (``vopd.models.student_states``); the backward runs outside autocast, as the AMP docs advise."""
 
-    def __init__(self, model: nn.Module, vocab_size: int) -> None:
+    def __init__(self, model: nn.Module, vocab_size: int, autocast: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
+        self.autocast = autocast
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        from vopd.models import last_hidden, output_layer
+        from vopd.models import student_states
 
-        hidden = last_hidden(self.model, input_ids, attention_mask)
-        head = output_layer(self.model, self.vocab_size)  # its logit transform: models.logit_transform(model)
+        hidden, head = student_states(self.model, input_ids, attention_mask, self.vocab_size, autocast=self.autocast)
         return hidden, head.weight, head.bias
 
 
@@ -210,13 +214,15 @@ class WrappedStudent:
     forward:  ``StudentForward`` over ``model``, wrapped by DDP or made the FSDP2 root; call it for training.
     full:     an unsharded student with the current weights: ``generate``, evaluation, checkpoint files and the final
               export use it. It is ``model`` itself except under FSDP2, where it is a separate copy refreshed after
-              every optimizer step (``refresh_full_copy``).
+              every optimizer step (``refresh_full_copy``). In ``precision.load`` (full fine-tuning: the masters).
+    precision: the dtypes it computes in and is trained in; forwards of ``full`` run under ``precision.autocast``.
     """
 
     strategy: str
     model: nn.Module
     forward: nn.Module
     full: nn.Module
+    precision: Precision
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -332,14 +338,20 @@ def _indices_to_names(state: dict[str, Any], names: list[str]) -> dict[str, Any]
             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
 
 
-def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.device) -> WrappedStudent:
-    """The student under ``strategy`` at the current world size (one process: no wrapping at all).
+def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.device,
+         precision: Precision | None = None) -> WrappedStudent:
+    """The student under ``strategy`` at the current world size (one process: no wrapping at all), computing and
+    trained at ``precision`` (None: in the dtype it is stored in; the trainer's is ``vopd.precision.resolve_precision``,
+    and the student must be loaded in its ``load`` dtype).
 
     Call it after the weights are final for step 0 (a resume loads into ``WrappedStudent.full`` and calls
     ``load_full_weights``) and before building the optimizer (FSDP2 replaces the parameters by sharded ones)."""
-    trunk = StudentForward(model, vocab_size)
+    precision = precision or Precision.native(next(model.parameters()).dtype)
+    sharded = world_size() > 1 and strategy == "fsdp2"
+    # One process and DDP compute under autocast over the float32 masters (why: vopd.precision); FSDP2 casts by itself.
+    trunk = StudentForward(model, vocab_size, autocast=None if sharded else precision.autocast)
     if world_size() == 1:
-        return WrappedStudent("single", model, trunk, model)
+        return WrappedStudent("single", model, trunk, model, precision)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -351,30 +363,38 @@ def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.de
                                           else {"broadcast_buffers": False})
         ddp = DistributedDataParallel(trunk, device_ids=[device.index] if device.type == "cuda" else None,
                                       **no_buffer_sync)
-        return WrappedStudent("ddp", model, ddp, model)
+        return WrappedStudent("ddp", model, ddp, model, precision)
     if strategy == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        # The copy for generate/eval/checkpoint files is taken before sharding, while the weights are still whole.
-        full = copy.deepcopy(model)
-        for p in full.parameters():
-            p.requires_grad_(False)
-        mesh = init_device_mesh(device.type, (world_size(),))
-        # One unit per transformer block (HF names the block classes in ``_no_split_modules``): its parameters are
-        # gathered for its forward and backward only. Everything else (embeddings, final norm, output layer) is in
-        # the root unit, StudentForward: tied input/output embeddings stay one parameter in one unit, and the output
-        # weight is whole while the loss uses it.
-        blocks = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
-        for module in list(model.modules()):
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=mesh)
-        fully_shard(trunk, mesh=mesh)
-        # FSDP2 warns that the root returns views (the output weight sliced to the tokenizer, hidden states): an
-        # in-place op on them would skip its pre-backward hook. The trainer never modifies them in place.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPStudentForward\) returned a view")
-        return WrappedStudent("fsdp2", model, trunk, full)
+        return WrappedStudent("fsdp2", model, trunk, _fully_shard(model, trunk, device, precision), precision)
     raise UserError(f"distributed.strategy={strategy!r} is not one of ddp, fsdp2")
+
+
+def _fully_shard(model: nn.Module, trunk: StudentForward, device: torch.device, precision: Precision) -> nn.Module:
+    """Shard ``model`` in place under FSDP2 with ``trunk`` as the root unit; the unsharded copy (``full``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # The copy for generate/eval/checkpoint files is taken before sharding, while the weights are still whole.
+    full = copy.deepcopy(model)
+    for p in full.parameters():
+        p.requires_grad_(False)
+    mesh = init_device_mesh(device.type, (world_size(),))
+    # Float32 masters under a half compute dtype: all-gathered and computed in the compute dtype, gradients
+    # reduce-scattered in float32 (MixedPrecisionPolicy, docs: pytorch.org/docs/stable/distributed.fsdp.fully_shard).
+    policy = precision.fsdp_policy()
+    # One unit per transformer block (HF names the block classes in ``_no_split_modules``): its parameters are
+    # gathered for its forward and backward only. Everything else (embeddings, final norm, output layer) is in
+    # the root unit, StudentForward: tied input/output embeddings stay one parameter in one unit, and the output
+    # weight is whole while the loss uses it.
+    blocks = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(trunk, mesh=mesh, mp_policy=policy)
+    # FSDP2 warns that the root returns views (the output weight sliced to the tokenizer, hidden states): an
+    # in-place op on them would skip its pre-backward hook. The trainer never modifies them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPStudentForward\) returned a view")
+    return full
 
 
 def _hf_model(model: nn.Module) -> nn.Module:

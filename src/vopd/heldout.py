@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from vopd.prompts import chat_options, render_prompt
 
 if TYPE_CHECKING:
+    import torch
+
     from vopd.config import TrainConfig
     from vopd.models import Model, Tokenizer
     from vopd.rollout import Rollout
@@ -23,8 +25,9 @@ if TYPE_CHECKING:
 
 
 def heldout_kl(student: Model, teacher: Teacher, tok: Tokenizer, problems: list[str], cfg: TrainConfig,
-               vocab: int, seed: int | None = None) -> float:
-    """Mean exact KL_t(student || teacher) on one temperature-1 completion per problem; RNG state is restored."""
+               vocab: int, seed: int | None = None, *, autocast: torch.dtype | None = None) -> float:
+    """Mean exact KL_t(student || teacher) on one temperature-1 completion per problem; RNG state is restored.
+    ``autocast``: the student's compute dtype when it is stored as float32 masters (``vopd.precision``)."""
     import torch
 
     from vopd.rollout import hf_sampler, pack
@@ -34,24 +37,26 @@ def heldout_kl(student: Model, teacher: Teacher, tok: Tokenizer, problems: list[
     try:
         ids = [render_prompt(tok, p, template=cfg.data.template, chat=chat_options(cfg.data)) for p in problems]
         sampler = hf_sampler(student, tok, max_new_tokens=cfg.eval_max_new_tokens, temperature=1.0, top_p=1.0,
-                             top_k=0, batch_size=cfg.rollout.batch_size)
+                             top_k=0, batch_size=cfg.rollout.batch_size, autocast=autocast)
         rollout = pack(ids, sampler(ids), tok.pad_token_id)
-        kl, _ = rollout_kl(student, teacher, rollout, vocab_size=vocab, micro_batch_size=cfg.micro_batch_size)
+        kl, _ = rollout_kl(student, teacher, rollout, vocab_size=vocab, micro_batch_size=cfg.micro_batch_size,
+                           autocast=autocast)
     finally:
         torch.set_rng_state(rng)
     return kl
 
 
-def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size: int,
-               micro_batch_size: int, memory_budget_mb: float = 256) -> tuple[float, float]:
+def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size: int, micro_batch_size: int,
+               memory_budget_mb: float = 256, autocast: torch.dtype | None = None) -> tuple[float, float]:
     """Exact mean KL_t(student || teacher) over the rollout's completion tokens, and the token count.
 
     Uses the ``opd-full`` fused head without gradients (its value is the mean KL_t), so the teacher must have the
-    full distribution. The student's train/eval mode is left as it was."""
+    full distribution; the student's states reach it as in training (``vopd.models.student_states``, ``autocast``).
+    The student's train/eval mode is left as it was."""
     import torch
 
     from vopd.loss.chunked import fused_distillation_loss
-    from vopd.models import last_hidden, output_layer
+    from vopd.models import student_states
 
     device = next(student.parameters()).device
     was_training = student.training
@@ -65,8 +70,9 @@ def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size
                 if n == 0:
                     continue
                 scores = teacher.score(mb)
-                hs = last_hidden(student, mb.input_ids, mb.attention_mask)[:, :-1]
-                head = output_layer(student, vocab_size)
+                hidden, head = student_states(student, mb.input_ids, mb.attention_mask, vocab_size,
+                                              autocast=autocast)
+                hs = hidden[:, :-1]
                 out = fused_distillation_loss(hs, head.weight, mb.targets, mb.loss_mask, scores,
                                               method="opd-full", student_bias=head.bias,
                                               memory_budget_mb=memory_budget_mb, student_transform=head.transform)

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch import Tensor
 
-from vopd.config_rules import resolve_dtype
 from vopd.errors import UserError
 from vopd.loss.head import LogitTransform, OutputHead
+from vopd.precision import autocast_to, torch_dtype  # torch_dtype: importable from here too, as before
 
 if TYPE_CHECKING:
     from vopd.config import ModelConfig
@@ -30,9 +30,6 @@ Model: TypeAlias = Any
 #: A Hugging Face tokenizer (a ``transformers.PreTrainedTokenizerBase``, as ``load_tokenizer`` returns it).
 Tokenizer: TypeAlias = Any
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,12 +37,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"model.device={name} but CUDA is not available on this machine; use model.device=cpu")
     return device
-
-
-def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of a config dtype name on ``device``; 'auto' is resolved by ``vopd.config_rules.resolve_dtype`` (the
-    one place of that rule), this only looks the resolved name up."""
-    return _DTYPES[resolve_dtype(name, str(device))]
 
 
 def _check_model_dir(path: str, role: str) -> Path:
@@ -87,12 +78,13 @@ def load_model(path: str, *, role: str, dtype: torch.dtype, device: torch.device
     return model.to(device)
 
 
-def load_student(model: ModelConfig, device: torch.device) -> tuple[Tokenizer, Model]:
-    """(tokenizer, model) of ``model.student`` at ``model.dtype`` on ``device``: the one way the student is loaded
-    (the teacher's is ``vopd.teacher.base.open_teacher``)."""
+def load_student(model: ModelConfig, device: torch.device, dtype: torch.dtype | None = None) -> tuple[Tokenizer, Model]:
+    """(tokenizer, model) of ``model.student`` on ``device``, at ``dtype`` (the trainer's: ``Precision.load``, the
+    masters) or else at ``model.dtype``: the one way the student is loaded (the teacher's is
+    ``vopd.teacher.base.open_teacher``)."""
     tok = load_tokenizer(model.student, role="student", trust_remote_code=model.trust_remote_code)
-    student = load_model(model.student, role="student", dtype=torch_dtype(model.dtype, device), device=device,
-                         trust_remote_code=model.trust_remote_code)
+    student = load_model(model.student, role="student", dtype=dtype or torch_dtype(model.dtype, device),
+                         device=device, trust_remote_code=model.trust_remote_code)
     return tok, student
 
 
@@ -100,10 +92,12 @@ def load_student(model: ModelConfig, device: torch.device) -> tuple[Tokenizer, M
 ALL_LINEAR = "all-linear"
 
 
-def apply_lora(model: Model, *, r: int, alpha: int, dropout: float, target_modules: list[str]) -> Model:
+def apply_lora(model: Model, *, r: int, alpha: int, dropout: float, target_modules: list[str],
+               float32_adapters: bool = True) -> Model:
     """Wrap with PEFT LoRA adapters on ``target_modules`` (module names, or ``[all-linear]``: every linear layer of the
     body, whatever the architecture calls its projections). The output layer is never a target: the chunked head
-    reads its weight; nor are the input embeddings (tied to it in some families)."""
+    reads its weight; nor are the input embeddings (tied to it in some families). ``float32_adapters``: adapters of
+    a half base in float32 (their master weights, ``vopd.precision``), else in the base's dtype."""
     import torch.nn as nn
     from peft import LoraConfig, get_peft_model
 
@@ -131,7 +125,8 @@ def apply_lora(model: Model, *, r: int, alpha: int, dropout: float, target_modul
                             f"linear layers are {','.join(linear)}, or use lora.target_modules=[{ALL_LINEAR}]")
         targets = list(target_modules)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    wrapped = get_peft_model(model, cfg)
+    # PEFT's autocast_adapter_dtype upcasts bf16/fp16 adapter weights to float32 (a float32 base is left alone).
+    wrapped = get_peft_model(model, cfg, autocast_adapter_dtype=float32_adapters)
     if hasattr(base_model(wrapped).get_output_embeddings(), "lora_A"):  # never: PEFT's all-linear skips it too
         raise UserError("LoRA adapters ended up on the output layer; set lora.target_modules to the body's projections")
     return wrapped
@@ -232,6 +227,24 @@ def last_hidden(model: Model, input_ids: Tensor, attention_mask: Tensor) -> Tens
                         "last_hidden_state; vopd needs the last hidden states before the output layer, so this "
                         "architecture is not supported")
     return hidden
+
+
+def student_states(model: Model, input_ids: Tensor, attention_mask: Tensor, vocab_size: int, *,
+                   autocast: torch.dtype | None = None) -> tuple[Tensor, OutputHead]:
+    """The last hidden states (B, L, D) and the output layer (``output_layer``) as the fused head reads them.
+
+    ``autocast``: the compute dtype of a student whose weights are float32 masters (``Precision.autocast``): the body
+    runs under ``torch.autocast`` to it, and the hidden states and the output weight and bias are cast to it, as an
+    autocast output layer would multiply them (the cast is differentiable: the masters get float32 gradients). The
+    head then gets what a half model gives it, its half path on CUDA included (fp32 accumulation, fp32 loss math);
+    its math is not changed. None: as stored."""
+    with autocast_to(autocast, input_ids.device):
+        hidden = last_hidden(model, input_ids, attention_mask)
+    head = output_layer(model, vocab_size)
+    if autocast is None:
+        return hidden, head
+    bias = None if head.bias is None else head.bias.to(autocast)
+    return hidden.to(autocast), OutputHead(head.weight.to(autocast), bias, head.transform)
 
 
 def enable_gradient_checkpointing(model: Model) -> None:

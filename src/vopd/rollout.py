@@ -10,6 +10,7 @@ an inference engine later: anything returning ``vopd.sampling.Samples`` fits), m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 import torch
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from vopd.config import RolloutConfig, TrainConfig
     from vopd.data import PromptSet, PromptStream
     from vopd.models import Model, Tokenizer
+    from vopd.precision import Precision
 
 
 _Item = TypeVar("_Item")
@@ -200,13 +202,14 @@ class OnPolicyRollouts:
 
 
 def hf_sampler(model: Model, tokenizer: Tokenizer, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-               batch_size: int, cache: Cache = "dynamic") -> Sampler:
+               batch_size: int, cache: Cache = "dynamic", autocast: torch.dtype | None = None) -> Sampler:
     """Sampling with ``model.generate`` and a ``cache`` KV cache ("dynamic" or "static"; the same tokens either way),
-    returning the sampler's log-probs for the importance ratio."""
+    returning the sampler's log-probs for the importance ratio; ``autocast``: as ``vopd.sampling.generate``'s."""
 
     def sample(prompts: list[list[int]]) -> Samples:
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, top_k=top_k, return_logprobs=True, batch_size=batch_size, cache=cache)
+                        top_p=top_p, top_k=top_k, return_logprobs=True, batch_size=batch_size, cache=cache,
+                        autocast=autocast)
 
     return sample
 
@@ -216,37 +219,45 @@ def hf_sampler(model: Model, tokenizer: Tokenizer, *, max_new_tokens: int, tempe
 SamplerFactory = Callable[["Model", "Tokenizer", "RolloutConfig"], Sampler]
 
 
-def hf_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig) -> Sampler:
-    """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings."""
+def hf_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig, *,
+              autocast: torch.dtype | None = None) -> Sampler:
+    """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings (``autocast``: as
+    ``vopd.sampling.generate``'s)."""
     return hf_sampler(model, tokenizer, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-                      top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache)
+                      top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache,
+                      autocast=autocast)
 
 
-def engine_factory(cfg: TrainConfig) -> SamplerFactory:
+def engine_factory(cfg: TrainConfig, precision: Precision | None = None) -> SamplerFactory:
     """The ``SamplerFactory`` of ``rollout.engine``, resolved once: ``hf_engine``, or the colocated vLLM engine
-    (``vopd.vllm_engine``, imported only when asked for) built for the student's directory and ``[vllm]`` options."""
+    (``vopd.vllm_engine``, imported only when asked for) built for the student's directory and ``[vllm]`` options.
+    ``precision``: the student's (``vopd.precision``): generate autocasts float32 masters to the compute dtype, and
+    the vLLM engine runs in it (the pushed masters are cast by its weight loader); None: the weights' own dtype."""
     if cfg.rollout.engine == "hf":
-        return hf_engine
+        return hf_engine if precision is None or precision.autocast is None else partial(
+            hf_engine, autocast=precision.autocast)
     max_len = cfg.vllm.max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
 
     def vllm_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig) -> Sampler:
         from vopd.vllm_engine import VllmSampler
 
-        return VllmSampler(model, tokenizer, rollout, cfg.vllm, model_dir=cfg.model.student, max_model_len=max_len)
+        return VllmSampler(model, tokenizer, rollout, cfg.vllm, model_dir=cfg.model.student, max_model_len=max_len,
+                           dtype=None if precision is None else precision.compute)
 
     return vllm_engine
 
 
-def check_weight_sync(rollout: RolloutConfig, token_metrics: dict[str, float], weight_dtype: torch.dtype) -> None:
+def check_weight_sync(rollout: RolloutConfig, token_metrics: dict[str, float], compute_dtype: torch.dtype) -> None:
     """With ``rollout.check_sync`` and unbiased sampling settings, a one-line error when the sampler's log-probs of
-    the sampled tokens drifted from the trainer's (``logprob_diff_mean``) by more than ``rollout.sync_tolerance`` (0: 1e-3 for float32 weights,
-    5e-2 for half precision, where engine and trainer kernels round differently): the rollouts did not come from
-    the weights being trained, e.g. a skipped or half-applied weight sync."""
+    the sampled tokens drifted from the trainer's (``logprob_diff_mean``) by more than ``rollout.sync_tolerance`` (0:
+    1e-3 when the student computes in float32, 5e-2 in half precision, where engine and trainer kernels round
+    differently; float32 masters computed in half count as half): the rollouts did not come from the weights being
+    trained, e.g. a skipped or half-applied weight sync."""
     gap = token_metrics.get("logprob_diff_mean")
     biased = biasing_settings(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k)
     if not rollout.check_sync or gap is None or biased:
         return  # biased sampling (allowed by override) draws from another distribution than the trainer's by design
-    tol = rollout.sync_tolerance or (1e-3 if weight_dtype == torch.float32 else 5e-2)
+    tol = rollout.sync_tolerance or (1e-3 if compute_dtype == torch.float32 else 5e-2)
     if not gap <= tol:  # NaN fails too
         raise UserError(f"the {rollout.engine} sampler's log-probs differ from the trainer's by {gap:.3g} per token "
                         f"(rollout.sync_tolerance={tol:g}): the rollouts were not sampled from the weights being "

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Literal, get_args
 
 import torch
 
+from vopd.precision import autocast_to
 from vopd.prompts import stop_token_ids
 
 if TYPE_CHECKING:
@@ -126,6 +127,7 @@ def generate(
     batch_size: int = 64,
     cache: Cache = "dynamic",
     stop_ids: list[int] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Samples:
     """Sample one completion per prompt (repeat a prompt in ``prompts`` to get several).
 
@@ -133,6 +135,8 @@ def generate(
     template's end-of-turn token).
     Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for reproducible samples.
     ``cache`` picks the KV cache (``CACHES``); it changes speed and memory, not the distribution sampled from.
+    ``autocast``: the compute dtype of a model stored as float32 masters (``vopd.precision.Precision.autocast``): its
+    forwards run under ``torch.autocast`` to it, as the trainer's do; None: in the weights' own dtype.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -185,12 +189,13 @@ def generate(
                 input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                 attention[i, width - len(p) :] = 1
             recorder = _SampledLogprobs() if return_logprobs else None
-            sequences = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                generation_config=gen_config,
-                logits_processor=LogitsProcessorList(warpers + ([recorder] if recorder else [])),
-            ).sequences  # only the ids: the output also holds the KV cache, which must not outlive this batch
+            with autocast_to(autocast, device):
+                sequences = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    generation_config=gen_config,
+                    logits_processor=LogitsProcessorList(warpers + ([recorder] if recorder else [])),
+                ).sequences  # only the ids: the output also holds the KV cache, which must not outlive this batch
             new = sequences[:, width:]
             if recorder is not None:
                 chosen = recorder.finish(new).cpu()

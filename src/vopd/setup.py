@@ -3,12 +3,14 @@ cannot start.
 
 What it knows: how a run starts (``Start``: a new run, an overwrite, or a resume from the newest or a given
 checkpoint, with or without discarding newer work: one value where four flags used to be), and the order of set-up
-(``set_up``): the student, the teachers, the training prompts (read once), the pre-flight on the very teacher objects
-that train, LoRA and gradient checkpointing, the loss plan (``vopd.loss.plan``, resolved once), the wrapped student and the rollout source; only then the
-output directory (so a run that cannot start leaves it untouched), the optimizer, the scheduler and the resume state
-(``TrainerState``, what a checkpoint holds besides weights and optimizer). What it does not know: the loop
-(``vopd.train``), the loss math (``vopd.loss``), which teacher placement it talks to (``vopd.teacher``), the rules of
-the output directory (``vopd.rundir``) or the checkpoint layout (``vopd.checkpoint``).
+(``set_up``): the precision (``vopd.precision``: the dtypes the student is loaded, trained and computed in), the
+student, the teachers, the training prompts (read once), the pre-flight on the very teacher objects that train, LoRA
+and gradient checkpointing, the loss plan (``vopd.loss.plan``, resolved once), the wrapped student and the rollout
+source; only then the output directory (so a run that cannot start leaves it untouched), the optimizer, the scheduler
+and the resume state (``TrainerState``, what a checkpoint holds besides weights and optimizer). What it does not
+know: the loop (``vopd.train``), the loss math (``vopd.loss``), which teacher placement it talks to
+(``vopd.teacher``), the rules of the output directory (``vopd.rundir``) or the checkpoint layout
+(``vopd.checkpoint``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from vopd.loss.plan import LossPlan
 from vopd.metrics import MetricsWriter
 from vopd.models import (Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, logit_transform,
                          resolve_device)
+from vopd.precision import resolve_precision
 from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory, engine_factory
 from vopd.rundir import prepare_output_dir
 from vopd.step import loss_plan
@@ -177,7 +180,10 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
     # The same seed on every rank: anything random before step 0 (LoRA init) must be identical across ranks.
     torch.manual_seed(cfg.seed)
     info = log if dist.is_main() else (lambda _msg: None)
-    tok, model = load_student(cfg.model, device)
+    precision = resolve_precision(cfg.model, lora=cfg.lora.enabled, device=device)
+    if (warning := precision.warning()) is not None:
+        info(warning)  # half masters: updates below their resolution are lost
+    tok, model = load_student(cfg.model, device, precision.load)  # full fine-tuning: the masters themselves
     if any(t.model == SELF for t in cfg.model.teacher_configs) and cfg.lora.enabled and dist.world_size() > 1 and \
             cfg.distributed.strategy == "fsdp2":
         raise UserError("model.teacher=self with LoRA scores with the student's own sharded weights, which FSDP2 does "
@@ -195,14 +201,14 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
             raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
         if cfg.lora.enabled:
             model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                               target_modules=cfg.lora.target_modules)
+                               target_modules=cfg.lora.target_modules, float32_adapters=precision.adapters_float32)
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
         # The student under DDP/FSDP2 (one process: unwrapped) and the sampler on its full weights, before the
         # output directory is claimed: a rollout engine that cannot start leaves no run behind.
-        student = dist.wrap(model, len(tok), cfg.distributed.strategy, device)
-        sample = (make_sampler or engine_factory(cfg))(student.full, tok, cfg.rollout)
+        student = dist.wrap(model, len(tok), cfg.distributed.strategy, device, precision)
+        sample = (make_sampler or engine_factory(cfg, precision))(student.full, tok, cfg.rollout)
         out_dir, config_dict = Path(cfg.output_dir), config_to_dict(cfg)
         start_from = dist.on_main(lambda: _claim(out_dir, cfg, config_dict, start))  # every rank: the same one
         if start.how == "resume" and start.checkpoint is None and start_from is None:

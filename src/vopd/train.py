@@ -68,7 +68,7 @@ def train(cfg: TrainConfig, *, start: Start = NEW, stop_at: int | None = None, l
         final = run.out_dir / FINAL
         state = run.state
         if state.step == cfg.steps and dist.on_main(lambda: final_step(run.out_dir)) != state.step:
-            dist.on_main(lambda: _export_final(run.student.full, run.tok, final, state, merge=cfg.lora.enabled))
+            dist.on_main(lambda: _export_final(run.student.full, run.tok, final, state, run.student.precision.compute))
             run.info(f"final model: {final}")
         return TrainResult(run.out_dir, state.step, state.skipped_steps, run.last_checkpoint, metrics)
 
@@ -90,7 +90,7 @@ def _loop(run: Run, stop_at: int | None) -> dict[str, Any]:
             with timer("student"):
                 grad = accumulate_gradients(cfg, run.student, run.teachers, rollout, run.device, timer, run.plan)
             # the sampler must have drawn from these very weights: a stale or half-applied weight sync shows here
-            check_weight_sync(cfg.rollout, grad.token_metrics, next(run.student.full.parameters()).dtype)
+            check_weight_sync(cfg.rollout, grad.token_metrics, run.student.precision.compute)
             # 5. step (or skip a bad one: vopd.guard)
             verdict, grad_norm = _optimizer_step(run, grad, timer)
             state.step, state.data = step + 1, run.source.position()
@@ -176,7 +176,8 @@ def _evaluate(run: Run, step: int) -> dict[str, Any]:
     last = step + 1 == cfg.steps
     if not cfg.data.eval or not ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
         return {}
-    return dist.on_main(lambda: evaluate_student(run.student.full, run.teachers.single, run.tok, cfg, run.vocab)) or {}
+    return dist.on_main(lambda: evaluate_student(run.student.full, run.teachers.single, run.tok, cfg, run.vocab,
+                                                 autocast=run.student.precision.autocast)) or {}
 
 
 def _write_log(run: Run, step: int, metrics: dict[str, Any]) -> None:
@@ -203,17 +204,14 @@ def _checkpoint(run: Run, step: int, stop_at: int | None) -> None:
         scheduler=run.scheduler, trainer_state=state.to_dict(), config=run.config_dict, keep_last=cfg.keep_last))
 
 
-def _export_final(model: Model, tokenizer: Tokenizer, final: Path, state: TrainerState, *, merge: bool) -> None:
+def _export_final(model: Model, tokenizer: Tokenizer, final: Path, state: TrainerState, dtype: torch.dtype) -> None:
     """Write ``final/`` atomically (a temporary directory renamed into place; a previous one is replaced only then),
-    with the trainer state it was exported at (``vopd.rundir.final_step``)."""
+    LoRA merged, in ``dtype`` (the compute dtype: a model that trained over float32 masters is saved as the half
+    model Hugging Face users load), with the trainer state it was exported at (``vopd.rundir.final_step``)."""
     for stale in final.parent.glob(f".tmp-{final.name}*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp, old = (final.with_name(f".tmp-{final.name}{suffix}.{os.getpid()}") for suffix in ("", "-old"))
-    if merge:
-        export_merged(model, tokenizer, tmp)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    export_merged(model, tokenizer, tmp, dtype=dtype)
     (tmp / FINAL_STATE).write_text(json.dumps(state.to_dict(), indent=2) + "\n", encoding="utf-8")
     if final.exists():
         os.rename(final, old)

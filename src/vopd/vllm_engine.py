@@ -219,14 +219,15 @@ class VllmSampler:
     """A ``vopd.rollout.Sampler`` over the colocated engine: pushes the live student's weights, then samples.
 
     ``model`` is the live student (updated in place by the optimizer); ``model_dir`` the directory it was loaded
-    from (the engine's architecture and config; its weights are replaced before every call)."""
+    from (the engine's architecture and config; its weights are replaced before every call); ``dtype`` the engine's
+    (the student's compute dtype: float32 masters are cast by the engine's weight loader; None: the weights')."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, rollout: RolloutConfig, options: VllmConfig, *,
-                 model_dir: str, max_model_len: int) -> None:
+                 model_dir: str, max_model_len: int, dtype: torch.dtype | None = None) -> None:
         self.model, self.rollout = model, rollout
         param = next(model.parameters())
         self.device = param.device
-        shape = EngineShape(model_dir=model_dir, dtype=str(param.dtype).removeprefix("torch."),
+        shape = EngineShape(model_dir=model_dir, dtype=str(dtype or param.dtype).removeprefix("torch."),
                             max_model_len=max_model_len, device=param.device.type,
                             gpu_memory_utilization=options.gpu_memory_utilization,
                             enforce_eager=options.enforce_eager, sleep=options.sleep,

@@ -70,11 +70,14 @@ SELF = "self"
 
 
 def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device, trust_remote_code: bool = False,
-                 student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False) -> Teacher:
+                 student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False,
+                 student_dtype: torch.dtype | None = None) -> Teacher:
     """The teacher that ``entry`` (one of ``model.teachers``) names by its ``model``: a frozen model loaded here from
     a local directory (in ``entry.dtype``), the client of a teacher server for a URL (``entry.server``: a `vopd
     serve-teacher` server; nothing is sent until it is first used), or ``self``: the ``student``'s initial weights,
-    as the base model with its LoRA adapters disabled when ``lora`` (no second copy), else a frozen copy made now.
+    as the base model with its LoRA adapters disabled when ``lora`` (no second copy), else a frozen copy made now, in
+    ``student_dtype`` (the student's compute dtype: the copy of float32 master weights is a half teacher, as it was
+    before masters; None: the student's own dtype).
     ``entry.head`` (a server only): the local checkpoint of the served teacher, whose output layer turns the server's
     hidden states (in ``entry.hidden_dtype``) into its full distribution. No pre-flight here: the caller runs
     ``vopd.check.preflight`` with it."""
@@ -88,7 +91,7 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
             return SelfTeacher(student, vocab_size, tokenizer=student_tok)
         import copy
 
-        return InProcessTeacher(copy.deepcopy(student), vocab_size, tokenizer=student_tok)
+        return InProcessTeacher(copy.deepcopy(student).to(dtype=student_dtype), vocab_size, tokenizer=student_tok)
     if entry.remote:
         from vopd.teacher.client import RemoteTeacher
 

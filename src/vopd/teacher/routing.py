@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
+from vopd.precision import torch_dtype
 from vopd.rollout import Rollout
 from vopd.teacher.base import Teacher, open_teacher
 
@@ -104,7 +105,8 @@ def open_teachers(cfg: TrainConfig, *, vocab_size: int, device: torch.device, st
         for entry in configs:
             opened[entry.name] = open_teacher(entry, vocab_size=vocab_size, device=device,
                                               trust_remote_code=cfg.model.trust_remote_code, student=student,
-                                              student_tok=student_tok, lora=cfg.lora.enabled)
+                                              student_tok=student_tok, lora=cfg.lora.enabled,
+                                              student_dtype=torch_dtype(cfg.model.dtype, device))
     except BaseException:
         if opened:
             Teachers(opened, routed=True).close()
