@@ -226,7 +226,8 @@ def test_vopd_check_reports_the_chat_checks(chat_pair, capsys):
 def test_refusals_are_one_line(case, micro_world, tmp_path):
     tok = chat_tokenizer(micro_world)
     rows = [{"messages": [{"role": "user", "content": "1 + 2 = ?"}]}]
-    match = {"no template": "is a conversation but the tokenizer of .* has no chat template",
+    match = {"no template": r"line 1: the row holds a conversation \(data.messages_field\), which is rendered with "
+                          r"the chat template, but the tokenizer of .* has none",
              "empty generation prompt": "renders nothing for the generation prompt",
              "ends with assistant": "ends with an assistant turn",
              "bad turn": "turn 1 must be an object with string fields 'role' and 'content'",

@@ -174,7 +174,7 @@ def test_datasets_save_to_disk_directories(tmp_path: Path) -> None:
     datasets.Dataset.from_list([{"problem": "2+2?"}]).save_to_disk(text_only)
     assert load_prompts(text_only, Tok(), field="problem", template="{problem}", max_tokens=50, long_prompts="error",
                         log=print) == [[1, 50, 43, 50, 63]]
-    with pytest.raises(UserError, match="is a conversation but the tokenizer of .* has no chat template"):
+    with pytest.raises(UserError, match="row 2: the row holds a conversation .* but the tokenizer of .* has none"):
         load_prompts(tmp_path / "one", Tok(), field="problem", template="{problem}", max_tokens=50,
                      long_prompts="error", log=print)
 

@@ -6,8 +6,9 @@ same special tokens, else every per-token reward compares different tokens; each
 settings keep the estimators unbiased (temperature 1, no top-p, no top-k: docs/estimators.md, "Background"), how to self-check the
 hidden-state path (teacher = student must give KL = 0, and the chunked log p(y) must equal the model's own forward),
 and the limits a config must respect that only the models reveal: ``loss.top_k`` within the real vocabulary
-(``len(tokenizer)``), prompt + ``rollout.max_new_tokens`` within the student's position limit
-(``config.max_position_embeddings``; ``prompt_budget``), and with ``data.train`` set, which prompts fit.
+(``len(tokenizer)``), prompt + ``rollout.max_new_tokens`` within the position limit of the student and of each
+teacher in this process (``config.max_position_embeddings`` or its equivalent; ``prompt_budget``), and with
+``data.train`` set, which prompts fit; it warns when a tokenizer's chat template goes unused by the prompts.
 What it does not know: training. Each failed check is a ``UserError`` naming the problem and the fix.
 """
 
@@ -85,26 +86,58 @@ def self_check(student: Model, tokenizer: Tokenizer, vocab_size: int, *, text: s
     return {"self_kl_max": kl, "logp_max_error": logp_err}
 
 
-def position_limit(model: Model) -> int | None:
-    """The longest sequence the model's positions cover (``config.max_position_embeddings``), if it declares one."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return limit if type(limit) is int and limit > 0 else None
+#: Config keys of a model's position limit: transformers' name (most configs map theirs onto it), then others'.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def prompt_budget(cfg: TrainConfig, student: Model) -> tuple[int, str]:
+def position_limit(model: Model) -> tuple[int, str] | None:
+    """(the longest sequence the model's positions cover, the config key that declares it), if it declares one."""
+    config = getattr(model, "config", None)
+    for key in _POSITION_KEYS:
+        limit = getattr(config, key, None)
+        if type(limit) is int and limit > 0:
+            return limit, key
+    return None
+
+
+def _whose(teachers: Teachers | None, name: str) -> str:
+    """A teacher's possessive in messages: by name when rows are routed to several."""
+    return f"teacher {name}'s" if teachers is not None and teachers.routed else "the teacher's"
+
+
+def tightest_limit(student: Model, teachers: Teachers | None) -> tuple[int, str, str] | None:
+    """(limit, its config key, whose) of the smallest position limit among the student's and those of the teachers
+    whose models are in this process (a server's is not known here), the student's on a tie; None when none
+    declares one."""
+    from vopd.teacher.local import InProcessTeacher
+    from vopd.teacher.reprompt import OwnPromptTeacher
+
+    models = [("the student's", student)]
+    for name, teacher in teachers or ():
+        while isinstance(teacher, OwnPromptTeacher):
+            teacher = teacher.inner
+        if isinstance(teacher, InProcessTeacher):
+            models.append((_whose(teachers, name), teacher.model))
+    found = [(*limit, whose) for whose, model in models if (limit := position_limit(model)) is not None]
+    return min(found, key=lambda entry: entry[0], default=None)
+
+
+def prompt_budget(cfg: TrainConfig, student: Model, teachers: Teachers | None = None) -> tuple[int, str]:
     """(the longest usable prompt in tokens, what sets it, for messages): ``data.max_prompt_tokens``, or less when a
-    prompt that long plus ``rollout.max_new_tokens`` (and the evaluation's) would pass the student's position limit.
-    ``UserError`` when the completions alone do not fit."""
-    limit = position_limit(student)
+    prompt that long plus ``rollout.max_new_tokens`` (and the evaluation's) would pass the position limit of the
+    student or of a teacher in this process (the teacher scores prompt + completion too). ``UserError`` when the
+    completions alone do not fit."""
+    tightest = tightest_limit(student, teachers)
     longest = max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens if cfg.data.eval else 0)
-    if limit is None or cfg.data.max_prompt_tokens + longest <= limit:
+    if tightest is None or cfg.data.max_prompt_tokens + longest <= tightest[0]:
         return cfg.data.max_prompt_tokens, f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
+    limit, name, whose = tightest
     key = "rollout.max_new_tokens" if longest == cfg.rollout.max_new_tokens else "eval.max_new_tokens"
     if longest >= limit:
-        raise UserError(f"{key}={longest} leaves no room for a prompt within the student's position limit "
-                        f"(max_position_embeddings={limit}): set {key} below {limit}")
+        raise UserError(f"{key}={longest} leaves no room for a prompt within {whose} position limit "
+                        f"({name}={limit}): set {key} below {limit}")
     room = limit - longest
-    return room, f"{room} tokens (the student's max_position_embeddings={limit} minus {key}={longest})"
+    return room, f"{room} tokens ({whose} {name}={limit} minus {key}={longest})"
 
 
 def check_top_k(cfg: TrainConfig, vocab: int) -> None:
@@ -138,6 +171,8 @@ def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: T
     student-side checks run once. ``prompts``: the training prompts already read (``training_prompts``), so the
     file is not read again for the template checks; ``plan``: the run's loss, whose method every teacher must
     serve (default: ``cfg.loss.method``'s)."""
+    from vopd.prompts import unused_template
+
     lines = []
     chatting = uses_chat_template(cfg) if prompts is None else prompts.chat
     for name, teacher in teachers:
@@ -146,7 +181,10 @@ def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: T
         mine = [*teacher.pairing_checks(student, student_tok),
                 *chat_checks(student_tok, teacher.tokenizer, cfg, chatting)]
         lines += [f"teacher {shown}: {line}" for line in mine] if shown else mine
-    return [*lines, *student_checks(student, student_tok, len(student_tok), cfg)]
+    if not chatting and (note := unused_template([("the student's", student_tok),
+                                                  *((_whose(teachers, n), t.tokenizer) for n, t in teachers)])):
+        warnings.warn(note, RuntimeWarning, stacklevel=2)  # a warning: text prompts on a chat model may be meant
+    return [*lines, *student_checks(student, student_tok, len(student_tok), cfg, teachers)]
 
 
 def training_prompts(cfg: TrainConfig, tok: Tokenizer, student: Model, teachers: Teachers,
@@ -156,7 +194,7 @@ def training_prompts(cfg: TrainConfig, tok: Tokenizer, student: Model, teachers:
     from vopd.data import load_prompt_pairs
     from vopd.prompts import chat_options, teacher_prompts
 
-    budget, limit_name = prompt_budget(cfg, student)  # data.max_prompt_tokens, or less: the position limit
+    budget, limit_name = prompt_budget(cfg, student, teachers)  # data.max_prompt_tokens, or less: a position limit
     single = teachers.single
     return load_prompt_pairs(
         cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=budget,
@@ -174,9 +212,10 @@ def uses_chat_template(cfg: TrainConfig) -> bool:
         return True
     if not cfg.data.train:
         return False
-    from vopd.data import read_rows
+    from vopd.data import training_rows
 
-    return any(row.get(cfg.data.messages_field) is not None for _where, row in read_rows(cfg.data.train))
+    return any(row.get(cfg.data.messages_field) not in (None, "")
+               for _where, row in training_rows(cfg.data.train, cfg.data.messages_field))
 
 
 def chat_checks(student_tok: Tokenizer, teacher_tok: Tokenizer | None, cfg: TrainConfig,
@@ -202,20 +241,23 @@ def chat_checks(student_tok: Tokenizer, teacher_tok: Tokenizer | None, cfg: Trai
     return lines
 
 
-def student_checks(student: Model, student_tok: Tokenizer, vocab: int, cfg: TrainConfig) -> list[str]:
-    """The checks that need only the student and the config (sampling settings, self-check), shared by the
-    in-process and the remote-teacher pre-flights; biased-sampling overrides are warned about here."""
+def student_checks(student: Model, student_tok: Tokenizer, vocab: int, cfg: TrainConfig,
+                   teachers: Teachers | None = None) -> list[str]:
+    """The checks that need only the student and the config (sampling settings, self-check, lengths: within the
+    teachers' position limits too), shared by the in-process and the remote-teacher pre-flights; biased-sampling
+    overrides are warned about here."""
     check_top_k(cfg, vocab)
-    budget, limit_name = prompt_budget(cfg, student)
+    budget, limit_name = prompt_budget(cfg, student, teachers)
     notes = check_sampling(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                            allow_biased=cfg.rollout.allow_biased_sampling)
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=3)
     sc = self_check(student, student_tok, vocab)
-    limit = position_limit(student)
+    tightest = tightest_limit(student, teachers)
     return [
         f"lengths: prompts up to {budget} tokens + rollout.max_new_tokens={cfg.rollout.max_new_tokens} "
-        + (f"within the student's position limit {limit}" if limit else "(the student declares no position limit)")
+        + (f"within {tightest[2]} position limit {tightest[0]}" if tightest else "(no model here declares a position "
+           "limit)")
         + ("" if limit_name.startswith("data.") else " (prompts limited by the position limit)"),
         "sampling settings: " + ("; ".join(notes) if notes else "temperature 1, no top-p/top-k (unbiased)"),
         f"self-check: KL(student||student) max {sc['self_kl_max']:.1e}, chunked vs model log p max error "

@@ -3,7 +3,8 @@
 What it knows: how to turn a (possibly partial) nested dict into an instance of a tree of dataclasses whose fields
 are ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``list[...]``, ``dict[str, scalar]`` or another such
 dataclass (strict types, lossless conversions only, one-line ``UserError`` naming the dotted key, with a "did you mean" for unknown keys);
-how to read a YAML or TOML file into a dict; how to apply dotted ``key=value`` overrides to such a dict.
+how to read a YAML or TOML file into a dict (a key set twice in one table is refused, naming it and its lines: YAML
+would keep the last silently, TOML refuses it itself); how to apply dotted ``key=value`` overrides to such a dict.
 What it does NOT know: vopd's options, their defaults or their validation rules (``vopd.config`` holds them and
 passes its root dataclass in), or how to write a config back.
 """
@@ -160,6 +161,46 @@ def build(cls: type[_T], data: dict[str, Any], *, root: type | None = None, pref
     return cls(**kwargs)
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a key set twice (``DuplicateKey``), where YAML keeps the last
+    value without a word (a second ``teacher:`` line silently replaced the first). Merge keys (``<<: *base``) may
+    still be overridden: only keys written in the mapping itself are compared."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicates(node, "", set())
+        return super().construct_document(node)
+
+
+class DuplicateKey(Exception):
+    """A key written twice in one YAML mapping: its dotted name and both lines (1-based)."""
+
+    def __init__(self, key: str, first: int, again: int) -> None:
+        super().__init__(key, first, again)
+        self.key, self.first, self.again = key, first, again
+
+
+def _refuse_duplicates(node: yaml.Node, prefix: str, seen_nodes: set[int]) -> None:
+    """``DuplicateKey`` for the first key written twice in a mapping under ``node`` (``prefix``: its dotted path);
+    a node reached again through an alias is not walked again (an alias may refer to its own ancestor)."""
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, f"{prefix[:-1]}[{i}].", seen_nodes)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        name, line = prefix + str(key_node.value), key_node.start_mark.line + 1
+        if name in seen:
+            raise DuplicateKey(name, seen[name], line)
+        seen[name] = line
+        _refuse_duplicates(value_node, name + ".", seen_nodes)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """The table of keys in the YAML (.yaml/.yml/.json) or TOML (.toml) file at ``path``; ``{}`` for an empty file."""
     if not path.is_file():
@@ -170,9 +211,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
             with path.open("rb") as f:
                 data = tomllib.load(f)
         elif suffix in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # safe_load, with _UniqueKeys
         else:
             raise UserError(f"config file {path} has an unknown extension: use .yaml, .yml or .toml")
+    except DuplicateKey as dup:
+        raise UserError(f"config file {path} sets {dup.key} twice (line {dup.first} and line {dup.again}); YAML would "
+                        "keep the last one silently: delete one of them") from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         detail = " ".join(str(exc).split())
         raise UserError(f"config file {path} cannot be parsed ({detail}): fix its syntax") from None

@@ -195,12 +195,13 @@ def load_problems(
     ``kind="auto"`` is multiple choice when the first row has a choices field (or GPQA's answer columns), else math.
     Unnamed fields are looked up in ``MATH_FIELDS`` / ``MCQ_FIELDS`` order. A math row without an answer field
     takes the last ``\\boxed{}`` of its solution. ``limit`` keeps the first rows. Problems with a bad row raise
-    ``UserError`` naming the file, the line and the missing field.
+    ``UserError`` naming the file, the line and the missing field. A csv row may lack only the solution's cell (it
+    is read only for a row without an answer).
     """
     p = Path(path)
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
-    rows = read_rows(p)[:limit]
+    rows = read_rows(p, optional=(solution_field,) if solution_field else MATH_FIELDS["solution"])[:limit]
     if kind == "auto":
         first = rows[0][1]
         mcq = (choices_field and choices_field in first) or _pick(first, MCQ_FIELDS["choices"]) is not None
@@ -273,6 +274,12 @@ def _route(row: dict[str, Any], field: str, names: Collection[str], where: str) 
     return value
 
 
+def training_rows(path: str | Path, messages_field: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a training file (``read_rows``); a csv row may lack only the conversation's cell (a row holds a
+    conversation or a text)."""
+    return read_rows(path, optional=(messages_field,))
+
+
 def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, template: str, max_tokens: int,
                       long_prompts: str, log: Callable[[str], None], limit_name: str = "",
                       messages_field: str = "messages", chat: ChatOptions = ChatOptions(),
@@ -285,13 +292,13 @@ def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, tem
     or refused, per ``long_prompts`` ("skip" or "error"). ``limit_name`` says in messages what sets ``max_tokens``
     (default: ``data.max_prompt_tokens=N``)."""
     limit_name = limit_name or f"data.max_prompt_tokens={max_tokens}"
-    rows = read_rows(path)
+    rows = training_rows(path, messages_field)
     kept: list[list[list[int]]] = []
     routes: list[str] = []
     skipped, checked = 0, RenderChecks(log)
     chatting = chat.text_as_chat
     for where, row in rows:
-        chatting = chatting or row.get(messages_field) is not None
+        chatting = chatting or row.get(messages_field) not in (None, "")  # "": an empty csv cell
         route = _route(row, route_field, teacher_names, f"{path} {where}") if route_field else ""
         ids = row_prompts(row, tokenizer, field=field, messages_field=messages_field, template=template, chat=chat,
                           teacher=teacher, where=f"{path} {where}", checks=checked)

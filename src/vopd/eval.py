@@ -314,6 +314,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``vopd eval``: load, evaluate, print the summary, write it (and the samples) to ``--out``."""
+    if args.template is not None and "{problem}" not in args.template:  # else every problem gets the same prompt
+        raise UserError(f"--template {args.template!r} has no {{problem}}, so every problem would be asked the same "
+                        "prompt: put {problem} where the problem's text goes")
     if args.out:  # before the (long) evaluation: where its results go must be free
         check_out_dir(args.out, overwrite=args.overwrite)
     kwargs = template_kwargs_json(args.chat_template_kwargs)

@@ -8,16 +8,22 @@ of ``{role, content}``; every turn, assistant turns included, is context) is ren
 template and ``add_generation_prompt=True``, with an optional system prompt and template switches such as
 ``enable_thinking`` (``ChatOptions``), exactly as ``apply_chat_template`` tokenises it. A completion ends at EOS or at
 the end-of-turn token the chat template writes after an assistant turn (``stop_token_ids``: e.g. ``<|im_end|>``);
-that token is part of the completion, so the teacher scores it like any other. The one-line refusals: a
-conversation with a tokenizer that has no chat template, a template that renders nothing for the generation prompt,
-a malformed conversation, two tokenizers that render the same conversation to different ids or stop on different
-tokens (docs/real_models.md). What it does not know: files (``vopd.data`` reads rows), models, sampling.
+that token is part of the completion, so the teacher scores it like any other. A conversation's roles are those
+every chat format knows (``KNOWN_ROLES``) and those its chat template tests for (``template_roles``). The one-line
+refusals: a prompt that needs a chat template (a conversation, or a text with ``text_as_chat``) with a tokenizer that
+has none (saying which of the two asked for it), a template that renders nothing for the generation prompt, a
+malformed conversation (not a list, a turn without string role and content, a role the template does not know,
+empty content, no user turn, a final assistant turn), a conversation field holding a text, two tokenizers that render
+the same conversation to different ids or stop on different tokens (docs/real_models.md). What it does not know:
+files (``vopd.data`` reads rows), models, sampling.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, TypeAlias, Union
+from typing import Any, Callable, Collection, Mapping, Protocol, TypeAlias, Union
 
 from vopd.errors import UserError
 
@@ -35,6 +41,12 @@ PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final a
 
 #: The assistant text of the probe conversation that finds a template's end-of-turn token.
 _MARKER = "vopd-end-of-turn-probe"
+
+#: The roles of the OpenAI/HF chat format; a template may know more (``template_roles``: e.g. developer, ipython).
+KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool"})
+#: A template's test of a turn's role: ``message['role'] == 'x'``, ``m.role != "x"``, ``role in ['x', 'y']``.
+_ROLE_TEST = re.compile(r"""role['"]?\]?\s*(?:==|!=|(?:not\s+)?in)\s*(\[[^\]]*\]|\([^)]*\)|'[^']*'|"[^"]*")""")
+_QUOTED = re.compile(r"'([A-Za-z_][\w-]*)'|\"([A-Za-z_][\w-]*)\"")
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,26 @@ def _name(tokenizer: Tokenizer) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
-def check_messages(value: object, where: str) -> list[Message]:
-    """A conversation as vopd accepts it, or a one-line ``UserError`` saying what is wrong with it at ``where``."""
+@functools.lru_cache(maxsize=16)
+def _roles_in(template: str) -> frozenset[str]:
+    found = {name for test in _ROLE_TEST.finditer(template) for pair in _QUOTED.findall(test.group(1))
+             for name in pair if name}
+    return KNOWN_ROLES | found
+
+
+def template_roles(tokenizer: Tokenizer) -> frozenset[str]:
+    """The roles a conversation may use with ``tokenizer``: ``KNOWN_ROLES`` and the roles its chat template tests a
+    turn for (a template renders an unknown role as it renders any other, or fails, so a typo such as "human" would
+    otherwise reach the model as a turn it never saw)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, Mapping):  # several named templates
+        template = " ".join(str(t) for t in template.values())
+    return _roles_in(template) if isinstance(template, str) else KNOWN_ROLES
+
+
+def check_messages(value: object, where: str, roles: Collection[str] = KNOWN_ROLES) -> list[Message]:
+    """A conversation as vopd accepts it (turns with ``roles`` and text, a user turn, not ending with the assistant's),
+    or a one-line ``UserError`` saying what is wrong with it at ``where``."""
     if not isinstance(value, (list, tuple)) or not value:
         raise UserError(f"{where}: a conversation must be a non-empty list of {{role, content}} turns, got "
                         f"{type(value).__name__ if value else 'an empty one'}")
@@ -115,24 +145,46 @@ def check_messages(value: object, where: str) -> list[Message]:
                 not isinstance(turn.get("content"), str):
             raise UserError(f"{where}: turn {i} must be an object with string fields 'role' and 'content', got "
                             f"{str(turn)[:80]!r}")
+        if turn["role"] not in roles:
+            raise UserError(f"{where}: turn {i} has the role {turn['role']!r}, which the chat template does not know "
+                            f"(it knows {', '.join(sorted(roles))}): use one of those")
+        if not turn["content"].strip():
+            raise UserError(f"{where}: turn {i} ({turn['role']}) has empty content: write its text or drop the turn")
         messages.append({"role": turn["role"], "content": turn["content"]})
+    if not any(m["role"] == "user" for m in messages):
+        raise UserError(f"{where}: the conversation has no user turn (only {', '.join(m['role'] for m in messages)}): "
+                        "the student answers a user's request, so a prompt needs one: add the user turn")
     if messages[-1]["role"] == "assistant":
         raise UserError(f"{where}: the conversation ends with an assistant turn; the student writes the next "
                         "assistant turn, so a prompt must end with a user (or tool) turn: drop the final answer")
     return messages
 
 
+def _no_template(tokenizer: Tokenizer, where: str, as_text: bool) -> UserError:
+    """A chat template is needed and ``tokenizer`` has none: said with what asked for it, a text prompt rendered as a
+    chat turn (``as_text``: data.text_as_chat, ``vopd eval --chat``) or a conversation (at ``where``, if known)."""
+    head, name = f"{where}: " if where else "", _name(tokenizer)
+    if as_text:
+        return UserError(f"{head}text prompts are rendered as a chat turn (data.text_as_chat=true; vopd eval: --chat, "
+                         f"--system-prompt or --chat-template-kwargs), but the tokenizer of {name} has no chat "
+                         "template: set data.text_as_chat=false (vopd eval: drop those options), or use a tokenizer "
+                         "with one")
+    return UserError(f"{head}{'the row holds' if where else 'the data holds'} a conversation (data.messages_field), "
+                     f"which is rendered with the chat template, but the tokenizer of {name} has none: use a "
+                     "tokenizer with one (an instruct model's), or give text prompts (data.prompt_field)")
+
+
 def chat_ids(tokenizer: Tokenizer, messages: list[Message], *, add_generation_prompt: bool,
-             kwargs: Mapping[str, Any] | None = None, where: str = "a conversation") -> list[int]:
-    """``apply_chat_template(messages, tokenize=True)`` as a list of ids, with one-line errors."""
+             kwargs: Mapping[str, Any] | None = None, where: str = "", as_text: bool = False) -> list[int]:
+    """``apply_chat_template(messages, tokenize=True)`` as a list of ids, with one-line errors naming ``where``;
+    ``as_text``: the messages are a text prompt's chat turn (for the message when there is no template)."""
     if not has_chat_template(tokenizer):
-        raise UserError(f"{where} is a conversation but the tokenizer of {_name(tokenizer)} has no chat template; use "
-                        "a tokenizer with one (an instruct model's), or give text prompts (data.prompt_field)")
+        raise _no_template(tokenizer, where, as_text)
     try:
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
                                             return_dict=False, **dict(kwargs or {}))
     except Exception as exc:  # jinja's TemplateError (e.g. "System role not supported") and friends
-        raise UserError(f"the chat template of {_name(tokenizer)} cannot render {where}: "
+        raise UserError(f"the chat template of {_name(tokenizer)} cannot render {where or 'a conversation'}: "
                         f"{' '.join(str(exc).split())[:200]}") from None
     ids = out["input_ids"] if isinstance(out, Mapping) else out
     return [int(i) for i in ids]
@@ -154,9 +206,9 @@ def render_prompt(tokenizer: Tokenizer, prompt: Prompt, *, template: str = PROMP
             return encode_prompt(tokenizer, format_prompt(prompt, template))
         messages = [{"role": "user", "content": format_prompt(prompt, template)}]
     else:
-        messages = check_messages(prompt, where)
+        messages = check_messages(prompt, where, template_roles(tokenizer))
     return chat_ids(tokenizer, _with_system(messages, chat), add_generation_prompt=True,
-                    kwargs=chat.template_kwargs, where=where)
+                    kwargs=chat.template_kwargs, where=where, as_text=isinstance(prompt, str))
 
 
 @dataclass(frozen=True)
@@ -188,15 +240,16 @@ def teacher_prompts(teacher: Any, data: Any, student_tok: Tokenizer,
 
 
 class RenderChecks:
-    """``require_chat_template`` once per (tokenizer, options) over a file's rows, its line sent to ``log``."""
+    """``require_chat_template`` once per (tokenizer, options) over a file's rows, its line sent to ``log``; a
+    refusal names the first row that needed the template (``where``)."""
 
     def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
         self.done: list[tuple[int, ChatOptions]] = []
 
-    def __call__(self, tokenizer: Tokenizer, chat: ChatOptions, role: str) -> None:
+    def __call__(self, tokenizer: Tokenizer, chat: ChatOptions, role: str, where: str = "") -> None:
         if (id(tokenizer), chat) not in self.done:
-            self.log(role + require_chat_template(tokenizer, chat))
+            self.log(role + require_chat_template(tokenizer, chat, where))
             self.done.append((id(tokenizer), chat))
 
 
@@ -206,7 +259,11 @@ def row_prompts(row: Mapping[str, Any], tokenizer: Tokenizer, *, field: str, mes
     row's conversation (``messages_field``) or its text (``field``); the teacher's is its ``teacher.field`` (or the
     same prompt) rendered with ``teacher.chat`` and ``teacher.tokenizer``."""
     prompt: Any = row.get(messages_field)
-    if prompt is None:
+    if isinstance(prompt, str) and prompt.strip():  # as a text prompt it would replace the row's text unread
+        raise UserError(f"{where}: field {messages_field!r} holds a text ({prompt[:40]!r}), not a conversation (a list "
+                        f"of {{role, content}} turns): write the conversation as a list, or drop the field so that the "
+                        f"text in {field!r} is the prompt")
+    if prompt is None or isinstance(prompt, str):  # no conversation ("" is an empty csv cell): the row's text
         prompt = row.get(field)
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"{where}: no text in field {field!r} and no conversation in field {messages_field!r} (the "
@@ -223,17 +280,20 @@ def row_prompts(row: Mapping[str, Any], tokenizer: Tokenizer, *, field: str, mes
     out = []
     for text, tok, options, role in todo:
         if options.text_as_chat or not isinstance(text, str):
-            checks(tok, options, role)  # a template that can start an assistant turn, checked once
+            checks(tok, options, role, where)  # a template that can start an assistant turn, checked once
         out.append(render_prompt(tok, text, template=template, chat=options, where=where))
     return out
 
 
-def require_chat_template(tokenizer: Tokenizer, chat: ChatOptions) -> str:
+def require_chat_template(tokenizer: Tokenizer, chat: ChatOptions, where: str = "") -> str:
     """Before rendering conversations with ``tokenizer``: it has a chat template, and the template's generation
-    prompt adds tokens (else the model is never told that its turn starts). Returns a line for the log."""
+    prompt adds tokens (else the model is never told that its turn starts). ``where``: the first row that needs it,
+    for the refusal. Returns a line for the log."""
     probe = _with_system([{"role": "user", "content": "1 + 2 = ?"}], chat)
-    with_prompt = chat_ids(tokenizer, probe, add_generation_prompt=True, kwargs=chat.template_kwargs)
-    without = chat_ids(tokenizer, probe, add_generation_prompt=False, kwargs=chat.template_kwargs)
+    with_prompt = chat_ids(tokenizer, probe, add_generation_prompt=True, kwargs=chat.template_kwargs, where=where,
+                           as_text=chat.text_as_chat)
+    without = chat_ids(tokenizer, probe, add_generation_prompt=False, kwargs=chat.template_kwargs, where=where,
+                       as_text=chat.text_as_chat)
     if with_prompt == without:
         raise UserError(f"the chat template of {_name(tokenizer)} renders nothing for the generation prompt "
                         "(add_generation_prompt=True adds no tokens), so a completion would not start an assistant "
@@ -241,6 +301,20 @@ def require_chat_template(tokenizer: Tokenizer, chat: ChatOptions) -> str:
     stops = stop_token_ids(tokenizer)
     return (f"chat template: the generation prompt adds {len(with_prompt) - len(without)} tokens; completions stop "
             f"on {tokenizer.convert_ids_to_tokens(stops)}")
+
+
+def unused_template(tokenizers: list[tuple[str, Tokenizer | None]]) -> str | None:
+    """For a run whose prompts do not go through the chat template: a one-line warning naming the tokenizers (whose,
+    tokenizer) that have one anyway, else None. A model tuned on prompts rendered by its template (an instruct model,
+    the tiny world of `vopd sft`) trains on prompts it never saw without it, and nothing fails: the KL just stays
+    high."""
+    having = list(dict.fromkeys(who for who, tok in tokenizers if tok is not None and has_chat_template(tok)))
+    if not having:
+        return None
+    return (f"{' and '.join(having)} tokenizer{'s have' if len(having) > 1 else ' has'} a chat template, but the "
+            "prompts are texts that do not go through it: if the models were tuned on chat-rendered prompts (an "
+            "instruct model, the world of vopd sft), set data.text_as_chat=true, or they train and score prompts "
+            "they never saw")
 
 
 def end_of_turn_ids(tokenizer: Tokenizer) -> list[int]:
@@ -287,9 +361,9 @@ def compare_rendering(student_tok: Tokenizer, teacher_tok: Tokenizer, chat: Chat
     probe = _with_system([{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "3"},
                           {"role": "user", "content": "And 2 + 2?"}], chat)
     a = chat_ids(student_tok, probe, add_generation_prompt=True, kwargs=chat.template_kwargs,
-                 where="the pre-flight's probe conversation (student)")
+                 where="the pre-flight's probe conversation (student)", as_text=chat.text_as_chat)
     b = chat_ids(teacher_tok, probe, add_generation_prompt=True, kwargs=chat.template_kwargs,
-                 where="the pre-flight's probe conversation (teacher)")
+                 where="the pre-flight's probe conversation (teacher)", as_text=chat.text_as_chat)
     if a != b:
         at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         raise UserError(f"student and teacher chat templates render the same conversation differently: first "
@@ -309,9 +383,10 @@ def encode_example(tokenizer: Tokenizer, prompt: Prompt, answer: str, *, templat
     if isinstance(prompt, str) and not chat.text_as_chat:
         return prompt_ids, encode_completion(tokenizer, answer)
     turns = [{"role": "user", "content": format_prompt(prompt, template)}] if isinstance(prompt, str) else \
-        check_messages(prompt, where)
+        check_messages(prompt, where, template_roles(tokenizer))
     full = chat_ids(tokenizer, _with_system(turns, chat) + [{"role": "assistant", "content": answer}],
-                    add_generation_prompt=False, kwargs=chat.template_kwargs, where=where)
+                    add_generation_prompt=False, kwargs=chat.template_kwargs, where=where,
+                    as_text=isinstance(prompt, str))
     if full[: len(prompt_ids)] != prompt_ids:
         raise UserError(f"{where}: the chat template renders the conversation with its answer so that the prompt is "
                         "not a prefix of it; vopd cannot tell the answer's tokens apart")

@@ -1,7 +1,8 @@
 """The rows of local data files: jsonl / json / csv / parquet files and ``datasets`` ``save_to_disk`` directories.
 
 What it knows: reading a local file into ``(location, row)`` pairs (``line 3`` for jsonl, ``row 3`` otherwise) with
-one-line ``UserError``s that name the file and the line (missing, empty, not UTF-8, malformed). csv and parquet files
+one-line ``UserError``s that name the file and the line (missing, empty, not UTF-8, malformed, a csv row with fewer
+cells than its header unless the missing columns are ones the caller calls optional). csv and parquet files
 and ``save_to_disk`` directories are read with Hugging Face ``datasets`` (offline, in a throwaway cache, so an edited
 file is always read afresh); jsonl and json files with the ``json`` module, because ``datasets``' json loader changes
 values (strings that look like dates become timestamps, a column mixing "4" and 4 becomes numbers, a ``null`` or
@@ -18,7 +19,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Collection, Iterator, Literal
 
 from vopd.errors import UserError
 
@@ -27,14 +28,16 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+def read_rows(path: str | Path, *, optional: Collection[str] = ()) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a local .jsonl/.ndjson, .json (a list, or an object holding one list such as ``{"data": [...]}``),
     .csv or .parquet file, or of a Hugging Face ``datasets`` ``save_to_disk`` directory, each with its location
     (``line 3`` for jsonl, counting blank lines, ``row 3`` otherwise, 1-based).
 
     csv and parquet files are read with ``datasets.load_dataset`` (offline, in a temporary cache removed after the
     read, so an edited file is never served from a stale cache), directories with ``datasets.load_from_disk``;
-    csv cells stay text as written (an answer "007" is not the number 7, an empty cell is "", "NA" is "NA").
+    csv cells stay text as written (an answer "007" is not the number 7, an empty cell is "", "NA" is "NA"); a csv
+    row with fewer cells than the header is an error (a cell holding an unquoted line break splits its row in two),
+    unless every column it lacks is in ``optional``: those are left out of the row.
     jsonl and json files are read with the ``json`` module, which keeps every value as written and names the
     malformed line; ``datasets``' json loader does neither (see the module docstring).
 
@@ -49,7 +52,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             raise UserError(f"{p}: the dataset has no rows")
         return rows
     readers: dict[str, Callable[[Path], list[tuple[str, dict[str, Any]]]]] = {
-        ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet
+        ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
+        ".csv": lambda csv_path: _read_csv(csv_path, optional), ".parquet": _read_parquet
     }
     reader = readers.get(p.suffix.lower())
     if reader is None:
@@ -184,12 +188,17 @@ def _read_json(p: Path) -> list[tuple[str, dict[str, Any]]]:
     return [(f"row {i}", obj) for i, obj in enumerate(data, 1)]
 
 
-def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read_csv(p: Path, optional: Collection[str]) -> list[tuple[str, dict[str, Any]]]:
     """A csv file with a header line, every cell read as the text written (``datasets`` would otherwise infer
     numbers and turn "NA" or empty cells into None). A header naming a column twice, or a row with more cells than
-    the header, is an error rather than a silently dropped or shifted cell."""
+    the header, is an error rather than a silently dropped or shifted cell; so is a row with fewer cells, unless the
+    columns it lacks are ``optional`` (``datasets`` reads a missing cell as an empty one)."""
     with p.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the first name
-        header = next((names for names in csv.reader(f) if names), None)
+        records = csv.reader(f)
+        header = next((names for names in records if names), None)
+        # Each row's cell count. Blank lines are no rows, for datasets (pandas) too, nor are lines of spaces (a
+        # quoted "" is a row).
+        counts = [len(cells) for cells in records if cells and (len(cells) > 1 or not cells[0] or cells[0].strip())]
     if header is None:
         return []
     twice = sorted({name for name in header if header.count(name) > 1})
@@ -207,15 +216,20 @@ def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
     except UnicodeDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - pandas and datasets raise many types for a malformed file
-        if not _csv_has_data_rows(p):
+        if not counts:
             return []  # header only: datasets refuses an empty split
         raise UserError(f"{p}: not a readable csv file ({one_line(exc)})") from None
-    return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
-
-
-def _csv_has_data_rows(p: Path) -> bool:
-    with p.open(encoding="utf-8-sig", newline="") as f:
-        return sum(1 for row in csv.reader(f) if row) > 1
+    if len(rows) != len(counts):  # the two readers disagree on where rows end: no cell count can be trusted
+        raise UserError(f"{p}: not a readable csv file ({len(rows)} rows for {len(counts)} csv records)")
+    out = []
+    for i, (count, row) in enumerate(zip(counts, rows), 1):
+        missing = header[count:]
+        if any(name not in optional for name in missing):
+            raise UserError(f"{p}: row {i}: has {count} of the header's {len(header)} cells (no "
+                            f"{', '.join(map(repr, missing))}): write every cell (an empty one as nothing between two "
+                            "commas), and quote a cell that holds a line break")
+        out.append((f"row {i}", {k: v for k, v in row.items() if k not in missing}))
+    return out
 
 
 def _read_parquet(p: Path) -> list[tuple[str, dict[str, Any]]]:

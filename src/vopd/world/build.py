@@ -4,7 +4,8 @@
 ChatML chat template, ``WorldConfig.chat``) and creates two ``Qwen3ForCausalLM`` models of different sizes
 (``vopd.world.tiny_models``), fine-tunes both on the worked solutions, each problem rendered as a user turn through
 the chat template (``vopd.world.sft``), and measures their greedy test accuracy rendered the same way. Runs on the
-world render prompts as SFT did when they set ``World.data_overrides()`` (``data.text_as_chat=true``). Everything is
+world render prompts as SFT did when they set ``World.data_overrides()`` (``data.text_as_chat=true``);
+``write_run_config`` writes a training config with them (``run.yaml`` in the world's directory). Everything is
 saved in the formats real models use (``save_pretrained``: safetensors + tokenizer and chat template in the model
 directory), so the rest of vopd loads the tiny world with ``AutoTokenizer`` / ``AutoModelForCausalLM`` like any other
 checkpoint.
@@ -13,8 +14,8 @@ The world is cached under ``$VOPD_CACHE`` (default ``~/.cache/vopd``) in a direc
 configuration, built in a temporary directory and renamed into place, with a manifest (``world.json``: sizes and
 sha256 of every file) that is verified on reuse so a partial or corrupt cache is rebuilt.
 
-What it knows: the world's recipe (``WorldConfig``), its cache (key, manifest, verification, atomic build), and the
-``[data]`` settings that render prompts as the world's SFT did.
+What it knows: the world's recipe (``WorldConfig``), its cache (key, manifest, verification, atomic build), the
+``[data]`` settings that render prompts as the world's SFT did, and the keys a training run on the world needs.
 What it does not know: distillation, the estimators, or evaluation beyond greedy accuracy; how the tokenizer and
 the models are made (``vopd.world.tiny_models``).
 """
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 #: Bump when the layout or the build recipe changes, so old caches are not mistaken for new ones.
 FORMAT_VERSION = 2  # 2: the chat template (WorldConfig.chat)
 MANIFEST = "world.json"
+#: The training config of a run on the world (``write_run_config``); not in the manifest: it names the world's
+#: paths, which change when the cache moves, and is rewritten by every `vopd sft`.
+RUN_CONFIG = "run.yaml"
 
 
 @dataclass(frozen=True)
@@ -120,11 +124,47 @@ class World:
             f"  (SFT {self.student_sft_seconds:.0f}s)",
             f"  tokenizer {self.tokenizer}",
             f"  data      {self.train_data}  {self.test_data}",
+            *([f"  config    {self.root / RUN_CONFIG}", f"train on it: vopd train --config {self.root / RUN_CONFIG}"]
+              if (self.root / RUN_CONFIG).is_file() else []),
         ])
 
     def data_overrides(self) -> list[str]:
         """The config overrides that make a training or evaluation run render prompts as the world's SFT did."""
         return [f"data.text_as_chat={str(self.config.chat).lower()}"]
+
+    def run_overrides(self) -> list[str]:
+        """The keys a training run on the world needs: its models and data, completions as long as its accuracy
+        checks' (its models' 256 positions hold no 2048-token default), and ``data_overrides``."""
+        n = self.config.eval_max_new_tokens
+        return [f"model.student={self.student}", f"model.teacher={self.teacher}", f"data.train={self.train_data}",
+                f"data.eval={self.test_data}", f"rollout.max_new_tokens={n}", f"eval.max_new_tokens={n}",
+                *self.data_overrides()]
+
+
+def write_run_config(world: World) -> Path:
+    """``run.yaml`` in the world's directory: ``World.run_overrides`` as a config for ``vopd train --config`` (other
+    keys at their defaults), checked by ``load_config`` before it is written (atomically: a temporary file renamed
+    into place). Returns its path."""
+    import yaml
+
+    from vopd.config import TrainConfig, config_from_dict
+    from vopd.config_io import apply_overrides
+
+    data = apply_overrides({}, world.run_overrides(), TrainConfig)
+    config_from_dict(data)  # refuse to write a config that would not load
+    path = world.root / RUN_CONFIG
+    text = (f"# A training run on the tiny world {world.config.key()}, written by vopd sft; other keys: docs/config.md\n"
+            f"# vopd train --config {path} [key=value ...]\n"
+            + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=4096))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({exc.strerror}); pass --cache-dir DIR or set VOPD_CACHE to a writable "
+                        "directory") from None
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ manifest

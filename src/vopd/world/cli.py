@@ -1,7 +1,8 @@
 """`vopd sft`: build (or reuse) the tiny world, or supervised fine-tuning of a model of your own.
 
 What it knows: the command's options and how they map onto ``WorldConfig`` (``vopd.world.build``) or ``SFTConfig``
-(``vopd.world.sft``). What it does not know: how the world is built or trained; those modules do.
+(``vopd.world.sft``); that a built world comes with its training config (``run.yaml``) and how to train on it. What it
+does not know: how the world is built or trained, or what that config holds; those modules do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from vopd.errors import UserError
 from vopd.prompts import ChatOptions
-from vopd.world.build import WorldConfig, build_world
+from vopd.world.build import WorldConfig, build_world, write_run_config
 from vopd.world.sft import SFTConfig, train_sft
 from vopd.world.task import read_jsonl
 
@@ -97,5 +98,6 @@ def cli_main(args: argparse.Namespace) -> int:
             raise UserError(f"--student-target {args.student_target}: pass an accuracy in [0, 1] (0 disables it)")
         changes["student_target_accuracy"] = args.student_target or None
     world = build_world(dataclasses.replace(config, **changes), args.cache_dir, force=args.force)
-    print(world.summary())
+    write_run_config(world)  # a run assembled by hand could miss data.text_as_chat and train on unseen prompts
+    print(world.summary())  # ends with how to train on it
     return 0
