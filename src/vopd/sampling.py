@@ -20,6 +20,8 @@ from vopd.precision import autocast_to
 from vopd.prompts import stop_token_ids
 
 if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
     from vopd.models import Model, Tokenizer
 
 
@@ -147,26 +149,7 @@ def generate(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer) if stop_ids is None else list(stop_ids)
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=not greedy,
-        # Neutral values: the warpers are passed as processors (_warpers), so that the recorder can follow them.
-        temperature=None if greedy else 1.0,
-        top_k=None if greedy else 0,  # 0 disables top-k; None would fall back to the default 50
-        top_p=None if greedy else 1.0,
-        min_p=None,
-        typical_p=1.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=stops or None,  # a list: generate stops at any of them
-        bos_token_id=tokenizer.bos_token_id,
-        return_dict_in_generate=True,
-        # None keeps the model's default (a dynamic cache); a static cache is sized prompt width + max_new_tokens
-        # (transformers keeps the largest size seen, so later calls reuse one shape instead of recompiling).
-        cache_implementation=None if cache == "dynamic" else cache,
-    )
+    gen_config = _generation_config(max_new_tokens, greedy, pad_id, stops, tokenizer.bos_token_id, cache)
     warpers = [] if greedy else _warpers(temperature=temperature, top_p=top_p, top_k=top_k)
     was_training = model.training
     model.eval()
@@ -215,3 +198,30 @@ def generate(
         model.generation_config = checkpoint_config
         model.train(was_training)
     return Samples(completions, logprobs, truncated)
+
+
+def _generation_config(max_new_tokens: int, greedy: bool, pad_id: int, stops: list[int], bos_id: int | None,
+                       cache: Cache) -> GenerationConfig:
+    """Every setting of one ``generate`` call written out (none left to the checkpoint's generation_config.json)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        # Neutral values: the warpers are passed as processors (_warpers), so that the recorder can follow them.
+        temperature=None if greedy else 1.0,
+        top_k=None if greedy else 0,  # 0 disables top-k; None would fall back to the default 50
+        top_p=None if greedy else 1.0,
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=stops or None,  # a list: generate stops at any of them
+        bos_token_id=bos_id,
+        return_dict_in_generate=True,
+        # None keeps the model's default (a dynamic cache); a static cache is sized prompt width + max_new_tokens
+        # (transformers keeps the largest size seen, so later calls reuse one shape instead of recompiling).
+        cache_implementation=None if cache == "dynamic" else cache,
+    )
