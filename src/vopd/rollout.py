@@ -19,7 +19,7 @@ from vopd.errors import UserError
 from vopd.sampling import Cache, Samples, biasing_settings, generate
 
 if TYPE_CHECKING:
-    from vopd.config import RolloutConfig, TrainConfig
+    from vopd.config import RolloutConfig
     from vopd.data import PromptSet, PromptStream
     from vopd.models import Model, Tokenizer
 
@@ -220,21 +220,6 @@ def hf_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig) -> Sam
     """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings."""
     return hf_sampler(model, tokenizer, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                       top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache)
-
-
-def engine_factory(cfg: TrainConfig) -> SamplerFactory:
-    """The ``SamplerFactory`` of ``rollout.engine``, resolved once: ``hf_engine``, or the colocated vLLM engine
-    (``vopd.vllm_engine``, imported only when asked for) built for the student's directory and ``[vllm]`` options."""
-    if cfg.rollout.engine == "hf":
-        return hf_engine
-    max_len = cfg.vllm.max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
-
-    def vllm_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig) -> Sampler:
-        from vopd.vllm_engine import VllmSampler
-
-        return VllmSampler(model, tokenizer, rollout, cfg.vllm, model_dir=cfg.model.student, max_model_len=max_len)
-
-    return vllm_engine
 
 
 def check_weight_sync(rollout: RolloutConfig, token_metrics: dict[str, float], weight_dtype: torch.dtype) -> None:
