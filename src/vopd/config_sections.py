@@ -231,8 +231,10 @@ class VllmConfig:
 
     gpu_memory_utilization: float = _opt(
         0.3, "GPU only: fraction of the GPU's memory vLLM may take (weights + KV cache); the trainer keeps the rest.")
-    max_model_len: int = _opt(0, "Longest prompt + completion the engine serves; 0 = data.max_prompt_tokens + "
-                              "rollout.max_new_tokens.")
+    max_model_len: int = _opt(0, "Longest prompt + completion the engine serves; 0 = the longest prompt "
+                              "(data.max_prompt_tokens, or less under the student's position limit) + "
+                              "rollout.max_new_tokens; a set value below that, or above the position limit, is "
+                              "refused.")
     enforce_eager: bool = _opt(False, "GPU only: no CUDA-graph capture (less memory, slower decoding); always "
                                "eager on the CPU.")
     sleep: bool = _opt(False, "GPU only: release vLLM's memory (weights and KV cache: sleep level 2) while the "

@@ -10,7 +10,6 @@ an inference engine later: anything returning ``vopd.sampling.Samples`` fits), m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 import torch
@@ -20,10 +19,9 @@ from vopd.errors import UserError
 from vopd.sampling import Cache, Samples, biasing_settings, generate
 
 if TYPE_CHECKING:
-    from vopd.config import RolloutConfig, TrainConfig
+    from vopd.config import RolloutConfig
     from vopd.data import PromptSet, PromptStream
     from vopd.models import Model, Tokenizer
-    from vopd.precision import Precision
 
 
 _Item = TypeVar("_Item")
@@ -226,25 +224,6 @@ def hf_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig, *,
     return hf_sampler(model, tokenizer, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                       top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache,
                       autocast=autocast)
-
-
-def engine_factory(cfg: TrainConfig, precision: Precision | None = None) -> SamplerFactory:
-    """The ``SamplerFactory`` of ``rollout.engine``, resolved once: ``hf_engine``, or the colocated vLLM engine
-    (``vopd.vllm_engine``, imported only when asked for) built for the student's directory and ``[vllm]`` options.
-    ``precision``: the student's (``vopd.precision``): generate autocasts float32 masters to the compute dtype, and
-    the vLLM engine runs in it (the pushed masters are cast by its weight loader); None: the weights' own dtype."""
-    if cfg.rollout.engine == "hf":
-        return hf_engine if precision is None or precision.autocast is None else partial(
-            hf_engine, autocast=precision.autocast)
-    max_len = cfg.vllm.max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
-
-    def vllm_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig) -> Sampler:
-        from vopd.vllm_engine import VllmSampler
-
-        return VllmSampler(model, tokenizer, rollout, cfg.vllm, model_dir=cfg.model.student, max_model_len=max_len,
-                           dtype=None if precision is None else precision.compute)
-
-    return vllm_engine
 
 
 def check_weight_sync(rollout: RolloutConfig, token_metrics: dict[str, float], compute_dtype: torch.dtype) -> None:

@@ -29,13 +29,14 @@ from vopd import distributed as dist
 from vopd.check import preflight, training_prompts
 from vopd.config import TrainConfig, config_to_dict, save_config
 from vopd.data import PromptSet, PromptStream
+from vopd.engines import engine_factory
 from vopd.errors import UserError
 from vopd.loss.plan import LossPlan
 from vopd.metrics import MetricsWriter
 from vopd.models import (Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, logit_transform,
                          resolve_device)
 from vopd.precision import resolve_precision
-from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory, engine_factory
+from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory
 from vopd.rundir import prepare_output_dir
 from vopd.step import loss_plan
 from vopd.teacher.base import SELF

