@@ -17,7 +17,7 @@ from vopd.loss.chunked import fused_distillation_loss, student_topk_ids
 from vopd.loss.scores import TeacherNumbers
 from vopd.teacher.client import RemoteTeacher
 from vopd.teacher.local import InProcessTeacher
-from vopd.teacher.wire import b64_decode, b64_encode, tokenizer_fingerprint
+from vopd.teacher.wire import PROTOCOL_VERSION, b64_decode, b64_encode, tokenizer_fingerprint
 
 TOKEN = "s3cret-test-token"
 K = 8
@@ -66,7 +66,7 @@ def student_side(models, rollout):
 
 def test_health_reports_model_vocab_tokenizer_and_limits(server, models, micro_world):
     info = RemoteTeacher(server, token=TOKEN).health()
-    assert info["vocab_size"] == len(models[0]) and info["protocol"] == 3
+    assert info["vocab_size"] == len(models[0]) and info["protocol"] == PROTOCOL_VERSION
     assert info["tokenizer_sha256"] == tokenizer_fingerprint(load_tokenizer(str(micro_world.student)))
     assert info["limits"] == {"max_batch": 4, "max_tokens": 400, "max_k": 16, "max_body_mb": 0.05,
                               "max_response_mb": 0.01}

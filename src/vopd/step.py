@@ -12,8 +12,10 @@ which rows a teacher scores (``vopd.teacher.routing``) or which placement it tal
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Mapping
@@ -176,7 +178,8 @@ class ScoreAhead:
     without the student (``asks_ids`` false) are sent on one background thread while the student works on micro-batch
     i. Bounded: at most the current and the next micro-batch are in flight. The rollouts are this step's, so the
     scores are the ones inline scoring would get (the estimators stay on-policy and exact): only the waiting moves.
-    A failure is raised where the answer is awaited; leaving the context cancels what was not started."""
+    A failure is raised where the answer is awaited; leaving the context cancels what was not started
+    and, on an error (Ctrl-C included), leaves a running request to its daemon thread instead of waiting for it."""
 
     def __init__(self, plan: LossPlan, overlap: bool, teachers: Teachers, micro: list[Rollout]) -> None:
         lse = plan.spec.teacher_lse
@@ -185,7 +188,7 @@ class ScoreAhead:
             parts = teachers.parts(mb) if overlap else []
             self.jobs.append([(p.name, partial(self._timed, p.teacher, p.of(mb), lse)) for p in parts
                               if p.elsewhere and not asks_ids(plan, p.teacher)])
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vopd-teacher") if any(self.jobs) else None
+        self.pool = _DaemonWorker("vopd-teacher") if any(self.jobs) else None
         self.sent: dict[int, dict[str, Future[TeacherScores]]] = {}
         self.busy_s = 0.0  # scoring time on the background thread; the part not waited for was hidden
 
@@ -209,9 +212,43 @@ class ScoreAhead:
     def __enter__(self) -> "ScoreAhead":
         return self
 
-    def __exit__(self, *_exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
+        if self.pool is not None:  # on an error (Ctrl-C too) a request to a hung server is not waited for
+            for futures in self.sent.values():
+                for future in futures.values():
+                    future.cancel()  # those not started
+            self.pool.shutdown(wait=exc_type is None)
+
+
+class _DaemonWorker:
+    """One daemon thread running submitted calls in order. Not a ``ThreadPoolExecutor``: its threads are joined at
+    interpreter exit, so a request to a hung server kept a Ctrl-C'd run alive for the request's timeouts."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[TeacherScores], Callable[[], TeacherScores]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], TeacherScores]) -> Future[TeacherScores]:
+        future: Future[TeacherScores] = Future()
+        self._queue.put((future, job))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, job = item
+            if future.set_running_or_notify_cancel():  # false: cancelled before it started
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # raised where the answer is awaited
+                    future.set_exception(exc)
+
+    def shutdown(self, wait: bool) -> None:
+        """No more calls; ``wait``: until the queued ones have run."""
+        self._queue.put(None)
+        if wait:
+            self._thread.join()
 
 
 def _half_batch_probe(student: dist.WrappedStudent, first: list[Rollout], total_tokens: float,

@@ -10,10 +10,13 @@ the output layer it loaded from the teacher's checkpoint (only that layer: ``vop
 checking its fingerprint against the server's: the fused head then forms the teacher's logits exactly as for an
 in-process teacher, so every method works, the full-vocabulary ones included. Which methods a server can serve, by
 form and protocol version (``supports``), and the identity checks of the pre-flight (tokenizer and output-layer
-fingerprints: the teacher's tokenizer is never loaded here).
+fingerprints: the teacher's tokenizer is never loaded here). Each answer is checked before anything in it is used
+(``vopd.teacher.replies``: its structure, its numbers, the server's identity against the pre-flight's, hidden states
+against the server's probes with the output layer), and read no further than twice what it should take.
 
-What it does not know: HTTP (sessions, tokens, retries, byte counts, packing requests: ``vopd.teacher.http``), the
-codec (``vopd.teacher.wire``), the training loop, the loss math (``vopd.loss.chunked`` takes the numbers),
+What it does not know: HTTP (sessions, tokens, retries, byte counts, packing requests, bounded reads:
+``vopd.teacher.http``), the codec (``vopd.teacher.wire``), what a valid answer holds (``vopd.teacher.replies``), the
+training loop, the loss math (``vopd.loss.chunked`` takes the numbers),
 checkpoints (it only tells the user to resume), or the server side (``vopd.teacher.server``).
 """
 
@@ -30,8 +33,10 @@ from vopd.loss.scores import TeacherHidden, TeacherNumbers
 from vopd.rollout import Rollout
 from vopd.teacher.answers import Answers, lacks
 from vopd.teacher.http import Item, Limits, Session, pack
-from vopd.teacher.wire import (HIDDEN_DTYPES, HIDDEN_PROTOCOL, LSE_PROTOCOL, TOKEN_ENV, b64_decode, b64_encode,
-                               head_fingerprint, response_bytes, tokenizer_fingerprint)
+from vopd.teacher.replies import (HEALTH_ADVICE, SCORE_ADVICE, another_teacher, check_health, check_hidden,
+                                  check_numbers, check_probe, decode, refuse_another, score_results)
+from vopd.teacher.wire import (HIDDEN_DTYPES, HIDDEN_PROTOCOL, IDENTITY_PROTOCOL, LSE_PROTOCOL, TOKEN_ENV,
+                               b64_encode, head_fingerprint, response_bytes, tokenizer_fingerprint)
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
@@ -39,6 +44,8 @@ if TYPE_CHECKING:
 
 #: A span of one sequence sent for scoring: (row, first scored position, one past the last).
 Span = tuple[int, int, int]
+#: The most bytes read of a ``/health`` answer (a real one is under 1 KiB).
+HEALTH_BYTES = 2**20
 
 
 class RemoteTeacher:
@@ -86,9 +93,17 @@ class RemoteTeacher:
         self.close()
 
     def health(self) -> dict[str, Any]:
-        """The server's ``/health``: model, vocab_size, limits (cached for request splitting)."""
-        self._info = self.http.request("GET", "/health")
-        return self._info
+        """The server's ``/health``: model, vocab_size, limits (cached for request splitting), checked
+        (``vopd.teacher.replies.check_health``); asked again, the server's identity must not have changed."""
+        info = self._fetch_health()
+        if self._info is not None and another_teacher(info, self._info):
+            raise refuse_another(self.url, "/health", info, self._info, info)
+        self._info = info
+        return info
+
+    def _fetch_health(self) -> dict[str, Any]:
+        answer = self.http.request("GET", "/health", max_answer=HEALTH_BYTES, advice=HEALTH_ADVICE)
+        return check_health(answer, self.url)
 
     @property
     def vocab_size(self) -> int:
@@ -119,6 +134,9 @@ class RemoteTeacher:
         """The tokenizer fingerprint from ``/health`` stands in for comparing the tokenizers."""
         health = self.health()
         lines = [_same_tokenizer(health, student_tok, self.url)]
+        if _version(health) < IDENTITY_PROTOCOL:
+            lines[0] += (f"; protocol {_version(health)} answers carry no identity, so a restart of the server with "
+                         "another teacher would go unnoticed: update vopd on the server")
         if self.head_path is not None:
             head = self._output_layer()
             lines.append(f"teacher output layer from {self.head_path} is the server's ({tuple(head.weight.shape)}, "
@@ -162,18 +180,37 @@ class RemoteTeacher:
         lse_out = torch.zeros(b, t, dtype=torch.float32) if lse else None
         for group in _groups(_spans(rollout), k, limits, lse):
             body = _numbers_request(ids, group, k, topk_ids, lse)
-            self._unpack(self.http.request("POST", "/score", body), group, k, logq, logits, lse_out)
+            results = self._ask(body, group, {"encoding": "base64", "k": k}, k, lse)
+            for j, ((i, start, end), res) in enumerate(zip(group, results)):
+                n, url = end - start, self.url
+                got = decode(res, j, "logq", torch.float32, n, url)
+                got_logits = decode(res, j, "logits", torch.float32, n * k, url).reshape(n, k) if k else None
+                got_lse = decode(res, j, "lse", torch.float32, n, url) if lse else None
+                check_numbers(url, j, got, ids[i, start + 1: end + 1], got_logits,
+                              None if topk_ids is None else topk_ids[i, start:end], got_lse)
+                logq[i, start:end] = got
+                if logits is not None and got_logits is not None:
+                    logits[i, start:end] = got_logits
+                if lse_out is not None and got_lse is not None:
+                    lse_out[i, start:end] = got_lse
         return TeacherNumbers(logq, topk_ids, logits, lse_out).to(rollout.input_ids.device)
 
-    def _unpack(self, reply: dict[str, Any], group: list[Span], k: int, logq: Tensor,
-                logits: Tensor | None, lse: Tensor | None) -> None:
-        for (i, start, end), res in zip(group, _results(reply, group, self.url)):
-            n = end - start
-            logq[i, start:end] = b64_decode(res["logq"], torch.float32, n)
-            if logits is not None:
-                logits[i, start:end] = b64_decode(res["logits"], torch.float32, n * k).reshape(n, k)
-            if lse is not None:
-                lse[i, start:end] = b64_decode(res["lse"], torch.float32, n)
+    def _ask(self, body: dict[str, Any], group: list[Span], echo: dict[str, object], k: int = 0, lse: bool = False,
+             hidden: str | None = None, hidden_size: int = 0) -> list[dict[str, Any]]:
+        """The checked results of one ``/score`` request for the spans of ``group``: the answer is read up to twice
+        the bytes it should take (the server's own estimate, ``response_bytes``, plus JSON framing), carries the
+        identity of the ``/health`` answer the pre-flight checked, echoes ``echo`` and holds one result per span."""
+        expected = sum(response_bytes(end - start, k, lse, "base64", hidden, hidden_size) for _i, start, end in group)
+        cap = 2 * expected + 1024 * len(group) + 2**16
+        reply = self.http.request("POST", "/score", body, max_answer=cap, advice=SCORE_ADVICE)
+        info = self._info or self.health()
+        if another_teacher(reply, info):
+            try:
+                now: dict[str, Any] | None = self._fetch_health()  # to name what changed
+            except UserError:
+                now = None
+            raise refuse_another(self.url, "/score", reply, info, now)
+        return score_results(reply, self.url, len(group), echo)
 
     # -- hidden states (protocol 3) ------------------------------------------------------------------------------
 
@@ -198,22 +235,28 @@ class RemoteTeacher:
 
     def _score_hidden(self, rollout: Rollout) -> TeacherHidden:
         head = self._output_layer()
+        device = rollout.input_ids.device
+        if head.weight.device != device:  # moved once: the layer stays where the loss runs (and the probes)
+            head = self._head = OutputHead(head.weight.to(device), None if head.bias is None else head.bias.to(device),
+                                           head.transform)
         info = self._info or self.health()
         wire = self._wire_dtype()
+        probed = _version(info) >= IDENTITY_PROTOCOL
+        rounded = wire != info.get("dtype", "float32")  # the states travel narrower than the server holds them
         ids = rollout.input_ids.cpu()
         b, t = rollout.loss_mask.shape
         d = head.weight.shape[1]
         hidden = torch.zeros(b, t, d, dtype=HIDDEN_DTYPES[wire])
-        spans = _spans(rollout)
-        for group in _groups(spans, 0, info["limits"], hidden=wire, hidden_size=d):
+        for group in _groups(_spans(rollout), 0, info["limits"], hidden=wire, hidden_size=d):
             seqs = [{"ids": ids[i, : end + 1].tolist(), "start": start} for i, start, end in group]
-            reply = self.http.request("POST", "/score", {"sequences": seqs, "encoding": "base64", "hidden": wire})
-            for (i, start, end), res in zip(group, _results(reply, group, self.url)):
-                hidden[i, start:end] = b64_decode(res["hidden"], HIDDEN_DTYPES[wire], (end - start) * d).reshape(-1, d)
-        device = rollout.input_ids.device
-        if head.weight.device != device:  # moved once: the layer stays where the loss runs
-            head = self._head = OutputHead(head.weight.to(device), None if head.bias is None else head.bias.to(device),
-                                           head.transform)
+            body = {"sequences": seqs, "encoding": "base64", "hidden": wire}
+            results = self._ask(body, group, {"encoding": "base64", "hidden": wire}, hidden=wire, hidden_size=d)
+            for j, ((i, start, end), res) in enumerate(zip(group, results)):
+                got = decode(res, j, "hidden", HIDDEN_DTYPES[wire], (end - start) * d, self.url).reshape(-1, d)
+                check_hidden(self.url, j, got)
+                if probed:  # the first and the last scored position: a shift or a shuffle moves them too
+                    check_probe(self.url, j, res, head, got[[0, -1]], ids[i, [start + 1, end]], rounded)
+                hidden[i, start:end] = got
         return TeacherHidden(hidden.to(device), head.weight, head.bias, head.transform)
 
 
@@ -302,15 +345,6 @@ def _numbers_request(ids: Tensor, group: list[Span], k: int, topk_ids: Tensor | 
     if lse:
         body["lse"] = True
     return body
-
-
-def _results(reply: dict[str, Any], group: list[Span], url: str) -> list[dict[str, Any]]:
-    """The answer's one result per sequence of ``group``, in order."""
-    results: list[dict[str, Any]] = reply.get("results", [])
-    if len(results) != len(group):
-        raise RuntimeError(f"teacher server at {url} answered {len(results)} results for {len(group)} "
-                           "sequences; client and server protocol versions differ")
-    return results
 
 
 def _version(info: dict[str, Any]) -> int:

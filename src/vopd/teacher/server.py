@@ -13,7 +13,10 @@ errors as one-line JSON, an optional bearer token (401), batched padded forwards
 the model's dtype (through its logit transform: softcapping, scaling), and the command line. Every request is
 bounded: the body (``max_body_mb``), its JSON structure and the answer's size (``max_response_mb``, checked before
 scoring; ``vopd.teacher.wire``), the forward (``max_tokens`` padded tokens) and the head's fp32 chunk
-(``HEAD_MEMORY_MB``).
+(``HEAD_MEMORY_MB``). Every answer carries the server's identity (protocol 4: the hash of its model, tokenizer and
+head fingerprints), and a hidden answer a probe per sequence (log q of the next token at its first and last scored
+position, from the same states) so that a client can check what it received. The command line binds its socket
+before the model loads (``bind``): a bad port, host or token ends it within seconds, in one line.
 
 What it does not know: the protocol's fields, codec and request validation (``vopd.teacher.wire``); estimators, students or
 training (``vopd.teacher.client`` is the client side and the loss); TLS (put it behind a reverse proxy to cross machines); the
@@ -25,10 +28,12 @@ annotations (``Request``) at runtime, and they are local to ``create_app`` so th
 """
 
 import argparse
+import errno
 import hmac
 import ipaddress
 import json
 import os
+import socket
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -37,9 +42,11 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
+from vopd.teacher.http import check_token, one_line
 from vopd.teacher.wire import (DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_K, DEFAULT_MAX_RESPONSE_MB,
                                DEFAULT_MAX_TOKENS, PROTOCOL_VERSION, TOKEN_ENV, ApiError, Limits, ParsedSequence,
-                               HIDDEN_DTYPES, b64_encode, head_fingerprint, parse_request,
+                               HIDDEN_DTYPES, b64_encode, head_fingerprint, identity_of, model_fingerprint,
+                               parse_request,
                                tokenizer_fingerprint)
 
 if TYPE_CHECKING:  # quoted below: this module's annotations are evaluated at run time (see the docstring)
@@ -94,41 +101,51 @@ class TeacherScorer:
         return h, ids.reshape(-1)[idx + 1], sizes
 
     @torch.inference_mode()
-    def hidden(self, seqs: list[ParsedSequence]) -> list[Tensor]:
+    def hidden(self, seqs: list[ParsedSequence]) -> list[tuple[Tensor, Tensor]]:
         """Per sequence: the teacher's last hidden states (t, D) at its scored positions (after the final norm, before
-        the output layer), on the CPU in the model's dtype; the client projects them with the same output layer."""
+        the output layer), on the CPU in the model's dtype, which the client projects with the same output layer;
+        and its probe, log q of the next token at the first and the last scored position (protocol 4: the client
+        checks the states against it)."""
         with self.lock:
-            h, _y, sizes = self._rows(seqs)
-            return list(h.cpu().split(sizes))
+            h, y, sizes = self._rows(seqs)
+            ends = torch.tensor(sizes).cumsum(0)
+            at = torch.stack([ends - torch.tensor(sizes), ends - 1], -1).reshape(-1)  # first and last row of each
+            probe, _lse, _ = self._head(h.index_select(0, at.to(h.device)), y[at], None)
+            return list(zip(h.cpu().split(sizes), probe.reshape(-1, 2)))
 
     @torch.inference_mode()
     def score(self, seqs: list[ParsedSequence], k: int) -> list[tuple[Tensor, Tensor | None, Tensor]]:
         """Per sequence: (logq (t,), logits at the requested ids (t, k) or None, log-sum-exp (t,)), fp32 on the
         CPU."""
-        from vopd.loss.head import chunk_rows, raw_logits
-
         b = len(seqs)
         topk_rows = [s.topk_ids for s in seqs if s.topk_ids is not None]
         assert len(topk_rows) == (b if k else 0)  # parse_request requires topk_ids exactly when k > 0
-        topk = torch.cat(topk_rows) if k else None
         with self.lock:
             h, y, sizes = self._rows(seqs)
-            n_rows = h.shape[0]
-            logq = torch.empty(n_rows, dtype=torch.float32)
-            lse = torch.empty(n_rows, dtype=torch.float32)
-            logits = torch.empty(n_rows, k, dtype=torch.float32) if k else None
-            step = chunk_rows(self.vocab_size, HEAD_MEMORY_MB)
-            for lo in range(0, n_rows, step):
-                hi = min(n_rows, lo + step)
-                z = self.transform.apply_(raw_logits(h[lo:hi], self.weight, self.bias, torch.float32))
-                z_y = z.gather(-1, y[lo:hi].to(self.device).unsqueeze(-1)).squeeze(-1)
-                lse_c = z.logsumexp(-1)
-                logq[lo:hi], lse[lo:hi] = (z_y - lse_c).cpu(), lse_c.cpu()
-                if logits is not None and topk is not None:
-                    logits[lo:hi] = z.gather(-1, topk[lo:hi].to(self.device)).cpu()
-                del z
+            logq, lse, logits = self._head(h, y, torch.cat(topk_rows) if k else None)
         lg = logits.split(sizes) if logits is not None else [None] * b
         return list(zip(logq.split(sizes), lg, lse.split(sizes)))
+
+    def _head(self, h: Tensor, y: Tensor, topk: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(log q(y), log-sum-exp, logits at ``topk`` (N, k) or None) of the rows ``h`` (N, D) with next ids ``y``
+        (N,), fp32 on the CPU: the output layer in fp32 chunks of ``HEAD_MEMORY_MB``; the caller holds the lock."""
+        from vopd.loss.head import chunk_rows, raw_logits
+
+        n_rows = h.shape[0]
+        logq = torch.empty(n_rows, dtype=torch.float32)
+        lse = torch.empty(n_rows, dtype=torch.float32)
+        logits = torch.empty(n_rows, topk.shape[1], dtype=torch.float32) if topk is not None else None
+        step = chunk_rows(self.vocab_size, HEAD_MEMORY_MB)
+        for lo in range(0, n_rows, step):
+            hi = min(n_rows, lo + step)
+            z = self.transform.apply_(raw_logits(h[lo:hi], self.weight, self.bias, torch.float32))
+            z_y = z.gather(-1, y[lo:hi].to(self.device).unsqueeze(-1)).squeeze(-1)
+            lse_c = z.logsumexp(-1)
+            logq[lo:hi], lse[lo:hi] = (z_y - lse_c).cpu(), lse_c.cpu()
+            if logits is not None and topk is not None:
+                logits[lo:hi] = z.gather(-1, topk[lo:hi].to(self.device)).cpu()
+            del z
+        return logq, lse, logits
 
 
 def _encode(x: Tensor, encoding: str) -> str | list[Any]:
@@ -148,13 +165,15 @@ def _authorize(authorization: str, token: str | None) -> None:
                             f"server's token (${TOKEN_ENV})")
 
 
-def _health(scorer: TeacherScorer, limits: Limits, model_name: str, fingerprint: str) -> dict[str, Any]:
-    """The ``/health`` answer: what a client checks before it sends anything (protocol, tokenizer, head)."""
-    return {"status": "ok", "protocol": PROTOCOL_VERSION, "model": model_name,
-            "vocab_size": scorer.vocab_size, "tokenizer_sha256": fingerprint, "dtype": str(scorer.dtype).removeprefix("torch."),
-            "device": str(scorer.device), "limits": limits.__dict__, "hidden_size": scorer.hidden_size,
-            "head_sha256": scorer.head_sha256,
-            "logit_transform": {"scale": scorer.transform.scale, "softcap": scorer.transform.softcap}}
+def _health(scorer: TeacherScorer, limits: Limits, model_name: str, fingerprints: dict[str, str],
+            identity: str) -> dict[str, Any]:
+    """The ``/health`` answer: what a client checks before it sends anything (protocol, tokenizer, head), and the
+    ``identity`` (of the ``fingerprints``) that every ``/score`` answer carries too."""
+    return {"status": "ok", "protocol": PROTOCOL_VERSION, "model": model_name, "vocab_size": scorer.vocab_size,
+            "dtype": str(scorer.dtype).removeprefix("torch."), "device": str(scorer.device), "limits": limits.__dict__,
+            "hidden_size": scorer.hidden_size,
+            "logit_transform": {"scale": scorer.transform.scale, "softcap": scorer.transform.softcap},
+            **fingerprints, "identity": identity}
 
 
 async def _read_body(request: "Request", max_body_mb: float) -> bytes:
@@ -173,8 +192,9 @@ async def _read_body(request: "Request", max_body_mb: float) -> bytes:
     return b"".join(chunks)
 
 
-def _answer(body: bytes, scorer: TeacherScorer, limits: Limits) -> bytes:
-    """The ``/score`` answer to ``body`` as JSON bytes: parse, score (or take hidden states), encode."""
+def _answer(body: bytes, scorer: TeacherScorer, limits: Limits, identity: str) -> bytes:
+    """The ``/score`` answer to ``body`` as JSON bytes: parse, score (or take hidden states), encode; it carries
+    the server's ``identity``."""
     req = parse_request(body, limits, scorer.vocab_size, scorer.hidden_size)
     seqs, k, encoding = req.sequences, req.k, req.encoding
     try:
@@ -190,15 +210,16 @@ def _answer(body: bytes, scorer: TeacherScorer, limits: Limits) -> bytes:
                             "server with a smaller --max-tokens") from None
     if req.hidden is not None:
         dtype = HIDDEN_DTYPES[req.hidden]
-        answer = [{"hidden": b64_encode(h, dtype)} for h in states]
-        return json.dumps({"encoding": encoding, "hidden": req.hidden, "results": answer}).encode()
+        answer = [{"hidden": b64_encode(h, dtype), "probe": b64_encode(probe)} for h, probe in states]
+        return json.dumps({"encoding": encoding, "hidden": req.hidden, "results": answer,
+                           "identity": identity}).encode()
     results = []
     for lq, lg, ls in scored:
         res = {"logq": _encode(lq, encoding), "logits": None if lg is None else _encode(lg, encoding)}
         if req.lse:
             res["lse"] = _encode(ls, encoding)
         results.append(res)
-    return json.dumps({"encoding": encoding, "k": k, "results": results}).encode()
+    return json.dumps({"encoding": encoding, "k": k, "results": results, "identity": identity}).encode()
 
 
 def create_app(model: "Model", tokenizer: "Tokenizer", *, token: str | None, max_batch: int = DEFAULT_MAX_BATCH,
@@ -221,7 +242,9 @@ def create_app(model: "Model", tokenizer: "Tokenizer", *, token: str | None, max
     if min(max_batch, max_tokens, max_k) < 1 or max_body_mb <= 0 or max_response_mb <= 0:
         raise UserError(f"server limits must be positive, got {limits}")
     scorer = TeacherScorer(model, len(tokenizer))
-    fingerprint = tokenizer_fingerprint(tokenizer)
+    fingerprints = {"model_sha256": model_fingerprint(model), "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+                    "head_sha256": scorer.head_sha256}
+    identity = identity_of(**fingerprints)
     model_name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
     app = FastAPI(title="vopd teacher server", version=str(PROTOCOL_VERSION), docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -242,14 +265,14 @@ def create_app(model: "Model", tokenizer: "Tokenizer", *, token: str | None, max
     @app.get("/health")
     def health(request: Request) -> dict[str, Any]:
         _authorize(request.headers.get("authorization", ""), token)
-        return _health(scorer, limits, model_name, fingerprint)
+        return _health(scorer, limits, model_name, fingerprints, identity)
 
     @app.post("/score")
     async def score(request: Request) -> Response:
         _authorize(request.headers.get("authorization", ""), token)
         body = await _read_body(request, max_body_mb)
         # JSON parsing, the forward and encoding run in the threadpool so the event loop keeps serving /health.
-        content = await run_in_threadpool(_answer, body, scorer, limits)
+        content = await run_in_threadpool(_answer, body, scorer, limits, identity)
         return Response(content=content, media_type="application/json")
 
     return app
@@ -289,10 +312,42 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port``, before the model loads so that a wrong address fails within seconds: a
+    one-line ``UserError`` for a port outside 1..65535, a host that does not resolve, an address of another machine,
+    a port in use or one that needs privileges (uvicorn logged its own ERROR line once the model had loaded, and
+    listened on ``port`` modulo 65536). Not listening yet: until the server runs, a client is refused at once (and
+    retries) instead of waiting on a socket nobody answers."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port: give one in 1..65535 (e.g. 8000)")
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"--host {host} does not resolve ({one_line(exc)}): give an address of this machine, e.g. "
+                        "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    family, kind, proto, _, address = next((a for a in found if a[0] == socket.AF_INET), found[0])
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may rebind while old links close
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise _cannot_listen(host, port, exc) from None
+    return sock
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> UserError:
+    fix = {errno.EADDRINUSE: "another process listens there: stop it or pick another --port",
+           errno.EADDRNOTAVAIL: "it is not an address of this machine: give one of its own, or 0.0.0.0",
+           errno.EACCES: "ports below 1024 need privileges: pick a port above 1023"}.get(exc.errno or 0, "")
+    return UserError(f"cannot listen on {host}:{port}: {exc.strerror or one_line(exc)}" + (f"; {fix}" if fix else ""))
+
+
 def cli_main(args: argparse.Namespace) -> int:
     from vopd.models import load_model, load_tokenizer, resolve_device, torch_dtype
 
-    token = args.token or os.environ.get(args.token_env) or None
+    token = check_token(args.token or os.environ.get(args.token_env) or None,
+                        "--token" if args.token else f"${args.token_env}")
     if not token and not _is_loopback(args.host) and not args.insecure_no_token:
         raise UserError(f"--host {args.host} exposes the teacher beyond this machine without a token; set "
                         f"${args.token_env} (or pass --insecure-no-token behind a trusted proxy)")
@@ -300,6 +355,7 @@ def cli_main(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as exc:
         raise UserError(f"the teacher server needs fastapi and uvicorn ({exc}); pip install 'vopd[serve]'") from None
+    sock = bind(args.host, args.port)
     device = resolve_device(args.device)
     tok = load_tokenizer(args.tokenizer or args.model, role="teacher", trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, role="teacher", dtype=torch_dtype(args.dtype, device), device=device,
@@ -308,7 +364,13 @@ def cli_main(args: argparse.Namespace) -> int:
     app = create_app(model, tok, token=token, max_batch=args.max_batch, max_tokens=args.max_tokens,
                      max_k=args.max_k, max_body_mb=args.max_body_mb, max_response_mb=args.max_response_mb, name=name)
     auth = f"bearer token (${args.token_env})" if token and not args.token else ("bearer token" if token else "none")
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
     print(f"vopd serve-teacher: serving {args.model} ({len(tok)} tokens, {next(model.parameters()).dtype}, {device}) "
-          f"on http://{args.host}:{args.port}; auth: {auth}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+          f"on http://{where}; auth: {auth}", file=sys.stderr, flush=True)
+    try:
+        sock.listen(2048)
+    except OSError as exc:  # another process bound the port too (SO_REUSEADDR) and listened first
+        raise _cannot_listen(args.host, args.port, exc) from None
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])  # the socket bound above
     return 0

@@ -2,16 +2,18 @@
 
 What it knows: the protocol version, the token environment variable, the default request limits (``Limits``), the
 request and sequence field names and the two encodings, the base64 array codec (``b64_encode``/``b64_decode``: float32,
-bfloat16 or int32, used by the server for its answers and by ``vopd.teacher.client`` for its requests), the tokenizer
-and output-layer fingerprints that ``/health`` reports, and what a valid ``/score`` body is: ``parse_request`` returns
+bfloat16 or int32, used by the server for its answers and by ``vopd.teacher.client`` for its requests), the model,
+tokenizer and output-layer fingerprints that ``/health`` reports and the server's identity made of them (protocol 4:
+every answer carries it), and what a valid ``/score`` body is: ``parse_request`` returns
 the validated ``ScoreRequest`` (log-probs at ids, or, from protocol 3, the teacher's last hidden states) or raises an
 ``ApiError`` with the HTTP status (400/413/422) and a one-line message naming the problem, for a body of any
 shape (invalid or too deeply nested JSON: 400). It also bounds the memory of one request: the body's JSON
 structure is counted before it is parsed (no more arrays/objects/values than a request within the limits can
 hold), and the answer's size is estimated before any scoring (``response_bytes`` against ``max_response_mb``).
 
-What it does not know: HTTP, FastAPI or authentication, the model and its scoring (``vopd.teacher.server``), or the
-client's request splitting and retries (``vopd.teacher.client`` over ``vopd.teacher.http``).
+What it does not know: HTTP, FastAPI or authentication, the model and its scoring (``vopd.teacher.server``), the
+client's request splitting and retries (``vopd.teacher.client`` over ``vopd.teacher.http``), or what a valid answer is
+(``vopd.teacher.replies``).
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ if TYPE_CHECKING:
     from vopd.models import Tokenizer
 
 #: 2 added the optional request field ``"lse"``; 3 added ``"hidden"`` (the teacher's last hidden states instead of
-#: numbers at ids) and the output-layer fingerprint in ``/health``. A request without them is answered as in version 1.
-PROTOCOL_VERSION = 3
-#: The first protocol that answers ``"lse": true`` and the first that sends hidden states.
-LSE_PROTOCOL, HIDDEN_PROTOCOL = 2, 3
+#: numbers at ids) and the output-layer fingerprint in ``/health``; 4 added the model fingerprint and the server's
+#: ``identity`` to ``/health``, the identity to every ``/score`` answer, and to each hidden result its ``probe``
+#: (log q of the next token at the first and the last scored position). A request without the request fields is answered as in version 1; the answer fields
+#: that a version adds are ignored by older clients.
+PROTOCOL_VERSION = 4
+#: The first protocol that answers ``"lse": true``, the first that sends hidden states, the first whose answers carry
+#: the server's identity (and probes with hidden states).
+LSE_PROTOCOL, HIDDEN_PROTOCOL, IDENTITY_PROTOCOL = 2, 3, 4
+#: The weight dtypes a server reports in ``/health`` (``dtype``).
+SERVER_DTYPES = ("float32", "bfloat16", "float16")
 TOKEN_ENV = "VOPD_TEACHER_TOKEN"
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_TOKENS = 65536
@@ -104,6 +112,26 @@ def head_fingerprint(weight: Tensor, bias: Tensor | None, transform: LogitTransf
         if t is not None:  # the raw bytes: any change of a value or of the dtype changes the hash
             digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's parameter names, shapes and dtypes and of a strided sample of at most 64 values of each
+    parameter: two checkpoints of one architecture differ in every sampled tensor, so another model gets another
+    hash, at the cost of a few hundred small copies (not a pass over the weights). Only the server computes it
+    (``/health`` and every answer carry it in ``identity``): nothing needs to reproduce it elsewhere."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()  # fp32 bits: numpy has no bfloat16
+        digest.update(json.dumps([name, list(p.shape), str(p.dtype)]).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def identity_of(model_sha256: str, tokenizer_sha256: str, head_sha256: str) -> str:
+    """The server's identity (protocol 4): sha256 of its model, tokenizer and output-layer fingerprints, in
+    ``/health`` beside them and in every ``/score`` answer (64 characters, where the three would take 200)."""
+    return hashlib.sha256(json.dumps([model_sha256, tokenizer_sha256, head_sha256]).encode()).hexdigest()
 
 
 # --- validation -------------------------------------------------------------------------------------------------
