@@ -202,14 +202,16 @@ class OnPolicyRollouts:
 
 
 def hf_sampler(model: Model, tokenizer: Tokenizer, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-               batch_size: int, cache: Cache = "dynamic", autocast: torch.dtype | None = None) -> Sampler:
+               batch_size: int, cache: Cache = "dynamic", autocast: torch.dtype | None = None,
+               synced: bool = False) -> Sampler:
     """Sampling with ``model.generate`` and a ``cache`` KV cache ("dynamic" or "static"; the same tokens either way),
-    returning the sampler's log-probs for the importance ratio; ``autocast``: as ``vopd.sampling.generate``'s."""
+    returning the sampler's log-probs for the importance ratio; ``autocast``, ``synced``: as
+    ``vopd.sampling.generate``'s."""
 
     def sample(prompts: list[list[int]]) -> Samples:
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, top_k=top_k, return_logprobs=True, batch_size=batch_size, cache=cache,
-                        autocast=autocast)
+                        autocast=autocast, synced=synced)
 
     return sample
 
@@ -220,20 +222,24 @@ SamplerFactory = Callable[["Model", "Tokenizer", "RolloutConfig"], Sampler]
 
 
 def hf_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig, *,
-              autocast: torch.dtype | None = None) -> Sampler:
-    """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings (``autocast``: as
-    ``vopd.sampling.generate``'s)."""
+              autocast: torch.dtype | None = None, synced: bool = False) -> Sampler:
+    """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings (``autocast``,
+    ``synced``: as ``vopd.sampling.generate``'s)."""
     return hf_sampler(model, tokenizer, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                       top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache,
-                      autocast=autocast)
+                      autocast=autocast, synced=synced)
 
 
-def engine_factory(cfg: TrainConfig, precision: Precision | None = None) -> SamplerFactory:
+def engine_factory(cfg: TrainConfig, precision: Precision | None = None, *, sharded: bool = False) -> SamplerFactory:
     """The ``SamplerFactory`` of ``rollout.engine``, resolved once: ``hf_engine``, or the colocated vLLM engine
     (``vopd.vllm_engine``, imported only when asked for) built for the student's directory and ``[vllm]`` options.
     ``precision``: the student's (``vopd.precision``): generate autocasts float32 masters to the compute dtype, and
-    the vLLM engine runs in it (the pushed masters are cast by its weight loader); None: the weights' own dtype."""
+    the vLLM engine runs in it (the pushed masters are cast by its weight loader); None: the weights' own dtype.
+    ``sharded``: the student is sharded (FSDP2): generate runs on every rank in step (``synced``) and FSDP2's policy
+    casts the gathered weights (no autocast, as in training); the vLLM push gathers one parameter at a time."""
     if cfg.rollout.engine == "hf":
+        if sharded:
+            return partial(hf_engine, synced=True)
         return hf_engine if precision is None or precision.autocast is None else partial(
             hf_engine, autocast=precision.autocast)
     max_len = cfg.vllm.max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
