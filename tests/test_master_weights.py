@@ -120,7 +120,8 @@ def test_fsdp2_computes_in_bf16_and_reduces_in_float32(micro_world, tmp_path):
     policy reduces in float32."""
     import torch.distributed as tdist
 
-    from vopd.distributed import StudentForward, _fully_shard
+    from vopd.distributed import StudentForward
+    from vopd.sharding import shard_student
     from vopd.models import load_model
 
     precision = Precision(torch.bfloat16, torch.float32)
@@ -131,7 +132,7 @@ def test_fsdp2_computes_in_bf16_and_reduces_in_float32(micro_world, tmp_path):
     try:
         model = load_model(str(micro_world.student), role="student", dtype=precision.load, device=torch.device("cpu"))
         trunk = StudentForward(model, vocab_size=model.config.vocab_size)
-        _fully_shard(model, trunk, torch.device("cpu"), precision)
+        shard_student(model, trunk, torch.device("cpu"), precision)
         ids = torch.tensor([[5, 6, 7, 8]])
         hidden, weight, _ = trunk(ids, torch.ones_like(ids))
         assert hidden.dtype == weight.dtype == torch.bfloat16

@@ -109,15 +109,13 @@ def tightest_limit(student: Model, teachers: Teachers | None) -> tuple[int, str,
     """(limit, its config key, whose) of the smallest position limit among the student's and those of the teachers
     whose models are in this process (a server's is not known here), the student's on a tie; None when none
     declares one."""
-    from vopd.teacher.local import InProcessTeacher
-    from vopd.teacher.reprompt import OwnPromptTeacher
+    from vopd.teacher.local import in_process
 
     models = [("the student's", student)]
     for name, teacher in teachers or ():
-        while isinstance(teacher, OwnPromptTeacher):
-            teacher = teacher.inner
-        if isinstance(teacher, InProcessTeacher):
-            models.append((_whose(teachers, name), teacher.model))
+        local = in_process(teacher)
+        if local is not None:
+            models.append((_whose(teachers, name), local.model))
     found = [(*limit, whose) for whose, model in models if (limit := position_limit(model)) is not None]
     return min(found, key=lambda entry: entry[0], default=None)
 

@@ -240,6 +240,9 @@ class VllmConfig:
     sleep: bool = _opt(False, "GPU only: release vLLM's memory (weights and KV cache: sleep level 2) while the "
                        "trainer runs, woken around every weight push (untested until run on a GPU).")
     cpu_kv_cache_gb: float = _opt(1.0, "CPU only: KV-cache size in GiB.")
+    push_piece_mb: float = _opt(
+        256.0, "Weight push: MiB of whole (gathered, LoRA-merged) weights handed to the engine per piece; one "
+        "weight when it alone is larger. Bounds the push's extra memory; any size gives the same weights.")
 
     def validate(self) -> None:
         """The [vllm] ranges."""
@@ -247,6 +250,7 @@ class VllmConfig:
               "in (0, 1]")
         check(self.max_model_len >= 0, "vllm.max_model_len", self.max_model_len, ">= 0 (0 = auto)")
         check(self.cpu_kv_cache_gb > 0, "vllm.cpu_kv_cache_gb", self.cpu_kv_cache_gb, "> 0")
+        check(self.push_piece_mb > 0, "vllm.push_piece_mb", self.push_piece_mb, "> 0")
 
 
 @dataclass

@@ -6,8 +6,10 @@ What it knows:
   every rank (a rank-0 failure must not leave the others waiting in a collective forever);
 - ``wrap``: turning the student into a ``WrappedStudent`` under DistributedDataParallel or FSDP2 (``fully_shard``), with
   the pieces the trainer needs around PyTorch's own wrappers: gradients reduced over ranks only on the last
-  micro-batch, the gradient norm of sharded gradients, an unsharded copy of the student for ``generate``/evaluation/
-  checkpoint files, and full (unsharded) optimizer states for checkpoints that load at any world size;
+  micro-batch, the gradient norm of sharded gradients, where sampling and evaluation run (the student itself; under
+  FSDP2 the sharded module, on every rank in step) and where files are written from (under FSDP2 a host copy
+  gathered one parameter at a time: no unsharded copy stays on the device; ``vopd.sharding`` does the FSDP2 work),
+  and full (unsharded) optimizer states for checkpoints that load at any world size;
 - where the student's precision (``vopd.precision``) acts: autocast inside ``StudentForward`` (one process, DDP) or
   FSDP2's ``MixedPrecisionPolicy``, over float32 masters either way.
 
@@ -26,10 +28,8 @@ gradients. No gradient is ever all-reduced by hand.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import os
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
@@ -210,19 +210,68 @@ class WrappedStudent:
     word is the rollout engine's (``rollout.engine``).
 
     strategy: "single" (one process), "ddp" or "fsdp2".
-    model:    the student (under FSDP2 its parameters are sharded DTensors, in place).
+    model:    the student (under FSDP2 its parameters are sharded DTensors, in place). Sampling, evaluation and the
+              weight push to an inference engine read it, inside ``inference()``; files are written from
+              ``unsharded()``.
     forward:  ``StudentForward`` over ``model``, wrapped by DDP or made the FSDP2 root; call it for training.
-    full:     an unsharded student with the current weights: ``generate``, evaluation, checkpoint files and the final
-              export use it. It is ``model`` itself except under FSDP2, where it is a separate copy refreshed after
-              every optimizer step (``refresh_full_copy``). In ``precision.load`` (full fine-tuning: the masters).
-    precision: the dtypes it computes in and is trained in; forwards of ``full`` run under ``precision.autocast``.
+    precision: the dtypes it computes in and is trained in (``model`` is in ``precision.load``: full fine-tuning,
+              the masters).
+    skeleton: FSDP2 only: a weightless (meta-device) copy of the unsharded student, materialised on the host while a
+              file is written or read (``vopd.sharding.host_copy``).
     """
 
     strategy: str
     model: nn.Module
     forward: nn.Module
-    full: nn.Module
     precision: Precision
+    skeleton: nn.Module | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: every forward of the student is a collective, so every rank samples and evaluates in step."""
+        return self.strategy == "fsdp2"
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """``precision.autocast`` for forwards outside training; None under FSDP2: its policy casts, as in training."""
+        return None if self.sharded else self.precision.autocast
+
+    def inference(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """``model``, ready for forwards outside training (``generate``, evaluation, a weight push): under FSDP2 the
+        root unit gathered for the block (``vopd.sharding.gathered_root``; a collective), else as it is."""
+        from vopd.sharding import gathered_root
+
+        return gathered_root(self.forward, self.model) if self.sharded else contextlib.nullcontext(self.model)
+
+    def inferring(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` (a sampler) run inside ``inference()`` at each call; ``fn`` itself when nothing needs gathering."""
+        def gathered(*args: Any, **kwargs: Any) -> T:
+            with self.inference():
+                return fn(*args, **kwargs)
+
+        return gathered if self.sharded else fn
+
+    def unsharded(self, *, trainable_only: bool = False) -> contextlib.AbstractContextManager[nn.Module | None]:
+        """The student as one unsharded module to write files from (a checkpoint, the final export) on rank 0: the
+        model itself, except under FSDP2, where rank 0 gets a host copy gathered one parameter at a time and the other
+        ranks, which join every gather (a collective), get None (``vopd.sharding.host_copy``). ``trainable_only``:
+        only the trained parameters are copied (LoRA: a checkpoint holds the adapters; the base stays weightless)."""
+        from vopd.sharding import host_copy
+
+        if not self.sharded or self.skeleton is None:
+            return contextlib.nullcontext(self.model)
+        only = set(self._trainable_names()).__contains__ if trainable_only else None
+        return host_copy(self.model, self.skeleton, keep=is_main(), only=only)
+
+    def loading(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The module to load a checkpoint's weights into (every rank loads the same files): the model itself, except
+        under FSDP2, where a host module takes them and its trained parameters are sharded into the model when the
+        block ends (``vopd.sharding.loaded_into``)."""
+        from vopd.sharding import loaded_into
+
+        if not self.sharded or self.skeleton is None:
+            return contextlib.nullcontext(self.model)
+        return loaded_into(self.model, self.skeleton, self._trainable_names())
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -264,26 +313,6 @@ class WrappedStudent:
         _, total = self._grad_norm()
         return 0.0 if total is None else float(total) ** 2
 
-    def refresh_full_copy(self) -> None:
-        """FSDP2: copy the updated (gathered) trainable weights into ``full``. A collective: every rank calls it."""
-        if self.strategy != "fsdp2":
-            return
-        full_params = dict(self.full.named_parameters())
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    full_params[name].copy_(_full(p))
-
-    def load_full_weights(self) -> None:
-        """FSDP2: shard the weights that were loaded into ``full`` (a resume) back into ``model``."""
-        if self.strategy != "fsdp2":
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        state: dict[str, Any] = {n: p.detach() for n, p in self.full.named_parameters() if n in trainable}
-        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> HasStateDict:
         """Something with ``state_dict()`` giving the full optimizer state in ``torch.optim``'s own layout (states
         keyed by parameter index), the same for every strategy and world size. A collective under FSDP2 (every
@@ -318,12 +347,6 @@ class WrappedStudent:
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
 
-def _full(p: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return p.full_tensor() if isinstance(p, DTensor) else p
-
-
 def _names_to_indices(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     index = {n: i for i, n in enumerate(names)}
     return {"state": {index[k]: v for k, v in state["state"].items()},
@@ -344,14 +367,14 @@ def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.de
     trained at ``precision`` (None: in the dtype it is stored in; the trainer's is ``vopd.precision.resolve_precision``,
     and the student must be loaded in its ``load`` dtype).
 
-    Call it after the weights are final for step 0 (a resume loads into ``WrappedStudent.full`` and calls
-    ``load_full_weights``) and before building the optimizer (FSDP2 replaces the parameters by sharded ones)."""
+    Call it after the weights are final for step 0 (a resume loads through ``WrappedStudent.loading``) and before
+    building the optimizer (FSDP2 replaces the parameters by sharded ones)."""
     precision = precision or Precision.native(next(model.parameters()).dtype)
     sharded = world_size() > 1 and strategy == "fsdp2"
     # One process and DDP compute under autocast over the float32 masters (why: vopd.precision); FSDP2 casts by itself.
     trunk = StudentForward(model, vocab_size, autocast=None if sharded else precision.autocast)
     if world_size() == 1:
-        return WrappedStudent("single", model, trunk, model, precision)
+        return WrappedStudent("single", model, trunk, precision)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -363,41 +386,11 @@ def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.de
                                           else {"broadcast_buffers": False})
         ddp = DistributedDataParallel(trunk, device_ids=[device.index] if device.type == "cuda" else None,
                                       **no_buffer_sync)
-        return WrappedStudent("ddp", model, ddp, model, precision)
+        return WrappedStudent("ddp", model, ddp, precision)
     if strategy == "fsdp2":
-        return WrappedStudent("fsdp2", model, trunk, _fully_shard(model, trunk, device, precision), precision)
+        from vopd.sharding import meta_skeleton, shard_student
+
+        skeleton = meta_skeleton(model)  # the unsharded shape, without weights, taken while the weights are whole
+        shard_student(model, trunk, device, precision)
+        return WrappedStudent("fsdp2", model, trunk, precision, skeleton)
     raise UserError(f"distributed.strategy={strategy!r} is not one of ddp, fsdp2")
-
-
-def _fully_shard(model: nn.Module, trunk: StudentForward, device: torch.device, precision: Precision) -> nn.Module:
-    """Shard ``model`` in place under FSDP2 with ``trunk`` as the root unit; the unsharded copy (``full``)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    # The copy for generate/eval/checkpoint files is taken before sharding, while the weights are still whole.
-    full = copy.deepcopy(model)
-    for p in full.parameters():
-        p.requires_grad_(False)
-    mesh = init_device_mesh(device.type, (world_size(),))
-    # Float32 masters under a half compute dtype: all-gathered and computed in the compute dtype, gradients
-    # reduce-scattered in float32 (MixedPrecisionPolicy, docs: pytorch.org/docs/stable/distributed.fsdp.fully_shard).
-    policy = precision.fsdp_policy()
-    # One unit per transformer block (HF names the block classes in ``_no_split_modules``): its parameters are
-    # gathered for its forward and backward only. Everything else (embeddings, final norm, output layer) is in
-    # the root unit, StudentForward: tied input/output embeddings stay one parameter in one unit, and the output
-    # weight is whole while the loss uses it.
-    blocks = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
-    for module in list(model.modules()):
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, mp_policy=policy)
-    fully_shard(trunk, mesh=mesh, mp_policy=policy)
-    # FSDP2 warns that the root returns views (the output weight sliced to the tokenizer, hidden states): an
-    # in-place op on them would skip its pre-backward hook. The trainer never modifies them in place.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPStudentForward\) returned a view")
-    return full
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    from vopd.models import base_model
-
-    return base_model(model)

@@ -25,12 +25,16 @@ if TYPE_CHECKING:
     from vopd.precision import Precision
 
 
-def engine_factory(cfg: TrainConfig, precision: Precision | None = None) -> SamplerFactory:
+def engine_factory(cfg: TrainConfig, precision: Precision | None = None, *, sharded: bool = False) -> SamplerFactory:
     """The ``SamplerFactory`` of ``rollout.engine``: ``hf_engine``, or one that builds the colocated vLLM engine
     (its length checked against the student first, before vLLM is imported). ``precision``: the student's
     (``vopd.precision``): generate autocasts float32 masters to the compute dtype, and the vLLM engine runs in it
-    (the pushed masters are cast by its weight loader); None: the weights' own dtype."""
+    (the pushed masters are cast by its weight loader); None: the weights' own dtype. ``sharded``: the student is
+    sharded (FSDP2): generate runs on every rank in step (``synced``) and FSDP2's policy casts the gathered weights
+    (no autocast, as in training); the vLLM push gathers one parameter at a time."""
     if cfg.rollout.engine == "hf":
+        if sharded:
+            return partial(hf_engine, synced=True)
         return hf_engine if precision is None or precision.autocast is None else partial(
             hf_engine, autocast=precision.autocast)
 

@@ -169,6 +169,7 @@ def evaluate(
     progress: bool = False,
     chat: ChatOptions = ChatOptions(),
     autocast: torch.dtype | None = None,
+    synced: bool = False,
 ) -> EvalResult:
     """Sample ``n`` completions per problem and grade them.
 
@@ -176,8 +177,9 @@ def evaluate(
     prompt for math and ``MCQ_PROMPT_TEMPLATE`` for multiple choice; ``chat`` renders the templated text through the
     chat template (``ChatOptions.text_as_chat``, as training does: ``vopd.prompts.render_prompt``), and generation
     stops on EOS or the template's end of turn. Samples are reproducible for a given ``seed``,
-    ``batch_size`` and device; the caller's torch RNG state is left as it was. ``autocast``: as
-    ``vopd.sampling.generate``'s (a student stored as float32 masters, evaluated in its compute dtype).
+    ``batch_size`` and device; the caller's torch RNG state is left as it was. ``autocast``, ``synced``: as
+    ``vopd.sampling.generate``'s (a student stored as float32 masters, evaluated in its compute dtype; a student
+    sharded over the ranks, evaluated by every rank in step).
     """
     import torch
     from tqdm import tqdm
@@ -216,7 +218,7 @@ def evaluate(
             out = generate(
                 model, tokenizer, rows[start : start + batch_size], max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, batch_size=batch_size,
-                autocast=autocast,
+                autocast=autocast, synced=synced,
             )
             completions += out.completions
             truncated += out.truncated
@@ -354,20 +356,21 @@ def cli_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- evaluation inside a training run
 
 def evaluate_student(student: Model, teacher: Teacher | None, tok: Tokenizer, cfg: TrainConfig,
-                     vocab: int, *, autocast: torch.dtype | None = None) -> dict[str, float]:
+                     vocab: int, *, autocast: torch.dtype | None = None, synced: bool = False) -> dict[str, float]:
     """Accuracy on ``data.eval`` (Avg/Pass/Maj@n) and the exact held-out KL on fresh temperature-1 samples. The KL
     needs the teacher's full distribution and one teacher for every problem: with a teacher that sends per-token
     numbers, or several teachers (``teacher`` None: held-out rows are not routed), ``eval_kl`` is left out.
-    ``autocast``: the student's (``vopd.precision.Precision.autocast``): float32 masters run in the compute dtype."""
+    ``autocast``: the student's (``vopd.precision.Precision.autocast``): float32 masters run in the compute dtype.
+    ``synced``: the student is sharded (FSDP2): every rank evaluates, in step (``vopd.sampling.generate``)."""
     problems = load_problems(cfg.data.eval, kind="math", problem_field=cfg.data.prompt_field,
                              answer_field=cfg.data.answer_field, limit=cfg.eval.limit or None)
     result = evaluate(student, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed,
                       greedy=cfg.eval.greedy, template=cfg.data.template, chat=chat_options(cfg.data),
-                      autocast=autocast)
+                      autocast=autocast, synced=synced)
     m = result.metrics
     out = {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n}
     if teacher is not None and teacher.full_distribution:
         out["eval_kl"] = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab,
-                                    autocast=autocast)
+                                    autocast=autocast, synced=synced)
     return out

@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 
 
 def heldout_kl(student: Model, teacher: Teacher, tok: Tokenizer, problems: list[str], cfg: TrainConfig,
-               vocab: int, seed: int | None = None, *, autocast: torch.dtype | None = None) -> float:
+               vocab: int, seed: int | None = None, *, autocast: torch.dtype | None = None,
+               synced: bool = False) -> float:
     """Mean exact KL_t(student || teacher) on one temperature-1 completion per problem; RNG state is restored.
-    ``autocast``: the student's compute dtype when it is stored as float32 masters (``vopd.precision``)."""
+    ``autocast``: the student's compute dtype when it is stored as float32 masters (``vopd.precision``); ``synced``:
+    the student is sharded over the ranks, and every rank computes this in step (``vopd.sampling.generate``)."""
     import torch
 
     from vopd.rollout import hf_sampler, pack
@@ -37,7 +39,7 @@ def heldout_kl(student: Model, teacher: Teacher, tok: Tokenizer, problems: list[
     try:
         ids = [render_prompt(tok, p, template=cfg.data.template, chat=chat_options(cfg.data)) for p in problems]
         sampler = hf_sampler(student, tok, max_new_tokens=cfg.eval_max_new_tokens, temperature=1.0, top_p=1.0,
-                             top_k=0, batch_size=cfg.rollout.batch_size, autocast=autocast)
+                             top_k=0, batch_size=cfg.rollout.batch_size, autocast=autocast, synced=synced)
         rollout = pack(ids, sampler(ids), tok.pad_token_id)
         kl, _ = rollout_kl(student, teacher, rollout, vocab_size=vocab, micro_batch_size=cfg.micro_batch_size,
                            autocast=autocast)
@@ -52,7 +54,8 @@ def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size
 
     Uses the ``opd-full`` fused head without gradients (its value is the mean KL_t), so the teacher must have the
     full distribution; the student's states reach it as in training (``vopd.models.student_states``, ``autocast``).
-    The student's train/eval mode is left as it was."""
+    The student's train/eval mode is left as it was. Every micro-batch runs both models' forwards, so a sharded
+    model's collectives come in the same number on every rank."""
     import torch
 
     from vopd.loss.chunked import fused_distillation_loss
@@ -67,11 +70,13 @@ def rollout_kl(student: Model, teacher: Teacher, rollout: Rollout, *, vocab_size
             for lo in range(0, rollout.size, micro_batch_size):
                 mb = rollout.select(lo, lo + micro_batch_size).to(device)
                 n = int(mb.loss_mask.sum())
-                if n == 0:
-                    continue
+                # Both forwards run even without tokens to count: a sharded student's or teacher's forward is a
+                # collective, and every rank must run as many.
                 scores = teacher.score(mb)
                 hidden, head = student_states(student, mb.input_ids, mb.attention_mask, vocab_size,
                                               autocast=autocast)
+                if n == 0:
+                    continue
                 hs = hidden[:, :-1]
                 out = fused_distillation_loss(hs, head.weight, mb.targets, mb.loss_mask, scores,
                                               method="opd-full", student_bias=head.bias,

@@ -82,7 +82,7 @@ class Precision:
     def autocast(self) -> torch.dtype | None:
         """The dtype a forward of the student *as loaded* runs under ``torch.autocast`` to: the compute dtype when its
         weights are stored wider (full fine-tuning over float32 masters), else None (its own dtype). FSDP2's sharded
-        forward casts by itself instead (``fsdp_policy``); its unsharded copy for sampling is stored as loaded."""
+        forward casts by itself instead (``fsdp_policy``), in training and in sampling alike."""
         return self.compute if self.load != self.compute else None
 
     def fsdp_policy(self) -> Any:

@@ -200,14 +200,16 @@ class OnPolicyRollouts:
 
 
 def hf_sampler(model: Model, tokenizer: Tokenizer, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-               batch_size: int, cache: Cache = "dynamic", autocast: torch.dtype | None = None) -> Sampler:
+               batch_size: int, cache: Cache = "dynamic", autocast: torch.dtype | None = None,
+               synced: bool = False) -> Sampler:
     """Sampling with ``model.generate`` and a ``cache`` KV cache ("dynamic" or "static"; the same tokens either way),
-    returning the sampler's log-probs for the importance ratio; ``autocast``: as ``vopd.sampling.generate``'s."""
+    returning the sampler's log-probs for the importance ratio; ``autocast``, ``synced``: as
+    ``vopd.sampling.generate``'s."""
 
     def sample(prompts: list[list[int]]) -> Samples:
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, top_k=top_k, return_logprobs=True, batch_size=batch_size, cache=cache,
-                        autocast=autocast)
+                        autocast=autocast, synced=synced)
 
     return sample
 
@@ -218,12 +220,12 @@ SamplerFactory = Callable[["Model", "Tokenizer", "RolloutConfig"], Sampler]
 
 
 def hf_engine(model: Model, tokenizer: Tokenizer, rollout: RolloutConfig, *,
-              autocast: torch.dtype | None = None) -> Sampler:
-    """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings (``autocast``: as
-    ``vopd.sampling.generate``'s)."""
+              autocast: torch.dtype | None = None, synced: bool = False) -> Sampler:
+    """The default ``SamplerFactory``: Hugging Face generate at the config's rollout settings (``autocast``,
+    ``synced``: as ``vopd.sampling.generate``'s)."""
     return hf_sampler(model, tokenizer, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                       top_p=rollout.top_p, top_k=rollout.top_k, batch_size=rollout.batch_size, cache=rollout.cache,
-                      autocast=autocast)
+                      autocast=autocast, synced=synced)
 
 
 def check_weight_sync(rollout: RolloutConfig, token_metrics: dict[str, float], compute_dtype: torch.dtype) -> None:

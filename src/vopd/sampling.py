@@ -130,6 +130,7 @@ def generate(
     cache: Cache = "dynamic",
     stop_ids: list[int] | None = None,
     autocast: torch.dtype | None = None,
+    synced: bool = False,
 ) -> Samples:
     """Sample one completion per prompt (repeat a prompt in ``prompts`` to get several).
 
@@ -139,6 +140,9 @@ def generate(
     ``cache`` picks the KV cache (``CACHES``); it changes speed and memory, not the distribution sampled from.
     ``autocast``: the compute dtype of a model stored as float32 masters (``vopd.precision.Precision.autocast``): its
     forwards run under ``torch.autocast`` to it, as the trainer's do; None: in the weights' own dtype.
+    ``synced``: ``model`` is sharded over the ranks (FSDP2), so each forward is a collective: every rank calls this
+    with as many prompts, and a rank whose rows have all stopped keeps running forwards (their tokens dropped)
+    until every rank's have (transformers' ``synced_gpus``), so that all ranks run the same number of forwards.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -178,6 +182,7 @@ def generate(
                     attention_mask=attention.to(device),
                     generation_config=gen_config,
                     logits_processor=LogitsProcessorList(warpers + ([recorder] if recorder else [])),
+                    **({"synced_gpus": True} if synced else {}),  # else generate's own default, as before
                 ).sequences  # only the ids: the output also holds the KV cache, which must not outlive this batch
             new = sequences[:, width:]
             if recorder is not None:

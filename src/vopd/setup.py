@@ -4,13 +4,13 @@ cannot start.
 What it knows: how a run starts (``Start``: a new run, an overwrite, or a resume from the newest or a given
 checkpoint, with or without discarding newer work: one value where four flags used to be), and the order of set-up
 (``set_up``): the precision (``vopd.precision``: the dtypes the student is loaded, trained and computed in), the
-student, the teachers, the training prompts (read once), the pre-flight on the very teacher objects that train, LoRA
-and gradient checkpointing, the loss plan (``vopd.loss.plan``, resolved once), the wrapped student and the rollout
-source; only then the output directory (so a run that cannot start leaves it untouched), the optimizer, the scheduler
-and the resume state (``TrainerState``, what a checkpoint holds besides weights and optimizer). What it does not
-know: the loop (``vopd.train``), the loss math (``vopd.loss``), which teacher placement it talks to
-(``vopd.teacher``), the rules of the output directory (``vopd.rundir``) or the checkpoint layout
-(``vopd.checkpoint``).
+student, the teachers, the training prompts (read once), the pre-flight on the very teacher objects that train (then
+the sharding of the in-process teachers the run shards, ``vopd.sharding``), LoRA and gradient checkpointing, the
+loss plan (``vopd.loss.plan``, resolved once), the wrapped student and the rollout source; only then the output
+directory (so a run that cannot start leaves it untouched), the optimizer, the scheduler and the resume state
+(``TrainerState``, what a checkpoint holds besides weights and optimizer). What it does not know: the loop
+(``vopd.train``), the loss math (``vopd.loss``), which teacher placement it talks to (``vopd.teacher``), the rules
+of the output directory (``vopd.rundir``) or the checkpoint layout (``vopd.checkpoint``).
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from vopd.models import (Tokenizer, apply_lora, enable_gradient_checkpointing, l
 from vopd.precision import resolve_precision
 from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory
 from vopd.rundir import prepare_output_dir
+from vopd.sharding import teacher_is_sharded
 from vopd.step import loss_plan
 from vopd.teacher.base import SELF
+from vopd.teacher.local import in_process
 from vopd.teacher.reprompt import OwnPromptTeacher
 from vopd.teacher.routing import Teachers, open_teachers
 
@@ -198,6 +200,7 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         plan = loss_plan(cfg.loss, logit_transform(model))  # resolved once; every teacher must serve its method
         for line in preflight(model, tok, teachers, cfg, prompts=prompts, plan=plan):  # placement and method
             info(f"pre-flight ok: {line}")
+        _shard_teachers(teachers, cfg, device)  # after the pre-flight, which runs them whole
         if cfg.batch_size % dist.world_size():
             raise UserError(f"batch_size={cfg.batch_size} is not divisible by the world size {dist.world_size()}")
         if cfg.lora.enabled:
@@ -206,10 +209,13 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
-        # The student under DDP/FSDP2 (one process: unwrapped) and the sampler on its full weights, before the
+        # The student under DDP/FSDP2 (one process: unwrapped) and the sampler on its live weights, before the
         # output directory is claimed: a rollout engine that cannot start leaves no run behind.
         student = dist.wrap(model, len(tok), cfg.distributed.strategy, device, precision)
-        sample = (make_sampler or engine_factory(cfg, precision))(student.full, tok, cfg.rollout)
+        make = make_sampler or engine_factory(cfg, precision, sharded=student.sharded)
+        sample = make(student.model, tok, cfg.rollout)
+        if make_sampler is not None or cfg.rollout.engine == "hf":  # FSDP2: generate on the sharded module, in step
+            sample = student.inferring(sample)  # (the vLLM push gathers each weight itself: no root to gather)
         out_dir, config_dict = Path(cfg.output_dir), config_to_dict(cfg)
         start_from = dist.on_main(lambda: _claim(out_dir, cfg, config_dict, start))  # every rank: the same one
         if start.how == "resume" and start.checkpoint is None and start_from is None:
@@ -235,6 +241,16 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
                   scheduler, state, writer, bar, start_from)
 
 
+def _shard_teachers(teachers: Teachers, cfg: TrainConfig, device: torch.device) -> None:
+    """Shard, in place, each in-process teacher this run shards (``vopd.sharding.teacher_is_sharded``: under torchrun,
+    by default whenever the student is sharded), onto ``device``; ``offload`` keeps its shards in host memory."""
+    for entry in cfg.model.teacher_configs:
+        if teacher_is_sharded(entry, strategy=cfg.distributed.strategy, lora=cfg.lora.enabled):
+            local = in_process(teachers.by_name[entry.name])
+            assert local is not None  # open_teachers loaded it in this process
+            local.shard(device, offload=entry.offload)
+
+
 def _claim(out_dir: Path, cfg: TrainConfig, config_dict: dict[str, Any], start: Start) -> Path | None:
     """Rank 0 claims ``output_dir`` for ``start`` (``vopd.rundir``) and writes the config; the checkpoint to resume
     from, or None."""
@@ -258,13 +274,13 @@ def _resume(start_from: Path, student: dist.WrappedStudent, optimizer: torch.opt
         TrainerState.from_dict(saved).check(start_from, manifest_step=ckpt.checkpoint_step(start_from),
                                             steps=cfg.steps, batch_size=cfg.batch_size, prompts=prompts)
 
-    state = TrainerState.from_dict(ckpt.load_checkpoint(
-        start_from, model=student.full, optimizer=student.optimizer_loader(optimizer), scheduler=scheduler,
-        check_state=check))
+    with student.loading() as target:  # FSDP2: a host module, sharded into the student when the block ends
+        state = TrainerState.from_dict(ckpt.load_checkpoint(
+            start_from, model=target, optimizer=student.optimizer_loader(optimizer), scheduler=scheduler,
+            check_state=check))
     if scheduler.last_epoch != state.step:
         raise UserError(f"checkpoint {start_from} is inconsistent: scheduler.pt is at step {scheduler.last_epoch}, "
                         f"trainer_state at step {state.step}; resume from another checkpoint")
-    student.load_full_weights()
     info(f"resumed from {start_from} at step {state.step}")
     if state.world_size != dist.world_size():
         info(f"resume: world size {dist.world_size()} (the checkpoint was written at {state.world_size}); the global "

@@ -131,7 +131,8 @@ def micro_batch_loss(plan: LossPlan, student: dist.WrappedStudent, teachers: Tea
     first (only its last hidden states stay alive during the student's forward), or was already asked on the
     background thread (``ahead``: a remote teacher, ``model.teachers[].overlap``), in which case the answer is awaited
     after the forward; one that sends per-token numbers is asked about the student's top-k ids for the top-k
-    methods, so it scores after the student's forward."""
+    methods, so it scores after the student's forward. A sharded teacher (``Part.idle`` when it has no rows here)
+    scores on every rank, before the student's forward, in the order of ``parts``: the same on every rank."""
     spec = plan.spec
     ahead = ahead or {}
     parts = teachers.parts(mb)
@@ -144,6 +145,8 @@ def micro_batch_loss(plan: LossPlan, student: dist.WrappedStudent, teachers: Tea
     hidden = hidden[:, :-1]
     outs = []
     for part in parts:
+        if part.idle:  # a sharded teacher without rows here: it joined the forward above, nothing of it is trained
+            continue
         rows = part.of(mb)
         h = hidden if part.rows is None else hidden.index_select(0, torch.tensor(part.rows, device=hidden.device))
         if part.name in ahead:

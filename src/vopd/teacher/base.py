@@ -69,9 +69,16 @@ class Teacher(Protocol):
 SELF = "self"
 
 
+def collective(teacher: Teacher) -> bool:
+    """Whether ``teacher.score`` is a collective that every rank must join, as often and in the same order: a teacher
+    sharded over the ranks (``InProcessTeacher.shard``) says so with ``collective = True``; a placement without
+    the attribute scores on its own (an optional member of the protocol, so that no placement must declare it)."""
+    return bool(getattr(teacher, "collective", False))
+
+
 def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device, trust_remote_code: bool = False,
                  student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False,
-                 student_dtype: torch.dtype | None = None) -> Teacher:
+                 student_dtype: torch.dtype | None = None, load_device: torch.device | None = None) -> Teacher:
     """The teacher that ``entry`` (one of ``model.teachers``) names by its ``model``: a frozen model loaded here from
     a local directory (in ``entry.dtype``), the client of a teacher server for a URL (``entry.server``: a `vopd
     serve-teacher` server; nothing is sent until it is first used), or ``self``: the ``student``'s initial weights,
@@ -79,8 +86,9 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
     ``student_dtype`` (the student's compute dtype: the copy of float32 master weights is a half teacher, as it was
     before masters; None: the student's own dtype).
     ``entry.head`` (a server only): the local checkpoint of the served teacher, whose output layer turns the server's
-    hidden states (in ``entry.hidden_dtype``) into its full distribution. No pre-flight here: the caller runs
-    ``vopd.check.preflight`` with it."""
+    hidden states (in ``entry.hidden_dtype``) into its full distribution. ``load_device``: where a local directory's
+    model is loaded (None: ``device``; the host, for a teacher sharded onto ``device`` later, so that it is never
+    whole on the GPU). No pre-flight here: the caller runs ``vopd.check.preflight`` with it."""
     path = entry.model
     if path == SELF:
         from vopd.teacher.local import InProcessTeacher, SelfTeacher
@@ -102,6 +110,6 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
     from vopd.teacher.local import InProcessTeacher
 
     tokenizer = load_tokenizer(path, role="teacher", trust_remote_code=trust_remote_code)
-    model = load_model(path, role="teacher", dtype=torch_dtype(entry.dtype, device), device=device,
+    model = load_model(path, role="teacher", dtype=torch_dtype(entry.dtype, device), device=load_device or device,
                        trust_remote_code=trust_remote_code)
     return InProcessTeacher(model, vocab_size, tokenizer=tokenizer)

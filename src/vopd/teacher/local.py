@@ -4,20 +4,29 @@ What it knows: running the teacher (eval mode, no grad, its own dtype and device
 loss its last hidden states and output layer (``TeacherHidden``: the full distribution, so it ``supports`` every
 method), moved to the rollout's device; its pre-flight pairing with the student (one token->id map, output layers
 that cover it, a head that reproduces the teacher's own logits). Also the student as its own teacher
-(``model.teacher=self`` with LoRA: ``SelfTeacher``, the base model with its adapters off while scoring). What it
-does not know: optimisers, the training loop, the loss math, or HTTP (``vopd.teacher.client``).
+(``model.teacher=self`` with LoRA: ``SelfTeacher``, the base model with its adapters off while scoring). An in-process
+teacher may be sharded over the ranks after its pre-flight (``InProcessTeacher.shard``, FSDP2 by
+``vopd.sharding``): its ``score`` is then a collective that every rank calls as often, in the same order
+(``vopd.teacher.routing`` has a rank without rows for it join on a placeholder row). What it does not know:
+optimisers, the training loop, the loss math, or HTTP (``vopd.teacher.client``).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vopd.errors import UserError
 from vopd.loss.methods import MethodSpec
 from vopd.loss.scores import TeacherHidden
-from vopd.models import Model, Tokenizer, base_model, head_error, head_mismatch, last_hidden, output_layer
+from vopd.models import (Model, Tokenizer, base_model, head_error, head_mismatch, last_hidden, logit_transform,
+                         output_layer)
 from vopd.rollout import Rollout
+
+if TYPE_CHECKING:
+    from vopd.teacher.base import Teacher
 
 
 _SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -121,12 +130,32 @@ class InProcessTeacher:
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.sharded: nn.Module | None = None  # the sharded teacher's forward (``shard``); None: whole in this rank
+
+    @property
+    def collective(self) -> bool:
+        """Sharded: every ``score`` is a collective (all-gathers) that every rank joins, as often, in the same order."""
+        return self.sharded is not None
+
+    def shard(self, device: torch.device, *, offload: bool = False) -> None:
+        """Shard the model over the ranks (FSDP2, inference only: each unit's parameters are gathered for its forward
+        and freed after it; ``offload``: its shards wait in host memory), computing on ``device``. After the
+        pre-flight, which runs the whole model (``pairing_checks``)."""
+        from vopd.sharding import shard_teacher
+
+        self.sharded = shard_teacher(self.model, self.vocab_size, device, offload=offload)
+        self.device = device
 
     @torch.no_grad()
     def score(self, rollout: Rollout, *, topk_ids: Tensor | None = None, lse: bool = False) -> TeacherHidden:
         """The teacher's last hidden states (B, L-1, D_t) and output layer: the full distribution, so ``topk_ids``
-        and ``lse`` are not needed."""
+        and ``lse`` are not needed. Sharded: the output layer is a copy made in the forward (its gathered
+        parameters are freed after it)."""
         r = rollout.to(self.device)
+        if self.sharded is not None:
+            hidden, weight, bias = self.sharded(r.input_ids, r.attention_mask)
+            scores = TeacherHidden(hidden[:, :-1], weight, bias, logit_transform(self.model))
+            return scores.to(rollout.input_ids.device)
         hidden = last_hidden(self.model, r.input_ids, r.attention_mask)[:, :-1]
         head = output_layer(self.model, self.vocab_size)
         return TeacherHidden(hidden, head.weight, head.bias, head.transform).to(rollout.input_ids.device)
@@ -146,3 +175,13 @@ class InProcessTeacher:
 
     def close(self) -> None:
         """Nothing to release: the model goes with the object."""
+
+
+def in_process(teacher: Teacher) -> InProcessTeacher | None:
+    """The ``InProcessTeacher`` a teacher is, under any prompt of its own (``OwnPromptTeacher``); None for another
+    placement (a server, ``self`` with LoRA)."""
+    from vopd.teacher.reprompt import OwnPromptTeacher
+
+    while isinstance(teacher, OwnPromptTeacher):
+        teacher = teacher.inner
+    return teacher if isinstance(teacher, InProcessTeacher) else None

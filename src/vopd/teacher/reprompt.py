@@ -67,6 +67,13 @@ class OwnPromptTeacher:
     def tokenizer(self) -> Tokenizer | None:
         return self.inner.tokenizer
 
+    @property
+    def collective(self) -> bool:
+        """The wrapped teacher's (one ``score`` here is one of its own)."""
+        from vopd.teacher.base import collective
+
+        return collective(self.inner)
+
     def supports(self, spec: MethodSpec) -> str | None:
         """The wrapped teacher's: its own prompt changes which positions it reads, not what it sends."""
         return self.inner.supports(spec)

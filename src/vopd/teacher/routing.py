@@ -17,7 +17,7 @@ import torch
 
 from vopd.precision import torch_dtype
 from vopd.rollout import Rollout
-from vopd.teacher.base import Teacher, open_teacher
+from vopd.teacher.base import Teacher, collective, open_teacher
 
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
@@ -26,12 +26,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Part:
-    """The rows of a micro-batch one teacher scores: ``rows`` None means all of them."""
+    """The rows of a micro-batch one teacher scores: ``rows`` None means all of them. ``idle``: a collective teacher
+    (sharded over the ranks) with no row here, which must still join its forward: it scores ``rows`` (one
+    placeholder row) and its scores are dropped."""
 
     name: str
     teacher: Teacher
     rows: list[int] | None
     elsewhere: bool = False  # scoring runs in another process (a server) and may overlap the student's work
+    idle: bool = False
 
     def of(self, rollout: Rollout) -> Rollout:
         return rollout if self.rows is None else rollout.take(self.rows)
@@ -68,8 +71,16 @@ class Teachers:
     def map(self, wrap: Callable[[Teacher], Teacher]) -> "Teachers":
         return Teachers({name: wrap(t) for name, t in self}, routed=self.routed, elsewhere=self.elsewhere)
 
+    @property
+    def collective(self) -> bool:
+        """Some teacher's ``score`` is a collective (sharded): every rank must score, and evaluate, in step."""
+        return any(collective(t) for _name, t in self)
+
     def parts(self, rollout: Rollout) -> list[Part]:
-        """The micro-batch ``rollout`` split by teacher: one part per teacher that has rows in it, in name order."""
+        """The micro-batch ``rollout`` split by teacher: one part per teacher that has rows in it, in name order, and
+        an ``idle`` part, at its place in that order, for each collective teacher without rows in it. The ranks' micro-
+        batches hold different teachers' rows, but a sharded teacher's forward all-gathers its weights with every rank,
+        so every rank runs each collective teacher's forward once per micro-batch, in the same order."""
         if not self.routed:
             ((name, teacher),) = self.by_name.items()
             return [Part(name, teacher, None, name in self.elsewhere)]
@@ -80,6 +91,8 @@ class Teachers:
             rows = [i for i, r in enumerate(rollout.routes) if r == name]
             if rows:
                 parts.append(Part(name, teacher, None if len(rows) == rollout.size else rows, name in self.elsewhere))
+            elif collective(teacher):
+                parts.append(Part(name, teacher, [0], idle=True))
         return parts
 
     def close(self) -> None:
@@ -96,17 +109,22 @@ class Teachers:
 def open_teachers(cfg: TrainConfig, *, vocab_size: int, device: torch.device, student: Model,
                   student_tok: Tokenizer) -> Teachers:
     """Every teacher of ``cfg`` (``model.teachers``, or the shorthand ``model.teacher`` as the one named
-    ``teacher``), routed when ``data.teacher_field`` is set. A teacher that fails to open closes the ones opened
-    before it."""
+    ``teacher``), routed when ``data.teacher_field`` is set. A teacher this run shards (``vopd.sharding.
+    teacher_is_sharded``; ``vopd.setup`` shards it after the pre-flight) is loaded on the host. A teacher that fails
+    to open closes the ones opened before it."""
+    from vopd.sharding import teacher_is_sharded
+
     configs = sorted(cfg.model.teacher_configs, key=lambda t: t.name)
     routed = bool(cfg.data.teacher_field)
     opened: dict[str, Teacher] = {}
     try:
         for entry in configs:
+            sharded = teacher_is_sharded(entry, strategy=cfg.distributed.strategy, lora=cfg.lora.enabled)
             opened[entry.name] = open_teacher(entry, vocab_size=vocab_size, device=device,
                                               trust_remote_code=cfg.model.trust_remote_code, student=student,
                                               student_tok=student_tok, lora=cfg.lora.enabled,
-                                              student_dtype=torch_dtype(cfg.model.dtype, device))
+                                              student_dtype=torch_dtype(cfg.model.dtype, device),
+                                              load_device=torch.device("cpu") if sharded else None)
     except BaseException:
         if opened:
             Teachers(opened, routed=True).close()

@@ -195,7 +195,7 @@ def interleaved_step_times(world: World, methods: list[str], *, batch_size: int,
     wrapped = dist.wrap(student, len(tok), "ddp", cpu)  # one process: no wrapping, whatever the strategy
     teachers = Teachers({TEACHER: InProcessTeacher(teacher_model, len(tok))})
     optimizer = torch.optim.AdamW(wrapped.trainable(), lr=0.0)
-    ids, sampler, batch = _sample(wrapped.full, tok, world, world.train_data, batch_size, world.config.eval_max_new_tokens,
+    ids, sampler, batch = _sample(wrapped.model, tok, world, world.train_data, batch_size, world.config.eval_max_new_tokens,
                                   seed)
     cfgs = {m: load_config(None, [f"model.student={world.student}", f"model.teacher={world.teacher}",
                                   f"data.train={world.train_data}", f"loss.method={m}", f"loss.top_k={top_k}",
