@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from vopd import distributed as dist
 from vopd.errors import UserError
 
 if TYPE_CHECKING:
@@ -42,11 +41,19 @@ if TYPE_CHECKING:
     from vopd.teacher_config import TeacherConfig
 
 
+def _world_size() -> int:
+    """The ranks of the run (1 without torch.distributed); ``vopd.distributed.world_size``'s rule, read here directly:
+    ``vopd.distributed`` imports this module, so this one does not import it back."""
+    import torch.distributed as tdist
+
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
 def _mesh(device: torch.device) -> DeviceMesh:
     """One flat mesh over every rank (HSDP, sharding within a node only, is not implemented: scale.md row 11)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device.type, (dist.world_size(),))
+    return init_device_mesh(device.type, (_world_size(),))
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -106,24 +113,27 @@ def gathered_root(trunk: nn.Module, model: nn.Module) -> Iterator[nn.Module]:
 # ------------------------------------------------------------------------------------------------ teachers
 
 
+#: ``vopd.teacher.base.SELF`` (the student's initial weights as the teacher), spelled here: the teachers import this
+#: module to shard themselves, so it does not import them back.
+_SELF = "self"
+
+
 def teacher_is_sharded(entry: TeacherConfig, *, strategy: str, lora: bool) -> bool:
     """Whether the in-process teacher of ``entry`` is sharded in this run: under torchrun, with ``shard=always``, or
     ``shard=auto`` (the default) when the student is sharded (``distributed.strategy=fsdp2``). A teacher server
     holds its own weights; ``self`` with LoRA is the student's own base. One-line errors for an ``offload`` with
     nothing sharded to offload, and for ``shard=always`` on a teacher whose weights are the student's."""
-    from vopd.teacher.base import SELF
-
     key = f"teacher {entry.name}: model.teachers[]"
     if entry.remote:
         return False
-    own_weights = not (entry.model == SELF and lora)
+    own_weights = not (entry.model == _SELF and lora)
     if entry.shard == "always" and not own_weights:
         raise UserError(f"{key}.shard=always: model.teacher=self with LoRA scores with the student's own base "
                         "weights, which are not a model of their own to shard; set shard=auto")
-    sharded = (dist.world_size() > 1 and own_weights and
+    sharded = (_world_size() > 1 and own_weights and
                (entry.shard == "always" or (entry.shard == "auto" and strategy == "fsdp2")))
     if entry.offload and not sharded:
-        where = "in one process" if dist.world_size() == 1 else f"with distributed.strategy={strategy}"
+        where = "in one process" if _world_size() == 1 else f"with distributed.strategy={strategy}"
         raise UserError(f"{key}.offload=true keeps a sharded teacher's shards in host memory, but this teacher is "
                         f"not sharded {where} (shard={entry.shard}): run under torchrun with shard=always (or "
                         "auto under fsdp2), or set offload=false")

@@ -13,7 +13,6 @@ optimisers, the training loop, the loss math, or HTTP (``vopd.teacher.client``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +23,6 @@ from vopd.loss.scores import TeacherHidden
 from vopd.models import (Model, Tokenizer, base_model, head_error, head_mismatch, last_hidden, logit_transform,
                          output_layer)
 from vopd.rollout import Rollout
-
-if TYPE_CHECKING:
-    from vopd.teacher.base import Teacher
 
 
 _SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -177,11 +173,10 @@ class InProcessTeacher:
         """Nothing to release: the model goes with the object."""
 
 
-def in_process(teacher: Teacher) -> InProcessTeacher | None:
+def in_process(teacher: object) -> InProcessTeacher | None:
     """The ``InProcessTeacher`` a teacher is, under any prompt of its own (``OwnPromptTeacher``); None for another
-    placement (a server, ``self`` with LoRA)."""
-    from vopd.teacher.reprompt import OwnPromptTeacher
-
-    while isinstance(teacher, OwnPromptTeacher):
+    placement (a server, ``self`` with LoRA). A wrapper is unwrapped through its ``inner`` (the wrapper's own
+    module is not imported: it imports the teachers' protocol, which imports this module)."""
+    while not isinstance(teacher, InProcessTeacher) and hasattr(teacher, "inner"):
         teacher = teacher.inner
     return teacher if isinstance(teacher, InProcessTeacher) else None
