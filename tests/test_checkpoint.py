@@ -1,4 +1,6 @@
-"""Checkpoints: full and LoRA round trips, merged export, RNG, pruning, corruption, a killed writer, run directories."""
+"""Checkpoints in one process: full and LoRA round trips (the sharded layout vopd writes, and the full layout it
+still reads), merged and streamed exports, RNG, pruning, corruption, a killed writer, run directories. Several ranks:
+test_sharded_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -15,18 +17,19 @@ import numpy as np
 import pytest
 import torch
 
+from legacy_checkpoint import write_full_checkpoint
+from vopd import checkpoint_legacy
 from vopd.checkpoint import (
     MANIFEST,
     latest_valid_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     rng_state,
-    save_checkpoint,
     set_rng_state,
     verify_checkpoint,
 )
+from vopd.checkpoint_sharded import load_checkpoint, save_checkpoint
 from vopd.errors import UserError
-from vopd.export import export_merged
+from vopd.export import export_merged, export_streamed
 from vopd.rundir import RUN_MARKER, prepare_output_dir
 
 transformers = pytest.importorskip("transformers")
@@ -83,8 +86,8 @@ def test_full_round_trip(tmp_path: Path) -> None:
     for _ in range(2):
         train_step(model, optimizer, scheduler, ids)
     state = {"step": 2, "position": 17, "metrics": {"loss": float("nan")}, "bad_steps": 0}
-    path = save_checkpoint(tmp_path, 2, model=model, tokenizer=tiny_tokenizer(), optimizer=optimizer,
-                           scheduler=scheduler, trainer_state=state, config=CONFIG, keep_last=2)
+    path = save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, trainer_state=state,
+                           config=CONFIG, keep_last=2)
     expected_draws = draws()
     train_step(model, optimizer, scheduler, ids)  # the reference continues from the saved state
     expected_weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -94,8 +97,10 @@ def test_full_round_trip(tmp_path: Path) -> None:
     listed = {f["path"] for f in manifest["files"]}
     on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
     assert listed == on_disk
-    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "optimizer.pt", "scheduler.pt",
-            "trainer_state.json", "rng.pt", "config.yaml"} <= listed
+    assert listed == {"shards/.metadata", "shards/__0_0.distcp", "optimizer_scalars.pt", "scheduler.pt",
+                      "trainer_state.json", "rng.pt", "config.yaml"}
+    assert [f.get("rank") for f in manifest["files"] if f["path"] == "shards/__0_0.distcp"] == [0]
+    assert manifest["layout"] == "sharded" and manifest["version"] == 2 and manifest["world_size"] == 1
     verify_checkpoint(path)
 
     # A fresh process-like state: other weights, fresh optimizer/scheduler, RNGs moved on.
@@ -119,20 +124,42 @@ def test_rng_state_round_trip() -> None:
     assert draws() == first
 
 
-def test_moe_weights_converted_by_transformers_round_trip(tmp_path: Path) -> None:
-    # transformers stores fused MoE experts under other names than in memory; loading must go through it.
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_moe_weights_round_trip_in_both_layouts_and_the_streamed_export(tmp_path: Path) -> None:
+    # transformers stores fused MoE experts under other names than in memory. The sharded layout keeps the names in
+    # memory; the full layout and the exports hold the files' names, so they go through transformers' conversions.
     torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
     )
     model = transformers.Qwen3MoeForCausalLM(config)
-    path = save(tmp_path, 1, model)
-    torch.manual_seed(1)
-    model2 = transformers.Qwen3MoeForCausalLM(config)
-    load_checkpoint(path, model=model2)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(model2.state_dict()[key], value, rtol=0, atol=0)
+    full = write_full_checkpoint(tmp_path / "full", 1, model=model, trainer_state={"step": 1}, config=CONFIG)
+    for path, load in ((save(tmp_path / "sharded", 1, model), load_checkpoint),
+                       (full, checkpoint_legacy.load_checkpoint)):
+        torch.manual_seed(1)
+        model2 = transformers.Qwen3MoeForCausalLM(config)
+        load(path, model=model2)
+        _same_weights(model, model2)
+    # The streamed export, here one file per layer, writes the names and values save_pretrained writes.
+    model.save_pretrained(tmp_path / "hf")
+    export_streamed(model, None, tmp_path / "streamed", file_bytes=1)
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    from safetensors.torch import load_file
+
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    # embeddings | layer 0 | layer 1 | final norm | output layer
+    assert sorted(index["weight_map"]) == sorted(hf) and len(set(index["weight_map"].values())) == 5
+    files = set(index["weight_map"].values())
+    streamed = {k: v for f in files for k, v in load_file(tmp_path / "streamed" / f).items()}
+    assert all(torch.equal(streamed[k], hf[k]) for k in hf)
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == json.loads(
+        (tmp_path / "hf" / "config.json").read_text())
+    _same_weights(model, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "streamed"))
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
@@ -150,8 +177,11 @@ def test_peft_round_trip_and_merged_export(tmp_path: Path, use_dora: bool) -> No
     with torch.no_grad():
         reference = model(ids).logits
     path = save(tmp_path / "run", 1, model, optimizer=optimizer, scheduler=scheduler)
-    assert (path / "model" / "adapter_config.json").is_file()
-    assert not (path / "model" / "model.safetensors").exists()  # the adapter only
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(path / "shards").read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all("lora_" in k for k in weights)  # the adapter only
 
     model2 = peft.get_peft_model(tiny_model(0), lora)  # same base, untrained adapter
     optimizer2, scheduler2 = optimizer_and_scheduler(model2)
@@ -168,10 +198,19 @@ def test_peft_round_trip_and_merged_export(tmp_path: Path, use_dora: bool) -> No
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference, rtol=1e-4, atol=1e-5)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged").eos_token == "<eos>"
+    if use_dora:  # the streamed export (FSDP2's) merges plain LoRA only: a run cannot configure DoRA
+        with pytest.raises(UserError, match="plain LoRA linear layers only"):
+            export_streamed(model, None, tmp_path / "streamed")
+    else:  # the same merge, one tensor at a time
+        export_streamed(model, tiny_tokenizer(), tmp_path / "streamed")
+        _same_weights(merged, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "streamed"))
 
     # A full-model checkpoint does not load into a LoRA model (and vice versa).
-    with pytest.raises(UserError, match="lora.enabled"):
+    with pytest.raises(UserError, match="holds a full model but the model to resume is a LoRA adapter.*lora.enabled"):
         load_checkpoint(save(tmp_path / "full", 1, tiny_model(0)), model=model2)
+    with pytest.raises(UserError, match="lora.enabled"):
+        checkpoint_legacy.load_checkpoint(write_full_checkpoint(tmp_path / "v1", 1, model=tiny_model(0), trainer_state={
+            "step": 1}, config=CONFIG), model=model2)
 
 
 def test_keep_last_prunes_and_resave_replaces(tmp_path: Path) -> None:
@@ -184,6 +223,13 @@ def test_keep_last_prunes_and_resave_replaces(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")], "temp dirs left behind"
     with pytest.raises(UserError, match="keep_last"):
         save(tmp_path, 5, model, keep_last=0)
+
+
+def _flipped(blob: bytes) -> bytes:
+    """The same bytes with one in the middle changed: the size is the same."""
+    flipped = bytearray(blob)
+    flipped[len(flipped) // 2] ^= 0xFF
+    return bytes(flipped)
 
 
 def test_corrupt_checkpoint_falls_back(tmp_path: Path) -> None:
@@ -200,13 +246,25 @@ def test_corrupt_checkpoint_falls_back(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="corrupt"):
         load_checkpoint(second, model=model)
 
-    # Same size, different bytes: only the sha256 catches it.
-    blob = bytearray((first / "optimizer.pt").read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    (first / "optimizer.pt").write_bytes(bytes(blob))
-    with pytest.raises(UserError, match=r"file optimizer.pt: sha256 .*no valid checkpoint is left"):
-        verify_checkpoint(first)
+    # Same size, different bytes: only the sha256 catches it. A shard file is hashed by the rank that reads it:
+    # at loading (any other file: by every check).
+    shard = first / "shards" / "__0_0.distcp"
+    pristine = shard.read_bytes()
+    shard.write_bytes(_flipped(pristine))
+    assert latest_valid_checkpoint(tmp_path, shards=()) == first
+    fresh = tiny_model(1)
+    with pytest.raises(UserError, match=r"file shards/__0_0.distcp: sha256 .*no valid checkpoint is left"):
+        load_checkpoint(first, model=fresh, optimizer=optimizer_and_scheduler(fresh)[0])
     assert latest_valid_checkpoint(tmp_path) is None
+    shard.unlink()  # a shard file gone: every check sees it (sizes and presence are checked for every file)
+    with pytest.raises(UserError, match=r"file shards/__0_0.distcp: missing\); no valid checkpoint is left"):
+        verify_checkpoint(first, shards=())
+    shard.write_bytes(pristine)
+    scalars = first / "optimizer_scalars.pt"
+    scalars.write_bytes(_flipped(scalars.read_bytes()))
+    with pytest.raises(UserError, match=r"file optimizer_scalars.pt: sha256 .*no valid checkpoint is left"):
+        verify_checkpoint(first, shards=())
+    assert latest_valid_checkpoint(tmp_path, shards=()) is None
 
     # A directory without a manifest is not a checkpoint at all.
     (second / MANIFEST).unlink()
@@ -217,7 +275,7 @@ def test_corrupt_checkpoint_falls_back(tmp_path: Path) -> None:
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, torch, transformers
-    import vopd.checkpoint as ck
+    import vopd.checkpoint_sharded as ck
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -227,9 +285,9 @@ KILLED_WRITER = textwrap.dedent("""
                                            trainer_state={"step": step}, config={"steps": 9}, keep_last=5)
     save(1)
     real_save = torch.save
-    def slow_save(obj, f, *args, **kwargs):  # write one file of the next checkpoint, then hang mid-checkpoint
+    def slow_save(obj, f, *args, **kwargs):  # write one tensor of the next checkpoint, then hang mid-checkpoint
         real_save(obj, f, *args, **kwargs)
-        print("WRITING", f, flush=True)
+        print("WRITING", flush=True)
         time.sleep(120)
     torch.save = slow_save
     save(2)
@@ -250,7 +308,7 @@ def test_writer_killed_mid_checkpoint_leaves_previous_valid(tmp_path: Path) -> N
         line = proc.stdout.readline()  # blocks until step 2 is half written (or the script died)
         assert line.startswith("WRITING"), f"writer did not reach the second checkpoint: {line!r}"
         partial = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-step-00000002")]
-        assert len(partial) == 1 and (partial[0] / "model").is_dir() and not (partial[0] / MANIFEST).exists()
+        assert len(partial) == 1 and (partial[0] / "shards").is_dir() and not (partial[0] / MANIFEST).exists()
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
@@ -313,9 +371,9 @@ def test_resume_refuses_when_every_checkpoint_is_corrupt(tmp_path: Path) -> None
 def test_every_file_of_a_checkpoint_is_in_its_manifest(tmp_path: Path) -> None:
     model = tiny_model()
     path = save(tmp_path, 1, model)
-    extra = path / "model" / "extra.safetensors"  # would be read by the loader's glob
+    extra = path / "shards" / "__1_0.distcp"  # as if a rank had written it after the manifest
     extra.write_bytes(b"not a checkpoint file")
-    with pytest.raises(UserError, match=r"file model/extra.safetensors: not listed in the manifest"):
+    with pytest.raises(UserError, match=r"file shards/__1_0.distcp: not listed in the manifest"):
         verify_checkpoint(path)
     with pytest.raises(UserError, match="not listed in the manifest"):
         load_checkpoint(path, model=tiny_model(1))

@@ -62,8 +62,8 @@ FAULTS = textwrap.dedent("""
                 hang()
             real_write(self, step, metrics)
         MetricsWriter.write = write
-    elif fault == "checkpoint":  # the first file of a checkpoint written, the rest not
-        import vopd.checkpoint as ck
+    elif fault == "checkpoint":  # the first tensor of a checkpoint's shard file written, the rest not
+        import vopd.checkpoint_sharded as ck
         real_checkpoint, real_torch_save = ck.save_checkpoint, torch.save
         def save_checkpoint(out, step, **kwargs):
             if step == at:
@@ -149,7 +149,8 @@ def test_killed_mid_step_mid_line_and_mid_checkpoint_then_resumed_equals_uninter
     # 3. resumed at 4 (the torn line dropped), killed while writing the checkpoint of step 6
     _kill_at_fault([*args, "--resume"], ("checkpoint", 6), tmp_path)
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000002", "step-00000004"]
-    assert [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-step-00000006")]
+    [partial] = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-step-00000006")]
+    assert (partial / "shards").is_dir() and not (partial / "shards" / ".metadata").exists()  # killed inside DCP
     assert not (out / "final").exists()
     # 4. resumed at 4 again: steps 5 and 6 are recomputed, their old lines replaced
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

@@ -1,5 +1,6 @@
 """Data-parallel training on the CPU (gloo, 2 processes): DDP and FSDP2 give the one-process update on the same
-global batch, and a checkpoint written by 2 ranks resumes (at 2 ranks or at 1) to the uninterrupted result.
+global batch (under FSDP2 the final model is streamed from the shards), and a sharded checkpoint written by 2 ranks
+resumes (at 2 ranks or at 1) to the uninterrupted result (more world-size changes: test_sharded_checkpoints.py).
 
 The rollouts must be the same in every run being compared, so these runs use a deterministic sampler: the
 completion depends only on the prompt (on one process or two, each prompt gets the same completion). One test runs
@@ -24,6 +25,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from vopd import checkpoint as ckpt
+from vopd.checkpoint_sharded import saved_tensors
 from vopd.config import load_config
 from vopd.sampling import Samples
 from vopd.train import Start, train
@@ -156,12 +158,18 @@ def test_two_rank_checkpoint_resumes_to_the_uninterrupted_run(strategy, dist_ove
     saved = ckpt.list_checkpoints(tmp_path / "split")
     assert [p.name for p in saved] == ["step-00000001"] and not (tmp_path / "split" / "final").exists()
     ckpt.verify_checkpoint(saved[0])
-    # The files are the usual full checkpoint: optimizer states of full shape, keyed by parameter index.
-    opt = torch.load(saved[0] / "optimizer.pt", weights_only=True)
-    weights = _weights(saved[0] / "model")
-    assert opt["param_groups"][0]["params"] == list(range(len(weights)))
-    assert sorted(tuple(s["exp_avg"].shape) for s in opt["state"].values()) == sorted(
-        tuple(w.shape) for w in weights.values())
+    # Sharded: each rank wrote (and hashed) a file of its own. Under FSDP2 every weight and moment is in 2 chunks,
+    # one per rank's file; under DDP each whole tensor was written once, by one of the ranks.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    manifest = json.loads((saved[0] / ckpt.MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and sorted(e["rank"] for e in manifest["files"] if "rank" in e) == [0, 1]
+    tensors = FileSystemReader(saved[0] / "shards").read_metadata().state_dict_metadata
+    weights = {k.removeprefix("model.") for k in tensors if k.startswith("model.")}
+    assert weights == set(load_file(str(tmp_path / "ref" / "final" / "model.safetensors")))
+    assert {k for k in tensors if k.startswith("optim.")} == {
+        f"optim.state.{w}.{moment}" for w in weights for moment in ("exp_avg", "exp_avg_sq")}
+    assert {len(m.chunks) for m in tensors.values()} == ({2} if strategy == "fsdp2" else {1})
     # The same checkpoint resumed by one process (a world-size change) ...
     shutil.copytree(tmp_path / "split", tmp_path / "single")
     train(load_config(None, base + [f"output_dir={tmp_path / 'single'}"]), start=Start.resume(), make_sampler=lambda *_: FixedSampler(),
@@ -263,7 +271,7 @@ def test_teacher_self_on_two_ranks(dist_overrides, micro_world, tmp_path):
 
 def _step_delta(run: Path, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The update of the first step: the checkpointed (float32 master) weights minus the student's initial ones."""
-    masters = _weights(ckpt.list_checkpoints(run)[-1] / "model")
+    masters = saved_tensors(ckpt.list_checkpoints(run)[-1])
     assert all(w.dtype == torch.float32 for w in masters.values())
     return {k: masters[k] - start[k].float() for k in start}
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from vopd import checkpoint as ckpt
+from vopd.checkpoint_sharded import saved_tensors
 from vopd.config import load_config
 from vopd.errors import UserError
 from vopd.precision import Precision, resolve_precision
@@ -57,8 +58,8 @@ def test_small_updates_survive_bf16_compute_over_float32_masters(micro_world, tr
 
 
 def _optimizer_dtypes(checkpoint: Path) -> set[torch.dtype]:
-    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
-    return {v.dtype for s in state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}
+    state = saved_tensors(checkpoint, "optim")
+    return {v.dtype for k, v in state.items() if k.endswith((".exp_avg", ".exp_avg_sq"))}
 
 
 def test_bf16_compute_checkpoints_hold_the_masters_resume_exactly_and_export_bf16(train_overrides, tmp_path):
@@ -67,7 +68,7 @@ def test_bf16_compute_checkpoints_hold_the_masters_resume_exactly_and_export_bf1
     cfg = load_config(None, base + [f"output_dir={tmp_path / 'split'}"])
     train(cfg, stop_at=1, log=lambda _m: None)
     (saved,) = ckpt.list_checkpoints(tmp_path / "split")
-    masters = _weights(saved / "model")
+    masters = saved_tensors(saved)
     assert {w.dtype for w in masters.values()} == {torch.float32} and _optimizer_dtypes(saved) == {torch.float32}
     # the masters hold what bf16 cannot: some weight lies between two bf16 values
     assert any(not torch.equal(w, w.to(torch.bfloat16).float()) for w in masters.values())
@@ -78,7 +79,7 @@ def test_bf16_compute_checkpoints_hold_the_masters_resume_exactly_and_export_bf1
         assert {w.dtype for w in _weights(final).values()} == {torch.bfloat16}
     a, b = _weights(full.output_dir / "final"), _weights(second.output_dir / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ma, mb = (_weights(ckpt.list_checkpoints(r.output_dir)[-1] / "model") for r in (full, second))
+    ma, mb = (saved_tensors(ckpt.list_checkpoints(r.output_dir)[-1]) for r in (full, second))
     assert all(torch.equal(ma[k], mb[k]) for k in ma)  # the masters too, bit for bit
     lines = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
@@ -93,8 +94,8 @@ def test_lora_adapters_are_the_masters_over_a_bf16_base(master, adapters, train_
     cfg = load_config(None, train_overrides + LORA + ["model.dtype=bfloat16", f"model.master_dtype={master}"])
     result = train(cfg, log=lambda _m: None)
     assert result.final_checkpoint is not None
-    saved = load_file(str(result.final_checkpoint / "model" / "adapter_model.safetensors"))
-    assert saved and {w.dtype for w in saved.values()} == {adapters}
+    saved = saved_tensors(result.final_checkpoint)  # the trainable weights: the adapters
+    assert saved and all("lora_" in k for k in saved) and {w.dtype for w in saved.values()} == {adapters}
     assert _optimizer_dtypes(result.final_checkpoint) == {adapters}
     assert {w.dtype for w in _weights(result.output_dir / "final").values()} == {torch.bfloat16}  # merged, bf16
 

@@ -1,7 +1,8 @@
 """FSDP2 sharding on the CPU (gloo, 2 processes): a sharded in-process teacher scores as the whole one and holds half
 of its weights per rank; the sharded student generates and evaluates on every rank in step without any unsharded copy
 on the device; training with a sharded teacher (routed rows included, where a rank has none of a teacher's rows),
-under DDP with an offloaded teacher, and a LoRA checkpoint resumed under FSDP2 all give the one-process run.
+under DDP with an offloaded teacher, and a sharded LoRA checkpoint resumed under FSDP2 all give the one-process
+run.
 
 Scores and samples are compared bit for bit: FSDP2's all-gather copies the weights exactly, and each rank's forward is
 then the same computation on the same shapes as the unsharded model's in the same process. Whole runs are compared
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 
 from test_distributed import (LORA, FixedSampler, _assert_same_run, _free_port, _metrics, _quiet, _two_ranks,
                               dist_overrides)
+from vopd.checkpoint_sharded import saved_tensors
 from vopd.config import load_config
 from vopd.train import Start, train
 
@@ -193,14 +195,15 @@ def test_routed_sharded_teachers_when_a_rank_lacks_a_teachers_rows(dist_override
 
 
 def test_a_lora_checkpoint_under_fsdp2_resumes_to_the_uninterrupted_run(dist_overrides, tmp_path):
-    """The checkpoint's adapter comes from a host copy of the trained parameters alone; on resume it is loaded into a
-    host module and sharded back. 2 ranks stop after step 1 and resume to step 3, as one uninterrupted process."""
+    """The checkpoint holds the adapters alone, each rank's shards of them in its own file; on resume each rank
+    loads its shards back. 2 ranks stop after step 1 and resume to step 3, as one uninterrupted process."""
     base = dist_overrides + ["steps=3", "distributed.strategy=fsdp2", *LORA]
     train(load_config(None, base + [f"output_dir={tmp_path / 'ref'}"]), make_sampler=lambda *_: FixedSampler(),
           log=_quiet)
     split = base + [f"output_dir={tmp_path / 'split'}"]
     _two_ranks(split, stop_at=1)
-    assert (tmp_path / "split" / "checkpoints" / "step-00000001" / "model" / "adapter_model.safetensors").is_file()
+    saved = saved_tensors(tmp_path / "split" / "checkpoints" / "step-00000001")
+    assert saved and all("lora_" in k for k in saved)
     _two_ranks(split, start=Start.resume())
     _assert_same_run(tmp_path / "ref", tmp_path / "split")
 

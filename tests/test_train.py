@@ -192,10 +192,10 @@ def test_corrupt_checkpoint_on_resume_is_named_with_the_last_valid_one(micro_wor
     cfg = load_config(None, train_overrides + ["steps=4", "save_every=1", "keep_last=3"])
     train(cfg, stop_at=2, log=_quiet)
     newest = ckpt.list_checkpoints(cfg.output_dir)[-1]
-    weights = newest / "model" / "model.safetensors"
+    weights = newest / "shards" / "__0_0.distcp"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk
-    with pytest.raises(UserError, match=r"checkpoint .*step-0*2 is corrupt .*model.safetensors.* last valid one is "
-                                        r".*step-0*1: resume from it with --resume-from"):
+    with pytest.raises(UserError, match=r"checkpoint .*step-0*2 is corrupt .*shards/__0_0.distcp.* last valid one "
+                                        r"is .*step-0*1: resume from it with --resume-from"):
         train(cfg, start=Start.resume(), log=_quiet)
     previous = ckpt.list_checkpoints(cfg.output_dir)[0]
     result = train(cfg, start=Start.resume(str(previous)), log=_quiet)
@@ -226,8 +226,11 @@ def test_lora_run_saves_adapter_and_a_merged_model(micro_world, train_overrides)
     cfg = load_config(None, train_overrides + ["steps=2", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
                                                "lora.target_modules=[q_proj,v_proj]"])
     result = train(cfg, log=_quiet)
-    adapter = result.final_checkpoint / "model"
-    assert (adapter / "adapter_config.json").is_file()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(result.final_checkpoint / "shards").read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all("lora_" in k for k in weights)  # the checkpoint holds the adapters only
     merged = AutoModelForCausalLM.from_pretrained(result.output_dir / "final", local_files_only=True)
     base = _weights(micro_world.student)
     changed = [k for k, v in merged.state_dict().items() if k in base and not torch.equal(v, base[k])]

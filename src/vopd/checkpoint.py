@@ -1,16 +1,22 @@
-"""Checkpoints of a run: atomic writes, verification, pruning and loading back (weights, optimizer, RNG).
+"""Checkpoints of a run: the protocol every layout shares (atomic writes, the manifest, verification, pruning, RNG).
 
-Layout: ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/`` holds ``model/`` (``save_pretrained`` output: full weights, or the
-adapter of a PEFT model; plus tokenizer files), ``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``,
-``rng.pt``, ``config.yaml`` and, written last, ``manifest.json`` (size and sha256 of every other file). A checkpoint
-is built in a temporary directory next to the others and renamed into place, so a killed writer leaves either the
-complete checkpoint or nothing that counts as one. A checkpoint is whole only when every file in it is listed in its
-manifest with that size and hash, and the manifest's step is the directory's; nothing is loaded before that holds.
+Layout: ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/`` holds what the layout writes (today ``vopd.checkpoint_sharded``:
+``shards/`` with every rank's own shards of weights and optimizer states; before it ``vopd.checkpoint_legacy``'s full
+layout: ``model/`` and ``optimizer.pt``), ``scheduler.pt``, ``trainer_state.json``, ``rng.pt``, ``config.yaml`` and,
+written last, ``manifest.json`` (size and sha256 of every other file; a shard file also names the rank that wrote
+and hashed it). A checkpoint is built in a temporary directory next to the others (``begin_checkpoint``, rank 0) and
+renamed into place once every rank's files are in it and fsync'ed (``commit_checkpoint``, rank 0), so a killed
+writer, on any rank, leaves either the complete checkpoint or nothing that counts as one. A checkpoint is whole
+only when every file in it is listed in its manifest with that size and hash, and the manifest's step is the
+directory's. Nothing is loaded from a file before its own hash is checked: the files every reader reads (all but
+the shards) by every reader, and a shard file by the rank that reads it (``shards=``), never by all.
 
-What it knows: files, hashes, the RNGs of python/numpy/torch, how to put saved weights back into a live model (plain
-Hugging Face or PEFT). What it does NOT know: the config's schema (it sees a plain dict), the training loop, what
-the trainer keeps in ``trainer_state``, the run directory around the checkpoints (claiming it, the run marker,
-resume rules: ``vopd.rundir``), or the final merged export (``vopd.export``).
+What it knows: files, hashes, the manifest's layouts, the RNGs of python/numpy/torch, the trainer-state and
+scheduler/RNG files both layouts share. What it does NOT know: how weights or optimizer states are laid out in
+files (the two layout modules), ranks (its callers run it on rank 0, or pass a rank's own files), the config's
+schema (it sees a plain dict), the training loop, what the trainer keeps in ``trainer_state``, the run directory
+around the checkpoints (claiming it, the run marker, resume rules: ``vopd.rundir``), or the final export
+(``vopd.export``).
 """
 
 from __future__ import annotations
@@ -23,25 +29,27 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Collection, Literal, Protocol
 
 import torch
-import yaml
 
 from vopd.errors import UserError
-from vopd.models import Model, Tokenizer, is_peft
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("trainer_state.json", "rng.pt", "config.yaml")
+#: The layouts a manifest names: ``sharded`` (version 2, written today) and ``full`` (version 1, read only).
+Layout = Literal["full", "sharded"]
+#: The sharded layout's directory of DCP files, and its index (every reader reads it).
+SHARDS = "shards"
+SHARD_INDEX = f"{SHARDS}/.metadata"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _TMP_PID_RE = re.compile(r"^\.tmp-.*\.(\d+)\.[^.]+$")  # .tmp-<what>.<pid>.<random>
 
 
 class HasStateDict(Protocol):
-    """What a checkpoint saves an optimizer's or a scheduler's state from: a ``torch.optim`` optimizer or LR scheduler,
-    or the gathered state of ``vopd.distributed.WrappedStudent.optimizer_state``."""
+    """What a checkpoint saves a scheduler's state from: a ``torch.optim`` LR scheduler."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -121,7 +129,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass
-    return True
+    try:  # a zombie is dead, only not yet reaped (a killed rank whose launcher was killed too waits for init)
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_temps(output_dir: str | Path) -> None:
@@ -148,67 +159,65 @@ def _step_of(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------- saving
 
 
-def save_checkpoint(
-    output_dir: str | Path,
-    step: int,
-    *,
-    model: Model,
-    tokenizer: Tokenizer | None = None,
-    optimizer: HasStateDict | None = None,
-    scheduler: HasStateDict | None = None,
-    trainer_state: dict[str, Any],
-    config: dict[str, Any],
-    keep_last: int,
-) -> Path:
-    """Write ``output_dir/checkpoints/step-{step:08d}/`` atomically (replacing one of the same step), then keep only
-    the ``keep_last`` newest valid checkpoints. Captures the RNG state as it is at the call. Returns the path."""
-    if keep_last < 1:
-        raise UserError(f"keep_last={keep_last} is invalid: keep at least 1 checkpoint")
+def begin_checkpoint(output_dir: str | Path, step: int) -> Path:
+    """Rank 0's first act of a save: sweep what dead writers left, then create the temporary directory (next to the
+    checkpoints, so the final rename stays on one filesystem) that every rank writes its files of ``step`` into."""
     ckdir = Path(output_dir) / CHECKPOINTS
     ckdir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(output_dir)
-    rng = rng_state()
-    name = f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}.{os.getpid()}.", dir=ckdir))
-    final = ckdir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step-{step:08d}.{os.getpid()}.", dir=ckdir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); a checkpoint gets the usual permissions
+    return tmp
+
+
+def hash_entries(root: Path, names: Collection[str], rank: int | None = None) -> list[dict[str, Any]]:
+    """Manifest entries (path, size, sha256; ``rank`` for a rank's own shard files) of the files ``names`` under
+    ``root``, each fsync'ed first: the writers (``torch.save``, ``save_pretrained``) do not, and the manifest must
+    not vouch for bytes that are still only in the page cache."""
+    entries: list[dict[str, Any]] = []
+    for name in sorted(names):
+        entry = {"path": name, "size": (root / name).stat().st_size, "sha256": _hash_file(root / name, sync=True)}
+        entries.append(entry if rank is None else {**entry, "rank": rank})
+    return entries
+
+
+def commit_checkpoint(tmp: Path, step: int, *, keep_last: int, shards: Collection[dict[str, Any]] = (),
+                      world_size: int = 1) -> Path:
+    """Rank 0's last act of a save, once every rank has written (and hashed, ``shards``) its files in ``tmp``: the
+    manifest (the files not in ``shards`` are hashed here), the rename that makes ``tmp`` the checkpoint of ``step``
+    (replacing one of the same step), then pruning to the ``keep_last`` newest valid ones. ``tmp`` is removed if
+    this fails. Returns the checkpoint's path."""
+    ckdir = tmp.parent
+    final = ckdir / f"step-{step:08d}"
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); a checkpoint gets the usual permissions
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "model")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, width=4096), encoding="utf-8")
-        _write_manifest(tmp, step)
+        listed = {e["path"] for e in shards}
+        rest = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+        files = sorted([*shards, *hash_entries(tmp, [n for n in rest if n not in listed])], key=lambda e: e["path"])
+        for d in [tmp, *(x for x in tmp.rglob("*") if x.is_dir())]:
+            _fsync_dir(d)
+        manifest = {"format": "vopd-checkpoint", "version": 2, "layout": "sharded", "step": step,
+                    "world_size": world_size, "files": files}
+        with (tmp / MANIFEST).open("w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one out of the way first
             _remove_dir(final)
         os.rename(tmp, final)
         _fsync_dir(ckdir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_checkpoint(tmp)
         raise
     _prune(ckdir, final, keep_last)
     return final
 
 
-def _write_manifest(root: Path, step: int) -> None:
-    files = []
-    for p in sorted(x for x in root.rglob("*") if x.is_file()):
-        files.append({"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": _hash_file(p, True)})
-    for d in [root, *(x for x in root.rglob("*") if x.is_dir())]:
-        _fsync_dir(d)
-    manifest = {"format": "vopd-checkpoint", "version": 1, "step": step, "files": files}
-    with (root / MANIFEST).open("w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(root)
+def discard_checkpoint(tmp: Path) -> None:
+    """Remove a temporary checkpoint directory that will not be committed (a rank failed while writing)."""
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _prune(ckdir: Path, keep: Path, keep_last: int) -> None:
@@ -239,11 +248,36 @@ def _complete(ckdir: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def checkpoint_problem(path: Path, *, hashes: bool) -> tuple[str, str] | None:
-    """(file, what is wrong) for the first problem of checkpoint ``path``; None if it is intact."""
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``path`` as written (unchecked: ``checkpoint_problem`` checks it)."""
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError("not a table")
+    return manifest
+
+
+def checkpoint_layout(path: str | Path) -> Layout:
+    """``sharded`` or ``full`` (a manifest without a layout was written before sharded checkpoints existed). An
+    unreadable manifest says ``sharded``: the loader's verification then names what is wrong."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        entries = {str(e["path"]): (int(e["size"]), str(e["sha256"])) for e in manifest["files"]}
+        return "full" if read_manifest(Path(path)).get("layout") != "sharded" else "sharded"
+    except (OSError, ValueError):
+        return "sharded"
+
+
+def _is_shard(entry: dict[str, Any]) -> bool:
+    """A rank's own shard file: hashed by the ranks that read it, not by every check."""
+    path = str(entry["path"])
+    return "rank" in entry and path.startswith(f"{SHARDS}/") and path != SHARD_INDEX
+
+
+def checkpoint_problem(path: Path, *, hashes: bool, shards: Collection[str] | None = None) -> tuple[str, str] | None:
+    """(file, what is wrong) for the first problem of checkpoint ``path``; None if it is intact. Every listed file
+    must exist with its size; with ``hashes`` the sha256 of the files every reader reads is checked too, and of the
+    shard files in ``shards`` (None: all of them; a rank passes the ones it reads, so no rank hashes every shard)."""
+    try:
+        manifest = read_manifest(path)
+        entries = {str(e["path"]): (int(e["size"]), str(e["sha256"]), _is_shard(e)) for e in manifest["files"]}
         step = manifest["step"]
     except FileNotFoundError:
         return MANIFEST, "missing (the checkpoint was not completed)"
@@ -258,19 +292,20 @@ def checkpoint_problem(path: Path, *, hashes: bool) -> tuple[str, str] | None:
     unlisted = sorted(name for name in on_disk if name not in entries and name != MANIFEST)
     if unlisted:
         return unlisted[0], "not listed in the manifest (added after the checkpoint was written)"
-    for required in REQUIRED_FILES:
+    sharded = manifest.get("layout") == "sharded"
+    for required in (*REQUIRED_FILES, SHARD_INDEX) if sharded else REQUIRED_FILES:
         if required not in entries:
             return required, "not listed in the manifest"
-    if not any(name.startswith("model/") for name in entries):
+    if not sharded and not any(name.startswith("model/") for name in entries):
         return "model/", "no model files listed in the manifest"
-    for name, (expected_size, sha256) in entries.items():
+    for name, (expected_size, sha256, is_shard) in entries.items():
         file = path / name
         if not file.is_file():
             return name, "missing"
         size = file.stat().st_size
         if size != expected_size:
             return name, f"{size} bytes, the manifest says {expected_size}"
-        if hashes and _hash_file(file) != sha256:
+        if hashes and (not is_shard or shards is None or name in shards) and _hash_file(file) != sha256:
             return name, "sha256 differs from the manifest"
     return None
 
@@ -278,7 +313,7 @@ def checkpoint_problem(path: Path, *, hashes: bool) -> tuple[str, str] | None:
 def checkpoint_step(path: str | Path) -> int:
     """The step checkpoint ``path`` was written at (its manifest's; the directory's name when that is unreadable)."""
     try:
-        step = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))["step"]
+        step = read_manifest(Path(path))["step"]
         if type(step) is int:
             return step
     except (OSError, ValueError, KeyError, TypeError):
@@ -291,92 +326,41 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return _complete(Path(output_dir) / CHECKPOINTS)
 
 
-def latest_valid_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose files all match the manifest (sha256); None if there is none."""
+def latest_valid_checkpoint(output_dir: str | Path, *, shards: Collection[str] | None = None) -> Path | None:
+    """The newest checkpoint whose files all match the manifest (sha256; of the shard files, ``shards``: None for
+    all); None if there is none."""
     for path in reversed(list_checkpoints(output_dir)):
-        if checkpoint_problem(path, hashes=True) is None:
+        if checkpoint_problem(path, hashes=True, shards=shards) is None:
             return path
     return None
 
 
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise ``UserError`` naming the first missing or mismatched file of checkpoint ``path``."""
+def verify_checkpoint(path: str | Path, *, shards: Collection[str] | None = None) -> None:
+    """Raise ``UserError`` naming the first missing or mismatched file of checkpoint ``path`` (sha256 of every file
+    but the shard files not in ``shards``; None: all), and the newest valid checkpoint to use instead (checked the
+    same way, except that no shard of it is hashed)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist: pass a checkpoints/step-NNNNNNNN directory")
-    problem = checkpoint_problem(path, hashes=True)
+    problem = checkpoint_problem(path, hashes=True, shards=shards)
     if problem is None:
         return
     file, detail = problem
     output_dir = path.parent.parent
     others = [p for p in reversed(list_checkpoints(output_dir)) if p.resolve() != path.resolve()]
-    fallback = next((p for p in others if checkpoint_problem(p, hashes=True) is None), None)
+    fallback = next((p for p in others if checkpoint_problem(p, hashes=True, shards=()) is None), None)
     hint = (f"the last valid one is {fallback}: resume from it instead (--resume picks the newest valid one)"
             if fallback is not None else f"no valid checkpoint is left in {output_dir / CHECKPOINTS}: start the run "
             "again (--overwrite)")
     raise UserError(f"checkpoint {path} is corrupt (file {file}: {detail}); {hint}")
 
 
-# ---------------------------------------------------------------------------------------------------- loading
+# ------------------------------------------------------------------------------------ what both layouts share
 
 
-def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(file, device="cpu"))
-    return state
-
-
-def _load_weights(model_dir: Path, model: Model, where: Path) -> None:
-    if is_peft(model) != (model_dir / "adapter_config.json").is_file():
-        kinds = ("a LoRA adapter", "a full model") if is_peft(model) else ("a full model", "a LoRA adapter")
-        raise UserError(f"checkpoint {where} holds {kinds[1]} but the model to resume is {kinds[0]}: "
-                        "resume with the same lora.enabled setting")
-    state = _read_safetensors(model_dir)
-    if is_peft(model):
-        from peft.utils import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, state, adapter_name=getattr(model, "active_adapter", "default"))
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if result.unexpected_keys or missing:
-            bad = (list(result.unexpected_keys) + missing)[:3]
-            raise UserError(f"checkpoint {where} adapter does not fit the model (e.g. {bad}): "
-                            "resume with the same lora settings")
-        return
-    own = model.state_dict()
-    # A missing key is fine if it is tied to a loaded one (lm_head.weight shares the embedding's storage).
-    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
-    missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded_ptrs]
-    if not missing and all(k in own and own[k].shape == v.shape for k, v in state.items()):
-        model.load_state_dict(state, strict=False)
-        return
-    # Saved names differ from the live ones: transformers converts some architectures' weights (e.g. fused MoE
-    # experts) between file and memory. Let transformers load the files, then copy into the live model.
-    fresh, info = type(model).from_pretrained(
-        model_dir, dtype=next(model.parameters()).dtype, output_loading_info=True
-    )
-    bad = [k for name in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(name, [])]
-    if bad:
-        raise UserError(f"checkpoint {where} model does not fit the model to resume (e.g. {bad[:3]}): "
-                        "resume with the same model.student")
-    model.load_state_dict(fresh.state_dict())
-    del fresh
-
-
-def load_checkpoint(
-    path: str | Path, *, model: Model, optimizer: LoadsStateDict | None = None,
-    scheduler: LoadsStateDict | None = None, restore_rng: bool = True,
-    check_state: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Verify checkpoint ``path``, load its weights into ``model`` (the adapter for a PEFT model), the optimizer and
-    scheduler states (when given), and restore the global RNGs (``restore_rng``; call this last in the set-up, so
-    the draws that follow equal those that followed the save). ``check_state(trainer_state)`` runs after the
-    verification and before anything is loaded (the caller's consistency rules; raise to refuse). Returns the
-    ``trainer_state`` dict as saved."""
-    path = Path(path)
-    verify_checkpoint(path)
+def read_trainer_state(path: Path, check_state: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Checkpoint ``path``'s (verified) ``trainer_state.json``, refused by ``check_state`` (the caller's consistency
+    rules) before anything else is loaded."""
     try:
         trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except ValueError:
@@ -385,16 +369,22 @@ def load_checkpoint(
         raise UserError(f"checkpoint {path} trainer_state.json is not a table: resume from another checkpoint")
     if check_state is not None:
         check_state(trainer_state)
-    _load_weights(path / "model", model, path)
-    for obj, file in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
-        if obj is None:
-            continue
-        if not (path / file).is_file():
-            raise UserError(f"checkpoint {path} has no {file}: it was saved without one; resume without it")
-        try:
-            obj.load_state_dict(torch.load(path / file, map_location="cpu", weights_only=True))
-        except (ValueError, KeyError) as exc:
-            raise UserError(f"checkpoint {path} {file} does not fit ({exc}): resume with the same settings") from None
-    if restore_rng:
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return trainer_state
+
+
+def load_state_file(path: Path, file: str, into: LoadsStateDict | None) -> None:
+    """Load ``path/file`` (``torch.save`` of a ``state_dict()``) into ``into``, when given."""
+    if into is None:
+        return
+    if not (path / file).is_file():
+        raise UserError(f"checkpoint {path} has no {file}: it was saved without one; resume without it")
+    try:
+        into.load_state_dict(torch.load(path / file, map_location="cpu", weights_only=True))
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"checkpoint {path} {file} does not fit ({exc}): resume with the same settings") from None
+
+
+def restore_rng(path: Path) -> None:
+    """Restore the global RNGs saved in checkpoint ``path`` (rank 0's, on every rank). Call it last in the set-up,
+    so the draws that follow equal those that followed the save."""
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))

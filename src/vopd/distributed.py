@@ -7,9 +7,10 @@ What it knows:
 - ``wrap``: turning the student into a ``WrappedStudent`` under DistributedDataParallel or FSDP2 (``fully_shard``), with
   the pieces the trainer needs around PyTorch's own wrappers: gradients reduced over ranks only on the last
   micro-batch, the gradient norm of sharded gradients, where sampling and evaluation run (the student itself; under
-  FSDP2 the sharded module, on every rank in step) and where files are written from (under FSDP2 a host copy
-  gathered one parameter at a time: no unsharded copy stays on the device; ``vopd.sharding`` does the FSDP2 work),
-  and full (unsharded) optimizer states for checkpoints that load at any world size;
+  FSDP2 the sharded module, on every rank in step), a whole module to write files from (under FSDP2 a host copy
+  gathered one parameter at a time: no unsharded copy stays on the device; ``vopd.sharding`` does the FSDP2 work;
+  checkpoints are written and read shard by shard instead, ``vopd.checkpoint_sharded``), and the loader that shards
+  a whole optimizer state read from an older, full-layout checkpoint (``vopd.checkpoint_legacy``);
 - where the student's precision (``vopd.precision``) acts: autocast inside ``StudentForward`` (one process, DDP) or
   FSDP2's ``MixedPrecisionPolicy``, over float32 masters either way.
 
@@ -42,7 +43,7 @@ from vopd.errors import UserError
 from vopd.precision import Precision
 
 if TYPE_CHECKING:
-    from vopd.checkpoint import HasStateDict, LoadsStateDict
+    from vopd.checkpoint import LoadsStateDict
 
 Strategy = Literal["ddp", "fsdp2"]
 T = TypeVar("T")
@@ -169,6 +170,15 @@ def broadcast_object(value: T) -> T:
     return box[0]
 
 
+def all_gather_object(value: T) -> list[T]:
+    """Every rank's (picklable) ``value``, in rank order, on every rank."""
+    if not is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 # ------------------------------------------------------------------------------------------------ the student
 
 
@@ -194,16 +204,6 @@ class StudentForward(nn.Module):
         return hidden, head.weight, head.bias
 
 
-class _StateDictOf:
-    """A gathered optimizer state dict in the shape ``vopd.checkpoint.save_checkpoint`` expects an optimizer."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
-
-
 @dataclass
 class WrappedStudent:
     """The student as trained (one process, DDP or FSDP2), and the handles the loop needs. Not an "engine": that
@@ -211,8 +211,8 @@ class WrappedStudent:
 
     strategy: "single" (one process), "ddp" or "fsdp2".
     model:    the student (under FSDP2 its parameters are sharded DTensors, in place). Sampling, evaluation and the
-              weight push to an inference engine read it, inside ``inference()``; files are written from
-              ``unsharded()``.
+              weight push to an inference engine read it, inside ``inference()``; checkpoints save and load its own
+              (sharded) parameters.
     forward:  ``StudentForward`` over ``model``, wrapped by DDP or made the FSDP2 root; call it for training.
     precision: the dtypes it computes in and is trained in (``model`` is in ``precision.load``: full fine-tuning,
               the masters).
@@ -252,10 +252,10 @@ class WrappedStudent:
         return gathered if self.sharded else fn
 
     def unsharded(self, *, trainable_only: bool = False) -> contextlib.AbstractContextManager[nn.Module | None]:
-        """The student as one unsharded module to write files from (a checkpoint, the final export) on rank 0: the
-        model itself, except under FSDP2, where rank 0 gets a host copy gathered one parameter at a time and the other
-        ranks, which join every gather (a collective), get None (``vopd.sharding.host_copy``). ``trainable_only``:
-        only the trained parameters are copied (LoRA: a checkpoint holds the adapters; the base stays weightless)."""
+        """The student as one unsharded module to write files from on rank 0 (the final export in one process or
+        under DDP): the model itself, except under FSDP2, where rank 0 gets a host copy gathered one parameter at a
+        time and the other ranks, which join every gather (a collective), get None (``vopd.sharding.host_copy``).
+        ``trainable_only``: only the trained parameters are copied (LoRA: the adapters; the base stays weightless)."""
         from vopd.sharding import host_copy
 
         if not self.sharded or self.skeleton is None:
@@ -264,9 +264,9 @@ class WrappedStudent:
         return host_copy(self.model, self.skeleton, keep=is_main(), only=only)
 
     def loading(self) -> contextlib.AbstractContextManager[nn.Module]:
-        """The module to load a checkpoint's weights into (every rank loads the same files): the model itself, except
-        under FSDP2, where a host module takes them and its trained parameters are sharded into the model when the
-        block ends (``vopd.sharding.loaded_into``)."""
+        """The module to load a full-layout checkpoint's weights into (every rank reads it whole): the model itself,
+        except under FSDP2, where a host module takes them and its trained parameters are sharded into the model when
+        the block ends (``vopd.sharding.loaded_into``)."""
         from vopd.sharding import loaded_into
 
         if not self.sharded or self.skeleton is None:
@@ -313,21 +313,10 @@ class WrappedStudent:
         _, total = self._grad_norm()
         return 0.0 if total is None else float(total) ** 2
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> HasStateDict:
-        """Something with ``state_dict()`` giving the full optimizer state in ``torch.optim``'s own layout (states
-        keyed by parameter index), the same for every strategy and world size. A collective under FSDP2 (every
-        rank calls it; rank 0 gets the states, the others an empty dict)."""
-        if self.strategy != "fsdp2":
-            return optimizer
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        by_name = get_optimizer_state_dict(self.model, optimizer,
-                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return _StateDictOf(_names_to_indices(by_name, self._trainable_names()) if by_name else {})
-
     def optimizer_loader(self, optimizer: torch.optim.Optimizer) -> LoadsStateDict:
-        """Something with ``load_state_dict(full_state)`` that puts a full optimizer state (as saved from
-        ``optimizer_state``) into ``optimizer``, sharding it under FSDP2. Every rank calls it with the same state."""
+        """Something with ``load_state_dict(full_state)`` that puts a full optimizer state (``torch.optim``'s own
+        layout, keyed by parameter index: an older checkpoint's ``optimizer.pt``) into ``optimizer``, sharding it
+        under FSDP2. Every rank calls it with the same state."""
         if self.strategy != "fsdp2":
             return optimizer
         wrapped = self
@@ -347,12 +336,6 @@ class WrappedStudent:
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
 
-def _names_to_indices(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    index = {n: i for i, n in enumerate(names)}
-    return {"state": {index[k]: v for k, v in state["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
-
-
 def _indices_to_names(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     if any(int(i) >= len(names) for g in state["param_groups"] for i in g["params"]):
         raise UserError(f"the saved optimizer state has more parameters than the {len(names)} trainable ones of the "
@@ -367,8 +350,9 @@ def wrap(model: nn.Module, vocab_size: int, strategy: Strategy, device: torch.de
     trained at ``precision`` (None: in the dtype it is stored in; the trainer's is ``vopd.precision.resolve_precision``,
     and the student must be loaded in its ``load`` dtype).
 
-    Call it after the weights are final for step 0 (a resume loads through ``WrappedStudent.loading``) and before
-    building the optimizer (FSDP2 replaces the parameters by sharded ones)."""
+    Call it after the weights are final for step 0 (a resume loads into the wrapped student afterwards:
+    ``vopd.checkpoint_sharded.resume``) and before building the optimizer (FSDP2 replaces the parameters by sharded
+    ones)."""
     precision = precision or Precision.native(next(model.parameters()).dtype)
     sharded = world_size() > 1 and strategy == "fsdp2"
     # One process and DDP compute under autocast over the float32 masters (why: vopd.precision); FSDP2 casts by itself.

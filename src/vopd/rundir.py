@@ -190,19 +190,21 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume
         raise UserError(f"{marker} is unreadable: restore it or start a new run in another output_dir") from None
     _refuse_differences(f"cannot resume the run in {out}", old, config,
                         "undo these changes, or start a new run (overwrite or another output_dir)")
+    # The shard files of a sharded checkpoint are hashed by the ranks that read them (vopd.checkpoint_sharded),
+    # not here: rank 0 alone would otherwise hash the whole checkpoint before every rank hashes its part again.
     if resume_from is not None:
         chosen: Path | None = Path(resume_from)
         assert chosen is not None
-        verify_checkpoint(chosen)
+        verify_checkpoint(chosen, shards=())
     else:
         saved = list_checkpoints(out)
-        chosen = latest_valid_checkpoint(out)
+        chosen = latest_valid_checkpoint(out, shards=())
         if chosen is None and saved:
             raise UserError(f"cannot resume the run in {out}: none of its checkpoints is valid; start again with "
                             "overwrite (--overwrite)")
         if saved and chosen != saved[-1]:
             # Never skip silently past a damaged newest checkpoint: name it and the one that would be used.
-            problem = checkpoint_problem(saved[-1], hashes=True) or ("unknown", "no detail")
+            problem = checkpoint_problem(saved[-1], hashes=True, shards=()) or ("unknown", "no detail")
             raise UserError(f"checkpoint {saved[-1]} is corrupt ({problem[0]}: {problem[1]}); the last valid one "
                             f"is {chosen}: resume from it with --resume-from {chosen}")
     if chosen is not None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 import torch
 
 from vopd import checkpoint as ckpt
+from vopd import checkpoint_sharded as sharded
 from vopd import distributed as dist
 from vopd.check import preflight, training_prompts
 from vopd.config import TrainConfig, config_to_dict, save_config
@@ -264,8 +265,9 @@ def _claim(out_dir: Path, cfg: TrainConfig, config_dict: dict[str, Any], start: 
 def _resume(start_from: Path, student: dist.WrappedStudent, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LambdaLR, info: Callable[[str], None], cfg: TrainConfig,
             prompts: int) -> TrainerState:
-    """Every rank reads the same full checkpoint (any world size and strategy wrote the same files), after checking
-    that its trainer state can be this run's (``TrainerState.check``), before anything is loaded."""
+    """Every rank reads its part of the checkpoint (any world size and strategy resumes it:
+    ``vopd.checkpoint_sharded.resume``), after checking that its trainer state can be this run's
+    (``TrainerState.check``), before anything is loaded."""
     if not Path(start_from).is_dir():
         raise UserError(f"rank {dist.rank()} cannot see checkpoint {start_from}: with several nodes, output_dir "
                         "must be on a filesystem every node shares")
@@ -274,10 +276,7 @@ def _resume(start_from: Path, student: dist.WrappedStudent, optimizer: torch.opt
         TrainerState.from_dict(saved).check(start_from, manifest_step=ckpt.checkpoint_step(start_from),
                                             steps=cfg.steps, batch_size=cfg.batch_size, prompts=prompts)
 
-    with student.loading() as target:  # FSDP2: a host module, sharded into the student when the block ends
-        state = TrainerState.from_dict(ckpt.load_checkpoint(
-            start_from, model=target, optimizer=student.optimizer_loader(optimizer), scheduler=scheduler,
-            check_state=check))
+    state = TrainerState.from_dict(sharded.resume(start_from, student, optimizer, scheduler, check_state=check))
     if scheduler.last_epoch != state.step:
         raise UserError(f"checkpoint {start_from} is inconsistent: scheduler.pt is at step {scheduler.last_epoch}, "
                         f"trainer_state at step {state.step}; resume from another checkpoint")

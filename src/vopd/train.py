@@ -9,8 +9,8 @@ every rank) and which is rank 0's (logs, evaluation, files). The run it loops ov
 directory, optimizer and resume state; how a run starts is one ``Start`` value). Whether a step is bad (and the
 aborts) is ``vopd.guard``'s call; one step's gradient (micro-batches, teacher scores, the loss, backward, the
 variance probe) is ``vopd.step``'s; rollouts come from the run's ``vopd.rollout.RolloutSource``; evaluation is
-``vopd.eval``'s and files are ``vopd.checkpoint``'s, ``vopd.rundir``'s and ``vopd.export``'s. What it does not know:
-the loss math, or which teacher placement it talks to.
+``vopd.eval``'s and files are ``vopd.checkpoint_sharded``'s, ``vopd.rundir``'s and ``vopd.export``'s. What it does
+not know: the loss math, or which teacher placement it talks to.
 """
 
 from __future__ import annotations
@@ -25,16 +25,15 @@ from typing import Any, Callable
 
 import torch
 
-from vopd import checkpoint as ckpt
+from vopd import checkpoint_sharded as sharded
 from vopd import distributed as dist
 from vopd import guard
 from vopd.config import TrainConfig, load_config
 from vopd.errors import UserError
 from vopd.eval import evaluate_student
-from vopd.export import export_merged
+from vopd.export import export_merged, export_streamed
 from vopd.guard import TrainingAborted  # re-exported: the error a run that stops on purpose raises
 from vopd.metrics import PhaseTimer, gradient_noise, peak_memory_mb, rollout_metrics
-from vopd.models import Model, Tokenizer
 from vopd.rollout import Rollout, SamplerFactory, check_weight_sync
 from vopd.rundir import FINAL, FINAL_STATE, final_step
 from vopd.setup import NEW, OVERWRITE, Run, Start, TrainerState, make_scheduler, set_up
@@ -69,8 +68,7 @@ def train(cfg: TrainConfig, *, start: Start = NEW, stop_at: int | None = None, l
         final = run.out_dir / FINAL
         state = run.state
         if state.step == cfg.steps and dist.on_main(lambda: final_step(run.out_dir)) != state.step:
-            with run.student.unsharded() as whole:  # FSDP2: gathered by every rank, onto rank 0's host
-                dist.on_main(lambda: _export_final(whole, run.tok, final, state, run.student.precision.compute))
+            _export_final(run, final)
             run.info(f"final model: {final}")
         return TrainResult(run.out_dir, state.step, state.skipped_steps, run.last_checkpoint, metrics)
 
@@ -200,34 +198,47 @@ def _write_log(run: Run, step: int, metrics: dict[str, Any]) -> None:
 
 
 def _checkpoint(run: Run, step: int, stop_at: int | None) -> None:
-    """Rank 0 writes full weights and optimizer states when due (the others wait); never in the middle of a run of
-    non-finite steps, so the newest checkpoint is always the last good state."""
+    """Every rank writes its own shards of the weights and optimizer states when due (``vopd.checkpoint_sharded``;
+    rank 0 also the small files); never in the middle of a run of non-finite steps, so the newest checkpoint is
+    always the last good state."""
     cfg, state = run.cfg, run.state
     due = (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or step + 1 == stop_at
     if not due or state.bad_in_a_row != 0:
         return
-    optimizer_state = run.student.optimizer_state(run.optimizer)  # FSDP2: gathered by every rank, kept on rank 0
     if run.writer is not None:
         run.writer.flush()  # the history up to this step is on disk before a checkpoint vouches for it
-    with run.student.unsharded(trainable_only=True) as whole:  # FSDP2: gathered one parameter at a time, to rank 0
-        run.last_checkpoint = dist.on_main(lambda: ckpt.save_checkpoint(
-            run.out_dir, step + 1, model=whole, tokenizer=run.tok, optimizer=optimizer_state,
-            scheduler=run.scheduler, trainer_state=state.to_dict(), config=run.config_dict, keep_last=cfg.keep_last))
+    run.last_checkpoint = sharded.save_checkpoint(
+        run.out_dir, step + 1, model=run.student.model, optimizer=run.optimizer, scheduler=run.scheduler,
+        trainer_state=state.to_dict(), config=run.config_dict, keep_last=cfg.keep_last)
 
 
-def _export_final(model: Model, tokenizer: Tokenizer, final: Path, state: TrainerState, dtype: torch.dtype) -> None:
-    """Write ``final/`` atomically (a temporary directory renamed into place; a previous one is replaced only then),
-    LoRA merged, in ``dtype`` (the compute dtype: a model that trained over float32 masters is saved as the half
-    model Hugging Face users load), with the trainer state it was exported at (``vopd.rundir.final_step``)."""
-    for stale in final.parent.glob(f".tmp-{final.name}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def _export_final(run: Run, final: Path) -> None:
+    """Write ``final/`` atomically (a temporary directory renamed into place by rank 0; a previous one is replaced
+    only then), LoRA merged, in the compute dtype (a model that trained over float32 masters is saved as the half
+    model Hugging Face users load), with the trainer state it was exported at (``vopd.rundir.final_step``). Under
+    FSDP2 the weights are streamed from the shards, one tensor at a time (every rank gathers, rank 0 writes:
+    ``export_streamed``), so that no rank ever holds the whole model; otherwise rank 0 writes its whole student."""
     tmp, old = (final.with_name(f".tmp-{final.name}{suffix}.{os.getpid()}") for suffix in ("", "-old"))
-    export_merged(model, tokenizer, tmp, dtype=dtype)
-    (tmp / FINAL_STATE).write_text(json.dumps(state.to_dict(), indent=2) + "\n", encoding="utf-8")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    tmp = dist.broadcast_object(tmp)  # rank 0's, named by its pid: rank 0 writes it
+    dtype = run.student.precision.compute
+
+    def clear() -> None:
+        for stale in final.parent.glob(f".tmp-{final.name}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def publish() -> None:
+        (tmp / FINAL_STATE).write_text(json.dumps(run.state.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    dist.on_main(clear)
+    if run.student.sharded:
+        export_streamed(run.student.model, run.tok, tmp, dtype=dtype)
+    else:
+        dist.on_main(lambda: export_merged(run.student.model, run.tok, tmp, dtype=dtype))
+    dist.on_main(publish)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
