@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from vopd.errors import UserError
+from vopd.teacher_config import SELF
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -113,11 +114,6 @@ def gathered_root(trunk: nn.Module, model: nn.Module) -> Iterator[nn.Module]:
 # ------------------------------------------------------------------------------------------------ teachers
 
 
-#: ``vopd.teacher.base.SELF`` (the student's initial weights as the teacher), spelled here: the teachers import this
-#: module to shard themselves, so it does not import them back.
-_SELF = "self"
-
-
 def teacher_is_sharded(entry: TeacherConfig, *, strategy: str, lora: bool) -> bool:
     """Whether the in-process teacher of ``entry`` is sharded in this run: under torchrun, with ``shard=always``, or
     ``shard=auto`` (the default) when the student is sharded (``distributed.strategy=fsdp2``). A teacher server
@@ -126,7 +122,7 @@ def teacher_is_sharded(entry: TeacherConfig, *, strategy: str, lora: bool) -> bo
     key = f"teacher {entry.name}: model.teachers[]"
     if entry.remote:
         return False
-    own_weights = not (entry.model == _SELF and lora)
+    own_weights = not (entry.model == SELF and lora)
     if entry.shard == "always" and not own_weights:
         raise UserError(f"{key}.shard=always: model.teacher=self with LoRA scores with the student's own base "
                         "weights, which are not a model of their own to shard; set shard=auto")

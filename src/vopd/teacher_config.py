@@ -25,6 +25,9 @@ from vopd.errors import UserError
 
 #: The name of the one teacher of the shorthand ``model.teacher=PATH`` (no routing; metrics carry no teacher names).
 TEACHER = "teacher"
+#: A teacher's ``model`` naming the student's own initial weights (self-distillation); here, where neither the
+#: teachers (``vopd.teacher.base`` re-exports it) nor the sharding of a teacher (``vopd.sharding``) import the other.
+SELF = "self"
 #: The teacher servers a URL may name; "vopd": a ``vopd serve-teacher`` server (docs/teacher_server.md).
 ServerKind = Literal["vopd"]
 HiddenDtype = Literal["auto", "float32", "bfloat16"]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vopd.loss.scores import TeacherScores
 from vopd.rollout import Rollout
+from vopd.teacher_config import SELF  # noqa: F401  (re-exported: vopd.teacher.base.SELF)
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
@@ -65,8 +66,6 @@ class Teacher(Protocol):
     def close(self) -> None: ...
 
 
-#: A teacher's ``model`` naming the student's own initial weights (self-distillation).
-SELF = "self"
 
 
 def collective(teacher: Teacher) -> bool:
