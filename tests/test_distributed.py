@@ -64,10 +64,12 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], kwargs: dict
     torch.set_num_threads(1)
     from vopd import distributed as dist
 
+    clean = False
     try:
         train(load_config(None, overrides), make_sampler=lambda *_: FixedSampler(), log=_quiet, **kwargs)
+        clean = True
     finally:
-        dist.shutdown()
+        dist.shutdown(clean=clean)  # clean: a last barrier, or a gloo thread can abort the exit (see shutdown)
 
 
 def _on_main_worker(rank: int, world: int, port: int, errors: Any) -> None:
@@ -87,6 +89,7 @@ def _on_main_worker(rank: int, world: int, port: int, errors: Any) -> None:
             dist.on_main(disk_full)
         except UserError as exc:
             errors.put((rank, str(exc)))
+        dist.shutdown(clean=True)
     finally:
         dist.shutdown()
 
@@ -231,11 +234,13 @@ def _runs_worker(rank: int, world: int, port: int, runs: list[list[str]]) -> Non
     torch.set_num_threads(1)
     from vopd import distributed as dist
 
+    clean = False
     try:
         for overrides in runs:
             train(load_config(None, overrides), make_sampler=lambda *_: FixedSampler(), log=_quiet)
+        clean = True
     finally:
-        dist.shutdown()
+        dist.shutdown(clean=clean)
 
 
 def test_teacher_self_on_two_ranks(dist_overrides, micro_world, tmp_path):

@@ -134,14 +134,16 @@ def _jobs(rank: int, world: int, port: int, jobs: list[tuple[str, Any]]) -> None
     torch.set_num_threads(1)
     from vopd import distributed as dist
 
+    clean = False
     try:
         for kind, arg in jobs:
             if kind == "resume":
                 _run(arg, start=Start.resume())
             else:
                 _shard_reads(arg)
+        clean = True
     finally:
-        dist.shutdown()
+        dist.shutdown(clean=clean)  # clean: a last barrier, or a gloo thread can abort the exit (see shutdown)
 
 
 @pytest.fixture(scope="module")

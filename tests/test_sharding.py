@@ -80,9 +80,9 @@ def _teacher_worker(rank: int, world: int, port: int, queue: Any, root: str, off
         for part in parts:  # what vopd.step does before the student's forward
             part.teacher.score(part.of(mb))
         summed = int(dist.all_reduce_sum(torch.tensor(local)))
-        dist.barrier()  # both ranks done with every collective before either tears its group down
         queue.put((rank, {"same": same, "local": local, "total": total, "summed": summed,
                           "idle": [p.name for p in parts if p.idle]}))
+        dist.shutdown(clean=True)  # a last barrier, or a gloo thread can abort the exit (see shutdown)
     finally:
         dist.shutdown()
 
@@ -137,10 +137,10 @@ def _student_worker(rank: int, world: int, port: int, queue: Any, root: str) -> 
         with student.unsharded() as copy:
             same_copy = copy is None if rank else all(
                 torch.equal(a, b) for a, b in zip(copy.state_dict().values(), ref.state_dict().values()))
-        dist.barrier()  # both ranks done with every collective before either tears its group down
         queue.put((rank, {"samples": results["sharded"] == results["whole"], "kl": (kl_sharded, kl_whole),
                           "lengths": [len(c) for c in results["whole"].completions], "copy": same_copy,
                           "local": local_numel(model), "total": total}))
+        dist.shutdown(clean=True)
     finally:
         dist.shutdown()
 

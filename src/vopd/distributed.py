@@ -106,10 +106,17 @@ def before_shutdown(fn: Callable[[], None]) -> None:
     _before_shutdown.append(fn)
 
 
-def shutdown() -> None:
+def shutdown(*, clean: bool = False) -> None:
+    """Tear the process group down. ``clean``: every rank got here without an error, so one last barrier is safe
+    (after an error on one rank it could pair with another rank's pending collective). The barrier matters: a gloo
+    worker thread can still hold the last collective's tensors when this thread returns from it, and if it lets go
+    of them while the interpreter exits it aborts the process ('terminate called without an active exception'); the
+    barrier waits, without the GIL, until every earlier collective is released."""
     while _before_shutdown:
         _before_shutdown.pop()()
     if is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

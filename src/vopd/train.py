@@ -262,13 +262,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    clean = False
     try:
         start = Start.from_flags(resume=args.resume, overwrite=args.overwrite, resume_from=args.resume_from,
                                  discard_newer=args.discard_newer)
         result = train(cfg, start=start, stop_at=args.stop_at)
         main = dist.is_main()  # read before shutdown: afterwards every process looks like rank 0
+        clean = True
     finally:
-        dist.shutdown()
+        dist.shutdown(clean=clean)
     if main:
         m = result.last_metrics
         print(f"done: {result.steps_done} steps ({result.skipped_steps} skipped) in {result.output_dir}; "
