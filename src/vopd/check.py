@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import warnings
 from typing import TYPE_CHECKING, Callable
 
@@ -265,7 +266,24 @@ def student_checks(student: Model, student_tok: Tokenizer, vocab: int, cfg: Trai
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/TOML training config")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None, help="also plan the run's memory on GPUs of "
+                        "this many GiB (vopd plan's verdict; docs/scaling.md, \"Will it fit?\")")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                        help="with --gpu-memory-gib: the number of GPUs (default: $WORLD_SIZE, else 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.student=PATH")
+
+
+def memory_verdict(cfg: TrainConfig, *, world_size: int, gpu_memory_gib: float) -> tuple[bool, list[str]]:
+    """``vopd plan``'s verdict as check lines: (fits, lines)."""
+    from vopd.memfit import GIB, plan, verdict_line
+
+    if world_size < 1 or not gpu_memory_gib > 0:
+        raise UserError(f"--world-size {world_size} --gpu-memory-gib {gpu_memory_gib}: both must be > 0")
+    v = plan(cfg, world_size=world_size, gpu_memory_gib=gpu_memory_gib)
+    lines = [f"{'ok  ' if v.fits else 'FAIL '}memory: {verdict_line(v)} (vopd plan shows the categories)"]
+    lines += [f"     {p}" for p in v.problems]
+    lines += [f"     would fit with {a.change} ({a.peak / GIB:.1f} GiB)" for a in v.advice if a.fits]
+    return v.fits, lines
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -293,4 +311,8 @@ def cli_main(args: argparse.Namespace) -> int:
             f"{n} {found.routes.count(n)}" for n in teachers.names) + ")"
         print(f"ok  data: {len(found.student)} prompts of {cfg.data.train} fit" + ("" if found.teacher is None else
               " (the teacher reads each completion after its own prompt)") + routed + "".join(f"; {n}" for n in notes))
+    if getattr(args, "gpu_memory_gib", None) is not None:  # (callers may build the namespace without it)
+        fits, lines = memory_verdict(cfg, world_size=args.world_size, gpu_memory_gib=args.gpu_memory_gib)
+        print("\n".join(lines))
+        return 0 if fits else 1
     return 0

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("vopd.world.cli", "build the tiny world: tokenizer, SFT teacher and student"),
     "eval": ("vopd.eval", "sample n answers per problem and grade them (Avg@n, Pass@n, Maj@n)"),
     "check": ("vopd.check", "pre-flight checks of a student/teacher pair without training"),
+    "plan": ("vopd.tools.plan", "will a config fit these GPUs? one step traced at real shapes, without weights"),
     "bench": ("vopd.tools.bench.cli", "benchmarks: `vopd bench estimators|training|generation|trl`"),
     "serve-teacher": ("vopd.teacher.server", "serve a frozen teacher over HTTP for remote scoring"),
     "reproduce": ("vopd.tools.reproduce", "the paper's claims on the tiny world: methods x seeds, same budget"),

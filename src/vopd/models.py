@@ -78,6 +78,21 @@ def load_model(path: str, *, role: str, dtype: torch.dtype, device: torch.device
     return model.to(device)
 
 
+def model_from_config(path: str, *, role: str, dtype: torch.dtype, trust_remote_code: bool = False) -> Model:
+    """The causal LM that ``path``'s ``config.json`` describes, with weightless parameters on the meta device (no
+    weights, no tokenizer read): the shapes ``vopd plan`` traces (``vopd.memplan``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = _check_model_dir(path, role)
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types here; the user needs the path and the cause
+        raise UserError(f"cannot build the {role} model from {str(p / 'config.json')!r}: "
+                        f"{str(exc).splitlines()[0]}") from exc
+
+
 def load_student(model: ModelConfig, device: torch.device, dtype: torch.dtype | None = None) -> tuple[Tokenizer, Model]:
     """(tokenizer, model) of ``model.student`` on ``device``, at ``dtype`` (the trainer's: ``Precision.load``, the
     masters) or else at ``model.dtype``: the one way the student is loaded (the teacher's is

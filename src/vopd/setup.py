@@ -40,7 +40,7 @@ from vopd.precision import resolve_precision
 from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory
 from vopd.rundir import prepare_output_dir
 from vopd.sharding import teacher_is_sharded
-from vopd.step import loss_plan
+from vopd.step import loss_plan, make_optimizer
 from vopd.teacher.base import SELF
 from vopd.teacher.local import in_process
 from vopd.teacher.reprompt import OwnPromptTeacher
@@ -221,8 +221,7 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         start_from = dist.on_main(lambda: _claim(out_dir, cfg, config_dict, start))  # every rank: the same one
         if start.how == "resume" and start.checkpoint is None and start_from is None:
             info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
-        optimizer = torch.optim.AdamW(student.trainable(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        optimizer = make_optimizer(cfg, student.trainable())
         scheduler = make_scheduler(optimizer, cfg)
         state = TrainerState()
         if start_from is not None:

@@ -52,9 +52,11 @@ def _world_size() -> int:
 
 def _mesh(device: torch.device) -> DeviceMesh:
     """One flat mesh over every rank (HSDP, sharding within a node only, is not implemented: scale.md row 11)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device.type, (_world_size(),))
+    with unset_fake_temporarily():  # the mesh holds real rank ids, also while vopd.memplan traces on fake tensors
+        return init_device_mesh(device.type, (_world_size(),))
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

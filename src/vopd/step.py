@@ -57,16 +57,21 @@ def loss_plan(loss: LossConfig, transform: LogitTransform) -> LossPlan:
                        memory_budget_mb=loss.chunk_memory_mb, transform=transform)
 
 
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], *,
+                   foreach: bool | None = None) -> torch.optim.Optimizer:
+    """The run's AdamW over ``params``. ``foreach``: PyTorch's default (None: the multi-tensor path on CUDA) or forced
+    (``vopd.memplan`` traces on CPU tensors that stand for CUDA ones, and the multi-tensor path's temporaries count)."""
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                             weight_decay=cfg.optim.weight_decay, foreach=foreach)
+
+
 def accumulate_gradients(cfg: TrainConfig, student: dist.WrappedStudent, teachers: Teachers, rollout: Rollout,
                          device: torch.device, timer: PhaseTimer, plan: LossPlan | None = None) -> StepGradient:
     """Score, loss and backward over this rank's ``rollout`` in micro-batches; the gradients are left in the model
     (reduced over ranks), ready for the optimizer step. ``plan``: the run's loss (None: built here from ``cfg.loss``,
     for callers outside the trainer)."""
     plan = plan or loss_plan(cfg.loss, logit_transform(student.model))
-    # The variance proxy needs the gradient of a part of the batch: a one-micro-batch step runs as two.
-    mbs = cfg.micro_batch_size
-    if cfg.grad_noise and mbs >= rollout.size >= 2:
-        mbs = (rollout.size + 1) // 2
+    mbs = micro_batch_rows(cfg, rollout.size)
     micro = [rollout.select(lo, lo + mbs).to(device) for lo in range(0, rollout.size, mbs)]
     half = len(micro) // 2 if cfg.grad_noise else 0
     # The token mean is over the whole global batch (docs/estimators.md, "dapo" reduction): every micro-batch and
@@ -99,6 +104,14 @@ def accumulate_gradients(cfg: TrainConfig, student: dist.WrappedStudent, teacher
     for name, teacher_stats in by_teacher.items():  # every rank reduces every teacher, in the same order
         metrics.update(teacher_metrics(name, teacher_stats.reduce(), metrics["tokens"]))
     return StepGradient(metrics, loss_total, total_tokens, half_probe, ahead.busy_s if ahead.pool else None)
+
+
+def micro_batch_rows(cfg: TrainConfig, rows: int) -> int:
+    """Rows per micro-batch of a rank's ``rows``: ``micro_batch_size``, except that the variance proxy needs the
+    gradient of a part of the batch, so a one-micro-batch step runs as two (``grad_noise``)."""
+    if cfg.grad_noise and cfg.micro_batch_size >= rows >= 2:
+        return (rows + 1) // 2
+    return cfg.micro_batch_size
 
 
 def teacher_metrics(name: str, reduced: dict[str, float], total_tokens: float) -> dict[str, float]:

@@ -29,7 +29,8 @@ from vopd.errors import UserError
 from vopd.loss import chunk
 from vopd.loss.estimators import (LossOutput, RatioMode, check_inputs, compute_dtype, importance_ratio,
                                   token_normalizer)
-from vopd.loss.head import IDENTITY, LogitTransform, buffers_for, chunk_rows, raw_logits, student_topk_ids
+from vopd.loss.head import (IDENTITY, LogitTransform, buffers_for, chunk_rows, fp32_accumulating, raw_logits,
+                            student_topk_ids)
 from vopd.loss.methods import Method, method_spec
 from vopd.loss.plan import LossPlan
 from vopd.loss.scores import TeacherHidden, TeacherScores
@@ -76,7 +77,7 @@ class _FusedHead(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         transform = plan.transform
         cd = compute_dtype(hs.dtype)
-        half_cuda = hs.is_cuda and hs.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32
+        half_cuda = fp32_accumulating(hs) and cd == torch.float32
         ws_c = ws if half_cuda else ws.to(cd)  # converted once, not per chunk
         teacher = teacher.for_head(cd, keep_weight_dtype=half_cuda)  # the teacher's output layer too
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]

@@ -15,8 +15,10 @@ know: where a transform comes from (``vopd.models.output_layer`` reads a model's
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -109,11 +111,34 @@ def chunk_rows(vocab_size: int, memory_budget_mb: float, *, itemsize: int = 4, m
     return max(multiple, rows // multiple * multiple)
 
 
+#: Set only by ``vopd.memplan`` (``as_cuda``): it traces a step on fake CPU tensors that stand for CUDA ones (FSDP2
+#: cannot run on fake CUDA tensors without a GPU), and the head's CUDA path keeps other buffers than its CPU path.
+_AS_CUDA = False
+
+
+@contextlib.contextmanager
+def as_cuda() -> Iterator[None]:
+    """Inside the block the head takes its CUDA path on CPU tensors too (``fp32_accumulating``): for the memory
+    plan's fake tensors only; on real CPU tensors the half matmul with fp32 output may not exist."""
+    global _AS_CUDA
+    before, _AS_CUDA = _AS_CUDA, True
+    try:
+        yield
+    finally:
+        _AS_CUDA = before
+
+
+def fp32_accumulating(t: Tensor) -> bool:
+    """Whether the head multiplies half ``t`` straight into fp32 (CUDA's path: no fp32 copy of the output layer)
+    instead of converting it to fp32 first (elsewhere)."""
+    return (t.is_cuda or _AS_CUDA) and t.dtype in (torch.bfloat16, torch.float16)
+
+
 def raw_logits(h: Tensor, w: Tensor, b: Tensor | None, cd: torch.dtype) -> Tensor:
     """Raw logits h @ w.T (+ b) in ``cd``. On CUDA with half inputs, accumulate the matmul straight into fp32
     (docs/estimators.md, "Pseudocode": rounding logits to bf16 first costs ~1e-2 nats); elsewhere ``w`` already
     arrives in ``cd``."""
-    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and cd == torch.float32:
+    if fp32_accumulating(h) and cd == torch.float32:
         z = torch.mm(h, w.t(), out_dtype=torch.float32)
     else:
         z = h.to(cd) @ w.t()
@@ -136,7 +161,7 @@ def student_topk_ids(student_hidden: Tensor, student_weight: Tensor, mask: Tenso
     idx = mask.reshape(-1).bool().nonzero().squeeze(-1)
     if idx.numel() == 0:
         return out
-    half_cuda = student_hidden.is_cuda and student_hidden.dtype in (torch.bfloat16, torch.float16)
+    half_cuda = fp32_accumulating(student_hidden)
     w = student_weight if half_cuda and cd == torch.float32 else student_weight.to(cd)
     hs = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
     rows = chunk_rows(vocab, memory_budget_mb, buffers=buffers_for(transform))
