@@ -407,6 +407,20 @@ def test_the_trainer_state_is_checked_before_anything_is_loaded(tmp_path: Path) 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights loaded before the check"
 
 
+def test_a_checkpoint_saved_without_a_state_the_resume_needs_names_options_that_exist(tmp_path: Path) -> None:
+    """Saved without optimizer and scheduler (``save_checkpoint`` allows it): a load that needs them is refused with
+    the options that help (there is no option to resume without them)."""
+    path = save(tmp_path, 1, tiny_model(0))
+    model = tiny_model(1)
+    optimizer, scheduler = optimizer_and_scheduler(model)
+    fix = r"a resume needs it: resume from another checkpoint \(--resume-from\), or start a new run \(--overwrite or " \
+          r"another output_dir\)$"
+    with pytest.raises(UserError, match=r"has no optimizer state: it was saved without one, and " + fix):
+        load_checkpoint(path, model=model, optimizer=optimizer)
+    with pytest.raises(UserError, match=r"has no scheduler.pt: it was saved without one, and " + fix):
+        load_checkpoint(path, model=model, scheduler=scheduler)
+
+
 def _run_with_history(out: Path, steps: list[int], final_at: int | None = None) -> None:
     prepare_output_dir(out, CONFIG, resume=False, overwrite=False)
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in steps))

@@ -112,8 +112,8 @@ def test_server_killed_mid_run_ends_it_with_one_error_and_keeps_the_checkpoint(s
                                                "model.teacher_timeout_s=5",
                                                "rollout.check_sync=false"])  # a fixed sampler: not on-policy
     t0 = time.monotonic()
-    with pytest.raises(UserError, match=r"teacher server at .* is unreachable after 2 tries .* the last checkpoint "
-                                        r"is kept"):
+    with pytest.raises(UserError, match=r"teacher server at .* is unreachable after 2 tries .* --resume continues "
+                                        r"from the last checkpoint, which is kept"):
         train(cfg, make_sampler=lambda *_: _KillOnSecondCall(proc), log=_quiet)
     assert time.monotonic() - t0 < 60
     good = ckpt.latest_valid_checkpoint(cfg.output_dir)

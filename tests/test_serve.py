@@ -320,8 +320,9 @@ def test_killed_server_gives_one_clear_error_after_retries(servers, rollout):
     proc.send_signal(signal.SIGKILL)  # mid-run: the client already talked to it
     proc.wait(10)
     t0 = time.monotonic()
-    with pytest.raises(UserError, match=r"unreachable after 3 tries \(last error .*\): restart it and resume "
-                                        r"with --resume; the last checkpoint is kept"):
+    with pytest.raises(UserError, match=r"unreachable after 3 tries \(last error .*\): restart it and run the "
+                                        r"command again \(vopd train: --resume continues from the last checkpoint, "
+                                        r"which is kept\)"):
         remote.score(rollout)
     assert time.monotonic() - t0 < 10
 

@@ -2,12 +2,13 @@
 a checkpoint written by one process resumes on two under FSDP2; one in the old full layout (written file for file
 as vopd wrote it before: legacy_checkpoint.py) still resumes, on one process bit for bit and on two; each rank opens
 and hashes only its own shard file plus the files every rank reads, so a damaged shard of rank 1 is refused by rank
-1 without rank 0 reading it; 2 ranks killed with SIGKILL in the middle of writing a checkpoint leave the previous
-one valid, and the run resumes from it (on one process) to the uninterrupted result. A 2-rank save resumed on 2 and
+1 without rank 0 reading it; a full disk on rank 1 ends the save on both ranks with the same line, the previous
+checkpoint the newest; 2 ranks killed with SIGKILL in the middle of writing a checkpoint leave the previous one valid,
+and the run resumes from it (on one process) to the uninterrupted result. A 2-rank save resumed on 2 and
 on 1 (FSDP2 and DDP) is test_distributed.py's.
 
 As there, the rollouts are made identical across world sizes with a deterministic sampler, and starting ranks is most
-of the time: the 2-rank work of the first three tests runs once, in one process group (the ``runs`` fixture)."""
+of the time: the 2-rank work of the first four tests runs once, in one process group (the ``runs`` fixture)."""
 
 from __future__ import annotations
 
@@ -71,26 +72,63 @@ def _rewrite_in_full_layout(cfg: TrainConfig) -> None:
                           scheduler=scheduler, trainer_state=state, config=config, rng=rng)
 
 
+def _student(seed: int) -> tuple[Any, torch.optim.Optimizer]:
+    """A small Qwen3 under FSDP2 on this rank, and its optimizer."""
+    import transformers
+
+    from vopd import distributed as dist
+
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+    wrapped = dist.wrap(model, 64, "fsdp2", torch.device("cpu"))
+    return wrapped, torch.optim.AdamW(wrapped.trainable(), lr=1e-2)
+
+
+def _full_disk_on_rank_1(root: Path) -> None:
+    """On each of 2 ranks: save step 1, then step 2 with rank 1's disk full partway through its shard file (its DCP
+    writer writes a few bytes, then fails with ENOSPC). Writes root/full-R.json: each rank's error, what is left."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    from vopd import distributed as dist
+
+    dist.init(torch.device("cpu"))
+    student, optimizer = _student(0)
+    save = dict(model=student.model, optimizer=optimizer, trainer_state={"step": 1}, config={"steps": 2},
+                keep_last=2)
+    sharded.save_checkpoint(root / "run", 1, **save)
+    real = dcp_files._write_item
+
+    def write_item(transforms: Any, stream: Any, *args: Any, **kwargs: Any) -> Any:
+        stream.write(b"\0" * 16)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if dist.rank() == 1:
+        dcp_files._write_item = write_item
+    try:
+        sharded.save_checkpoint(root / "run", 2, **{**save, "trainer_state": {"step": 2}})
+        error = None
+    except UserError as exc:
+        error = str(exc)
+    finally:
+        dcp_files._write_item = real
+    dist.barrier()
+    left = sorted(os.listdir(root / "run" / "checkpoints"))
+    (root / f"full-{dist.rank()}.json").write_text(json.dumps({"error": error, "left": left}))
+
+
 def _shard_reads(root: Path) -> None:
     """On each of 2 ranks: the files it opens while loading a sharded FSDP2 checkpoint, whether the weights came back,
     and what a byte flipped in rank 1's shard file does to a second load. Writes root/rank-R.json."""
-    import transformers
-
     from vopd import distributed as dist
     from vopd.sharding import full_tensor
 
     dist.init(torch.device("cpu"))
     rank = dist.rank()
-
-    def student(seed: int) -> tuple[dist.WrappedStudent, torch.optim.Optimizer]:
-        torch.manual_seed(seed)
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8))
-        wrapped = dist.wrap(model, 64, "fsdp2", torch.device("cpu"))
-        return wrapped, torch.optim.AdamW(wrapped.trainable(), lr=1e-2)
-
-    trained, optimizer = student(0)
+    trained, optimizer = _student(0)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(rank))
     hidden, weight, _ = trained.forward(ids, torch.ones_like(ids))
     (hidden @ weight.T).logsumexp(-1).mean().backward()
@@ -105,7 +143,7 @@ def _shard_reads(root: Path) -> None:
             opened.add(os.fspath(args[0])[len(prefix):])
 
     sys.addaudithook(audit)
-    fresh, fresh_optimizer = student(1)
+    fresh, fresh_optimizer = _student(1)
     sharded.load_checkpoint(path, model=fresh.model, optimizer=fresh_optimizer)
     pairs = zip(trained.model.parameters(), fresh.model.parameters())
     report: dict[str, Any] = {"opened": sorted(opened),
@@ -139,6 +177,8 @@ def _jobs(rank: int, world: int, port: int, jobs: list[tuple[str, Any]]) -> None
         for kind, arg in jobs:
             if kind == "resume":
                 _run(arg, start=Start.resume())
+            elif kind == "full":
+                _full_disk_on_rank_1(arg)
             else:
                 _shard_reads(arg)
         clean = True
@@ -159,9 +199,10 @@ def runs(micro_world, tmp_path_factory) -> Path:
         _rewrite_in_full_layout(load_config(None, _overrides(micro_world, root / name)))
     jobs = [("resume", _overrides(micro_world, root / name)) for name in ("one_to_two", "full_on_two")]
     (root / "reads").mkdir()
+    (root / "full").mkdir()
     multiprocessing.set_forkserver_preload([__name__, "peft", "transformers.models.qwen3.modeling_qwen3"])
-    mp.start_processes(_jobs, args=(2, _free_port(), [*jobs, ("reads", root / "reads")]), nprocs=2, join=True,
-                       start_method="forkserver")
+    mp.start_processes(_jobs, args=(2, _free_port(), [*jobs, ("reads", root / "reads"), ("full", root / "full")]),
+                       nprocs=2, join=True, start_method="forkserver")
     _run(_overrides(micro_world, root / "full_on_one"), start=Start.resume())
     return root
 
@@ -201,6 +242,19 @@ def test_each_rank_reads_only_its_own_shard_file(runs):
         assert report["damaged"] is not None and "file shards/__1_0.distcp: sha256 differs" in report["damaged"]
         assert len(report["damaged"].splitlines()) == 1
     assert "shards/__1_0.distcp" not in json.loads((runs / "reads" / "rank-0.json").read_text())["opened_damaged"]
+
+
+def test_a_full_disk_on_one_rank_ends_the_save_on_both_in_one_line_and_keeps_the_last_checkpoint(runs):
+    ckdir = runs / "full" / "run" / "checkpoints"
+    reports = [json.loads((runs / "full" / f"full-{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0] == reports[1], reports  # the same line on both ranks, the same files left
+    error = reports[0]["error"]
+    assert error is not None and len(error.splitlines()) == 1
+    assert error.startswith(f"checkpoint step 2 could not be written to {ckdir} (rank 1: OSError: [Errno 28] No space "
+                            "left on device); the partial checkpoint was removed and the last valid checkpoint is "
+                            f"{ckdir / 'step-00000001'}: free disk space"), error
+    assert reports[0]["left"] == ["step-00000001"]
+    ckpt.verify_checkpoint(ckdir / "step-00000001")
 
 
 KILLED_RANKS = textwrap.dedent("""

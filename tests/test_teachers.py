@@ -198,8 +198,8 @@ def test_a_server_killed_under_overlap_still_ends_the_run_loudly(servers, train_
                                                "model.teacher_timeout_s=5", "rollout.check_sync=false"])
     assert cfg.model.teacher_configs[0].overlap
     t0 = time.monotonic()
-    with pytest.raises(UserError, match=r"teacher server at .* is unreachable after 2 tries .* the last checkpoint "
-                                        r"is kept"):
+    with pytest.raises(UserError, match=r"teacher server at .* is unreachable after 2 tries .* --resume continues "
+                                        r"from the last checkpoint, which is kept"):
         train(cfg, make_sampler=lambda *_: _KillOnSecondCall(proc), log=_quiet)
     assert time.monotonic() - t0 < 60
     good = ckpt.latest_valid_checkpoint(cfg.output_dir)

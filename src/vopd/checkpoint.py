@@ -377,7 +377,9 @@ def load_state_file(path: Path, file: str, into: LoadsStateDict | None) -> None:
     if into is None:
         return
     if not (path / file).is_file():
-        raise UserError(f"checkpoint {path} has no {file}: it was saved without one; resume without it")
+        raise UserError(f"checkpoint {path} has no {file}: it was saved without one, and a resume needs it: resume "
+                        "from another checkpoint (--resume-from), or start a new run (--overwrite or another "
+                        "output_dir)")
     try:
         into.load_state_dict(torch.load(path / file, map_location="cpu", weights_only=True))
     except (ValueError, KeyError) as exc:

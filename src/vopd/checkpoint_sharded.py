@@ -24,8 +24,10 @@ A save is a collective. Rank 0 creates the temporary directory. Every rank write
 and hashes it, while rank 0 writes the index and the small files. The outcomes are all-gathered, and only when every
 rank succeeded does rank 0 write the manifest and rename. A crash on any rank before the rename leaves a temporary
 directory with no manifest outside the ``step-*`` names: it is ignored, and swept by the next save or claim. After
-the rename the checkpoint is whole. A rank's failure (a full disk) reaches every rank as one ``UserError``, the
-temporary directory is removed, and the checkpoints saved before are untouched. ``saved_tensors`` reads a
+the rename the checkpoint is whole. A rank's failure (a full disk), and rank 0's in creating the temporary directory
+or writing the manifest, reaches every rank as the same one-line ``UserError`` naming the last valid checkpoint
+(``save_failed``): the temporary directory is removed, and the checkpoints saved before are untouched. The small
+files are serialized in memory first, so that a full disk shows as the ``OSError`` it is. ``saved_tensors`` reads a
 checkpoint's whole tensors in one process, for inspection.
 
 What it knows: DCP, which state is sharded and which is small, and the student's handles (``vopd.distributed.
@@ -36,10 +38,12 @@ loop.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import torch
 import yaml
@@ -49,6 +53,7 @@ from vopd import checkpoint as ckpt
 from vopd import checkpoint_legacy
 from vopd import distributed as dist
 from vopd.errors import UserError
+from vopd.fsfaults import describe, is_fault, space_note
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import FileSystemReader
@@ -101,11 +106,11 @@ def _dcp(action: Callable[[], object]) -> None:
             if isinstance(error, UserError):
                 raise UserError(str(error)) from None
         rank, (error, _trace) = failures[0]
-        raise RuntimeError(f"rank {rank}: {_one_line(error)}") from None
+        raise _RankFailed(f"rank {rank}: {_one_line(error)}") from None
 
 
 class _RankFailed(RuntimeError):
-    """A phase of a save failed on some rank (the message names the first)."""
+    """A phase of a save (or a DCP load) failed on some rank; the message names the first, as ``rank R: error``."""
 
 
 def _in_step(action: Callable[[], T]) -> T:
@@ -115,6 +120,8 @@ def _in_step(action: Callable[[], T]) -> T:
     failure: str | None = None
     try:
         result = action()
+    except _RankFailed as exc:  # DCP's: it names its rank already
+        failure = str(exc)
     except Exception as exc:  # noqa: BLE001 - reported to every rank just below
         failure = f"rank {dist.rank()}: {_one_line(exc)}"
     failures = [f for f in dist.all_gather_object(failure) if f is not None]
@@ -136,7 +143,12 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
     if keep_last < 1:
         raise UserError(f"keep_last={keep_last} is invalid: keep at least 1 checkpoint")
     rng = ckpt.rng_state()
-    tmp = dist.on_main(lambda: ckpt.begin_checkpoint(output_dir, step))
+
+    def begin() -> Path:
+        with _save_faults(output_dir, step):  # as one UserError, which on_main hands to every rank
+            return ckpt.begin_checkpoint(output_dir, step)
+
+    tmp = dist.on_main(begin)
     assert tmp is not None
 
     def own_files() -> list[dict[str, Any]]:
@@ -153,24 +165,69 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module,
     except _RankFailed as exc:
         if dist.is_main():
             ckpt.discard_checkpoint(tmp)
-        raise UserError(f"checkpoint step {step} could not be written ({exc}); the checkpoints saved before it are "
-                        "intact: fix the cause (e.g. free disk space) and resume with --resume") from None
+        raise save_failed(output_dir, step, str(exc)) from None
     shards = [entry for entries in dist.all_gather_object(own) for entry in entries]
-    final = dist.on_main(lambda: ckpt.commit_checkpoint(tmp, step, keep_last=keep_last, shards=shards,
-                                                        world_size=dist.world_size()))
+
+    def commit() -> Path:
+        with _save_faults(output_dir, step):  # the manifest, the rename (tmp is removed when they fail)
+            return ckpt.commit_checkpoint(tmp, step, keep_last=keep_last, shards=shards, world_size=dist.world_size())
+
+    final = dist.on_main(commit)
     assert final is not None
     return final
+
+
+def save_failed(output_dir: str | Path, step: int, cause: str) -> UserError:
+    """The one line of a save of ``step`` that failed (``cause``: ``rank R: error``) once its partial checkpoint is
+    removed: the path, the cause, and the last valid checkpoint (its files' sizes checked), which is still the
+    newest."""
+    ckdir = Path(output_dir) / ckpt.CHECKPOINTS
+    last = next((p for p in reversed(ckpt.list_checkpoints(output_dir)) if ckpt.checkpoint_problem(p, hashes=False)
+                 is None), None)
+    then = (f"the last valid checkpoint is {last}: free disk space (or fix the cause) and resume with --resume"
+            if last is not None else "no checkpoint was saved before it: free disk space (or fix the cause) and start "
+            "the run again (--overwrite)")
+    needed = sum(int(e["size"]) for e in ckpt.read_manifest(last)["files"]) if last is not None else 0
+    return UserError(f"checkpoint step {step} could not be written to {ckdir} ({cause}"
+                     f"{space_note(ckdir if ckdir.is_dir() else Path(output_dir), needed)}); the partial checkpoint "
+                     f"was removed and {then}")
+
+
+@contextlib.contextmanager
+def _save_faults(output_dir: str | Path, step: int) -> Iterator[None]:
+    """Rank 0's file-system faults in the steps of a save outside the per-rank writes (creating the temporary
+    directory, the manifest, the rename) as ``save_failed``."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, UserError) or not is_fault(exc):
+            raise
+        raise save_failed(output_dir, step, f"rank {dist.rank()}: {describe(exc)}") from None
 
 
 def _write_small_files(tmp: Path, scalars: dict[str, Any] | None, scheduler: ckpt.HasStateDict | None,
                        trainer_state: dict[str, Any], rng: dict[str, Any], config: dict[str, Any]) -> None:
     if scalars is not None:
-        torch.save(scalars, tmp / SCALARS)
+        _write_bytes(tmp / SCALARS, _torch_bytes(scalars))
     if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, width=4096), encoding="utf-8")
+        _write_bytes(tmp / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
+    _write_bytes(tmp / "trainer_state.json", (json.dumps(trainer_state, indent=2) + "\n").encode("utf-8"))
+    _write_bytes(tmp / "rng.pt", _torch_bytes(rng))
+    _write_bytes(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False, width=4096).encode("utf-8"))
+
+
+def _torch_bytes(obj: object) -> bytes:
+    """``torch.save`` of ``obj``, in memory: written to a file directly, a full disk would surface as the zip
+    writer's ``RuntimeError`` ("unexpected pos ..."), which hides the OS error a user can act on."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write one small file of a checkpoint (its fault is a plain ``OSError`` naming it)."""
+    with path.open("wb") as f:
+        f.write(data)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -202,7 +259,9 @@ def _check_fits(path: Path, tensors: dict[str, Tensor], metadata: Metadata, opti
         raise UserError(f"checkpoint {path} holds {kinds[0]} but the model to resume is {kinds[1]}: resume with the "
                         "same lora.enabled setting")
     if optimizer and not any(k.startswith("optim.") for k in saved):
-        raise UserError(f"checkpoint {path} has no optimizer state: it was saved without one; resume without it")
+        raise UserError(f"checkpoint {path} has no optimizer state: it was saved without one, and a resume needs it: "
+                        "resume from another checkpoint (--resume-from), or start a new run (--overwrite or another "
+                        "output_dir)")
     theirs = {k for k in saved if k.startswith("model.")}
     extra = sorted(theirs - set(tensors))
     for key, value in tensors.items():

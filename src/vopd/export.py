@@ -228,8 +228,16 @@ def export_streamed(model: Model, tokenizer: Tokenizer | None, path: str | Path,
             failure = f"{type(exc).__name__}: {exc}"
     failure = dist.broadcast_object(failure)
     if failure is not None:
-        raise UserError(f"the final model could not be written to {path} ({failure}); the last checkpoint is "
-                        "intact: fix the cause and resume with --resume")
+        raise ExportFailed(path, failure)
+
+
+class ExportFailed(UserError):
+    """``export_streamed`` could not write its files (``cause``: the first failure, in one line)."""
+
+    def __init__(self, path: Path, cause: str) -> None:
+        super().__init__(f"the final model could not be written to {path} ({cause}); the last checkpoint is intact: "
+                         "fix the cause and resume with --resume")
+        self.cause = cause
 
 
 def _finish(base: nn.Module, tokenizer: Tokenizer | None, path: Path, files: list[tuple[Path, dict[str, int]]],

@@ -150,6 +150,7 @@ class MetricsWriter:
         self.path = output_dir / METRICS_FILE
         truncate_history(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
+        self._failed = False  # a write or flush failed (a full disk): its error was raised then, not again at close
         self._tb = self._wandb = None
         if "tensorboard" in loggers:
             try:
@@ -173,8 +174,9 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with self._reporting():
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
             for k, v in numeric.items():
@@ -184,11 +186,26 @@ class MetricsWriter:
 
     def flush(self) -> None:
         """Make every line written so far durable (before a checkpoint vouches for the steps they describe)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with self._reporting():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    @contextlib.contextmanager
+    def _reporting(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # the file is closed even when the flush inside fails
+        except OSError:
+            if not self._failed:
+                raise
+            # the bytes still buffered are those of the write that failed, already reported: a resume drops the
+            # torn line and recomputes it
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -6,7 +6,10 @@ same rule (``config_differences``) applies to the config saved inside the checkp
 checkpoint of another run is refused, naming the first keys that differ. Resuming never replaces saved work that is
 newer than the checkpoint it resumes from (later valid checkpoints, ``final/`` written at a later step, or a history
 in ``metrics.jsonl`` with no checkpoint at all) unless asked to (``discard_newer``: that work is moved to
-``OUTPUT_DIR/discarded-<time>/``, never deleted).
+``OUTPUT_DIR/discarded-<time>/``, never deleted). Every refusal comes before anything is written: paths of the wrong
+kind (``RUN_PATHS``, an ``output_dir`` under a file) and a ``resume_from`` that is not a checkpoint directory are
+refused even before anything is loaded (``check_output_paths``), and the checkpoint a resume starts from is verified,
+its config compared and the caller's check of its trainer state run before the directory is created or changed.
 
 What it knows: the marker file, which config keys may change on resume, the rules for an existing directory (empty,
 a vopd run, anything else), where a run keeps its checkpoints, ``final/`` (whose ``trainer_state.json`` records
@@ -23,14 +26,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from vopd.checkpoint import (CHECKPOINTS, checkpoint_problem, checkpoint_step, latest_valid_checkpoint,
+from vopd.checkpoint import (CHECKPOINTS, MANIFEST, checkpoint_problem, checkpoint_step, latest_valid_checkpoint,
                              list_checkpoints, verify_checkpoint)
 from vopd.config import TrainConfig, config_to_dict
 from vopd.errors import UserError
+from vopd.fsfaults import DIRECTORY, FILE, check_can_be_directory, check_kinds
 from vopd.metrics import METRICS_FILE, read_metrics
 from vopd.teacher_config import canonical
 
@@ -149,24 +153,97 @@ def _write_marker(output_dir: Path, config: dict[str, Any]) -> None:
     os.replace(tmp, output_dir / RUN_MARKER)
 
 
+#: What a run keeps in its ``output_dir`` (besides its marker), by kind: a path of another kind is refused before the
+#: run starts.
+RUN_PATHS = {CHECKPOINTS: (DIRECTORY, "its checkpoints"), FINAL: (DIRECTORY, "its final model"),
+             METRICS_FILE: (FILE, "its history"), "config.yaml": (FILE, "its config")}
+
+
+def check_output_paths(output_dir: str | Path, resume_from: str | Path | None = None) -> None:
+    """What can be refused about the paths of a run before anything is loaded (nothing is hashed or written): an
+    ``output_dir`` that cannot be a directory, an entry of the run it holds of the wrong kind (``RUN_PATHS``; a
+    directory holding no run is refused as such when the run claims it), a ``resume_from`` that is not a checkpoint
+    directory."""
+    out = Path(output_dir)
+    check_can_be_directory(out, "output_dir")
+    if (out / RUN_MARKER).is_file():
+        check_kinds(out, RUN_PATHS, "output_dir")
+    if resume_from is None:
+        return
+    path = Path(resume_from)
+    where = "pass a checkpoint directory (OUTPUT_DIR/checkpoints/step-NNNNNNNN), or --resume for output_dir's newest"
+    if not path.exists():
+        raise UserError(f"--resume-from {path} does not exist: {where}")
+    if not path.is_dir():
+        raise UserError(f"--resume-from {path} is a file, not a checkpoint: {where}")
+    if (path / RUN_MARKER).is_file() or (path / CHECKPOINTS).is_dir():
+        saved = list_checkpoints(path)
+        which = f"pass one of its checkpoints (the newest: {saved[-1]})" if saved else "it has no checkpoint yet"
+        raise UserError(f"--resume-from {path} is a run's output_dir, not one of its checkpoints: {which}, or set "
+                        f"output_dir={path} and pass --resume")
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"--resume-from {path} is not a checkpoint (no {MANIFEST}: another directory, or a checkpoint "
+                        f"whose save did not complete): {where}")
+
+
+def _checked(checkpoint: Path, config: dict[str, Any], check: Callable[[Path], None] | None) -> Path:
+    """``checkpoint`` (already verified), once its config is this run's and the caller's ``check`` passed."""
+    check_checkpoint_config(checkpoint, config)
+    if check is not None:
+        check(checkpoint)
+    return checkpoint
+
+
+def _newest_valid(out: Path) -> Path | None:
+    """The checkpoint ``--resume`` starts from: the newest, which must be valid (never skipped silently)."""
+    # The shard files of a sharded checkpoint are hashed by the ranks that read them (vopd.checkpoint_sharded),
+    # not here: rank 0 alone would otherwise hash the whole checkpoint before every rank hashes its part again.
+    saved = list_checkpoints(out)
+    chosen = latest_valid_checkpoint(out, shards=())
+    if chosen is None and saved:
+        raise UserError(f"cannot resume the run in {out}: none of its checkpoints is valid; start again with "
+                        "overwrite (--overwrite)")
+    if saved and chosen != saved[-1]:
+        # Never skip silently past a damaged newest checkpoint: name it and the one that would be used.
+        problem = checkpoint_problem(saved[-1], hashes=True, shards=()) or ("unknown", "no detail")
+        raise UserError(f"checkpoint {saved[-1]} is corrupt ({problem[0]}: {problem[1]}); the last valid one "
+                        f"is {chosen}: resume from it with --resume-from {chosen}")
+    unfinished = sorted(p.name for p in (out / CHECKPOINTS).glob("step-*")
+                        if p.is_dir() and not (p / MANIFEST).exists())
+    if unfinished:  # not a checkpoint (no manifest): never loaded, but not passed over without a word
+        log.warning("%s: %s has no %s (not a complete checkpoint): ignored; resuming from %s", out / CHECKPOINTS,
+                    ", ".join(unfinished), MANIFEST, chosen.name if chosen is not None else "scratch")
+    return chosen
+
+
 def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
-                       resume_from: str | Path | None = None, discard_newer: bool = False) -> Path | None:
+                       resume_from: str | Path | None = None, discard_newer: bool = False,
+                       check: Callable[[Path], None] | None = None) -> Path | None:
     """Claim ``output_dir`` for a run with ``config``. Returns the checkpoint to resume from, or None to start fresh.
 
-    Empty or absent directory: a new run. A directory holding a vopd run: refused unless ``resume`` (the config must
-    match except ``RESUME_MUTABLE_KEYS``; returns ``resume_from`` or the newest valid checkpoint, whose own config
-    must match too; None if none was saved yet and the run has no history) or ``overwrite`` (the old run is renamed
-    to ``<dir>.old-<time>``, never deleted). Work newer than the chosen checkpoint is refused unless
-    ``discard_newer`` (then moved aside). A non-empty directory that is not a vopd run is never touched."""
+    Empty or absent directory: a new run, or with ``resume_from`` (a valid checkpoint of a run with this config)
+    that run continued here. A directory holding a vopd run: refused unless ``resume`` (the config must match except
+    ``RESUME_MUTABLE_KEYS``; returns ``resume_from`` or the newest valid checkpoint, whose own config must match too;
+    None if none was saved yet and the run has no history) or ``overwrite`` (the old run is renamed to
+    ``<dir>.old-<time>``, never deleted). Work newer than the chosen checkpoint is refused unless ``discard_newer``
+    (then moved aside). A non-empty directory that is not a vopd run is never touched. ``check(checkpoint)``: the
+    caller's rules for the checkpoint it resumes from (its trainer state), run once its files and config are
+    verified. Every refusal comes before anything is written."""
     out = Path(output_dir)
     if resume and overwrite:
         raise UserError("resume and overwrite exclude each other: pass only one")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} is a file: choose a directory")
+    check_output_paths(out, resume_from)
+    chosen: Path | None = None
+    if resume_from is not None:  # the checkpoint asked for, wherever it is, before anything is written
+        verify_checkpoint(Path(resume_from), shards=())
+        chosen = _checked(Path(resume_from), config, check)
     if not out.is_dir() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
         _write_marker(out, config)
-        return None
+        if chosen is not None:
+            log.warning("resume: output_dir %s held no run: it continues the run of %s from step %d (the history "
+                        "of the steps before is that run's)", out, chosen, checkpoint_step(chosen))
+        return chosen
     marker = out / RUN_MARKER
     if not marker.is_file():
         raise UserError(f"output_dir {out} is not empty and holds no vopd run ({RUN_MARKER} is missing): "
@@ -190,25 +267,9 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume
         raise UserError(f"{marker} is unreadable: restore it or start a new run in another output_dir") from None
     _refuse_differences(f"cannot resume the run in {out}", old, config,
                         "undo these changes, or start a new run (overwrite or another output_dir)")
-    # The shard files of a sharded checkpoint are hashed by the ranks that read them (vopd.checkpoint_sharded),
-    # not here: rank 0 alone would otherwise hash the whole checkpoint before every rank hashes its part again.
-    if resume_from is not None:
-        chosen: Path | None = Path(resume_from)
-        assert chosen is not None
-        verify_checkpoint(chosen, shards=())
-    else:
-        saved = list_checkpoints(out)
-        chosen = latest_valid_checkpoint(out, shards=())
-        if chosen is None and saved:
-            raise UserError(f"cannot resume the run in {out}: none of its checkpoints is valid; start again with "
-                            "overwrite (--overwrite)")
-        if saved and chosen != saved[-1]:
-            # Never skip silently past a damaged newest checkpoint: name it and the one that would be used.
-            problem = checkpoint_problem(saved[-1], hashes=True, shards=()) or ("unknown", "no detail")
-            raise UserError(f"checkpoint {saved[-1]} is corrupt ({problem[0]}: {problem[1]}); the last valid one "
-                            f"is {chosen}: resume from it with --resume-from {chosen}")
-    if chosen is not None:
-        check_checkpoint_config(chosen, config)
+    if resume_from is None:
+        newest = _newest_valid(out)
+        chosen = None if newest is None else _checked(newest, config, check)
     step = checkpoint_step(chosen) if chosen is not None else 0
     newer = _newer_work(out, step)
     if newer and not discard_newer:

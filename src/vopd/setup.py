@@ -7,8 +7,10 @@ checkpoint, with or without discarding newer work: one value where four flags us
 student, the teachers, the training prompts (read once), the pre-flight on the very teacher objects that train (then
 the sharding of the in-process teachers the run shards, ``vopd.sharding``), LoRA and gradient checkpointing, the
 loss plan (``vopd.loss.plan``, resolved once), the wrapped student and the rollout source; only then the output
-directory (so a run that cannot start leaves it untouched), the optimizer, the scheduler and the resume state
-(``TrainerState``, what a checkpoint holds besides weights and optimizer). What it does not know: the loop
+directory (so a run that cannot start leaves it untouched; paths that cannot be the run's are refused before
+anything is loaded), the optimizer, the scheduler and the resume state (``TrainerState``, what a checkpoint holds
+besides weights and optimizer, judged by ``ResumeRules`` before the directory is claimed: its consistency and the
+fingerprint of the training data, ``vopd.fingerprint``). What it does not know: the loop
 (``vopd.train``), the loss math (``vopd.loss``), which teacher placement it talks to (``vopd.teacher``), the rules
 of the output directory (``vopd.rundir``) or the checkpoint layout (``vopd.checkpoint``).
 """
@@ -27,18 +29,20 @@ import torch
 from vopd import checkpoint as ckpt
 from vopd import checkpoint_sharded as sharded
 from vopd import distributed as dist
+from vopd import fingerprint
 from vopd.check import preflight, training_prompts
 from vopd.config import TrainConfig, config_to_dict, save_config
 from vopd.data import PromptSet, PromptStream
 from vopd.engines import engine_factory
 from vopd.errors import UserError
+from vopd.fsfaults import one_line
 from vopd.loss.plan import LossPlan
-from vopd.metrics import MetricsWriter
+from vopd.metrics import METRICS_FILE, MetricsWriter
 from vopd.models import (Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, logit_transform,
                          resolve_device)
 from vopd.precision import resolve_precision
 from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory
-from vopd.rundir import prepare_output_dir
+from vopd.rundir import check_output_paths, prepare_output_dir
 from vopd.sharding import teacher_is_sharded
 from vopd.step import loss_plan, make_optimizer
 from vopd.teacher.base import SELF
@@ -54,32 +58,37 @@ if TYPE_CHECKING:
 class Start:
     """How a run starts: ``new`` (an empty or absent ``output_dir``), ``overwrite`` (an earlier run there is moved
     aside first) or ``resume`` (from ``checkpoint``, or the newest valid one when None; ``discard_newer`` lets it
-    replace work newer than that checkpoint, moved aside: ``vopd.rundir``)."""
+    replace work newer than that checkpoint, moved aside: ``vopd.rundir``; ``allow_data_change`` lets it continue
+    on training data other than the checkpoint's: ``vopd.fingerprint``)."""
 
     how: Literal["new", "overwrite", "resume"] = "new"
     checkpoint: str | None = None
     discard_newer: bool = False
+    allow_data_change: bool = False
 
     def __post_init__(self) -> None:
         if self.how not in ("new", "overwrite", "resume"):
             raise UserError(f"a run starts new, overwrite or resume, not {self.how!r}")
-        if self.how != "resume" and (self.checkpoint is not None or self.discard_newer):
-            raise UserError("--discard-newer only applies to a resume: pass it with --resume or --resume-from")
+        for flag, given in (("--discard-newer", self.discard_newer or self.checkpoint is not None),
+                            ("--allow-data-change", self.allow_data_change)):
+            if self.how != "resume" and given:
+                raise UserError(f"{flag} only applies to a resume: pass it with --resume or --resume-from")
 
     @classmethod
-    def resume(cls, checkpoint: str | Path | None = None, *, discard_newer: bool = False) -> "Start":
-        return cls("resume", None if checkpoint is None else str(checkpoint), discard_newer)
+    def resume(cls, checkpoint: str | Path | None = None, *, discard_newer: bool = False,
+               allow_data_change: bool = False) -> "Start":
+        return cls("resume", None if checkpoint is None else str(checkpoint), discard_newer, allow_data_change)
 
     @classmethod
     def from_flags(cls, *, resume: bool = False, overwrite: bool = False, resume_from: str | None = None,
-                   discard_newer: bool = False) -> "Start":
-        """The ``vopd train`` flags (``--resume``, ``--overwrite``, ``--resume-from``, ``--discard-newer``) as one
-        value; contradictory flags are a one-line error."""
+                   discard_newer: bool = False, allow_data_change: bool = False) -> "Start":
+        """The ``vopd train`` flags (``--resume``, ``--overwrite``, ``--resume-from``, ``--discard-newer``,
+        ``--allow-data-change``) as one value; contradictory flags are a one-line error."""
         if overwrite and (resume or resume_from):
             raise UserError("--overwrite and --resume/--resume-from exclude each other: pass only one")
         if resume or resume_from:
-            return cls.resume(resume_from, discard_newer=discard_newer)
-        return cls("overwrite" if overwrite else "new", None, discard_newer)
+            return cls.resume(resume_from, discard_newer=discard_newer, allow_data_change=allow_data_change)
+        return cls("overwrite" if overwrite else "new", None, discard_newer, allow_data_change)
 
 
 NEW = Start()
@@ -89,13 +98,15 @@ OVERWRITE = Start("overwrite")
 @dataclass
 class TrainerState:
     """What a checkpoint's ``trainer_state.json`` holds besides weights and optimizer: the next step, the data
-    position (``PromptStream.state()``), the skipped-step counters and the world size that wrote it."""
+    position (``PromptStream.state()``), the skipped-step counters, the world size that wrote it and the
+    fingerprint of the prompts the run streams (``vopd.fingerprint``; None in checkpoints written before it)."""
 
     step: int = 0
     data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "index": 0})
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     world_size: int = 1
+    data_fingerprint: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "TrainerState":
@@ -105,10 +116,12 @@ class TrainerState:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def check(self, where: Path, *, manifest_step: int, steps: int, batch_size: int, prompts: int) -> None:
+    def check(self, where: Path, *, manifest_step: int, steps: int, batch_size: int, prompts: int,
+              data_changed: bool = False) -> None:
         """Refuse a checkpoint whose state cannot be this run's: counts that are not counts, a step that is not its
         manifest's or lies past ``steps``, or a data position that is not where ``step`` batches end (the prompts
-        changed). One-line ``UserError`` naming the key."""
+        changed; not checked when ``data_changed``: the user allowed it, and the position is recomputed). One-line
+        ``UserError`` naming the key."""
         counts = {"step": self.step, "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
                   "world_size": self.world_size, **{f"data.{k}": v for k, v in self.data.items()}}
         for key, value in counts.items():
@@ -125,11 +138,34 @@ class TrainerState:
         if not 1 <= self.step <= steps:
             raise UserError(f"checkpoint {where} is at step {self.step}, past this run's steps={steps}: set "
                             f"steps>={self.step} to continue it")
-        if self.data["epoch"] * prompts + self.data["index"] != self.step * batch_size:
+        if not data_changed and self.data["epoch"] * prompts + self.data["index"] != self.step * batch_size:
             raise UserError(f"checkpoint {where} does not fit the training data: its data position (epoch "
                             f"{self.data['epoch']}, index {self.data['index']}) is not where {self.step} steps of "
                             f"batch_size={batch_size} over {prompts} prompts end; the prompts changed since (data.train "
-                            "file, data.max_prompt_tokens or rollout.max_new_tokens): restore them or start a new run")
+                            "file, data.max_prompt_tokens or rollout.max_new_tokens): restore them, start a new run, "
+                            "or pass --allow-data-change to continue on them")
+
+
+@dataclass(frozen=True)
+class ResumeRules:
+    """What the trainer state of the checkpoint a run resumes from must be (``TrainerState.check``, and the data
+    rule of ``vopd.fingerprint``), judged before the run claims its directory and again by every rank that loads."""
+
+    steps: int
+    batch_size: int
+    prompts: int
+    data: fingerprint.DataFingerprint
+    data_file: str
+    allow_data_change: bool
+
+    def judge(self, where: Path, saved: dict[str, Any]) -> fingerprint.DataVerdict:
+        """Refuse (one-line ``UserError``) a trainer state that cannot continue this run; what to do about its data."""
+        verdict = fingerprint.judge_resume(saved.get(fingerprint.KEY), self.data, where=where,
+                                           data_file=self.data_file, allow_change=self.allow_data_change)
+        TrainerState.from_dict(saved).check(where, manifest_step=ckpt.checkpoint_step(where), steps=self.steps,
+                                            batch_size=self.batch_size, prompts=self.prompts,
+                                            data_changed=verdict.changed)
+        return verdict
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -181,6 +217,8 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
     """The run ``cfg`` describes, started as ``start``; teachers, the metrics writer and the progress bar are closed
     when the block ends. Under torchrun every rank calls this (rank 0 claims the directory, docs/scaling.md)."""
     device = dist.init(resolve_device(cfg.model.device), timeout_min=cfg.distributed.timeout_min)
+    # Paths that cannot be the run's, refused before anything is loaded (they are checked again when it claims them).
+    dist.on_main(lambda: check_output_paths(cfg.output_dir, start.checkpoint))
     # The same seed on every rank: anything random before step 0 (LoRA init) must be identical across ranks.
     torch.manual_seed(cfg.seed)
     info = log if dist.is_main() else (lambda _msg: None)
@@ -196,6 +234,8 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
     with contextlib.ExitStack() as closing:
         closing.callback(lambda: teachers.close())
         prompts = training_prompts(cfg, tok, model, teachers, info)  # read once: the pre-flight sees these rows
+        rules = ResumeRules(cfg.steps, cfg.batch_size, len(prompts.student), fingerprint.data_fingerprint(prompts),
+                            str(cfg.data.train), start.allow_data_change)
         if prompts.teacher is not None:  # the teacher reads each completion after its own prompt (docs/real_models.md)
             teachers = teachers.map(lambda t: OwnPromptTeacher(t, tok.pad_token_id))
         plan = loss_plan(cfg.loss, logit_transform(model))  # resolved once; every teacher must serve its method
@@ -218,20 +258,23 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         if make_sampler is not None or cfg.rollout.engine == "hf":  # FSDP2: generate on the sharded module, in step
             sample = student.inferring(sample)  # (the vLLM push gathers each weight itself: no root to gather)
         out_dir, config_dict = Path(cfg.output_dir), config_to_dict(cfg)
-        start_from = dist.on_main(lambda: _claim(out_dir, cfg, config_dict, start))  # every rank: the same one
+        start_from = dist.on_main(lambda: _claim(out_dir, cfg, config_dict, start, rules, info))  # same on all
         if start.how == "resume" and start.checkpoint is None and start_from is None:
             info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
         optimizer = make_optimizer(cfg, student.trainable())
         scheduler = make_scheduler(optimizer, cfg)
         state = TrainerState()
         if start_from is not None:
-            state = _resume(start_from, student, optimizer, scheduler, info, cfg, len(prompts.student))
-        state.world_size = dist.world_size()
+            state = _resume(start_from, student, optimizer, scheduler, info, rules)
+        state.world_size, state.data_fingerprint = dist.world_size(), rules.data.to_dict()
         stream = PromptStream(len(prompts.student), seed=cfg.seed, shuffle=cfg.data.shuffle, **state.data)
         source = OnPolicyRollouts(sample, prompts, stream, tok.pad_token_id, batch_size=cfg.batch_size,
                                   rank=dist.rank(), world_size=dist.world_size())
         # The history continues at the resumed step: later lines (about to be recomputed) and torn ones are dropped.
-        writer = MetricsWriter(out_dir, cfg.loggers, config_dict, resume_step=state.step) if dist.is_main() else None
+        with one_line(f"cannot open the history {out_dir / METRICS_FILE}", lambda: "free disk space or fix the cause, "
+                      "and run the command again (the checkpoints are untouched)"):
+            writer = MetricsWriter(out_dir, cfg.loggers, config_dict, resume_step=state.step) if dist.is_main() \
+                else None
         if writer is not None:
             closing.callback(writer.close)
         bar = _progress(cfg, state.step) if dist.is_main() else None
@@ -251,31 +294,46 @@ def _shard_teachers(teachers: Teachers, cfg: TrainConfig, device: torch.device) 
             local.shard(device, offload=entry.offload)
 
 
-def _claim(out_dir: Path, cfg: TrainConfig, config_dict: dict[str, Any], start: Start) -> Path | None:
-    """Rank 0 claims ``output_dir`` for ``start`` (``vopd.rundir``) and writes the config; the checkpoint to resume
-    from, or None."""
-    found = prepare_output_dir(out_dir, config_dict, resume=start.how == "resume", overwrite=start.how == "overwrite",
-                               resume_from=start.checkpoint, discard_newer=start.discard_newer)
-    ckpt.remove_stale_temps(out_dir)
-    save_config(cfg, out_dir / "config.yaml")
+def _claim(out_dir: Path, cfg: TrainConfig, config_dict: dict[str, Any], start: Start, rules: ResumeRules,
+           info: Callable[[str], None]) -> Path | None:
+    """Rank 0 claims ``output_dir`` for ``start`` (``vopd.rundir``; the trainer state of the checkpoint it resumes
+    from is judged by ``rules`` before anything is written) and writes the config; the checkpoint to resume from, or
+    None. A file-system fault (a full disk, no permission) is one line."""
+    notes: list[str] = []
+
+    def judge(checkpoint: Path) -> None:
+        note = rules.judge(checkpoint, ckpt.read_trainer_state(checkpoint, None)).note
+        if note is not None:
+            notes.append(note)
+
+    with one_line(f"cannot claim output_dir {out_dir}", lambda: "free disk space or fix the cause, and run the "
+                  "command again (the checkpoints are untouched)"):
+        found = prepare_output_dir(out_dir, config_dict, resume=start.how == "resume",
+                                   overwrite=start.how == "overwrite", resume_from=start.checkpoint,
+                                   discard_newer=start.discard_newer, check=judge)
+        ckpt.remove_stale_temps(out_dir)
+        save_config(cfg, out_dir / "config.yaml")
+    for note in notes:  # logged once the claim succeeded: a refusal after the judgement says only why
+        info(note)
     return found
 
 
 def _resume(start_from: Path, student: dist.WrappedStudent, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LambdaLR, info: Callable[[str], None], cfg: TrainConfig,
-            prompts: int) -> TrainerState:
+            scheduler: torch.optim.lr_scheduler.LambdaLR, info: Callable[[str], None],
+            rules: ResumeRules) -> TrainerState:
     """Every rank reads its part of the checkpoint (any world size and strategy resumes it:
-    ``vopd.checkpoint_sharded.resume``), after checking that its trainer state can be this run's
-    (``TrainerState.check``), before anything is loaded."""
+    ``vopd.checkpoint_sharded.resume``), after checking that its trainer state can be this run's (``rules``),
+    before anything is loaded. On data the user allowed to change, the data position is recomputed for the current
+    prompts (the same number of prompts consumed)."""
     if not Path(start_from).is_dir():
         raise UserError(f"rank {dist.rank()} cannot see checkpoint {start_from}: with several nodes, output_dir "
                         "must be on a filesystem every node shares")
-
-    def check(saved: dict[str, Any]) -> None:
-        TrainerState.from_dict(saved).check(start_from, manifest_step=ckpt.checkpoint_step(start_from),
-                                            steps=cfg.steps, batch_size=cfg.batch_size, prompts=prompts)
-
-    state = TrainerState.from_dict(sharded.resume(start_from, student, optimizer, scheduler, check_state=check))
+    verdicts: list[fingerprint.DataVerdict] = []
+    saved = sharded.resume(start_from, student, optimizer, scheduler,
+                           check_state=lambda saved: verdicts.append(rules.judge(start_from, saved)))
+    state = TrainerState.from_dict(saved)
+    if verdicts and verdicts[0].changed:
+        state.data = fingerprint.position_for(state.step * rules.batch_size, rules.prompts)
     if scheduler.last_epoch != state.step:
         raise UserError(f"checkpoint {start_from} is inconsistent: scheduler.pt is at step {scheduler.last_epoch}, "
                         f"trainer_state at step {state.step}; resume from another checkpoint")

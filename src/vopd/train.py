@@ -9,13 +9,15 @@ every rank) and which is rank 0's (logs, evaluation, files). The run it loops ov
 directory, optimizer and resume state; how a run starts is one ``Start`` value). Whether a step is bad (and the
 aborts) is ``vopd.guard``'s call; one step's gradient (micro-batches, teacher scores, the loss, backward, the
 variance probe) is ``vopd.step``'s; rollouts come from the run's ``vopd.rollout.RolloutSource``; evaluation is
-``vopd.eval``'s and files are ``vopd.checkpoint_sharded``'s, ``vopd.rundir``'s and ``vopd.export``'s. What it does
-not know: the loss math, or which teacher placement it talks to.
+``vopd.eval``'s and files are ``vopd.checkpoint_sharded``'s, ``vopd.rundir``'s and ``vopd.export``'s; a full disk
+while writing the history or ``final/`` is one line naming the last valid checkpoint (``vopd.fsfaults``). What it
+does not know: the loss math, or which teacher placement it talks to.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,7 +33,8 @@ from vopd import guard
 from vopd.config import TrainConfig, load_config
 from vopd.errors import UserError
 from vopd.eval import evaluate_student
-from vopd.export import export_merged, export_streamed
+from vopd.export import ExportFailed, export_merged, export_streamed
+from vopd.fsfaults import describe, is_fault, one_line
 from vopd.guard import TrainingAborted  # re-exported: the error a run that stops on purpose raises
 from vopd.metrics import PhaseTimer, gradient_noise, peak_memory_mb, rollout_metrics
 from vopd.rollout import Rollout, SamplerFactory, check_weight_sync
@@ -57,9 +60,10 @@ def train(cfg: TrainConfig, *, start: Start = NEW, stop_at: int | None = None, l
 
     ``start``: a new run (default), an overwrite, or a resume (``Start.resume()``: the newest checkpoint in
     ``output_dir``, refusing a damaged one; ``Start.resume(path)``: that checkpoint; ``discard_newer=True`` lets it
-    replace newer work); ``stop_at`` ends after that step as if interrupted (no final export), which is how resume is
-    tested; ``make_sampler(model, tokenizer, rollout_config)`` replaces Hugging Face generate with a sampler built from
-    the live student (``model`` is updated in place every step) and the ``rollout`` section of the config.
+    replace newer work; ``allow_data_change=True`` lets it continue on other training data); ``stop_at`` ends after
+    that step as if interrupted (no final export), which is how resume is tested; ``make_sampler(model, tokenizer,
+    rollout_config)`` replaces Hugging Face generate with a sampler built from the live student (``model`` is updated
+    in place every step) and the ``rollout`` section of the config.
     Under torchrun every rank calls this; rank 0 logs, evaluates and writes files (docs/scaling.md)."""
     if stop_at is not None and stop_at < 1:
         raise UserError(f"--stop-at {stop_at} is invalid: it must be >= 1 (the step after which to stop)")
@@ -191,7 +195,8 @@ def _evaluate(run: Run, step: int) -> dict[str, Any]:
 def _write_log(run: Run, step: int, metrics: dict[str, Any]) -> None:
     last = step + 1 == run.cfg.steps
     if run.writer is not None and ((step + 1) % run.cfg.log_every == 0 or last):
-        run.writer.write(step + 1, metrics)
+        with _history_faults(run):
+            run.writer.write(step + 1, metrics)
     if run.bar is not None:
         run.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("kl_estimate", "grad_norm") if k in metrics})
         run.bar.update(1)
@@ -206,10 +211,26 @@ def _checkpoint(run: Run, step: int, stop_at: int | None) -> None:
     if not due or state.bad_in_a_row != 0:
         return
     if run.writer is not None:
-        run.writer.flush()  # the history up to this step is on disk before a checkpoint vouches for it
+        with _history_faults(run):
+            run.writer.flush()  # the history up to this step is on disk before a checkpoint vouches for it
     run.last_checkpoint = sharded.save_checkpoint(
         run.out_dir, step + 1, model=run.student.model, optimizer=run.optimizer, scheduler=run.scheduler,
         trainer_state=state.to_dict(), config=run.config_dict, keep_last=cfg.keep_last)
+
+
+def _history_faults(run: Run) -> contextlib.AbstractContextManager[None]:
+    """A full disk (or another file-system fault) while writing ``metrics.jsonl``, as one line: a resume drops the
+    lines after its checkpoint and a torn one, so the history stays exact."""
+    assert run.writer is not None
+    return one_line(f"cannot write the history {run.writer.path}", lambda: _resume_advice(run))
+
+
+def _resume_advice(run: Run) -> str:
+    """What to do after a file-system fault mid-run: what is safe, and the command that continues."""
+    if run.last_checkpoint is None:
+        return "no checkpoint was saved yet: free disk space (or fix the cause) and start the run again (--overwrite)"
+    return (f"the last valid checkpoint is {run.last_checkpoint}: free disk space (or fix the cause) and resume with "
+            "--resume")
 
 
 def _export_final(run: Run, final: Path) -> None:
@@ -233,12 +254,28 @@ def _export_final(run: Run, final: Path) -> None:
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
+    def undo() -> None:
+        """After a failed export: the partial one removed, a final/ of an earlier step kept (or put back, when
+        ``publish`` failed between its renames)."""
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        clear()
+
     dist.on_main(clear)
-    if run.student.sharded:
-        export_streamed(run.student.model, run.tok, tmp, dtype=dtype)
-    else:
-        dist.on_main(lambda: export_merged(run.student.model, run.tok, tmp, dtype=dtype))
-    dist.on_main(publish)
+    try:
+        if run.student.sharded:
+            export_streamed(run.student.model, run.tok, tmp, dtype=dtype)
+        else:
+            dist.on_main(lambda: export_merged(run.student.model, run.tok, tmp, dtype=dtype))
+        dist.on_main(publish)
+    except Exception as exc:  # every rank is here: rank 0's failure reaches the others as on_main's UserError
+        dist.on_main(undo)  # on every path (a collective)
+        if not isinstance(exc, UserError) and not is_fault(exc):
+            raise
+        cause = exc.cause if isinstance(exc, ExportFailed) else str(exc) if isinstance(exc, UserError) else \
+            describe(exc)
+        raise UserError(f"the final model could not be written to {final} ({cause}); the partial export was removed "
+                        f"and {_resume_advice(run)}") from None
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -258,6 +295,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --resume/--resume-from: let the run replace work newer than the checkpoint it "
                              "resumes from (later checkpoints, final/, a history without checkpoint), which is moved "
                              "to OUTPUT_DIR/discarded-TIME/ first")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume/--resume-from: continue even though the training prompts differ from "
+                             "those the checkpoint's run streamed (refused otherwise); the run logs that it did")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -265,7 +305,7 @@ def cli_main(args: argparse.Namespace) -> int:
     clean = False
     try:
         start = Start.from_flags(resume=args.resume, overwrite=args.overwrite, resume_from=args.resume_from,
-                                 discard_newer=args.discard_newer)
+                                 discard_newer=args.discard_newer, allow_data_change=args.allow_data_change)
         result = train(cfg, start=start, stop_at=args.stop_at)
         main = dist.is_main()  # read before shutdown: afterwards every process looks like rank 0
         clean = True

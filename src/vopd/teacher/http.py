@@ -92,7 +92,8 @@ class Session:
             self.bytes_received += len(body)
             return json_object(body, f"teacher server at {self.url} answered {method} {path} with", advice)
         raise UserError(f"teacher server at {self.url} is unreachable after {tries} tries (last error {last}): restart "
-                        "it and resume with --resume; the last checkpoint is kept")
+                        "it and run the command again (vopd train: --resume continues from the last checkpoint, "
+                        "which is kept)")
 
     def _try(self, method: str, path: str, payload: dict[str, Any] | None, max_answer: float,
              advice: str) -> tuple[int, bytes, int]:
