@@ -226,7 +226,8 @@ def test_malformed_or_impossible_numbers_are_one_line(fault, proxy, rollout, top
     remote.score(rollout, topk, lse=True)  # the real answer passes every check
     proxy.garble["/score"] = garble
     message = refused(lambda: remote.score(rollout, topk, lse=True), proxy.url, *fragments)
-    assert message.endswith("resume with --resume (the last checkpoint is kept)"), message
+    assert message.endswith("run the command again (vopd train: --resume continues from the last checkpoint, "
+                            "which is kept)"), message
 
 
 def test_without_lse_log_q_cannot_pass_its_share_among_the_ids(proxy, rollout, topk):
@@ -315,7 +316,7 @@ def test_a_server_restarted_with_another_teacher_is_caught_on_its_next_answer(pr
     remote.score(rollout, topk, lse=True)
     proxy.upstream = servers["other"][1]  # "restarted" with another model
     refused(lambda: remote.score(rollout, topk, lse=True), proxy.url, "now serves another teacher",
-            "model_sha256", "head_sha256", "resume with --resume")
+            "model_sha256", "head_sha256", "run the command again")
     refused(remote.health, proxy.url, "now serves another teacher", "model_sha256")
     hidden = RemoteTeacher(proxy.url, retries=0, head=str(micro_world.student))
     hidden.score(rollout)  # the student's head checks against the server it now is

@@ -37,7 +37,8 @@ ABSURD = 1e4
 #: What to do after a malformed ``/health`` answer (the pre-flight) and after a refused ``/score`` answer (a run).
 HEALTH_ADVICE = "; is a vopd serve-teacher of this version listening there?"
 SCORE_ADVICE = ("; nothing of that answer was trained on: check or restart the server (vopd serve-teacher) and "
-                "resume with --resume (the last checkpoint is kept)")
+                "run the command again (vopd train: --resume continues from the last checkpoint, "
+                "which is kept)")
 #: The ``/health`` fingerprints a protocol-4 identity is the hash of (``vopd.teacher.wire.identity_of``).
 IDENTITY_FIELDS = ("model_sha256", "tokenizer_sha256", "head_sha256")
 _MISSING = object()
