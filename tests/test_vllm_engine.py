@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -318,7 +319,8 @@ def test_a_cli_run_is_quiet_and_a_refusal_is_one_line(micro_world, vllm_student,
     """`python -m vopd train rollout.engine=vllm`: with the default data.max_prompt_tokens (beyond the student's
     position limit) it runs, exits 0 without a traceback at exit (vLLM's teardown of its process groups) and shows
     none of vLLM's benign warnings (the warm-up traceback, a "Failed to load weights" per push); run again into the
-    same output_dir, its refusal (after the engine started) is one line, exit code 2, and changes no file."""
+    same output_dir, or resumed on changed training data, its refusal is one line, exit code 2, changes no file, and
+    comes before the engine starts (vLLM prints nothing)."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "vopd", "train",
                *_vllm_overrides(micro_world, vllm_student, out, "rollout.engine=vllm", "steps=2",
@@ -340,6 +342,24 @@ def test_a_cli_run_is_quiet_and_a_refusal_is_one_line(micro_world, vllm_student,
                       "(--resume), move it aside with overwrite (--overwrite), or choose another output_dir"], errors
     assert "Traceback" not in again.stdout + again.stderr, again.stderr
     assert _files(out) == before
+    assert not _vllm_said(again), again.stdout + again.stderr
+    assert _vllm_said(proc), "the first run's engine logged nothing: the check above proves nothing"
+
+    changed = tmp_path / "train.jsonl"  # the first row gone: the data fingerprint differs
+    changed.write_text("\n".join(micro_world.train.read_text().splitlines()[1:]) + "\n")
+    resumed = subprocess.run([*command, f"data.train={changed}", "--resume"], capture_output=True, text=True,
+                             env=_subprocess_env(), timeout=300)
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    errors = [line for line in resumed.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "data.train" in errors[0], errors
+    assert not _vllm_said(resumed), resumed.stdout + resumed.stderr
+    assert _files(out) == before
+
+
+def _vllm_said(proc: subprocess.CompletedProcess[str]) -> bool:
+    """Whether vLLM's own loggers printed anything (its engine started)."""
+    return any(re.search(r"\bvllm\b|\[[a-z_]+\.py:\d+\]", line, re.IGNORECASE) and "vopd" not in line
+               for line in (proc.stdout + proc.stderr).splitlines())
 
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj,down_proj]"]

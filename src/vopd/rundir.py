@@ -25,8 +25,9 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -216,19 +217,32 @@ def _newest_valid(out: Path) -> Path | None:
     return chosen
 
 
-def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
-                       resume_from: str | Path | None = None, discard_newer: bool = False,
-                       check: Callable[[Path], None] | None = None) -> Path | None:
-    """Claim ``output_dir`` for a run with ``config``. Returns the checkpoint to resume from, or None to start fresh.
+@dataclass(frozen=True)
+class Claim:
+    """What claiming ``out`` will do, decided read-only by ``judge_output_dir``: ``new`` (create it and write the
+    marker; ``checkpoint`` set when another run's checkpoint is continued here), ``overwrite`` (move the old run
+    aside), ``resume`` (move ``newer`` aside when ``discard_newer``, rewrite the marker)."""
+    out: Path
+    config: dict[str, Any]
+    action: Literal["new", "overwrite", "resume"]
+    checkpoint: Path | None = None
+    newer: tuple[Path, ...] = ()
+
+
+def judge_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
+                     resume_from: str | Path | None = None, discard_newer: bool = False,
+                     check: Callable[[Path], None] | None = None) -> Claim:
+    """Every refusal of claiming ``output_dir`` for a run with ``config``, with nothing written: what the claim will
+    do (``claim_output_dir`` does it).
 
     Empty or absent directory: a new run, or with ``resume_from`` (a valid checkpoint of a run with this config)
     that run continued here. A directory holding a vopd run: refused unless ``resume`` (the config must match except
-    ``RESUME_MUTABLE_KEYS``; returns ``resume_from`` or the newest valid checkpoint, whose own config must match too;
-    None if none was saved yet and the run has no history) or ``overwrite`` (the old run is renamed to
+    ``RESUME_MUTABLE_KEYS``; resumes from ``resume_from`` or the newest valid checkpoint, whose own config must match
+    too; from scratch if none was saved yet and the run has no history) or ``overwrite`` (the old run is renamed to
     ``<dir>.old-<time>``, never deleted). Work newer than the chosen checkpoint is refused unless ``discard_newer``
     (then moved aside). A non-empty directory that is not a vopd run is never touched. ``check(checkpoint)``: the
     caller's rules for the checkpoint it resumes from (its trainer state), run once its files and config are
-    verified. Every refusal comes before anything is written."""
+    verified."""
     out = Path(output_dir)
     if resume and overwrite:
         raise UserError("resume and overwrite exclude each other: pass only one")
@@ -238,26 +252,13 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume
         verify_checkpoint(Path(resume_from), shards=())
         chosen = _checked(Path(resume_from), config, check)
     if not out.is_dir() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
-        _write_marker(out, config)
-        if chosen is not None:
-            log.warning("resume: output_dir %s held no run: it continues the run of %s from step %d (the history "
-                        "of the steps before is that run's)", out, chosen, checkpoint_step(chosen))
-        return chosen
+        return Claim(out, config, "new", chosen)
     marker = out / RUN_MARKER
     if not marker.is_file():
         raise UserError(f"output_dir {out} is not empty and holds no vopd run ({RUN_MARKER} is missing): "
                         "choose another output_dir")
     if overwrite:
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while aside.exists():
-            aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
-        os.rename(out, aside)
-        log.warning("moved the previous run in %s to %s", out, aside)
-        out.mkdir(parents=True)
-        _write_marker(out, config)
-        return None
+        return Claim(out, config, "overwrite")
     if not resume:
         raise UserError(f"output_dir {out} already holds a vopd run: continue it with resume (--resume), move it "
                         "aside with overwrite (--overwrite), or choose another output_dir")
@@ -278,7 +279,43 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume
         raise UserError(f"cannot resume the run in {out} from {start}: it would replace newer work ({names}); resume "
                         "from the newest checkpoint (--resume), or pass --discard-newer to move that work to "
                         f"{out}/discarded-<time>/ and continue from {start.split(' (')[0]}")
-    if newer:
-        _discard(out, newer)
-    _write_marker(out, config)
-    return chosen
+    return Claim(out, config, "resume", chosen, tuple(newer))
+
+
+def claim_output_dir(claim: Claim) -> Path | None:
+    """Do what ``claim`` (``judge_output_dir``'s) says; the checkpoint to resume from, or None to start fresh. A
+    directory another process filled since the judgement is refused, nothing written."""
+    out = claim.out
+    if claim.action == "new":
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"output_dir {out} was filled by something else while this run started: run the "
+                            "command again")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_marker(out, claim.config)
+        if claim.checkpoint is not None:
+            log.warning("resume: output_dir %s held no run: it continues the run of %s from step %d (the history "
+                        "of the steps before is that run's)", out, claim.checkpoint, checkpoint_step(claim.checkpoint))
+        return claim.checkpoint
+    if claim.action == "overwrite":
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        os.rename(out, aside)
+        log.warning("moved the previous run in %s to %s", out, aside)
+        out.mkdir(parents=True)
+        _write_marker(out, claim.config)
+        return None
+    if claim.newer:
+        _discard(out, list(claim.newer))
+    _write_marker(out, claim.config)
+    return claim.checkpoint
+
+
+def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool,
+                       resume_from: str | Path | None = None, discard_newer: bool = False,
+                       check: Callable[[Path], None] | None = None) -> Path | None:
+    """Claim ``output_dir`` for a run with ``config`` (``judge_output_dir``, then ``claim_output_dir``): the
+    checkpoint to resume from, or None to start fresh. Every refusal comes before anything is written."""
+    return claim_output_dir(judge_output_dir(output_dir, config, resume=resume, overwrite=overwrite,
+                                             resume_from=resume_from, discard_newer=discard_newer, check=check))

@@ -42,7 +42,7 @@ from vopd.models import (Tokenizer, apply_lora, enable_gradient_checkpointing, l
                          resolve_device)
 from vopd.precision import resolve_precision
 from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory
-from vopd.rundir import check_output_paths, prepare_output_dir
+from vopd.rundir import Claim, check_output_paths, claim_output_dir, judge_output_dir
 from vopd.sharding import teacher_is_sharded
 from vopd.step import loss_plan, make_optimizer
 from vopd.teacher.base import SELF
@@ -236,6 +236,10 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         prompts = training_prompts(cfg, tok, model, teachers, info)  # read once: the pre-flight sees these rows
         rules = ResumeRules(cfg.steps, cfg.batch_size, len(prompts.student), fingerprint.data_fingerprint(prompts),
                             str(cfg.data.train), start.allow_data_change)
+        out_dir, config_dict = Path(cfg.output_dir), config_to_dict(cfg)
+        # Everything that refuses this start (a foreign or corrupt checkpoint, changed data, newer work) is judged
+        # now, read-only, before a rollout engine starts (vLLM: seconds); the directory is claimed after it started.
+        claim = dist.on_main(lambda: _judge(out_dir, config_dict, start, rules))
         if prompts.teacher is not None:  # the teacher reads each completion after its own prompt (docs/real_models.md)
             teachers = teachers.map(lambda t: OwnPromptTeacher(t, tok.pad_token_id))
         plan = loss_plan(cfg.loss, logit_transform(model))  # resolved once; every teacher must serve its method
@@ -257,8 +261,7 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         sample = make(student.model, tok, cfg.rollout)
         if make_sampler is not None or cfg.rollout.engine == "hf":  # FSDP2: generate on the sharded module, in step
             sample = student.inferring(sample)  # (the vLLM push gathers each weight itself: no root to gather)
-        out_dir, config_dict = Path(cfg.output_dir), config_to_dict(cfg)
-        start_from = dist.on_main(lambda: _claim(out_dir, cfg, config_dict, start, rules, info))  # same on all
+        start_from = dist.on_main(lambda: _claim(claim, cfg, info))  # the same on every rank
         if start.how == "resume" and start.checkpoint is None and start_from is None:
             info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
         optimizer = make_optimizer(cfg, student.trainable())
@@ -294,11 +297,10 @@ def _shard_teachers(teachers: Teachers, cfg: TrainConfig, device: torch.device) 
             local.shard(device, offload=entry.offload)
 
 
-def _claim(out_dir: Path, cfg: TrainConfig, config_dict: dict[str, Any], start: Start, rules: ResumeRules,
-           info: Callable[[str], None]) -> Path | None:
-    """Rank 0 claims ``output_dir`` for ``start`` (``vopd.rundir``; the trainer state of the checkpoint it resumes
-    from is judged by ``rules`` before anything is written) and writes the config; the checkpoint to resume from, or
-    None. A file-system fault (a full disk, no permission) is one line."""
+def _judge(out_dir: Path, config_dict: dict[str, Any], start: Start, rules: ResumeRules) -> tuple[Claim, list[str]]:
+    """On rank 0: what claiming ``output_dir`` for ``start`` will do (``vopd.rundir.judge_output_dir``, nothing
+    written), the trainer state of the checkpoint it resumes from judged by ``rules``; and the notes to log once the
+    claim succeeded."""
     notes: list[str] = []
 
     def judge(checkpoint: Path) -> None:
@@ -306,13 +308,21 @@ def _claim(out_dir: Path, cfg: TrainConfig, config_dict: dict[str, Any], start: 
         if note is not None:
             notes.append(note)
 
-    with one_line(f"cannot claim output_dir {out_dir}", lambda: "free disk space or fix the cause, and run the "
+    claim = judge_output_dir(out_dir, config_dict, resume=start.how == "resume", overwrite=start.how == "overwrite",
+                             resume_from=start.checkpoint, discard_newer=start.discard_newer, check=judge)
+    return claim, notes
+
+
+def _claim(judged: tuple[Claim, list[str]] | None, cfg: TrainConfig, info: Callable[[str], None]) -> Path | None:
+    """On rank 0: claim ``output_dir`` as judged (``_judge``) and write the config; the checkpoint to resume from, or
+    None. A file-system fault (a full disk, no permission) is one line."""
+    assert judged is not None  # rank 0 judged it
+    claim, notes = judged
+    with one_line(f"cannot claim output_dir {claim.out}", lambda: "free disk space or fix the cause, and run the "
                   "command again (the checkpoints are untouched)"):
-        found = prepare_output_dir(out_dir, config_dict, resume=start.how == "resume",
-                                   overwrite=start.how == "overwrite", resume_from=start.checkpoint,
-                                   discard_newer=start.discard_newer, check=judge)
-        ckpt.remove_stale_temps(out_dir)
-        save_config(cfg, out_dir / "config.yaml")
+        found = claim_output_dir(claim)
+        ckpt.remove_stale_temps(claim.out)
+        save_config(cfg, claim.out / "config.yaml")
     for note in notes:  # logged once the claim succeeded: a refusal after the judgement says only why
         info(note)
     return found
