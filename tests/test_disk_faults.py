@@ -1,7 +1,9 @@
 """File-system faults are one line and lose nothing, on the micro world: a full disk (a patched writer raising
 ``ENOSPC`` partway) while a checkpoint, the final model or the history is written stops the run with one line
 naming the path and the last valid checkpoint, which stays the newest; the partial files are removed and a resume
-continues exactly. Paths of a run that cannot be what the run needs are refused before anything is loaded."""
+continues exactly; on 2 gloo ranks (FSDP2, the real command line) a full disk on rank 0 while final/ is streamed
+from the shards ends both ranks with the same line, hangs none, leaves no final/, and --resume exports it. Paths of a
+run that cannot be what the run needs are refused before anything is loaded."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def _fill_disk(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
         def write_item(transforms, stream, data, *args: Any, **kwargs: Any):
             calls[0] += 1
-            if calls[0] == 2:
+            if calls[0] == 1:
                 stream.write(b"\0" * 16)
                 raise _full()
             return real(transforms, stream, data, *args, **kwargs)
@@ -251,3 +253,131 @@ def test_paths_that_cannot_be_the_runs_are_refused_before_anything_is_loaded(mic
         os.rename(aside, out / name)
     monkeypatch.undo()
     assert train(cfg, start=Start.resume(), log=_quiet).steps_done == 2
+
+
+# ---------------------------------------------------------------- the 2-rank streamed export of final/ (FSDP2, gloo)
+
+
+def _fill_disk_on_export(where: str, patch: pytest.MonkeyPatch) -> None:
+    """On rank 0, the disk fills while ``final/`` is exported from the FSDP2 shards: at its first weight file (one
+    file per layer: written when the first tensor of the next layer is gathered, so the gathers of every later
+    tensor, which every rank joins, are still to come), or at the trainer state written last, once every weight is
+    on disk."""
+    if where == "weights":
+        import safetensors.torch
+        from safetensors import SafetensorError
+
+        import vopd.export
+
+        real_save, calls = safetensors.torch.save_file, [0]
+
+        def save_file(tensors: dict[str, Any], filename: str, metadata: Any = None) -> None:
+            calls[0] += 1
+            if calls[0] == 1:
+                Path(filename).write_bytes(b"\0" * 100)  # half a file
+                raise SafetensorError(f"Error while serializing: I/O error: {FULL} (os error 28)")
+            real_save(tensors, filename, metadata=metadata)
+
+        patch.setattr(vopd.export, "EXPORT_FILE_BYTES", 1)
+        patch.setattr(safetensors.torch, "save_file", save_file)
+    else:
+        real_text = Path.write_text
+
+        def write_text(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+            if self.name == "trainer_state.json" and self.parent.name.startswith(".tmp-final"):
+                real_text(self, data[:10])
+                raise _full(self)
+            return real_text(self, data, *args, **kwargs)
+
+        patch.setattr(Path, "write_text", write_text)
+
+
+def _export_rank(rank: int, ports: list[int], runs: list[tuple[str | None, list[str]]], root: Path) -> None:
+    """One of 2 ranks running ``vopd train`` (the command line) once per run, each in a process group of its own;
+    rank 0's disk fills as the run says. Writes root/R-I.json: the exit code and what stderr got; rank 0 adds what
+    the output directory holds and its newest valid checkpoint."""
+    import contextlib
+    import faulthandler
+    import io
+    import signal
+
+    import torch
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1"})
+    torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where a rank is, if it hangs
+    for i, ((fault, argv), port) in enumerate(zip(runs, ports)):
+        os.environ["MASTER_PORT"] = str(port)
+        err = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(err):
+            if fault is not None and rank == 0:
+                _fill_disk_on_export(fault, patch)
+            code = main(["train", *argv])
+        report: dict[str, Any] = {"code": code, "stderr": err.getvalue()}
+        if rank == 0:
+            out = Path(next(a for a in argv if a.startswith("output_dir=")).split("=", 1)[1])
+            report.update(left=sorted(p.name for p in out.iterdir()), checkpoints=_snapshot(out / "checkpoints"),
+                          latest=str(ckpt.latest_valid_checkpoint(out)))
+        (root / f"{rank}-{i}.json").write_text(json.dumps(report))
+
+
+def _two_export_ranks(runs: list[tuple[str | None, list[str]]], root: Path, limit_s: float) -> None:
+    """``_export_rank`` on 2 spawned ranks; a rank still running after ``limit_s`` fails the test (its stack and
+    the other's dumped first), both ranks killed."""
+    import signal
+    import time
+
+    import torch.multiprocessing as mp
+
+    from test_distributed import _free_port
+
+    context = mp.start_processes(_export_rank, args=([_free_port() for _ in runs], runs, root), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for pid in context.pids():
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(2)
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"a rank hung: still running after {limit_s:.0f} s (stacks in the captured stderr)")
+
+
+def test_a_full_disk_while_two_ranks_export_final_is_one_line_on_each_and_the_resume_exports_it(
+        micro_world, train_overrides, tmp_path):
+    """2 gloo ranks under FSDP2 stream final/ from the shards (every rank gathers, rank 0 writes). The disk fills on
+    rank 0 at a weight file while the gathers go on, then (on --resume) at the trainer state written last: each time
+    both ranks exit with the same one line, no rank hangs, nothing named final is left, and the last checkpoint is
+    untouched; the --resume after space is freed exports the complete final/ of that checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    argv = [*train_overrides, "steps=2", "save_every=1", "distributed.strategy=fsdp2"]
+    runs = [("weights", argv), ("trainer state", [*argv, "--resume"]), (None, [*argv, "--resume"])]
+    (tmp_path / "reports").mkdir()
+    _two_export_ranks(runs, tmp_path / "reports", limit_s=180)
+    reports = [[json.loads((tmp_path / "reports" / f"{rank}-{i}.json").read_text()) for i in range(3)]
+               for rank in (0, 1)]
+    last = out / "checkpoints" / "step-00000002"
+    causes = [rf"SafetensorError: Error while serializing: I/O error: {FULL} \(os error 28\)",
+              rf"OSError: \[Errno 28\] {FULL}: '.*/\.tmp-final\.\d+/trainer_state\.json'"]
+    for i, cause in enumerate(causes):
+        lines = [[x for x in reports[rank][i]["stderr"].splitlines() if x.strip()] for rank in (0, 1)]
+        assert [reports[rank][i]["code"] for rank in (0, 1)] == [2, 2], lines
+        assert lines[0] == lines[1] and len(lines[0]) == 1, lines  # the same one line on both ranks
+        assert re.search(rf"^vopd train: error: the final model could not be written to {re.escape(str(out / 'final'))}"
+                         rf" \({cause}\); the partial export was removed and the last valid checkpoint is "
+                         rf"{re.escape(str(last))}: free disk space \(or fix the cause\) and resume with --resume$",
+                         lines[0][0]), lines[0][0]
+        assert not any(name.startswith((".tmp-final", "final")) for name in reports[0][i]["left"]), reports[0][i]
+        assert reports[0][i]["latest"] == str(last)
+    assert [reports[rank][2]["code"] for rank in (0, 1)] == [0, 0], reports
+    assert reports[0][0]["checkpoints"] == reports[0][1]["checkpoints"] == reports[0][2]["checkpoints"]
+    ckpt.verify_checkpoint(last)
+    assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 2
+    assert not list(out.glob(".tmp-final*")) and (out / "final" / "model.safetensors").is_file()
+    saved = checkpoint_sharded.saved_tensors(last)
+    exported = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert saved.keys() <= exported.keys() and all(exported[k].equal(saved[k]) for k in saved)

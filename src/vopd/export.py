@@ -188,14 +188,15 @@ def _write_file(base: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -
 
 
 def export_streamed(model: Model, tokenizer: Tokenizer | None, path: str | Path, *, dtype: torch.dtype | None = None,
-                    file_bytes: int = EXPORT_FILE_BYTES) -> None:
+                    file_bytes: int | None = None) -> None:
     """Write the full model (LoRA merged, for a PEFT model; floating weights in ``dtype``, None: as stored) to
     ``path`` as ``export_merged`` does, from weights that may be sharded (FSDP2): every rank gathers one tensor at a
     time, in the same order, and rank 0 adds it (cast) to the file it is filling, written out at the first layer
-    boundary past ``file_bytes`` (``model.safetensors``; several files get ``model-0000i-of-0000n.safetensors`` and
-    transformers' index). Rank 0 writes every file; a failure there reaches every rank as one ``UserError``, after
-    the gathers every rank must finish."""
+    boundary past ``file_bytes`` (None: ``EXPORT_FILE_BYTES``, read at the call) (``model.safetensors``; several
+    files get ``model-0000i-of-0000n.safetensors`` and transformers' index). Rank 0 writes every file; a failure
+    there reaches every rank as one ``UserError``, after the gathers every rank must finish."""
     path = Path(path)
+    file_bytes = EXPORT_FILE_BYTES if file_bytes is None else file_bytes
     base = model.get_base_model() if is_peft(model) else model
     main = dist.is_main()
     files: list[tuple[Path, dict[str, int]]] = []

@@ -269,13 +269,23 @@ def _export_final(run: Run, final: Path) -> None:
             dist.on_main(lambda: export_merged(run.student.model, run.tok, tmp, dtype=dtype))
         dist.on_main(publish)
     except Exception as exc:  # every rank is here: rank 0's failure reaches the others as on_main's UserError
-        dist.on_main(undo)  # on every path (a collective)
-        if not isinstance(exc, UserError) and not is_fault(exc):
+        dist.on_main(undo)  # on every path (a collective; a failure of its own ends every rank there)
+        mine = _export_cause(exc)
+        cause = dist.broadcast_object(mine) or mine  # rank 0's words on every rank: the same line everywhere
+        if mine is None:
             raise
-        cause = exc.cause if isinstance(exc, ExportFailed) else str(exc) if isinstance(exc, UserError) else \
-            describe(exc)
         raise UserError(f"the final model could not be written to {final} ({cause}); the partial export was removed "
                         f"and {_resume_advice(run)}") from None
+
+
+def _export_cause(exc: Exception) -> str | None:
+    """Why ``final/`` could not be written, in one line; None for a bug (neither a ``UserError`` nor a file-system
+    fault), which is raised as it is."""
+    if isinstance(exc, ExportFailed):
+        return exc.cause
+    if isinstance(exc, UserError):
+        return str(exc)
+    return describe(exc) if is_fault(exc) else None
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
