@@ -312,3 +312,40 @@ def test_two_ranks_at_bf16_compute_equal_one_process(dist_overrides, micro_world
             assert y[key] == pytest.approx(x[key], rel=tol, abs=1e-7), (strategy, key)
         state = json.loads((ckpt.list_checkpoints(tmp_path / strategy)[-1] / "trainer_state.json").read_text())
         assert state["world_size"] == 2, strategy
+
+
+def test_packed_token_budget_on_two_ranks_equals_one_process_padded(dist_overrides, micro_world, tmp_path):
+    """Tokens, not rows, under DDP, FSDP2 and FSDP2 with LoRA on two ranks: the step's sequences rebalanced over the
+    ranks by tokens, micro-batches by a token budget (as many on each rank), each packed into one row; the run
+    equals one process's with padded micro-batches of rows (weights and global metrics), and nothing is padding.
+    Two routed teachers on two ranks match one process too."""
+    from vopd.world.task import read_jsonl
+
+    packed = ["packing=true", "micro_batch_tokens=160"]
+    base = dist_overrides + ["steps=2", "save_every=1"]
+    train(load_config(None, base + [f"output_dir={tmp_path / 'one'}"]), make_sampler=lambda *_: FixedSampler(),
+          log=_quiet)
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({**r, "domain": "arith" if i % 3 else "other"}) + "\n"
+                              for i, r in enumerate(read_jsonl(micro_world.train))))
+    two_teachers = [o for o in base if not o.startswith(("model.teacher=", "data.train="))] + [
+        f"model.teachers={{arith: {micro_world.teacher}, other: {micro_world.student}}}", "data.teacher_field=domain",
+        f"data.train={routed}"]
+    train(load_config(None, two_teachers + [f"output_dir={tmp_path / 'routed-one'}"]),
+          make_sampler=lambda *_: FixedSampler(), log=_quiet)
+    train(load_config(None, base + LORA + [f"output_dir={tmp_path / 'lora-one'}"]),
+          make_sampler=lambda *_: FixedSampler(), log=_quiet)
+    variants = {"ddp": ["distributed.strategy=ddp"], "fsdp2": ["distributed.strategy=fsdp2"]}
+    runs = [base + packed + extra + [f"output_dir={tmp_path / name}"] for name, extra in variants.items()]
+    runs.append(two_teachers + packed + ["distributed.strategy=ddp", f"output_dir={tmp_path / 'routed-two'}"])
+    runs.append(base + LORA + packed + ["distributed.strategy=fsdp2", f"output_dir={tmp_path / 'lora-two'}"])
+    multiprocessing.set_forkserver_preload([__name__, "transformers.models.qwen3.modeling_qwen3"])
+    mp.start_processes(_runs_worker, args=(2, _free_port(), runs), nprocs=2, join=True, start_method="forkserver")
+    for name in variants:
+        _assert_same_run(tmp_path / "one", tmp_path / name)
+        lines = _metrics(tmp_path / name)
+        assert all(m["pad_fraction"] == 0.0 and m["micro_batches"] >= 2 for m in lines), name
+    _assert_same_run(tmp_path / "routed-one", tmp_path / "routed-two")
+    _assert_same_run(tmp_path / "lora-one", tmp_path / "lora-two")
+    padded = _metrics(tmp_path / "one")
+    assert all(m["pad_fraction"] > 0.0 for m in padded)

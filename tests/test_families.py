@@ -1,7 +1,8 @@
 """Every common decoder family, as tiny random models built in code (tests/tiny_families.py; nothing downloaded).
 
 Per family: the pre-flight passes, one training step runs for a sampled method (vopd, with LoRA on its default
-targets) and a full-vocabulary one (opd-full, all weights), and the exported final model reloads with
+targets) and a full-vocabulary one (opd-full, all weights, packed micro-batches), every family packs two sequences
+into one row as it pads them (each attention path), and the exported final model reloads with
 ``from_pretrained`` with the output layer untouched by LoRA. Default LoRA targets cover the attention and MLP
 projections whatever the family calls them, never the output layer. An architecture vopd cannot read gets a
 one-line error naming what it lacks.
@@ -42,12 +43,14 @@ def test_family_trains_exports_and_reloads(family, tok, micro_world, tmp_path):
     base = [f"model.student={student}", f"model.teacher={teacher}", f"data.train={micro_world.train}",
             "rollout.max_new_tokens=6", "batch_size=2", "micro_batch_size=2", "steps=1", "progress=false",
             "loss.top_k=8", "optim.lr=1e-2", "save_every=0"]
-    for method, lora in (("vopd", True), ("opd-full", False)):
+    for method, lora, packing in (("vopd", True, False), ("opd-full", False, True)):
         logged: list[str] = []
         out = tmp_path / f"run-{method}"
         result = train(load_config(None, base + [f"loss.method={method}", f"lora.enabled={str(lora).lower()}",
-                                                 f"output_dir={out}"]), log=logged.append)
+                                                 f"packing={str(packing).lower()}", f"output_dir={out}"]),
+                       log=logged.append)
         assert any("pre-flight ok: self-check" in line for line in logged), logged
+        assert any("packs as it pads" in line for line in logged) == packing, logged
         metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         assert result.steps_done == 1 and result.skipped_steps == 0
         assert metrics["grad_norm"] > 0 and all(map(torch.isfinite, torch.tensor([metrics["loss"]])))
@@ -103,3 +106,29 @@ def test_unsupported_architectures_get_a_one_line_error_naming_what_is_missing(t
         last_hidden(NoBodyForCausalLM(base.config), ids, torch.ones_like(ids))
     with pytest.raises(UserError, match=r"^NoHeadForCausalLM has no linear output layer"):
         output_layer(NoHeadForCausalLM(base.config), len(tok))
+
+
+#: Families whose layers may attend within a sliding window: probed with a window shorter than the probe sequences.
+WINDOWED = {"mistral": {"sliding_window": 4}, "gemma2": {"sliding_window": 4}, "gemma3": {"sliding_window": 4},
+            "qwen2": {"sliding_window": 4, "use_sliding_window": True, "max_window_layers": 0}}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_packs_as_it_pads(family):
+    """``packing``: two sequences packed into one row give the hidden states they give padded (``packing_error``,
+    relative), through each attention path a run can take: transformers' mask over the row (eager, sdpa) and SDPA
+    per sequence (``vopd.attention``); with a sliding window shorter than the sequences where the family has one."""
+    from vopd.attention import implementation, use_packed_attention
+    from vopd.models import packing_error
+
+    for options in ({}, *([WINDOWED[family]] if family in WINDOWED else [])):
+        model = make(family, 200, layers=2, **options)
+        for attention in ("eager", "sdpa", "vopd_packed"):
+            if attention == "vopd_packed":
+                model.set_attn_implementation("sdpa")
+                assert use_packed_attention(model)
+            else:
+                model.set_attn_implementation(attention)
+            assert implementation(model) == attention
+            err = packing_error(model, 200)
+            assert err <= 1e-5, (family, options, attention, err)

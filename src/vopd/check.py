@@ -183,7 +183,10 @@ def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: T
     if not chatting and (note := unused_template([("the student's", student_tok),
                                                   *((_whose(teachers, n), t.tokenizer) for n, t in teachers)])):
         warnings.warn(note, RuntimeWarning, stacklevel=2)  # a warning: text prompts on a chat model may be meant
-    return [*lines, *student_checks(student, student_tok, len(student_tok), cfg, teachers)]
+    longest = max(map(len, prompts.student)) if prompts is not None and prompts.student else \
+        prompt_budget(cfg, student, teachers)[0]
+    return [*lines, *student_checks(student, student_tok, len(student_tok), cfg, teachers),
+            *batching_checks(cfg, longest, student, len(student_tok), teachers)]
 
 
 def training_prompts(cfg: TrainConfig, tok: Tokenizer, student: Model, teachers: Teachers,
@@ -262,6 +265,50 @@ def student_checks(student: Model, student_tok: Tokenizer, vocab: int, cfg: Trai
         f"self-check: KL(student||student) max {sc['self_kl_max']:.1e}, chunked vs model log p max error "
         f"{sc['logp_max_error']:.1e}",
     ]
+
+
+def batching_checks(cfg: TrainConfig, longest: int, student: Model, vocab: int,
+                    teachers: Teachers | None) -> list[str]:
+    """``micro_batch_tokens`` holds one whole sequence (the ``longest`` prompt + ``rollout.max_new_tokens``), and with
+    ``packing`` the student and every in-process teacher pack two probe sequences as they pad them (their family
+    and attention implementation honour transformers' packed-sequence support; docs/scaling.md)."""
+    from vopd.attention import implementation, use_packed_attention
+    from vopd.models import PACKING_ATTENTION, packing_error
+    from vopd.teacher.local import in_process
+
+    lines = []
+    need = longest + cfg.rollout.max_new_tokens
+    if cfg.micro_batch_tokens:
+        if cfg.micro_batch_tokens < need:
+            raise UserError(f"micro_batch_tokens={cfg.micro_batch_tokens} is below one sequence (prompts up to "
+                            f"{longest} tokens + rollout.max_new_tokens={cfg.rollout.max_new_tokens} = {need}): set "
+                            f"micro_batch_tokens >= {need}, or 0 for micro_batch_size rows")
+        lines.append(f"micro-batches: up to {cfg.micro_batch_tokens} token slots each (one sequence needs up to "
+                     f"{need})")
+    if not cfg.packing:
+        return lines
+    models = [("student", student)]
+    for name, teacher in ([] if teachers is None else teachers):
+        local = in_process(teacher)
+        if local is not None:
+            models.append((f"teacher {name}", local.model))
+    for role, model in models:
+        kind = type(model).__name__
+        use_packed_attention(model)  # SDPA per sequence, not over the whole row (vopd.attention)
+        attention = implementation(model)
+        if attention not in PACKING_ATTENTION:
+            raise UserError(f"packing: the {role} ({kind}) runs attention {attention!r}, which cannot keep packed "
+                            f"sequences apart; load it with one of {', '.join(PACKING_ATTENTION)}, or set "
+                            "packing=false")
+        err = packing_error(model, vocab)
+        tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+        if not err <= tol:
+            raise UserError(f"packing: the {role} ({kind}, attention {attention}) does not pack: two probe sequences "
+                            f"packed into one row differ from the same sequences padded by {err:.2g} (relative); "
+                            "its family does not honour transformers' packed-sequence positions: set packing=false")
+        lines.append(f"packing: the {role} ({kind}, attention {attention}) packs as it pads (max relative error "
+                     f"{err:.1e})")
+    return lines
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -54,7 +54,16 @@ class TrainConfig:
     vllm: VllmConfig = field(default_factory=VllmConfig)
     steps: int = _opt(100, "Optimizer steps.")
     batch_size: int = _opt(8, "Sequences (prompt + sampled completion) per optimizer step.")
-    micro_batch_size: int = _opt(8, "Sequences per forward/backward pass; must divide batch_size.")
+    micro_batch_size: int = _opt(8, "Sequences per forward/backward pass; must divide batch_size (unless "
+                                 "micro_batch_tokens is set).")
+    micro_batch_tokens: int = _opt(
+        0, "Token slots per forward/backward pass (0 = micro_batch_size rows): sequences are sorted and balanced so "
+        "that micro-batches (and ranks) carry near-equal tokens; at least one sequence (prompt + "
+        "rollout.max_new_tokens). docs/scaling.md, 'Tokens, not rows'.")
+    packing: bool = _opt(
+        False, "Run each micro-batch as one row of concatenated sequences (no padding; attention never crosses a "
+        "sequence boundary): transformers' packed-sequence support, checked on the student and in-process teachers "
+        "before step 1.")
     seed: int = _opt(0, "Seed of every random number generator (>= 0).")
     output_dir: str = _opt("runs/vopd", "Directory for checkpoints, logs and the final model.")
     log_every: int = _opt(1, "Log metrics every this many steps.")
@@ -105,7 +114,9 @@ class TrainConfig:
         check(self.steps >= 1, "steps", self.steps, ">= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
-        if self.batch_size % self.micro_batch_size:
+        check(self.micro_batch_tokens >= 0, "micro_batch_tokens", self.micro_batch_tokens,
+              ">= 0 (0 = micro_batch_size rows)")
+        if self.batch_size % self.micro_batch_size and not self.micro_batch_tokens:
             raise UserError(f"config key batch_size={self.batch_size} is not a multiple of micro_batch_size="
                             f"{self.micro_batch_size}: make micro_batch_size divide batch_size")
         check(self.seed >= 0, "seed", self.seed, ">= 0")

@@ -204,10 +204,12 @@ class StudentForward(nn.Module):
         self.vocab_size = vocab_size
         self.autocast = autocast
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         from vopd.models import student_states
 
-        hidden, head = student_states(self.model, input_ids, attention_mask, self.vocab_size, autocast=self.autocast)
+        hidden, head = student_states(self.model, input_ids, attention_mask, self.vocab_size, autocast=self.autocast,
+                                      position_ids=position_ids)
         return hidden, head.weight, head.bias
 
 

@@ -40,6 +40,7 @@ from vopd.models import apply_lora, enable_gradient_checkpointing, logit_transfo
 from vopd.precision import Precision, resolve_precision, torch_dtype
 from vopd.rollout import Rollout
 from vopd.sharding import teacher_is_sharded
+from vopd.packing import pack_rows
 from vopd.step import loss_plan, make_optimizer, micro_batch_loss, micro_batch_rows
 from vopd.teacher.base import SELF
 from vopd.teacher.local import InProcessTeacher, SelfTeacher
@@ -228,8 +229,8 @@ def _trace(cfg: TrainConfig, world_size: int, target: torch.device, precision: P
     track_resident(trace, wrapped, teachers, master_tag=master)
     # A rank's rows as the trainer splits them (vopd.step.micro_batch_rows); two micro-batches are the steady state.
     per_rank = max(1, cfg.batch_size // world_size)
-    rows = micro_batch_rows(cfg, per_rank)
     prompt, completion = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
+    rows = _planned_rows(cfg, per_rank, prompt + completion)
     mb = planned_rollout(min(per_rank, 2 * rows), prompt, completion, vocab, teachers)
     with trace:
         traced_steps(trace, cfg, wrapped, teachers, mb, optimizer, loss_plan(cfg.loss, logit_transform(student)))
@@ -261,6 +262,14 @@ def planned_rollout(rows: int, prompt: int, completion: int, vocab: int, teacher
     return mb
 
 
+def _planned_rows(cfg: TrainConfig, rows: int, length: int) -> int:
+    """Rows per micro-batch as the trainer splits ``rows`` sequences of the worst case, all of ``length`` tokens
+    (``vopd.step.micro_batches``: ``micro_batch_tokens`` slots hold that many whole sequences, padded or packed)."""
+    if cfg.micro_batch_tokens:
+        return max(1, min(rows, cfg.micro_batch_tokens // length))
+    return micro_batch_rows(cfg, rows)
+
+
 def traced_steps(trace: MemTrace, cfg: TrainConfig, student: dist.WrappedStudent, teachers: Teachers, rollout: Rollout,
                  optimizer: torch.optim.Optimizer, plan: Any) -> None:
     """Two steps of ``rollout`` (two micro-batches each) as ``vopd.step.accumulate_gradients`` and ``vopd.train``
@@ -269,13 +278,15 @@ def traced_steps(trace: MemTrace, cfg: TrainConfig, student: dist.WrappedStudent
     step is the steady state: its second backward runs with the first one's gradients and the optimizer states live.
     Gradients and optimizer states are retagged as they appear (their category is not their phase)."""
     timer = TracingTimer(trace)
-    mbs = micro_batch_rows(cfg, rollout.size)
+    mbs = _planned_rows(cfg, rollout.size, rollout.input_ids.shape[1])
     normalizer = float(rollout.num_tokens)
     params = student.trainable()
     for _ in range(2):
         for lo in range(0, rollout.size, mbs):
             with trace.phase("activations"), student.grad_reduction(last=lo + mbs >= rollout.size):
-                parts = micro_batch_loss(plan, student, teachers, rollout.select(lo, lo + mbs), normalizer, timer)
+                mb = rollout.select(lo, lo + mbs)
+                parts = micro_batch_loss(plan, student, teachers, pack_rows(mb) if cfg.packing else mb, normalizer,
+                                         timer)
                 torch.stack([p.out.loss for p in parts]).sum().backward()
                 del parts
             trace.retag([p.grad for p in params if p.grad is not None], "gradients")

@@ -227,15 +227,24 @@ def head_mismatch(model: Model, error: float, *, role: str) -> str:
             "way and is not supported")
 
 
-def last_hidden(model: Model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Final hidden states (B, L, D) after the last norm, without running the output layer."""
+def last_hidden(model: Model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    """Final hidden states (B, L, D) after the last norm, without running the output layer. ``position_ids``: a
+    packed row (``vopd.packing``): transformers' own packed-sequence support reads the sequence boundaries from the
+    positions when no attention mask is given (a block-diagonal causal mask for SDPA/eager, variable-length
+    flash-attention), so the mask is left out."""
     base = base_model(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if decoder is None or decoder is base:
         raise UserError(f"{type(base).__name__} does not expose its decoder body (get_decoder() returns "
                         f"{'nothing' if decoder is None else 'the whole model'}); vopd needs the last hidden states "
                         "before the output layer, so this architecture is not supported")
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if position_ids is not None:
+        from vopd.attention import packed_forward
+
+        with packed_forward(base, position_ids) as segments:
+            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **segments)
+    else:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         raise UserError(f"{type(base).__name__}'s decoder body ({type(decoder).__name__}) returns no "
@@ -244,17 +253,41 @@ def last_hidden(model: Model, input_ids: Tensor, attention_mask: Tensor) -> Tens
     return hidden
 
 
+#: Attention implementations through which transformers honours packed sequences (``last_hidden``'s positions).
+PACKING_ATTENTION = ("vopd_packed", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packing_error(model: Model, vocab_size: int) -> float:
+    """Max |difference| / max |value| between the last hidden states of two probe sequences run padded and run
+    packed into one row (``vopd.packing``): 0 up to float order when the family packs; large when its attention
+    crosses the boundary or its positions ignore ``position_ids``."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab_size, (n,), generator=gen) for n in (5, 7))
+    padded = torch.zeros(2, 7, dtype=torch.long)
+    padded[0, :5], padded[1] = a, b
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    row, pos = torch.cat([a, b]).unsqueeze(0), torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    with torch.no_grad():
+        ref = last_hidden(model, padded.to(device), mask.to(device)).float()
+        got = last_hidden(model, row.to(device), torch.ones_like(row).to(device), pos.to(device)).float()[0]
+    want = torch.cat([ref[0, :5], ref[1]])
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
+
+
 def student_states(model: Model, input_ids: Tensor, attention_mask: Tensor, vocab_size: int, *,
-                   autocast: torch.dtype | None = None) -> tuple[Tensor, OutputHead]:
+                   autocast: torch.dtype | None = None,
+                   position_ids: Tensor | None = None) -> tuple[Tensor, OutputHead]:
     """The last hidden states (B, L, D) and the output layer (``output_layer``) as the fused head reads them.
 
     ``autocast``: the compute dtype of a student whose weights are float32 masters (``Precision.autocast``): the body
     runs under ``torch.autocast`` to it, and the hidden states and the output weight and bias are cast to it, as an
     autocast output layer would multiply them (the cast is differentiable: the masters get float32 gradients). The
     head then gets what a half model gives it, its half path on CUDA included (fp32 accumulation, fp32 loss math);
-    its math is not changed. None: as stored."""
+    its math is not changed. None: as stored. ``position_ids``: a packed row (``last_hidden``)."""
     with autocast_to(autocast, input_ids.device):
-        hidden = last_hidden(model, input_ids, attention_mask)
+        hidden = last_hidden(model, input_ids, attention_mask, position_ids)
     head = output_layer(model, vocab_size)
     if autocast is None:
         return hidden, head

@@ -2,8 +2,10 @@
 
 What it knows: turning prompts + sampled completions (+ the sampler's log-probs) into right-padded training tensors,
 already aligned for the estimators (``targets[:, t]`` is the token the logits at position t predict), with a loss
-mask that may have holes (tokens the student did not sample), slicing them into micro-batches, and the rollout
-source the loop takes each step's batch from (``RolloutSource``; synchronous today). What it does not know: which sampler produced the completions (Hugging Face generate today,
+mask that may have holes (tokens the student did not sample), slicing them into micro-batches (rows; a packed
+rollout's sequences: ``vopd.packing`` builds the packed layout, ``take``/``pick`` read it), and the rollout
+source the loop takes each step's batch from (``RolloutSource``; synchronous today, optionally rebalanced over the
+ranks by tokens). What it does not know: which sampler produced the completions (Hugging Face generate today,
 an inference engine later: anything returning ``vopd.sampling.Samples`` fits), models, or the loss.
 """
 
@@ -46,6 +48,10 @@ class Rollout:
     weights_version:  the student weights that sampled it: those after this many training steps (the loop trains
                       on-policy, so step k takes rollouts of version k; a buffered or asynchronous producer tags
                       older ones, ``RolloutSource``).
+    position_ids:     None (padded: sequence i is row i from position 0), or packed (``vopd.packing``): B = 1 row of
+                      the sequences concatenated without padding, (1, L) each token's position in its own sequence;
+                      ``starts[i]`` is where sequence i begins in the row. Attention never crosses a boundary; the
+                      last position of a sequence predicts the next one's first token, never in ``loss_mask``.
     """
 
     input_ids: Tensor
@@ -59,17 +65,43 @@ class Rollout:
     teacher_prompts: list[list[int]] | None = None
     routes: list[str] | None = None
     weights_version: int = 0
+    position_ids: Tensor | None = None
+    starts: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
-        return self.input_ids.shape[0]
+        """The number of sequences (rows, unless packed)."""
+        return len(self.prompt_lengths)
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(row, start, length) of each sequence in ``input_ids``: (i, 0, its length) when padded."""
+        lengths = [p + c for p, c in zip(self.prompt_lengths, self.completion_lengths)]
+        if self.starts is None:
+            return [(i, 0, n) for i, n in enumerate(lengths)]
+        return [(0, s, n) for s, n in zip(self.starts, lengths)]
+
+    def completion_positions(self) -> tuple[Tensor, Tensor]:
+        """(rows, positions) on the targets grid of every completion target, sequence by sequence: completion token j
+        of sequence i is predicted at its start + prompt length - 1 + j."""
+        rows: list[int] = []
+        pos: list[int] = []
+        for (row, start, _n), p, c in zip(self.spans(), self.prompt_lengths, self.completion_lengths):
+            rows += [row] * c
+            pos += range(start + p - 1, start + p - 1 + c)
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
     def select(self, start: int, stop: int) -> "Rollout":
-        """Rows [start, stop), trimmed to their own longest sequence (micro-batches carry no extra padding)."""
+        """Sequences [start, stop), trimmed to their own longest sequence (micro-batches carry no extra padding)."""
+        if self.packed:
+            return self.take(list(range(start, min(stop, self.size))))
         width = int(self.attention_mask[start:stop].sum(-1).max())
         return Rollout(
             input_ids=self.input_ids[start:stop, :width],
@@ -87,7 +119,10 @@ class Rollout:
 
     def take(self, rows: list[int]) -> "Rollout":
         """The sequences ``rows``, in that order, at this rollout's width (so that tensors computed on the whole
-        batch, e.g. the student's hidden states, can be indexed by the same rows)."""
+        batch, e.g. the student's hidden states, can be indexed by the same rows: ``pick``). Packed: those
+        sequences packed in that order (``vopd.packing.take``)."""
+        if self.packed:
+            return _take_packed(self, rows)
         idx = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
 
         def pick(items: list[_Item] | None) -> list[_Item] | None:
@@ -103,12 +138,55 @@ class Rollout:
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
                        self.loss_mask.to(device), self.sampler_logprobs.to(device), self.prompt_lengths,
                        self.completion_lengths, self.truncated, self.teacher_prompts, self.routes,
-                       self.weights_version)
+                       self.weights_version, None if self.position_ids is None else self.position_ids.to(device),
+                       self.starts)
+
+    def pick(self, x: Tensor, rows: list[int]) -> Tensor:
+        """A tensor on this rollout's targets grid (B, L-1, ...) restricted to the sequences ``rows``, on the grid of
+        ``take(rows)``."""
+        if not self.packed:
+            return x.index_select(0, torch.tensor(rows, device=x.device))
+        idx = _take_index(self, rows).to(x.device)
+        out = x[0].index_select(0, idx.clamp(min=0))
+        keep = (idx >= 0).reshape(-1, *([1] * (x.dim() - 2)))
+        return torch.where(keep, out, torch.zeros((), dtype=x.dtype, device=x.device)).unsqueeze(0)
 
     def completions(self) -> list[list[int]]:
         """Each sequence's completion ids (the sampled tokens, the stop token included)."""
-        return [self.input_ids[i, p:p + c].tolist()
-                for i, (p, c) in enumerate(zip(self.prompt_lengths, self.completion_lengths))]
+        return [self.input_ids[row, s + p:s + p + c].tolist()
+                for (row, s, _n), p, c in zip(self.spans(), self.prompt_lengths, self.completion_lengths)]
+
+
+def _take_index(r: Rollout, rows: list[int]) -> Tensor:
+    """For the packed rollout ``r``: the index into its targets grid of each position of ``take(r, rows)``'s grid
+    (-1 at a boundary that ``r`` has no position for: the last sequence of ``r`` taken before another)."""
+    spans = r.spans()
+    grid = r.targets.shape[1]
+    parts: list[Tensor] = []
+    for k, i in enumerate(rows):
+        _row, s, n = spans[i]
+        span = torch.arange(s, s + n, dtype=torch.long)  # its targets (n-1) and the boundary after it
+        span[span >= grid] = -1
+        parts.append(span if k + 1 < len(rows) else span[:-1])
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _take_packed(r: Rollout, rows: list[int]) -> Rollout:
+    """The sequences ``rows`` of the packed rollout ``r``, packed in that order."""
+    spans = r.spans()
+    ids = torch.cat([r.input_ids[0, spans[i][1]:spans[i][1] + spans[i][2]] for i in rows])
+    pos = torch.cat([r.position_ids[0, spans[i][1]:spans[i][1] + spans[i][2]] for i in rows]) \
+        if r.position_ids is not None else None
+    lengths = [spans[i][2] for i in rows]
+    starts = tuple(int(x) for x in torch.tensor([0] + lengths[:-1]).cumsum(0))
+
+    def pick(items: list[_Item] | None) -> list[_Item] | None:
+        return None if items is None else [items[i] for i in rows]
+
+    return Rollout(ids.unsqueeze(0), torch.ones_like(ids).unsqueeze(0), ids[1:].unsqueeze(0),
+                   r.pick(r.loss_mask, rows), r.pick(r.sampler_logprobs, rows), [r.prompt_lengths[i] for i in rows],
+                   [r.completion_lengths[i] for i in rows], [r.truncated[i] for i in rows], pick(r.teacher_prompts),
+                   pick(r.routes), r.weights_version, None if pos is None else pos.unsqueeze(0), starts)
 
 
 def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
@@ -182,18 +260,46 @@ class OnPolicyRollouts:
     asked, by the sampler over the live student, so from the weights after k steps (version k)."""
 
     def __init__(self, sample: Sampler, prompts: PromptSet, stream: PromptStream, pad_id: int, *, batch_size: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, balance: bool = False) -> None:
+        """``balance``: after sampling, the step's sequences are redistributed over the ranks by tokens
+        (``vopd.batching.balance``): each rank samples its share of the prompts and trains on a share of near-equal
+        tokens (the gradient is the same sum: docs/estimators.md)."""
         self.sample, self.prompts, self.stream, self.pad_id = sample, prompts, stream, pad_id
         per_rank = batch_size // world_size
         self.batch_size, self.lo, self.hi = batch_size, rank * per_rank, (rank + 1) * per_rank
+        self.rank, self.world_size, self.balance = rank, world_size, balance and world_size > 1
 
     def rollouts(self, step: int) -> Rollout:
         ids = self.stream.take(self.batch_size)[self.lo:self.hi]
         p = self.prompts
         batch = [p.student[i] for i in ids]
+        samples = self.sample(batch)
+        if self.balance:
+            return self._balanced(ids, samples, step)
         own = None if p.teacher is None else [p.teacher[i] for i in ids]
         route = None if p.routes is None else [p.routes[i] for i in ids]
-        return pack(batch, self.sample(batch), self.pad_id, teacher_prompts=own, routes=route, weights_version=step)
+        return pack(batch, samples, self.pad_id, teacher_prompts=own, routes=route, weights_version=step)
+
+    def _balanced(self, ids: list[int], samples: Samples, step: int) -> Rollout:
+        """This rank's token-balanced share of every rank's sampled sequences (all gathered: ids, not tensors)."""
+        from vopd import distributed as dist
+        from vopd.batching import balance
+
+        n = len(ids)
+        holes_in: list[list[bool] | None] = list(samples.loss_masks) if samples.loss_masks is not None else [None] * n
+        mine = list(zip(ids, samples.completions, samples.logprobs or [[] for _ in range(n)], samples.truncated,
+                        holes_in))
+        every = [item for part in dist.all_gather_object(mine) for item in part]
+        p = self.prompts
+        lengths = [len(p.student[i]) + len(c) for i, c, *_ in every]
+        share = [every[j] for j in balance(lengths, self.world_size)[self.rank]]
+        holes = None if samples.loss_masks is None else [list(h or []) for *_, h in share]
+        got = Samples([c for _i, c, *_ in share], [list(lp) for _i, _c, lp, *_ in share] if samples.logprobs else [],
+                      [t for _i, _c, _lp, t, _h in share], holes)
+        chosen = [i for i, *_ in share]
+        return pack([p.student[i] for i in chosen], got, self.pad_id,
+                    teacher_prompts=None if p.teacher is None else [p.teacher[i] for i in chosen],
+                    routes=None if p.routes is None else [p.routes[i] for i in chosen], weights_version=step)
 
     def position(self) -> dict[str, int]:
         return self.stream.state()

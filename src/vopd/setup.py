@@ -272,7 +272,8 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         state.world_size, state.data_fingerprint = dist.world_size(), rules.data.to_dict()
         stream = PromptStream(len(prompts.student), seed=cfg.seed, shuffle=cfg.data.shuffle, **state.data)
         source = OnPolicyRollouts(sample, prompts, stream, tok.pad_token_id, batch_size=cfg.batch_size,
-                                  rank=dist.rank(), world_size=dist.world_size())
+                                  rank=dist.rank(), world_size=dist.world_size(),
+                                  balance=cfg.micro_batch_tokens > 0)
         # The history continues at the resumed step: later lines (about to be recomputed) and torn ones are dropped.
         with one_line(f"cannot open the history {out_dir / METRICS_FILE}", lambda: "free disk space or fix the cause, "
                       "and run the command again (the checkpoints are untouched)"):

@@ -149,10 +149,11 @@ class TeacherForward(nn.Module):
         self.model = model
         self.vocab_size = vocab_size
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         from vopd.models import last_hidden, output_layer
 
-        hidden = last_hidden(self.model, input_ids, attention_mask)
+        hidden = last_hidden(self.model, input_ids, attention_mask, position_ids)
         head = output_layer(self.model, self.vocab_size)
         return hidden, head.weight.clone(), None if head.bias is None else head.bias.clone()
 

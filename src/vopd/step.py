@@ -1,7 +1,8 @@
 """One training step's gradient: micro-batches, teacher scores, the fused loss, backward, and the variance probe.
 
-What it knows: how a rank's rollouts are split into micro-batches (a one-micro-batch step runs as two when the
-variance probe is on), the order of work per micro-batch (teacher scores, the student's forward, the loss through
+What it knows: how a rank's rollouts are split into micro-batches (rows in order, or by a token budget through
+``vopd.batching``, as many on every rank; each packed into one row with ``packing``, ``vopd.packing``; a
+one-micro-batch step runs as two when the variance probe is on) and what they cost (``pad_fraction``), the order of work per micro-batch (teacher scores, the student's forward, the loss through
 ``vopd.loss.chunked.fused_distillation_loss`` per teacher part of the micro-batch, backward, gradients reduced over
 ranks on the last one), overlapped scoring (``ScoreAhead``: a remote teacher scores micro-batch i+1 while the student
 works on i), the global token mean (docs/estimators.md, "dapo" reduction) over all teachers' rows, the per-teacher
@@ -32,7 +33,7 @@ from vopd.metrics import PhaseTimer, TokenStats
 from vopd.models import logit_transform
 from vopd.rollout import Rollout
 from vopd.loss.scores import TeacherScores
-from vopd.teacher.base import Teacher
+from vopd.teacher.base import Teacher, score_rollout
 from vopd.teacher.routing import Teachers
 
 
@@ -71,8 +72,8 @@ def accumulate_gradients(cfg: TrainConfig, student: dist.WrappedStudent, teacher
     (reduced over ranks), ready for the optimizer step. ``plan``: the run's loss (None: built here from ``cfg.loss``,
     for callers outside the trainer)."""
     plan = plan or loss_plan(cfg.loss, logit_transform(student.model))
-    mbs = micro_batch_rows(cfg, rollout.size)
-    micro = [rollout.select(lo, lo + mbs).to(device) for lo in range(0, rollout.size, mbs)]
+    micro, shape = micro_batches(cfg, rollout)
+    micro = [mb.to(device) for mb in micro]
     half = len(micro) // 2 if cfg.grad_noise else 0
     # The token mean is over the whole global batch (docs/estimators.md, "dapo" reduction): every micro-batch and
     # rank divides by N_global / world_size, and DDP/FSDP2 average the gradients over ranks, so the update is
@@ -100,10 +101,72 @@ def accumulate_gradients(cfg: TrainConfig, student: dist.WrappedStudent, teacher
                 half_probe = _half_batch_probe(student, micro[:half], total_tokens, normalizer)
     # Each rank's loss is its share of the global mean times W; any rank's NaN makes every rank skip.
     loss_total = float(dist.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64))) / dist.world_size()
-    metrics = stats.reduce()
+    metrics = {**stats.reduce(), **shape.reduce()}
     for name, teacher_stats in by_teacher.items():  # every rank reduces every teacher, in the same order
         metrics.update(teacher_metrics(name, teacher_stats.reduce(), metrics["tokens"]))
     return StepGradient(metrics, loss_total, total_tokens, half_probe, ahead.busy_s if ahead.pool else None)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What the step's micro-batches cost on this rank: token slots of the forward passes, real tokens among them,
+    micro-batches, sequences over the token budget (``reduce``: over the ranks, docs/metrics.md)."""
+
+    slots: int
+    tokens: int
+    micro_batches: int
+    over_budget: int = 0
+
+    def reduce(self) -> dict[str, float]:
+        t = dist.all_reduce_sum(torch.tensor([self.slots, self.tokens, self.over_budget], dtype=torch.float64))
+        slots, tokens, over = (float(x) for x in t)
+        out = {"pad_fraction": 1.0 - tokens / slots if slots else 0.0, "micro_batches": float(self.micro_batches)}
+        if over:
+            out["micro_batches_over_budget"] = over
+        return out
+
+
+def micro_batches(cfg: TrainConfig, rollout: Rollout) -> tuple[list[Rollout], BatchShape]:
+    """This rank's ``rollout`` as the step's micro-batches (``micro_batch_tokens``: by a token budget,
+    ``vopd.batching``; else ``micro_batch_rows`` rows in order), each packed into one row with ``packing``
+    (``vopd.packing``), and what they cost. Every rank returns as many micro-batches (a collective all-reduce when
+    the budget decides the count)."""
+    if cfg.micro_batch_tokens:
+        from vopd.batching import group
+
+        lengths = [p + c for p, c in zip(rollout.prompt_lengths, rollout.completion_lengths)]
+        least = 2 if cfg.grad_noise and rollout.size >= 2 else 1  # the variance probe needs a first half
+        need = len(group(lengths, cfg.micro_batch_tokens, packed=cfg.packing, at_least=least).groups)
+        while True:  # FSDP2's and sharded teachers' forwards are collectives: as many micro-batches on every rank
+            count = _max_over_ranks(need)
+            split = group(lengths, cfg.micro_batch_tokens, packed=cfg.packing, at_least=count)
+            need = len(split.groups)  # more than count only if more bins were needed to fit the budget
+            if _max_over_ranks(need) == count:
+                break
+        micro = [rollout.take(g).select(0, len(g)) if g else _placeholder(rollout) for g in split.groups]
+        over = split.over_budget
+    else:
+        mbs = micro_batch_rows(cfg, rollout.size)
+        micro, over = [rollout.select(lo, lo + mbs) for lo in range(0, rollout.size, mbs)], 0
+    if cfg.packing:
+        from vopd.packing import pack_rows
+
+        micro = [pack_rows(mb) for mb in micro]
+    slots = sum(mb.input_ids.numel() for mb in micro)
+    tokens = sum(int(mb.attention_mask.sum()) for mb in micro)
+    return micro, BatchShape(slots, tokens, len(micro), over)
+
+
+def _max_over_ranks(n: int) -> int:
+    return int(dist.all_reduce_max(torch.tensor(float(n))).item()) if dist.world_size() > 1 else n
+
+
+def _placeholder(rollout: Rollout) -> Rollout:
+    """A micro-batch without loss tokens (the rollout's first sequence, masked out) for a rank that has fewer
+    sequences than the others have micro-batches: it joins the collectives and adds nothing to any sum."""
+    first = rollout.select(0, 1)
+    return dataclasses.replace(first, loss_mask=torch.zeros_like(first.loss_mask),
+                               sampler_logprobs=torch.zeros_like(first.sampler_logprobs))
 
 
 def micro_batch_rows(cfg: TrainConfig, rows: int) -> int:
@@ -153,15 +216,18 @@ def micro_batch_loss(plan: LossPlan, student: dist.WrappedStudent, teachers: Tea
     for part in parts:
         if part.name not in ahead and not asks_ids(plan, part.teacher):
             with timer("teacher"):
-                scores[part.name] = part.teacher.score(part.of(mb), lse=spec.teacher_lse)
-    hidden, weight, bias = student.forward(mb.input_ids, mb.attention_mask)
+                scores[part.name] = score_rollout(part.teacher, part.of(mb), lse=spec.teacher_lse)
+    if mb.position_ids is not None:  # packed (vopd.packing): no attention mask, the positions mark the sequences
+        hidden, weight, bias = student.forward(mb.input_ids, mb.attention_mask, mb.position_ids)
+    else:
+        hidden, weight, bias = student.forward(mb.input_ids, mb.attention_mask)
     hidden = hidden[:, :-1]
     outs = []
     for part in parts:
         if part.idle:  # a sharded teacher without rows here: it joined the forward above, nothing of it is trained
             continue
         rows = part.of(mb)
-        h = hidden if part.rows is None else hidden.index_select(0, torch.tensor(part.rows, device=hidden.device))
+        h = hidden if part.rows is None else mb.pick(hidden, part.rows)
         if part.name in ahead:
             with timer("teacher"):
                 scores[part.name] = ahead[part.name].result()
@@ -170,7 +236,7 @@ def micro_batch_loss(plan: LossPlan, student: dist.WrappedStudent, teachers: Tea
                                    bias=None if bias is None else bias.detach(), transform=plan.transform,
                                    memory_budget_mb=plan.memory_budget_mb)  # the head's own chunks: the same ids
             with timer("teacher"):
-                scores[part.name] = part.teacher.score(rows, topk_ids=ids, lse=spec.teacher_lse)
+                scores[part.name] = score_rollout(part.teacher, rows, topk_ids=ids, lse=spec.teacher_lse)
         out = fused_distillation_loss(
             h, weight, rows.targets, rows.loss_mask, scores.pop(part.name), student_bias=bias, normalizer=normalizer,
             sampler_logprobs=rows.sampler_logprobs if plan.uses_ratio else None, plan=plan)
@@ -211,7 +277,7 @@ class ScoreAhead:
     def _timed(self, teacher: Teacher, rollout: Rollout, lse: bool) -> TeacherScores:
         t0 = time.perf_counter()
         try:
-            return teacher.score(rollout, lse=lse)
+            return score_rollout(teacher, rollout, lse=lse)
         finally:
             self.busy_s += time.perf_counter() - t0  # one worker thread: no race
 

@@ -75,6 +75,27 @@ def collective(teacher: Teacher) -> bool:
     return bool(getattr(teacher, "collective", False))
 
 
+def packs(teacher: Teacher) -> bool:
+    """Whether ``teacher.score`` reads a packed rollout (``vopd.packing``) as packed: an in-process model runs the
+    packed row itself (``packs = True``); a placement without the attribute (a server) is sent the padded rows."""
+    return bool(getattr(teacher, "packs", False))
+
+
+def score_rollout(teacher: Teacher, rollout: Rollout, *, topk_ids: Tensor | None = None,
+                  lse: bool = False) -> TeacherScores:
+    """``teacher.score`` of any rollout: a packed one reaches a teacher that does not pack (``packs``) as its padded
+    rows, the ids asked and the answer moved between the grids by completion positions (``vopd.packing.regrid``)."""
+    if not rollout.packed or packs(teacher):
+        return teacher.score(rollout, topk_ids=topk_ids, lse=lse)
+    from vopd.packing import regrid, unpack
+
+    padded = unpack(rollout, pad_id=0)  # padding is never attended to nor sent: its id does not matter
+    src, dst = rollout.completion_positions(), padded.completion_positions()
+    asked = None if topk_ids is None else regrid(topk_ids, src, dst, tuple(padded.targets.shape))
+    scores = teacher.score(padded, topk_ids=asked, lse=lse)
+    return scores.realigned(lambda x: regrid(x, dst, src, tuple(rollout.targets.shape)), topk_ids)
+
+
 def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device, trust_remote_code: bool = False,
                  student: Model | None = None, student_tok: Tokenizer | None = None, lora: bool = False,
                  student_dtype: torch.dtype | None = None, load_device: torch.device | None = None) -> Teacher:

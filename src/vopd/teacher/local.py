@@ -76,6 +76,7 @@ class SelfTeacher:
     model's train/eval mode and its gradients as they were."""
 
     full_distribution = True
+    packs = True  # scores a packed rollout as packed (``vopd.packing``): the student's own forward
 
     def __init__(self, model: Model, vocab_size: int, *, tokenizer: Tokenizer | None = None) -> None:
         self.model, self.vocab_size, self.tokenizer = model, vocab_size, tokenizer
@@ -95,7 +96,7 @@ class SelfTeacher:
                 m.enable_adapters(False)
             self.model.eval()
             r = rollout.to(device)
-            hidden = last_hidden(self.model, r.input_ids, r.attention_mask)[:, :-1]
+            hidden = last_hidden(self.model, r.input_ids, r.attention_mask, r.position_ids)[:, :-1]
         finally:
             for m, off in zip(layers, was):
                 m.enable_adapters(not off)
@@ -120,6 +121,7 @@ class InProcessTeacher:
     student's in the pre-flight (None: the caller vouches that it is the student's)."""
 
     full_distribution = True
+    packs = True  # scores a packed rollout as packed (``vopd.packing``), in the same forward as the student's
 
     def __init__(self, model: Model, vocab_size: int, *, tokenizer: Tokenizer | None = None) -> None:
         self.model = model.eval().requires_grad_(False)  # frozen: no gradient is ever taken through the teacher
@@ -149,10 +151,10 @@ class InProcessTeacher:
         parameters are freed after it)."""
         r = rollout.to(self.device)
         if self.sharded is not None:
-            hidden, weight, bias = self.sharded(r.input_ids, r.attention_mask)
+            hidden, weight, bias = self.sharded(r.input_ids, r.attention_mask, r.position_ids)
             scores = TeacherHidden(hidden[:, :-1], weight, bias, logit_transform(self.model))
             return scores.to(rollout.input_ids.device)
-        hidden = last_hidden(self.model, r.input_ids, r.attention_mask)[:, :-1]
+        hidden = last_hidden(self.model, r.input_ids, r.attention_mask, r.position_ids)[:, :-1]
         head = output_layer(self.model, self.vocab_size)
         return TeacherHidden(hidden, head.weight, head.bias, head.transform).to(rollout.input_ids.device)
 

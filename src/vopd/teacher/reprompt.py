@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 from vopd.loss.scores import TeacherScores
+from vopd.packing import pack_rows, regrid
 from vopd.rollout import Rollout, pack
 from vopd.sampling import Samples
+from vopd.teacher.base import collective, packs
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
@@ -26,31 +28,27 @@ if TYPE_CHECKING:
     from vopd.teacher.base import Teacher
 
 
-def teacher_view(rollout: Rollout, pad_id: int) -> tuple[Rollout, tuple[Tensor, Tensor, Tensor]]:
-    """(the teacher's rollout: its prompt + the completion per row, (rows, student positions, teacher positions) of
-    every completion target)."""
+def teacher_view(rollout: Rollout, pad_id: int, *, packed: bool = False) -> tuple[Rollout, Grids]:
+    """(the teacher's rollout: its prompt + the completion per sequence, packed like the student's when ``packed``
+    (``vopd.packing``); the (rows, positions) of every completion target on the student's grid and on the
+    teacher's, in the same order)."""
     assert rollout.teacher_prompts is not None
     completions = rollout.completions()
+    src = rollout.completion_positions()
     # The student's loss mask (holes included) travels onto the teacher's grid: the teacher scores what is trained.
-    sampled = [rollout.loss_mask[i, p - 1:p - 1 + c].tolist()
-               for i, (p, c) in enumerate(zip(rollout.prompt_lengths, rollout.completion_lengths))]
+    flags = rollout.loss_mask[src[0], src[1]].tolist()
+    sampled, at = [], 0
+    for c in rollout.completion_lengths:
+        sampled.append(flags[at:at + c])
+        at += c
     view = pack(rollout.teacher_prompts, Samples(completions, [], list(rollout.truncated), sampled), pad_id)
-    rows: list[int] = []
-    s_pos: list[int] = []
-    t_pos: list[int] = []
-    for i, (p_s, p_t, c) in enumerate(zip(rollout.prompt_lengths, view.prompt_lengths, rollout.completion_lengths)):
-        rows += [i] * c
-        s_pos += range(p_s - 1, p_s - 1 + c)
-        t_pos += range(p_t - 1, p_t - 1 + c)
-    index = tuple(torch.tensor(x, dtype=torch.long) for x in (rows, s_pos, t_pos))
-    return view, (index[0], index[1], index[2])
+    if packed:
+        view = pack_rows(view)
+    return view, (src, view.completion_positions())
 
 
-def _move(x: Tensor, lead: tuple[int, ...], src: tuple[Tensor, Tensor], dst: tuple[Tensor, Tensor]) -> Tensor:
-    """A (B, T_src, ...) tensor's completion positions ``src`` copied to ``dst`` of a zero (B, T_dst, ...) tensor."""
-    out = torch.zeros(lead + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
-    out[dst[0].to(x.device), dst[1].to(x.device)] = x[src[0].to(x.device), src[1].to(x.device)]
-    return out
+#: (the student's (rows, positions), the teacher's (rows, positions)) of the same completion targets.
+Grids = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class OwnPromptTeacher:
@@ -67,11 +65,11 @@ class OwnPromptTeacher:
     def tokenizer(self) -> Tokenizer | None:
         return self.inner.tokenizer
 
+    packs = True  # a packed rollout's teacher view is packed the same way when the wrapped teacher packs, else padded
+
     @property
     def collective(self) -> bool:
         """The wrapped teacher's (one ``score`` here is one of its own)."""
-        from vopd.teacher.base import collective
-
         return collective(self.inner)
 
     def supports(self, spec: MethodSpec) -> str | None:
@@ -81,14 +79,15 @@ class OwnPromptTeacher:
     def score(self, rollout: Rollout, *, topk_ids: Tensor | None = None, lse: bool = False) -> TeacherScores:
         if rollout.teacher_prompts is None:
             return self.inner.score(rollout, topk_ids=topk_ids, lse=lse)
-        view, (rows, s_pos, t_pos) = teacher_view(rollout.to(torch.device("cpu")), self.pad_id)
+        view, (src, dst) = teacher_view(rollout.to(torch.device("cpu")), self.pad_id,
+                                        packed=rollout.packed and packs(self.inner))
         view = view.to(rollout.input_ids.device)
         lead_s, lead_t = tuple(rollout.targets.shape), tuple(view.targets.shape)
-        asked = None if topk_ids is None else _move(topk_ids, lead_t, (rows, s_pos), (rows, t_pos))
+        asked = None if topk_ids is None else regrid(topk_ids, src, dst, lead_t)
         scores = self.inner.score(view, topk_ids=asked, lse=lse)
 
         def back(x: Tensor) -> Tensor:
-            return _move(x, lead_s, (rows, t_pos), (rows, s_pos))
+            return regrid(x, dst, src, lead_s)
 
         return scores.realigned(back, topk_ids)  # numbers are about the ids the student asked on its own grid
 

@@ -1,5 +1,5 @@
 """`vopd bench`: the dispatcher of the benchmarks (estimators, training, generation, trl, teacher-overlap,
-teacher-payload).
+teacher-payload, packing).
 
 What it knows: the sub-command names and which module serves each; a benchmark's module (and TRL, for ``trl``) is
 imported only when that benchmark runs or adds its arguments. What it does not know: what any benchmark measures.
@@ -16,7 +16,7 @@ from vopd.tools.bench.training import add_bench_arguments
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     # One sub-parser per benchmark: training/generation reuse flag names (--tokens, --methods, --device, ...) with
     # other defaults, which a single flat parser cannot hold.
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation,trl,teacher-overlap,teacher-payload}")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{estimators,training,generation,trl,teacher-overlap,teacher-payload,packing}")
     add_bench_arguments(sub.add_parser("training", help="training-side step at real shapes (needs CUDA)"), "training")
     add_bench_arguments(sub.add_parser("generation", help="model.generate tokens/s, static vs dynamic KV cache"),
                         "generation")
@@ -33,9 +33,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_payload_arguments(sub.add_parser("teacher-payload", help="bytes per token of each teacher-server protocol "
                                          "(ids, top-k, lse, hidden states), measured on a real server"))
+    from vopd.tools.bench.packing import add_packing_arguments
+
+    add_packing_arguments(sub.add_parser("packing", help="padded rows vs packed tokens on a long-tailed length "
+                                         "distribution: token slots, step time, peak memory"))
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    if args.what == "packing":
+        from vopd.tools.bench.packing import run_packing_bench
+
+        return run_packing_bench(args)
     if args.what == "teacher-payload":
         from vopd.tools.bench.payload import run_payload_bench
 
