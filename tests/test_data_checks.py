@@ -232,3 +232,33 @@ def test_an_unused_chat_template_is_warned_about(run_yaml, capsys):
     assert notes == ["the student's and the teacher's tokenizers have a chat template, but the prompts are texts that "
                      "do not go through it: if the models were tuned on chat-rendered prompts (an instruct model, the "
                      "world of vopd sft), set data.text_as_chat=true, or they train and score prompts they never saw"]
+
+
+def test_a_huge_prompt_line_is_skipped_without_tokenizing_it(micro_world, tmp_path, monkeypatch):
+    """A 2.2 MB problem among ordinary rows: longer than data.max_prompt_tokens in any tokenization (more characters
+    than the limit times the longest token's), so it is skipped and counted, or refused in one line with
+    data.long_prompts=error, and never handed to the tokenizer (which once took 0.8 GB and 11 s to reject it)."""
+    import vopd.data as data
+
+    rows = [json.loads(line) for line in micro_world.train.read_text().splitlines()[:5]]
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + json.dumps({**rows[0], "problem": "7 + " * 550_000})
+                    + "\n" + "".join(json.dumps(r) + "\n" for r in rows[2:]))
+    tok = load_tokenizer(str(micro_world.student))
+    seen: list[int] = []
+    real = data.row_prompts
+
+    def counting(row, *args, **kwargs):
+        seen.append(len(row["problem"]))
+        return real(row, *args, **kwargs)
+
+    monkeypatch.setattr(data, "row_prompts", counting)
+    logged: list[str] = []
+    got = data.load_prompt_pairs(path, tok, field="problem", template="{problem}", max_tokens=200,
+                                 long_prompts="skip", log=logged.append)
+    assert len(got.student) == 5 and max(seen) < 10_000 and len(seen) == 5
+    assert logged == ["skipped 1 of 6 prompts longer than 200 tokens"], logged
+    with pytest.raises(UserError, match=r"huge.jsonl line 3: prompt of 2200000 characters is longer than "
+                                        r"data.max_prompt_tokens=200 in any tokenization"):
+        data.load_prompt_pairs(path, tok, field="problem", template="{problem}", max_tokens=200,
+                               long_prompts="error", log=logged.append)
