@@ -259,6 +259,8 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         student = dist.wrap(model, len(tok), cfg.distributed.strategy, device, precision)
         make = make_sampler or engine_factory(cfg, precision, sharded=student.sharded)
         sample = make(student.model, tok, cfg.rollout)
+        if make_sampler is None and cfg.rollout.engine == "vllm":
+            info("rollout engine: vLLM started (weights pushed from the student before every step)")
         if make_sampler is not None or cfg.rollout.engine == "hf":  # FSDP2: generate on the sharded module, in step
             sample = student.inferring(sample)  # (the vLLM push gathers each weight itself: no root to gather)
         start_from = dist.on_main(lambda: _claim(claim, cfg, info))  # the same on every rank
