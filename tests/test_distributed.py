@@ -185,7 +185,8 @@ def test_two_rank_checkpoint_resumes_to_the_uninterrupted_run(strategy, dist_ove
 
 def test_torchrun_command_line_fsdp2(micro_world, train_overrides, tmp_path):
     """The real entry point: torchrun -m vopd train, with generate on the unsharded copy, gradient checkpointing,
-    evaluation on rank 0 while rank 1 waits, a checkpoint and the final export; one summary line."""
+    evaluation split over both ranks (in step: the student is sharded), a checkpoint and the final export; one
+    summary line."""
     out = tmp_path / "run"
     overrides = [o for o in train_overrides if not o.startswith("output_dir=")] + [
         f"output_dir={out}", "steps=2", "distributed.strategy=fsdp2", "model.gradient_checkpointing=true",

@@ -253,9 +253,13 @@ def test_engine_length_follows_the_prompt_budget_and_refuses_before_starting(mic
     model = load_model(str(vllm_student), role="student", dtype=torch.float32, device=CPU)
     assert engine_length(cfg("data.max_prompt_tokens=1024"), model) == 256  # 244 + 12: the position limit
     assert engine_length(cfg(), model) == 212  # data.max_prompt_tokens=200 + 12
-    # evaluation's longer completions shorten the prompts (as for hf), not the rollouts' room
+    # evaluation's longer completions shorten the prompts (as for hf), and the engine holds them: evaluation samples
+    # through it (156-token prompts + eval.max_new_tokens=100)
     assert engine_length(cfg("data.max_prompt_tokens=1024", f"data.eval={micro_world.test}", "eval.max_new_tokens=100"),
-                         model) == 256 - 100 + 12
+                         model) == 256 - 100 + 100
+    with pytest.raises(UserError, match=r"156 \+ eval.max_new_tokens=100 = 256 tokens.*vllm.max_model_len >= 256"):
+        engine_length(cfg("data.max_prompt_tokens=1024", f"data.eval={micro_world.test}", "eval.max_new_tokens=100",
+                          "vllm.max_model_len=200"), model)
     assert engine_length(cfg("vllm.max_model_len=240"), model) == 240
 
     shutdown()

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vopd.tools.demo", "distil the tiny teacher into the tiny student with vopd and opd; print and plot"),
     "train": ("vopd.train", "on-policy distillation of a student from a teacher (any HF causal LM)"),
     "sft": ("vopd.world.cli", "build the tiny world: tokenizer, SFT teacher and student"),
-    "eval": ("vopd.eval", "sample n answers per problem and grade them (Avg@n, Pass@n, Maj@n)"),
+    "eval": ("vopd.eval_cli", "sample n answers per problem and grade them (Avg@n, Pass@n, Maj@n)"),
     "check": ("vopd.check", "pre-flight checks of a student/teacher pair without training"),
     "plan": ("vopd.tools.plan", "will a config fit these GPUs? one step traced at real shapes, without weights"),
     "bench": ("vopd.tools.bench.cli", "benchmarks: `vopd bench estimators|training|generation|trl`"),

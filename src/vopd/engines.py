@@ -49,7 +49,8 @@ def engine_factory(cfg: TrainConfig, precision: Precision | None = None, *, shar
 
 
 def engine_length(cfg: TrainConfig, student: Model) -> int:
-    """The engine's ``max_model_len``: the longest prompt the run trains on plus ``rollout.max_new_tokens``, where
+    """The engine's ``max_model_len``: the longest prompt the run trains on plus ``rollout.max_new_tokens`` (or the
+    evaluation's ``eval.max_new_tokens`` when longer and ``data.eval`` is set: evaluation samples through it), where
     the longest prompt is the Hugging Face path's (``vopd.check.prompt_budget``: ``data.max_prompt_tokens``, or less
     where the student's position limit leaves less), so that both engines serve the same prompts. A
     ``vllm.max_model_len`` that is set must hold that much (vLLM would cut completions short, silently) and stay
@@ -57,7 +58,10 @@ def engine_length(cfg: TrainConfig, student: Model) -> int:
     before the engine starts."""
     student = base_model(student)
     prompt, prompt_name = prompt_budget(cfg, student)
-    new, asked = cfg.rollout.max_new_tokens, cfg.vllm.max_model_len
+    new, new_name = cfg.rollout.max_new_tokens, "rollout.max_new_tokens"
+    if cfg.data.eval and cfg.eval_max_new_tokens > new:  # evaluation samples through this engine too
+        new, new_name = cfg.eval_max_new_tokens, "eval.max_new_tokens"
+    asked = cfg.vllm.max_model_len
     need = prompt + new
     if not asked:
         return need
@@ -68,8 +72,8 @@ def engine_length(cfg: TrainConfig, student: Model) -> int:
                         f"{limit}): set vllm.max_model_len <= {limit}, or 0 (derived: {need} here)")
     if asked < need:
         fix = (f"or data.max_prompt_tokens <= {asked - new}" if asked > new else
-               f"or rollout.max_new_tokens < {asked}")
+               f"or {new_name} < {asked}")
         raise UserError(f"vllm.max_model_len={asked} is shorter than the longest prompt + completion, {prompt} + "
-                        f"rollout.max_new_tokens={new} = {need} tokens (prompts up to {prompt_name}): vLLM would cut "
+                        f"{new_name}={new} = {need} tokens (prompts up to {prompt_name}): vLLM would cut "
                         f"completions short; set vllm.max_model_len >= {need} (or 0: derived), {fix}")
     return asked

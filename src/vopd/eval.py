@@ -1,12 +1,13 @@
-"""Evaluation: sample n completions per problem, grade them, report Avg@n, Pass@n and Maj@n; the `vopd eval` command.
+"""Evaluation: sample n completions per problem, grade them, report Avg@n, Pass@n and Maj@n; the results files.
 
 What it knows: the authors' evaluation protocol (docs/evaluation.md, "Background: the authors' protocol": 8 samples at temperature
 0.6, last boxed answer, math-verify; multiple choice at top-p 0.95, top-k 20 with a JSON letter), how the three
-metrics follow from graded samples (``compute_metrics``, a pure function), and what a training run evaluates
-(``evaluate_student``: accuracy on ``data.eval`` and the exact held-out KL to the teacher, ``heldout_kl`` of
-``vopd.heldout``, importable from here too). What it does not know: how answers are extracted and compared
-(``vopd.grading``), file formats and field names (``vopd.data``), how tokens are drawn (``vopd.sampling``), how the
-held-out KL is computed (``vopd.heldout``), or how models are loaded (``vopd.models``).
+metrics follow from graded samples (``compute_metrics``, a pure function), ``evaluate`` (render, sample, grade; split
+over the ranks on request) and the files ``vopd eval`` writes (``write_outputs``). ``heldout_kl`` of ``vopd.heldout``
+is importable from here too. What it does not know: how answers are extracted and compared (``vopd.grading``), file
+formats and field names (``vopd.data``), how the batches are shared over the ranks and seeded (``vopd.eval_split``),
+how tokens are drawn (``vopd.sampling``, ``vopd.vllm_engine``), the command line (``vopd.eval_cli``), what a training
+run evaluates (``vopd.eval_student``), or how models are loaded (``vopd.models``).
 
 Metrics, for P problems with n samples each (c_ij = 1 when sample j of problem i is correct):
   Avg@n  = (1 / sum_i n_i) * sum_ij c_ij          mean accuracy over all samples
@@ -18,26 +19,27 @@ Metrics, for P problems with n samples each (c_ij = 1 when sample j of problem i
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
-from vopd.data import MCQ_PROMPT_TEMPLATE, PROMPT_TEMPLATE, Problem, load_problems
+from vopd.data import MCQ_PROMPT_TEMPLATE, PROMPT_TEMPLATE, Problem
 from vopd.errors import UserError
+from vopd.eval_split import EvalEngine, gathered, hf_eval_engine, model_inference, sample_split
 from vopd.grading import DEFAULT_TIMEOUT_S, answers_match, extract_answer
 from vopd.heldout import heldout_kl
-from vopd.prompts import ChatOptions, chat_options, render_prompt, template_kwargs_json
+from vopd.prompts import ChatOptions, render_prompt
+from vopd.sampling import SamplingSettings
 
 if TYPE_CHECKING:
     import torch
 
-    from vopd.config import TrainConfig
     from vopd.models import Model, Tokenizer
-    from vopd.teacher.base import Teacher
+
+__all__ = ["EvalResult", "Metrics", "SampleRecord", "compute_metrics", "evaluate", "heldout_kl", "majority_vote",
+           "write_outputs", "check_out_dir"]
 
 Kind = Literal["math", "mcq"]
 
@@ -151,7 +153,7 @@ def _as_problem(item: Problem | Mapping[str, Any], kind: Kind, i: int) -> Proble
 
 
 def evaluate(
-    model: Model,
+    model: Model | None,
     tokenizer: Tokenizer,
     problems: Sequence[Problem | Mapping[str, Any]],
     *,
@@ -170,22 +172,24 @@ def evaluate(
     chat: ChatOptions = ChatOptions(),
     autocast: torch.dtype | None = None,
     synced: bool = False,
+    engine: EvalEngine | None = None,
+    split: bool = False,
 ) -> EvalResult:
     """Sample ``n`` completions per problem and grade them.
 
     ``greedy=True`` (or ``temperature=0``) decodes greedily and needs ``n=1``. ``template`` defaults to the paper's
     prompt for math and ``MCQ_PROMPT_TEMPLATE`` for multiple choice; ``chat`` renders the templated text through the
     chat template (``ChatOptions.text_as_chat``, as training does: ``vopd.prompts.render_prompt``), and generation
-    stops on EOS or the template's end of turn. Samples are reproducible for a given ``seed``,
-    ``batch_size`` and device; the caller's torch RNG state is left as it was. ``autocast``, ``synced``: as
-    ``vopd.sampling.generate``'s (a student stored as float32 masters, evaluated in its compute dtype; a student
-    sharded over the ranks, evaluated by every rank in step).
+    stops on EOS or the template's end of turn. Rows (a problem's samples side by side) are sampled in batches of
+    ``batch_size``, batch k seeded from ``seed`` and k (``vopd.eval_split.batch_seed``): reproducible for a given
+    ``seed``, ``batch_size`` and device; the caller's torch RNG state is left as it was. ``engine``: what samples
+    (``vopd.eval_split.EvalEngine``; default Hugging Face ``generate`` on ``model``, which may then be None only
+    when ``engine`` is given). ``split``: every rank of the process group calls this with the same arguments and
+    samples and grades its share of the batches; the graded samples are all-gathered, so every rank returns the
+    one-process result. ``autocast``, ``synced``: as ``vopd.sampling.generate``'s (a student stored as float32
+    masters, evaluated in its compute dtype; a student sharded over the ranks, whose forwards every rank runs in
+    step: each rank then makes as many sampling calls, placeholders included).
     """
-    import torch
-    from tqdm import tqdm
-
-    from vopd.sampling import generate
-
     if kind not in ("math", "mcq"):
         raise UserError(f"kind must be 'math' or 'mcq', got {kind!r}")
     greedy = greedy or temperature == 0
@@ -202,49 +206,50 @@ def evaluate(
     items = [_as_problem(p, kind, i) for i, p in enumerate(problems)]
     if not items:
         raise UserError("no problems to evaluate")
+    if engine is None:
+        if model is None:
+            raise ValueError("evaluate needs a model or an engine")
+        engine = hf_eval_engine(model_inference(model), tokenizer, autocast=autocast, synced=synced,
+                                progress=progress)
     template = template or (PROMPT_TEMPLATE if kind == "math" else MCQ_PROMPT_TEMPLATE)
     prompt_ids = [render_prompt(tokenizer, p.problem, template=template, chat=chat, where=p.source) for p in items]
     # Sample j of problem i is row i * n + j: a problem's samples sit together, in the order they are voted in.
     rows = [ids for ids in prompt_ids for _ in range(n)]
-
-    device = next(model.parameters()).device
-    started = time.perf_counter()
-    completions: list[list[int]] = []
-    truncated: list[bool] = []
-    # Fork the RNG: evaluation inside a training run must not shift the trainer's random stream.
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in tqdm(range(0, len(rows), batch_size), desc="eval", unit="batch", disable=not progress):
-            out = generate(
-                model, tokenizer, rows[start : start + batch_size], max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, batch_size=batch_size,
-                autocast=autocast, synced=synced,
-            )
-            completions += out.completions
-            truncated += out.truncated
+    settings = SamplingSettings(max_new_tokens, temperature, top_p, top_k, greedy)
 
     def same(a: str, b: str) -> bool:
         return answers_match(b, a, timeout_s=grading_timeout_s)
 
-    records = []
-    for row, (ids, cut) in enumerate(zip(completions, truncated)):
-        problem = items[row // n]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        answer = extract_answer(text, kind)
-        if kind == "math":
-            correct = answer is not None and same(problem.answer, answer)
-        else:
-            correct = answer is not None and answer == problem.answer.strip().strip("()").upper()
-        records.append(SampleRecord(row // n, row % n, answer, correct, problem.answer, text, len(ids), cut,
-                                    problem.source))
+    def graded_share() -> list[SampleRecord]:
+        parts = sample_split(engine, rows, settings, batch_size=batch_size, seed=seed, split=split,
+                             lockstep=synced)
+        return [_grade(items[row // n], row, n, ids, cut, tokenizer, kind, same)
+                for part in parts if part.index >= 0
+                for row, ids, cut in zip(part.rows, part.samples.completions, part.samples.truncated)]
+
+    started = time.perf_counter()
+    # Each rank grades its own samples (math-verify is not free either); the records are put back in row order.
+    records = sorted(gathered(graded_share, split=split), key=lambda r: (r.problem_index, r.sample_index))
     metrics = compute_metrics(records, same_answer=same if kind == "math" else None)
-    settings = {
+    settings_out = {
         "n": n, "kind": kind, "greedy": greedy, "temperature": 0.0 if greedy else temperature,
         "top_p": 1.0 if greedy else top_p, "top_k": 0 if greedy else top_k, "max_new_tokens": max_new_tokens,
         "batch_size": batch_size, "seed": seed, "template": template, "elapsed_s": time.perf_counter() - started,
         "chat": chat.text_as_chat, "system_prompt": chat.system_prompt, "chat_kwargs": dict(chat.template_kwargs),
     }
-    return EvalResult(metrics, records, settings)
+    return EvalResult(metrics, records, settings_out)
+
+
+def _grade(problem: Problem, row: int, n: int, ids: list[int], cut: bool, tokenizer: Tokenizer, kind: Kind,
+           same: Callable[[str, str], bool]) -> SampleRecord:
+    """Row ``row``'s completion ``ids`` graded against ``problem`` (sample ``row % n`` of problem ``row // n``)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    answer = extract_answer(text, kind)
+    if kind == "math":
+        correct = answer is not None and same(problem.answer, answer)
+    else:
+        correct = answer is not None and answer == problem.answer.strip().strip("()").upper()
+    return SampleRecord(row // n, row % n, answer, correct, problem.answer, text, len(ids), cut, problem.source)
 
 
 def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> None:
@@ -271,106 +276,3 @@ def write_outputs(result: EvalResult, out_dir: str | Path) -> tuple[Path, Path]:
     return summary_path, samples_path
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# CLI
-
-#: Sampling settings of the authors' protocol where the command line leaves them out.
-PROTOCOL_DEFAULTS: dict[str, dict[str, float]] = {
-    "math": {"top_p": 1.0, "top_k": 0},
-    "mcq": {"top_p": 0.95, "top_k": 20},
-}
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``vopd eval``."""
-    a = parser.add_argument
-    a("model", help="local Hugging Face model directory (nothing is downloaded)")
-    a("--data", required=True, help="local benchmark file: .jsonl, .json, .csv or .parquet")
-    a("--kind", choices=["auto", "math", "mcq"], default="auto", help="auto: mcq when rows have choices")
-    a("--n", type=int, default=8, help="samples per problem (default 8)")
-    a("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default 0.6)")
-    a("--top-p", type=float, default=None, help="nucleus sampling (default: 1.0 for math, 0.95 for mcq)")
-    a("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default: 0 for math, 20 for mcq)")
-    a("--greedy", action="store_true", help="greedy decoding (sets --n 1)")
-    a("--max-new-tokens", type=int, default=4096, help="completion length limit (default 4096)")
-    a("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
-    a("--limit", type=int, default=None, help="evaluate only the first N problems")
-    a("--seed", type=int, default=0, help="sampling seed (default 0)")
-    a("--out", default=None, help="directory for summary.json and samples.jsonl (default: print only); refused when "
-      "it already holds results, unless --overwrite")
-    a("--overwrite", action="store_true", help="replace the results already in --out")
-    a("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    a("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-      help="auto: bfloat16 on cuda, float32 on cpu")
-    a("--template", default=None, help="prompt template with {problem} (default: the paper's / the mcq prompt)")
-    a("--chat", action="store_true", help="render each templated prompt as a user turn through the tokenizer's chat "
-      "template (as data.text_as_chat in training); completions also stop on its end-of-turn token")
-    a("--system-prompt", default="", help="system turn for --chat prompts")
-    a("--chat-template-kwargs", default="{}", help='JSON object of chat template variables, e.g. '
-      '\'{"enable_thinking": false}\'')
-    a("--grading-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per symbolic comparison")
-    for name in ("problem", "answer", "solution", "choices"):
-        a(f"--field-{name}", default=None, help=f"name of the {name} field in the data file")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """``vopd eval``: load, evaluate, print the summary, write it (and the samples) to ``--out``."""
-    if args.template is not None and "{problem}" not in args.template:  # else every problem gets the same prompt
-        raise UserError(f"--template {args.template!r} has no {{problem}}, so every problem would be asked the same "
-                        "prompt: put {problem} where the problem's text goes")
-    if args.out:  # before the (long) evaluation: where its results go must be free
-        check_out_dir(args.out, overwrite=args.overwrite)
-    kwargs = template_kwargs_json(args.chat_template_kwargs)
-    chat = ChatOptions(args.system_prompt, kwargs, args.chat or bool(args.system_prompt) or bool(kwargs))
-    problems = load_problems(
-        args.data, kind=args.kind, problem_field=args.field_problem, answer_field=args.field_answer,
-        solution_field=args.field_solution, choices_field=args.field_choices, limit=args.limit,
-    )
-    kind = problems[0].kind
-    defaults = PROTOCOL_DEFAULTS[kind]
-    top_p = defaults["top_p"] if args.top_p is None else args.top_p
-    top_k = int(defaults["top_k"] if args.top_k is None else args.top_k)
-    greedy = args.greedy or args.temperature == 0
-    from vopd.models import load_model, load_tokenizer, resolve_device, torch_dtype
-
-    device = resolve_device(args.device)
-    tokenizer = load_tokenizer(args.tokenizer or args.model, role="evaluated")
-    model = load_model(args.model, role="evaluated", dtype=torch_dtype(args.dtype, device), device=device).eval()
-    result = evaluate(
-        model, tokenizer, problems, n=1 if greedy else args.n, temperature=args.temperature, top_p=top_p,
-        top_k=top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, kind=kind,
-        greedy=greedy, template=args.template, grading_timeout_s=args.grading_timeout, progress=True, chat=chat,
-    )
-    result.settings.update(model=str(args.model), data=str(args.data))
-    m, n = result.metrics, result.settings["n"]
-    print(f"Avg@{n} {m.avg_at_n:.4f}  Pass@{n} {m.pass_at_n:.4f}  Maj@{n} {m.maj_at_n:.4f}  "
-          f"({m.num_problems} problems, {m.num_samples} samples)")
-    print(json.dumps(result.summary(), indent=2))
-    if args.out:
-        for path in write_outputs(result, args.out):
-            print(f"wrote {path}", file=sys.stderr)
-    return 0
-
-
-# --------------------------------------------------------------------------------- evaluation inside a training run
-
-def evaluate_student(student: Model, teacher: Teacher | None, tok: Tokenizer, cfg: TrainConfig,
-                     vocab: int, *, autocast: torch.dtype | None = None, synced: bool = False) -> dict[str, float]:
-    """Accuracy on ``data.eval`` (Avg/Pass/Maj@n) and the exact held-out KL on fresh temperature-1 samples. The KL
-    needs the teacher's full distribution and one teacher for every problem: with a teacher that sends per-token
-    numbers, or several teachers (``teacher`` None: held-out rows are not routed), ``eval_kl`` is left out.
-    ``autocast``: the student's (``vopd.precision.Precision.autocast``): float32 masters run in the compute dtype.
-    ``synced``: the student is sharded (FSDP2): every rank evaluates, in step (``vopd.sampling.generate``)."""
-    problems = load_problems(cfg.data.eval, kind="math", problem_field=cfg.data.prompt_field,
-                             answer_field=cfg.data.answer_field, limit=cfg.eval.limit or None)
-    result = evaluate(student, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                      max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed,
-                      greedy=cfg.eval.greedy, template=cfg.data.template, chat=chat_options(cfg.data),
-                      autocast=autocast, synced=synced)
-    m = result.metrics
-    out = {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n}
-    if teacher is not None and teacher.full_distribution:
-        out["eval_kl"] = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab,
-                                    autocast=autocast, synced=synced)
-    return out

@@ -97,6 +97,18 @@ def _warpers(*, temperature: float, top_p: float, top_k: int) -> list[Processor]
 
 
 @dataclass(frozen=True)
+class SamplingSettings:
+    """The settings of one sampling call, as ``generate`` takes them: an evaluation samples at its own (``eval.*``,
+    the held-out KL's temperature 1), not at the rollout's that a rollout engine was built with."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+
+@dataclass(frozen=True)
 class Samples:
     """Completions for a batch of prompts. Lists are per sequence, without padding.
 

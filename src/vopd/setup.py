@@ -41,7 +41,7 @@ from vopd.metrics import METRICS_FILE, MetricsWriter
 from vopd.models import (Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, logit_transform,
                          resolve_device)
 from vopd.precision import resolve_precision
-from vopd.rollout import OnPolicyRollouts, RolloutSource, SamplerFactory
+from vopd.rollout import OnPolicyRollouts, RolloutSource, Sampler, SamplerFactory
 from vopd.rundir import Claim, check_output_paths, claim_output_dir, judge_output_dir
 from vopd.sharding import teacher_is_sharded
 from vopd.step import loss_plan, make_optimizer
@@ -205,6 +205,7 @@ class Run:
     writer: MetricsWriter | None  # rank 0 only
     bar: tqdm | None  # rank 0 only, with cfg.progress
     last_checkpoint: Path | None
+    sampler: Sampler | None = None  # the rollout sampler (evaluation samples through its engine: vopd.eval_student)
 
     @property
     def vocab(self) -> int:
@@ -287,7 +288,7 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         if bar is not None:
             closing.callback(bar.close)
         yield Run(cfg, device, info, tok, student, teachers, plan, prompts, source, out_dir, config_dict, optimizer,
-                  scheduler, state, writer, bar, start_from)
+                  scheduler, state, writer, bar, start_from, sample)
 
 
 def _shard_teachers(teachers: Teachers, cfg: TrainConfig, device: torch.device) -> None:

@@ -3,13 +3,13 @@
     for step:  sample -> score (teacher) + loss (student) + backward -> step -> log -> evaluate -> checkpoint
 
 What it knows: the order of work of a step, each phase one call, and which work is global under torchrun (the skip
-decision; evaluation and the gathering of weights for files when a model is sharded, so that its collectives run on
-every rank) and which is rank 0's (logs, evaluation, files). The run it loops over is set up once by
+decision; evaluation, each rank its share; the gathering of weights for files when a model is sharded, so that its
+collectives run on every rank) and which is rank 0's (logs, files). The run it loops over is set up once by
 ``vopd.setup.set_up`` (models, teachers, data, pre-flight, the wrapped student, the rollout source, the output
 directory, optimizer and resume state; how a run starts is one ``Start`` value). Whether a step is bad (and the
 aborts) is ``vopd.guard``'s call; one step's gradient (micro-batches, teacher scores, the loss, backward, the
 variance probe) is ``vopd.step``'s; rollouts come from the run's ``vopd.rollout.RolloutSource``; evaluation is
-``vopd.eval``'s and files are ``vopd.checkpoint_sharded``'s, ``vopd.rundir``'s and ``vopd.export``'s; a full disk
+``vopd.eval_student``'s and files are ``vopd.checkpoint_sharded``'s, ``vopd.rundir``'s and ``vopd.export``'s; a full disk
 while writing the history or ``final/`` is one line naming the last valid checkpoint (``vopd.fsfaults``). What it
 does not know: the loss math, or which teacher placement it talks to.
 """
@@ -32,7 +32,7 @@ from vopd import distributed as dist
 from vopd import guard
 from vopd.config import TrainConfig, load_config
 from vopd.errors import UserError
-from vopd.eval import evaluate_student
+from vopd.eval_student import evaluate_run
 from vopd.export import ExportFailed, export_merged, export_streamed
 from vopd.fsfaults import describe, is_fault, one_line
 from vopd.guard import TrainingAborted  # re-exported: the error a run that stops on purpose raises
@@ -64,7 +64,8 @@ def train(cfg: TrainConfig, *, start: Start = NEW, stop_at: int | None = None, l
     that step as if interrupted (no final export), which is how resume is tested; ``make_sampler(model, tokenizer,
     rollout_config)`` replaces Hugging Face generate with a sampler built from the live student (``model`` is updated
     in place every step) and the ``rollout`` section of the config.
-    Under torchrun every rank calls this; rank 0 logs, evaluates and writes files (docs/scaling.md)."""
+    Under torchrun every rank calls this; every rank evaluates its share; rank 0 logs and writes files
+    (docs/scaling.md)."""
     if stop_at is not None and stop_at < 1:
         raise UserError(f"--stop-at {stop_at} is invalid: it must be >= 1 (the step after which to stop)")
     with set_up(cfg, start, log=log, make_sampler=make_sampler) as run:
@@ -104,7 +105,7 @@ def _loop(run: Run, stop_at: int | None) -> dict[str, Any]:
                 run.info(f"step {step + 1}: update skipped: {verdict.reason} ({state.bad_in_a_row} in a row)")
             if state.bad_in_a_row > cfg.max_bad_steps:
                 raise guard.bad_steps_abort(state.bad_in_a_row, cfg.max_bad_steps, verdict.reason, run.last_checkpoint)
-            # 7. evaluate (rank 0; the others wait)
+            # 7. evaluate (every rank its share)
             metrics.update(_evaluate(run, step))
             _write_log(run, step, metrics)
             # 8. checkpoint
@@ -174,22 +175,14 @@ def _step_metrics(run: Run, rollout: Rollout, grad: StepGradient, verdict: guard
 
 
 def _evaluate(run: Run, step: int) -> dict[str, Any]:
-    """Evaluation metrics when due (every ``eval.every`` steps and at the last), computed on rank 0 while the others
-    wait; with a sharded student or teacher (whose forwards are collectives) every rank computes the same evaluation
-    in step (same problems, same seeds), and rank 0's numbers are the ones reported."""
-    cfg, student = run.cfg, run.student
+    """Evaluation metrics when due (every ``eval.every`` steps and at the last): every rank samples, grades and
+    scores its share of the problems through the run's engine, and every rank gets the numbers one process
+    computes (``vopd.eval_student.evaluate_run``; docs/scaling.md)."""
+    cfg = run.cfg
     last = step + 1 == cfg.steps
     if not cfg.data.eval or not ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
         return {}
-
-    def evaluation() -> dict[str, float]:
-        with student.inference() as model:
-            return evaluate_student(model, run.teachers.single, run.tok, cfg, run.vocab, autocast=student.autocast,
-                                    synced=student.sharded)
-
-    if student.sharded or run.teachers.collective:
-        return dist.broadcast_object(evaluation())
-    return dist.on_main(evaluation) or {}
+    return evaluate_run(run.student, run.sampler, run.teachers.single, run.tok, cfg, run.vocab)
 
 
 def _write_log(run: Run, step: int, metrics: dict[str, Any]) -> None:

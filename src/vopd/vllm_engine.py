@@ -5,8 +5,10 @@ process, so it is kept and reused across runs of the same shape), pushing the li
 every sampling call (whole weights streamed in bounded pieces within one reload; a PEFT student's LoRA merged on the
 fly, layer by layer, the trainer's model left untouched; under FSDP2 each weight gathered from the shards as it is
 sent), sampling with per-request seeds drawn from torch's
-generator (which the loop seeds per step and rank, so a resumed run draws the same seeds), and turning vLLM's
-outputs into ``Samples`` (completion ids with the stop token, the sampler's log-prob of each, truncation flags).
+generator (which the loop seeds per step and rank, so a resumed run draws the same seeds), sampling evaluation
+batches at the evaluation's settings (``sample_batches``: one push, request seeds from each batch's seed), and
+turning vLLM's outputs into ``Samples`` (completion ids with the stop token, the sampler's log-prob of each,
+truncation flags).
 Also: vLLM's refusals to start as one line naming the key to change (``_refusal``; the length is checked before,
 by ``vopd.engines.engine_length``), which of vLLM's warnings say nothing a user can act on (demoted to DEBUG:
 ``_BENIGN``), and that the engine must be shut down before vopd destroys the process group (``dist.before_shutdown``).
@@ -41,7 +43,7 @@ from vopd import distributed as dist
 from vopd.errors import UserError
 from vopd.models import Model, Tokenizer, base_model
 from vopd.prompts import stop_token_ids
-from vopd.sampling import Samples
+from vopd.sampling import Samples, SamplingSettings
 from vopd.vllm_push import push_weights, student_weights
 
 if TYPE_CHECKING:
@@ -173,7 +175,7 @@ def head_dim(config: PretrainedConfig) -> int:
     return int(value) if value else int(config.hidden_size // config.num_attention_heads)
 
 
-def _engine(shape: EngineShape, model_config: PretrainedConfig) -> LLM:
+def engine(shape: EngineShape, model_config: PretrainedConfig) -> LLM:
     """The live engine for ``shape``: reused when it matches, else the old one is shut down and a new one built."""
     global _live
     if _live is not None and _live[0] == shape:
@@ -304,8 +306,8 @@ class VllmSampler:
                             kv_cache_bytes=int(options.cpu_kv_cache_gb * 2**30), world_size=dist.world_size())
         if options.sleep and shape.device == "cpu":
             raise UserError("vllm.sleep=true needs a GPU (vLLM's CPU build has no sleep mode); set vllm.sleep=false")
-        self.sleep = options.sleep
-        self.llm = _engine(shape, base_model(model).config)
+        self.sleep, self.max_model_len = options.sleep, max_model_len
+        self.llm = engine(shape, base_model(model).config)
         self.stop_ids = stop_token_ids(tokenizer)  # EOS and the chat template's end of turn, as HF generate
         self.syncs = 0
         self.pieces = 0  # of the last push
@@ -331,7 +333,6 @@ class VllmSampler:
         self.syncs += 1
 
     def __call__(self, prompts: list[list[int]]) -> Samples:
-        vllm = _import_vllm()
         if not prompts:
             return Samples([], [], [])
         self.sync_weights()
@@ -339,19 +340,67 @@ class VllmSampler:
         # Per-request seeds from torch's generator, which the loop seeds per (step, rank): a resumed run draws the
         # same seeds, and vLLM's per-request seed makes each request's tokens independent of the batch around it.
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
-        params = [vllm.SamplingParams(n=1, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or 0,
-                                      max_tokens=r.max_new_tokens, logprobs=0, seed=int(s), ignore_eos=True,
-                                      stop_token_ids=list(self.stop_ids)) for s in seeds]
-        with _process_state_preserved():
-            outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], params,
-                                     use_tqdm=False)
+        settings = SamplingSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        out = sample(self.llm, prompts, seeds, settings, self.stop_ids, logprobs=True)
         if self.sleep:
             self.llm.sleep(level=2)  # weights and KV cache freed for the trainer; the next push refills the weights
-        completions, logprobs, truncated = [], [], []
-        for out in outs:  # vLLM returns outputs in the order of the prompts
-            c = out.outputs[0]
-            ids = [int(t) for t in c.token_ids]
-            completions.append(ids)
-            logprobs.append([float(lp[t].logprob) for t, lp in zip(ids, c.logprobs or [])])
-            truncated.append(c.finish_reason != "stop")
-        return Samples(completions, logprobs, truncated)
+        return out
+
+    def sample_batches(self, batches: list[list[list[int]]], seeds: list[int],
+                       settings: SamplingSettings) -> list[Samples]:
+        """Evaluation (``vopd.eval_split.EvalEngine``): the student's weights pushed once, then every batch sampled
+        at ``settings`` in one ``generate`` call, batch k's request seeds drawn from a generator seeded with
+        ``seeds[k]``. Every rank calls it once per evaluation, with or without batches (the push is a collective
+        under FSDP2). A prompt too long for the engine is refused in one line (vLLM would fail mid-run)."""
+        self.sync_weights()  # first: a collective under FSDP2, which every rank must join even if it refuses next
+        try:
+            need = max((len(p) for b in batches for p in b), default=0) + settings.max_new_tokens
+            if need > self.max_model_len:
+                raise UserError(f"an evaluation prompt + eval.max_new_tokens is {need} tokens, more than the vLLM "
+                                f"engine's max_model_len={self.max_model_len}: raise vllm.max_model_len (or "
+                                "data.max_prompt_tokens), or shorten the data.eval prompts")
+            return sample_batches(self.llm, batches, seeds, settings, self.stop_ids)
+        finally:
+            if self.sleep:
+                self.llm.sleep(level=2)
+
+
+def sample(llm: LLM, prompts: list[list[int]], seeds: list[int], settings: SamplingSettings, stop_ids: list[int], *,
+           logprobs: bool) -> Samples:
+    """One ``generate`` call: prompt i sampled with request seed ``seeds[i]`` at ``settings`` (greedy: temperature 0,
+    vLLM's argmax), stopping at ``stop_ids``; the sampler's log-prob of each token when ``logprobs``."""
+    vllm = _import_vllm()
+    if not prompts:
+        return Samples([], [], [])
+    s = settings
+    temperature, top_p, top_k = (0.0, 1.0, 0) if s.greedy else (s.temperature, s.top_p, s.top_k or 0)
+    params = [vllm.SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=s.max_new_tokens,
+                                  logprobs=0 if logprobs else None, seed=int(seed), ignore_eos=True,
+                                  stop_token_ids=list(stop_ids)) for seed in seeds]
+    with _process_state_preserved():
+        outs = llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], params, use_tqdm=False)
+    completions, lps, truncated = [], [], []
+    for out in outs:  # vLLM returns outputs in the order of the prompts
+        c = out.outputs[0]
+        ids = [int(t) for t in c.token_ids]
+        completions.append(ids)
+        lps.append([float(lp[t].logprob) for t, lp in zip(ids, c.logprobs or [])] if logprobs else [])
+        truncated.append(c.finish_reason != "stop")
+    return Samples(completions, lps, truncated)
+
+
+def sample_batches(llm: LLM, batches: list[list[list[int]]], seeds: list[int], settings: SamplingSettings,
+                   stop_ids: list[int]) -> list[Samples]:
+    """Every batch in one ``generate`` call (vLLM schedules them together), batch k's request seeds drawn from a
+    generator seeded with ``seeds[k]``: each request's tokens depend on its prompt and seed only, not on the batches
+    around it or on the rank that samples it."""
+    request_seeds = [torch.randint(0, 2**31 - 1, (len(b),), generator=torch.Generator().manual_seed(seed)).tolist()
+                     for b, seed in zip(batches, seeds)]
+    out = sample(llm, [p for b in batches for p in b], [s for r in request_seeds for s in r], settings, stop_ids,
+                 logprobs=False)
+    parts, lo = [], 0
+    for b in batches:
+        parts.append(Samples(out.completions[lo:lo + len(b)], out.logprobs[lo:lo + len(b)],
+                             out.truncated[lo:lo + len(b)]))
+        lo += len(b)
+    return parts

@@ -46,7 +46,7 @@ def _evaluate_model(path: Path, world: World, cfg: TrainConfig) -> dict[str, flo
     """Greedy accuracy and held-out KL to the teacher of the model at ``path`` (for the 'before' rows)."""
     from vopd.models import load_model, load_tokenizer
     from vopd.teacher.local import InProcessTeacher
-    from vopd.eval import evaluate_student
+    from vopd.eval_student import evaluate_student
 
     tok = load_tokenizer(str(path))
     cpu = torch.device("cpu")

@@ -82,7 +82,7 @@ def evaluate_initial_student(world: World, out: Path, args: argparse.Namespace) 
     """The student before training, evaluated as every run's final model is (per seed: the held-out KL's samples
     depend on the seed; greedy accuracy does not)."""
     from vopd.teacher.local import InProcessTeacher
-    from vopd.eval import evaluate_student
+    from vopd.eval_student import evaluate_student
 
     tok, student, teacher_model = _world_models(world)
     teacher = InProcessTeacher(teacher_model, len(tok))
