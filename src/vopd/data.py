@@ -309,7 +309,8 @@ def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, tem
     chatting = chat.text_as_chat
     # Tokenizing a huge line only to skip it cost 0.8 GB and 11 s for 2.2 MB: a text of more characters than the
     # limit times the longest token's is longer than the limit in any tokenization, so it is never tokenized.
-    max_chars = max_tokens * max(1, max(map(len, tokenizer.get_vocab())))
+    vocab = getattr(tokenizer, "get_vocab", None)  # every real tokenizer has it; a stand-in may not (no bound then)
+    max_chars = max_tokens * max(1, max(map(len, vocab()))) if vocab is not None else float("inf")
     for where, row in rows:
         chatting = chatting or row.get(messages_field) not in (None, "")  # "": an empty csv cell
         route = _route(row, route_field, teacher_names, f"{path} {where}") if route_field else ""
