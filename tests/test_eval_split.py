@@ -219,3 +219,42 @@ def test_heldout_kl_refuses_bad_input(micro_world):
     with pytest.raises(UserError, match="batch size must be at least 1") as err:
         heldout_kl(student, teacher, tok, ["1 + 1"], bad, len(tok))
     assert "\n" not in str(err.value)
+
+
+def test_vopd_eval_under_torchrun_equals_one_process(micro_world, tmp_path):
+    """`torchrun --nproc_per_node 2 -m vopd eval`: each rank samples and grades its share, rank 0 writes the
+    one-process summary and samples (one summary line printed, by rank 0 only); `--engine vllm` under torchrun is
+    refused in one line."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    args = ["eval", str(micro_world.student), "--data", str(micro_world.test), "--kind", "math", "--limit", "5",
+            "--num-samples", "3", "--temperature", "1.0", "--max-new-tokens", "8", "--batch-size", "3", "--seed", "3",
+            "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "vopd", *args, "--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "vopd"]
+    two = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("Avg@3") == 1, two.stdout
+    for name in ("samples.jsonl", "summary.json"):
+        a, b = (tmp_path / "one" / name).read_text(), (tmp_path / "two" / name).read_text()
+        if name == "summary.json":  # all but the wall-clock seconds
+            a, b = ({k: v for k, v in json.loads(x).items() if not k.endswith("_s")} for x in (a, b))
+        assert a == b and a, name
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_samples"] == 15
+    refused = subprocess.run([*torchrun, *args, "--engine", "vllm"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert refused.returncode != 0 and "vopd eval --engine vllm runs in one process" in refused.stderr

@@ -42,7 +42,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("model", help="local Hugging Face model directory (nothing is downloaded)")
     a("--data", required=True, help="local benchmark file: .jsonl, .json, .csv or .parquet")
     a("--kind", choices=["auto", "math", "mcq"], default="auto", help="auto: mcq when rows have choices")
-    a("--n", type=int, default=8, help="samples per problem (default 8)")
+    a("--n", "--num-samples", dest="n", type=int, default=8,
+      help="samples per problem (default 8; under torchrun spell it --num-samples: torchrun's own parser takes --n "
+      "for an abbreviation of its options)")
     a("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default 0.6)")
     a("--top-p", type=float, default=None, help="nucleus sampling (default: 1.0 for math, 0.95 for mcq)")
     a("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default: 0 for math, 20 for mcq)")
@@ -72,12 +74,31 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``vopd eval``: load, evaluate, print the summary, write it (and the samples) to ``--out``."""
+    """``vopd eval``: load, evaluate, print the summary, write it (and the samples) to ``--out``. Under torchrun
+    (``--engine hf``) every rank samples and grades its share of the batches (``vopd.eval_split``) and rank 0 prints
+    and writes the one-process result."""
+    from vopd import distributed as dist
+
     if args.template is not None and "{problem}" not in args.template:  # else every problem gets the same prompt
         raise UserError(f"--template {args.template!r} has no {{problem}}, so every problem would be asked the same "
                         "prompt: put {problem} where the problem's text goes")
+    if dist.launched_by_torchrun() and args.engine == "vllm":
+        raise UserError("vopd eval --engine vllm runs in one process (vLLM spreads a model over GPUs itself); start "
+                        "it without torchrun, or use --engine hf under torchrun")
+    clean = False
+    try:
+        code = _main(args)
+        clean = True
+        return code
+    finally:
+        dist.shutdown(clean=clean)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from vopd import distributed as dist
+
     if args.out:  # before the (long) evaluation: where its results go must be free
-        check_out_dir(args.out, overwrite=args.overwrite)
+        dist.on_main(lambda: check_out_dir(args.out, overwrite=args.overwrite))
     kwargs = template_kwargs_json(args.chat_template_kwargs)
     chat = ChatOptions(args.system_prompt, kwargs, args.chat or bool(args.system_prompt) or bool(kwargs))
     problems = load_problems(
@@ -91,6 +112,8 @@ def cli_main(args: argparse.Namespace) -> int:
     greedy = args.greedy or args.temperature == 0
     result = _run(args, problems, chat, n=1 if greedy else args.n, top_p=top_p, top_k=top_k, greedy=greedy)
     result.settings.update(model=str(args.model), data=str(args.data), engine=args.engine)
+    if not dist.is_main():
+        return 0
     m, n = result.metrics, result.settings["n"]
     print(f"Avg@{n} {m.avg_at_n:.4f}  Pass@{n} {m.pass_at_n:.4f}  Maj@{n} {m.maj_at_n:.4f}  "
           f"({m.num_problems} problems, {m.num_samples} samples)")
@@ -104,9 +127,10 @@ def cli_main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, problems: list[Problem], chat: ChatOptions, *, n: int, top_p: float, top_k: int,
          greedy: bool) -> EvalResult:
     """Load the tokenizer and the engine ``--engine`` names, and evaluate."""
+    from vopd import distributed as dist
     from vopd.models import load_model, load_tokenizer, resolve_device, torch_dtype
 
-    device = resolve_device(args.device)
+    device = dist.init(resolve_device(args.device))  # under torchrun: this rank's device
     tokenizer = load_tokenizer(args.tokenizer or args.model, role="evaluated")
     dtype = torch_dtype(args.dtype, device)
     model, engine = None, None  # vllm: the engine reads the directory itself; no transformers copy is loaded
@@ -117,8 +141,8 @@ def _run(args: argparse.Namespace, problems: list[Problem], chat: ChatOptions, *
     return evaluate(
         model, tokenizer, problems, n=n, temperature=args.temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, kind=problems[0].kind,
-        greedy=greedy, template=args.template, grading_timeout_s=args.grading_timeout, progress=True, chat=chat,
-        engine=engine,
+        greedy=greedy, template=args.template, grading_timeout_s=args.grading_timeout, progress=dist.is_main(),
+        chat=chat, engine=engine, split=dist.world_size() > 1,
     )
 
 
