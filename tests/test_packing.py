@@ -313,3 +313,15 @@ def test_per_sequence_attention_with_equal_and_unequal_lengths(pair):
     finally:
         student.zero_grad(set_to_none=True)
         student.set_attn_implementation("sdpa")
+
+
+def test_vopd_plan_plans_packed_token_budgets(micro_world):
+    """`vopd plan` traces packed micro-batches under a token budget (their masks stay real data in the fake mode)."""
+    from vopd.memfit import plan
+
+    base = [f"model.student={micro_world.student}", f"model.teacher={micro_world.teacher}", "data.train=x",
+            "batch_size=8", "rollout.max_new_tokens=64", "data.max_prompt_tokens=64"]
+    rows = plan(load_config(None, base, require_paths=False), world_size=2, gpu_memory_gib=80)
+    packed = plan(load_config(None, [*base, "packing=true", "micro_batch_tokens=1024"], require_paths=False),
+                  world_size=2, gpu_memory_gib=80)
+    assert rows.fits and packed.fits and packed.peak > 0

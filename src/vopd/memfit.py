@@ -16,7 +16,7 @@ category) and, by arithmetic from the same shapes, what the trace leaves out:
 copy under FSDP2, ``generate`` keeping every step's fp32 scores, and LoRA pushes building fp32 merged copies of every
 targeted weight at once.
 
-What it does not know: evaluation (it samples as the rollout does, on rank 0), remote teachers' servers, real data
+What it does not know: evaluation (every rank samples its share as the rollout does), remote teachers' servers, real data
 lengths (every row is as long as the config allows), or anything a GPU would show that a trace cannot: the plan is an
 estimate to check before launching, not a guarantee.
 """
@@ -107,7 +107,7 @@ def _verdict(cfg: TrainConfig, world_size: int, gib: float, before: bool,
     phases = [_training(cfg, trace, gpu, before), _sampling(cfg, trace, gpu, before, problems, notes)]
     worst = max(p.total for p in phases)
     margin = int(MARGIN_FIXED + MARGIN_SHARE * worst)
-    notes.append("not planned: evaluation (it samples as the rollout does, on rank 0) and remote teachers' servers")
+    notes.append("not planned: evaluation (every rank samples its share as the rollout does) and remote teachers' servers")
     return Verdict(world_size, gpu, phases, margin, problems, dict(trace.host), notes, before)
 
 

@@ -285,8 +285,12 @@ def traced_steps(trace: MemTrace, cfg: TrainConfig, student: dist.WrappedStudent
         for lo in range(0, rollout.size, mbs):
             with trace.phase("activations"), student.grad_reduction(last=lo + mbs >= rollout.size):
                 mb = rollout.select(lo, lo + mbs)
-                parts = micro_batch_loss(plan, student, teachers, pack_rows(mb) if cfg.packing else mb, normalizer,
-                                         timer)
+                if cfg.packing:  # the packed row's masks are data: built real, outside the fake mode
+                    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+                    with unset_fake_temporarily():
+                        mb = pack_rows(mb)
+                parts = micro_batch_loss(plan, student, teachers, mb, normalizer, timer)
                 torch.stack([p.out.loss for p in parts]).sum().backward()
                 del parts
             trace.retag([p.grad for p in params if p.grad is not None], "gradients")
