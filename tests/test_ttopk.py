@@ -9,6 +9,7 @@ refuses it in one line; the trainer logs its metrics.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vopd.loss import chunk
@@ -164,3 +165,85 @@ def test_its_metrics_are_logged():
     assert out.kl_ttopk is not None and out.ttopk_mass is not None
     assert abs(got["kl_ttopk_mean"] - float((out.kl_ttopk * m).sum() / m.sum())) < 1e-6
     assert 0 < got["ttopk_mass_mean"] < 1 and "kl_topk_mean" not in got
+
+
+# ------------------------------------------------------------- a stock-like numbers teacher through the step
+
+
+class TopkOnlyTeacher:
+    """What a stock server gives, made from an in-process teacher: log q(y_t) and its own top-k ids and log-probs,
+    per-token numbers only. Like a server it does not pack (it is sent the padded rows) and it is never asked ids."""
+
+    full_distribution = False
+    tokenizer = None
+
+    def __init__(self, inner, k: int) -> None:
+        self.inner, self.k, self.calls = inner, k, 0
+
+    def supports(self, spec):
+        need = lacks(spec, Answers(own_topk=True))
+        return None if need is None else f"loss.method={spec.name} needs {need}"
+
+    def score(self, rollout, *, topk_ids=None, lse=False):
+        assert topk_ids is None and not lse  # the teacher picks the ids: the step asks it for nothing
+        self.calls += 1
+        h = self.inner.score(rollout)
+        lq = h.transform(h.hidden @ h.weight.T + (0 if h.bias is None else h.bias)).log_softmax(-1)
+        return _stock_numbers(lq, rollout.targets, rollout.loss_mask.bool(), self.k)
+
+    def pairing_checks(self, student, student_tok):
+        return []
+
+    def close(self):
+        pass
+
+
+def test_a_numbers_teacher_gives_the_in_process_step_padded_packed_and_with_its_own_prompt(micro_world,
+                                                                                           train_overrides):
+    from vopd import distributed as dist
+    from vopd.config import load_config
+    from vopd.metrics import PhaseTimer
+    from vopd.models import load_model, load_tokenizer
+    from vopd.rollout import pack
+    from vopd.sampling import Samples
+    from vopd.step import accumulate_gradients
+    from vopd.teacher.local import InProcessTeacher
+    from vopd.teacher.reprompt import OwnPromptTeacher
+    from vopd.teacher.routing import Teachers
+    from vopd.teacher_config import TEACHER as ONLY
+
+    cpu = torch.device("cpu")
+    tok = load_tokenizer(str(micro_world.student))
+    student = load_model(str(micro_world.student), role="student", dtype=torch.float32, device=cpu)
+    local = InProcessTeacher(load_model(str(micro_world.teacher), role="teacher", dtype=torch.float32, device=cpu),
+                             len(tok))
+    gen = torch.Generator().manual_seed(5)
+    lengths = [6, 13, 4, 9]
+    prompts = [tok(f"{i} + {2 * i} =")["input_ids"] for i in range(len(lengths))]
+    samples = Samples([torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in lengths],
+                      [[-1.0] * n for n in lengths], [False] * len(lengths), None)
+    own = [tok(f"Hint: {i}.")["input_ids"] for i in range(len(lengths))]
+    rollout = pack(prompts, samples, tok.pad_token_id, teacher_prompts=own)
+
+    def step(teacher, *extra):
+        cfg = load_config(None, train_overrides + ["loss.method=vopd-ttopk", "loss.top_k=5", "batch_size=4",
+                                                   "micro_batch_size=2", *extra])
+        got = accumulate_gradients(cfg, dist.wrap(student, student.config.vocab_size, "ddp", cpu),
+                                   Teachers({ONLY: teacher}), rollout, cpu, PhaseTimer(cpu))
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        student.zero_grad(set_to_none=True)
+        return got.loss, got.token_metrics, grads
+
+    numbers = TopkOnlyTeacher(local, 5)
+    for wrap in (lambda t: t, lambda t: OwnPromptTeacher(t, tok.pad_token_id)):
+        ref = step(wrap(local))
+        assert ref[1]["ttopk_mass_mean"] < 1 and ref[1]["kl_ttopk_mean"] > 0
+        for extra in ((), ("packing=true",)):
+            loss, metrics, grads = step(wrap(numbers), *extra)
+            assert loss == pytest.approx(ref[0], rel=1e-5)
+            for key in ("kl_ttopk_mean", "ttopk_mass_mean", "advantage_mean", "reward_mean"):
+                assert metrics[key] == pytest.approx(ref[1][key], rel=1e-4, abs=1e-6), key
+            assert grads.keys() == ref[2].keys() and grads
+            for n in grads:
+                torch.testing.assert_close(grads[n], ref[2][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert numbers.calls == 8  # 2 micro-batches x 4 steps
