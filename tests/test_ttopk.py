@@ -247,3 +247,21 @@ def test_a_numbers_teacher_gives_the_in_process_step_padded_packed_and_with_its_
             for n in grads:
                 torch.testing.assert_close(grads[n], ref[2][n], rtol=1e-5, atol=1e-6, msg=n)
     assert numbers.calls == 8  # 2 micro-batches x 4 steps
+
+
+def test_a_run_over_a_vopd_server_without_its_head_is_refused_up_front(train_overrides, tmp_path):
+    from vopd.config import load_config
+    from vopd.errors import UserError
+    from vopd.train import train
+
+    cfg = load_config(None, train_overrides + ["loss.method=vopd-ttopk", f"model.teacher={DEAD}"])
+    with pytest.raises(UserError, match=r"^loss.method=vopd-ttopk needs the teacher's own top-k ids .* set its head"):
+        train(cfg, log=lambda _m: None)
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+
+
+def test_numbers_without_the_teachers_topk_are_refused():
+    h, w = torch.randn(1, 3, 4, requires_grad=True), torch.randn(10, 4)
+    y, mask = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="vopd-ttopk needs topk_ids and topk_logits"):
+        fused_distillation_loss(h, w, y, mask, TeacherNumbers(torch.zeros(1, 3)), method="vopd-ttopk", top_k=2)

@@ -2,9 +2,9 @@
 
 What it knows: for c rows of the student's logits (c, V) and the teacher in either form (its logits, or the numbers
 a server sends: ``vopd.loss.scores.chunk_inputs``), the quantities the eight estimators share (log p(y), log q(y),
-both log-sum-exps, KL_t, the top-k renormalised KL~_t, on the student's or the teacher's top-k ids), formed once in one pass (``view``), and then, per entry of
-the method table's ``rule`` (``vopd.loss.methods.Rule``), the baseline a sampled method subtracts and the loss term
-and dL/dz_s (c, V) of its gradient (``RULES``). A new estimator is one row of the method table, one entry here and
+both log-sum-exps, KL_t, the top-k renormalised KL~_t on the student's or the teacher's top-k ids), formed once in
+one pass (``view``), and then, per entry of the method table's ``rule`` (``vopd.loss.methods.Rule``), the baseline a
+sampled method subtracts and the loss term and dL/dz_s (c, V) of its gradient (``RULES``). A new estimator is one row of the method table, one entry here and
 one in the dense reference (``vopd.loss.estimators.RULES``). What it does not know: hidden states, output layers,
 chunk sizes or the logit transform (``vopd.loss.chunked`` forms the logits and chains the transform), models.
 
@@ -38,10 +38,10 @@ class ChunkView:
     the gradient is written into; inv_s = 1 / sum_v e_v; lse_s; logp, logq: log p(y), log q(y); inv_n: the token
     weight 1/N. Top-k methods: ids (c, k) (the student's, or those the teacher was asked about; for ``vopd-ttopk`` the
     teacher's own top-k, sent or taken from its logits), zs_k and zt_k (c, k) both models' logits (or log-probs)
-    there. With the teacher's full distribution: lse_t, d (c, V) = z_s - z_t (the teacher's
-    buffer), pd = sum_v p_v d_v and kl = KL_t (exact_kl methods); the numbers carry lse_t for ``rb-topk``.
-    Renormalised on K (topk_kl and ttopk_kl methods): logp_k, logq_k, p_k (c, k) and kl_k = KL~_t (KL^_t). mass: the student's mass on
-    K (top-k methods). baseline: b_t, set before a sampled rule's gradient is taken.
+    there. With the teacher's full distribution: lse_t, d (c, V) = z_s - z_t (the teacher's buffer), pd = sum_v p_v
+    d_v and kl = KL_t (exact_kl methods); the numbers carry lse_t for ``rb-topk``. Renormalised on K (topk_kl and
+    ttopk_kl methods): logp_k, logq_k, p_k (c, k) and kl_k = KL~_t (KL^_t on the teacher's ids). mass: the student's
+    mass on K (top-k methods). baseline: b_t, set before a sampled rule's gradient is taken.
     """
 
     y: Tensor

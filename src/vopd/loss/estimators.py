@@ -191,7 +191,7 @@ class DenseView:
     s, t (B, T, V): both models' logits (masked positions zeroed); logp_all, logq_all (B, T, V): their log-softmax;
     y (B, T, 1): the sampled ids; logp: log p(y) (with its graph); reward: r_t, detached; top_k. kl: KL_t with its
     graph (``exact_kl`` methods); kl_k, mass: KL~_t with its graph and the student's mass on its top-k ids
-    (``topk_kl`` methods). A rule may add what its surrogate needs (``rb-topk``: the exact part over K, in_k) and the
+    (``topk_kl`` methods; on the teacher's top-k ids for ``ttopk_kl``: KL^_t). A rule may add what its surrogate needs (``rb-topk``: the exact part over K, in_k) and the
     mass it defines."""
 
     s: Tensor

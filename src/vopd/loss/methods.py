@@ -42,8 +42,8 @@ class MethodSpec:
                        top-k ids, or the teacher's own (``teacher_topk``).
     teacher_lse:       needs the teacher's full-vocabulary log-sum-exp beside its logits at the top-k ids.
     paper:             one of the paper's five methods.
-    teacher_topk:      the ids are the teacher's own top-k, which the teacher picks (its log-probs there, and log q(y_t)):
-                       the teacher needs nothing from the student and can score before the student's forward.
+    teacher_topk:      the ids are the teacher's own top-k, which it picks and sends with its log-probs there (and
+                       log q(y_t)): it needs nothing from the student and can score before the student's forward.
     """
 
     name: Method

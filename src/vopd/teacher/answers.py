@@ -1,8 +1,8 @@
 """What a teacher placement's answer may hold, and so what a method lacks from it: the vocabulary of ``supports``.
 
 What it knows: the four things a placement can send per scored position beside log q(y_t) (the whole
-distribution; logits at asked ids; the full-vocabulary log-sum-exp; the teacher's own top-k ids and log-probs) and, from the method table
-(``vopd.loss.methods``), which of them each method needs. A placement's ``Teacher.supports`` states its answer as
+distribution; logits at asked ids; the full-vocabulary log-sum-exp; the teacher's own top-k ids and log-probs) and,
+from the method table (``vopd.loss.methods``), which of them each method needs. A placement's ``Teacher.supports`` states its answer as
 ``Answers`` and words the refusal with its own fix (``lacks`` gives the missing part as a phrase). What it
 does not know: any placement, HTTP, or the loss math.
 """
