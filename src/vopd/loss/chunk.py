@@ -4,9 +4,10 @@ What it knows: for c rows of the student's logits (c, V) and the teacher in eith
 a server sends: ``vopd.loss.scores.chunk_inputs``), the quantities the eight estimators share (log p(y), log q(y),
 both log-sum-exps, KL_t, the top-k renormalised KL~_t on the student's or the teacher's top-k ids), formed once in
 one pass (``view``), and then, per entry of the method table's ``rule`` (``vopd.loss.methods.Rule``), the baseline a
-sampled method subtracts and the loss term and dL/dz_s (c, V) of its gradient (``RULES``). A new estimator is one row of the method table, one entry here and
-one in the dense reference (``vopd.loss.estimators.RULES``). What it does not know: hidden states, output layers,
-chunk sizes or the logit transform (``vopd.loss.chunked`` forms the logits and chains the transform), models.
+sampled method subtracts and the loss term and dL/dz_s (c, V) of its gradient (``RULES``). A new estimator is one
+row of the method table, one entry here and one in the dense reference (``vopd.loss.estimators.RULES``). What it
+does not know: hidden states, output layers, chunk sizes or the logit transform (``vopd.loss.chunked`` forms the
+logits and chains the transform), models.
 
 Closed forms (z_s, z_t student/teacher logits, p = softmax z_s, y the sampled id, w = 1/N the token weight,
 docs/estimators.md, "Key equations" and "Pseudocode"):
@@ -80,7 +81,8 @@ def view(zs: Tensor, y: Tensor, spec: MethodSpec, top_k: int, inv_n: float, *, z
     zt_y = None if zt is None else zt.gather(-1, y).squeeze(-1)
     zs_k = logp_k = logq_k = p_k = kl_k = None
     if spec.topk:
-        # The student's top-k ids; renormalising both models on the same ids cancels their full lse's.
+        # The student's top-k ids (the teacher's for vopd-ttopk); renormalising both models on the same ids cancels
+        # their full lse's, so a server's log-probs there serve as well as logits.
         if ids is None:
             ids = (need(zt, "the teacher's logits") if spec.teacher_topk else zs).topk(top_k, dim=-1).indices
         zs_k = zs.gather(-1, ids)

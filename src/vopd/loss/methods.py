@@ -3,9 +3,8 @@
 What it knows: the eight method names (the paper's five, then three beyond it: docs/estimators.md, "Beyond the
 paper") and, per method, what kind of gradient it is, which baseline it subtracts, whether it is unbiased, and what
 it needs from the teacher and the student (full distribution, log-sum-exp, the student's top-k ids, or the teacher's
-own top-k). The estimators,
-the fused head, the teachers, the trainer and the tools all read these properties instead of spelling method sets of
-their own. What it does not know: any math; ``vopd.loss.estimators`` and ``vopd.loss.chunked`` implement it.
+own top-k). The estimators, the fused head, the teachers, the trainer and the tools all read these properties
+instead of spelling method sets of their own. What it does not know: any math; ``vopd.loss.estimators`` and ``vopd.loss.chunked`` implement it.
 """
 
 from __future__ import annotations
