@@ -52,7 +52,7 @@ def test_sampled_estimators_are_unbiased_for_every_k(v, seed):
     for method in ("opd", "vopd", "vopd-opt"):
         got = exact_moments(z_s, z_t, method=method).mean
         assert (got - exact).abs().max() < 1e-10, method
-    for method in ("vopd-topk", "rb-topk"):
+    for method in ("vopd-topk", "rb-topk", "vopd-ttopk"):
         for k in range(1, v + 1):
             got = exact_moments(z_s, z_t, method=method, top_k=k).mean
             assert (got - exact).abs().max() < 1e-10, f"{method} k={k}"
@@ -72,7 +72,7 @@ def test_opd_topk_is_biased_when_tail_mass_is_positive(v):
 def test_exact_variances_reported_and_baseline_helps_on_average(capsys):
     """The spec warns that variance reduction is not guaranteed per state: measure it. Averaged over random
     states, the value baseline must reduce the variance; per state we only report."""
-    table = {m: 0.0 for m in ("opd", "vopd", "vopd-topk", "vopd-opt", "rb-topk")}
+    table = {m: 0.0 for m in ("opd", "vopd", "vopd-topk", "vopd-opt", "rb-topk", "vopd-ttopk")}
     worse = 0
     for seed in range(40):
         z_s, z_t = _state(6, seed, scale=2.0)
@@ -138,7 +138,8 @@ def test_chunked_equals_dense(method, budget_mb):
     torch.testing.assert_close(c.loss, d.loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(gc, gd):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for field in ("logp", "logq", "reward", "baseline", "advantage", "kl", "kl_topk", "topk_mass", "ratio"):
+    for field in ("logp", "logq", "reward", "baseline", "advantage", "kl", "kl_topk", "topk_mass", "ratio",
+                  "kl_ttopk", "ttopk_mass"):
         a, b = getattr(c, field), getattr(d, field)
         assert (a is None) == (b is None), field
         if a is not None:
@@ -221,7 +222,7 @@ def test_no_nan_with_masked_vocabulary_rows_and_empty_rows(method):
     out = distillation_loss(s, zt, y, mask, method=method, top_k=33)  # k reaches into the -inf ids
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(s.grad).all()
-    for field in ("reward", "kl", "kl_topk", "advantage"):
+    for field in ("reward", "kl", "kl_topk", "kl_ttopk", "advantage"):
         value = getattr(out, field)
         assert value is None or torch.isfinite(value).all(), field
 

@@ -108,8 +108,10 @@ def test_holes_in_process(method, pair, train_overrides):
     _assert_holes_excluded(_config(train_overrides, method), student, teacher, prompts, samples, tok.pad_token_id)
 
 
-#: Every method over hidden states; over per-token numbers, the methods that need no full distribution.
-SERVED = [(m, "hidden") for m in METHODS] + [(m, "numbers") for m in METHODS if not method_spec(m).full_distribution]
+#: Every method over hidden states; over per-token numbers, the methods that need no full distribution and no
+#: teacher's own top-k (a vopd server sends logits at asked ids: tests/test_ttopk.py checks that it refuses vopd-ttopk).
+SERVED = [(m, "hidden") for m in METHODS] + [(m, "numbers") for m in METHODS
+    if not method_spec(m).full_distribution and not method_spec(m).teacher_topk]
 
 
 @pytest.mark.parametrize("method,form", SERVED)

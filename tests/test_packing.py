@@ -145,9 +145,11 @@ def test_token_budget_rows_equal_row_micro_batches(pair, train_overrides):
     assert 0 < metrics["pad_fraction"] < row_metrics["pad_fraction"]
 
 
-#: Every method over hidden states; over per-token numbers, the methods that need no full distribution.
+#: Every method over hidden states; over per-token numbers, the methods that need no full distribution and no
+#: teacher's own top-k (a vopd server sends logits at asked ids: tests/test_ttopk.py checks that it refuses vopd-ttopk).
 SERVED = [(m, "hidden") for m in ("vopd", "opd-full", "rb-topk")] + \
-    [(m, "numbers") for m in METHODS if not method_spec(m).full_distribution]
+    [(m, "numbers") for m in METHODS
+    if not method_spec(m).full_distribution and not method_spec(m).teacher_topk]
 
 
 @pytest.mark.parametrize("method,form", SERVED)

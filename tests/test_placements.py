@@ -77,7 +77,9 @@ def test_a_logq_only_placement_is_refused_at_preflight_for_every_method_but_opd(
         assert "log q(y_t) only" in lines
         return
     spec = method_spec(method)
-    need = "full distribution at every position" if spec.full_distribution else "logits at the student's top-k ids"
+    need = ("full distribution at every position" if spec.full_distribution else
+            "own top-k ids and log-probs at every position" if spec.teacher_topk else
+            "logits at the student's top-k ids")
     with pytest.raises(UserError, match=f"^loss.method={method} needs the teacher's {need}, which this placement"):
         preflight(student, tok, teachers, cfg)
 

@@ -152,7 +152,8 @@ class LossConfig:
     """[loss] The per-token reverse-KL estimator."""
 
     method: Method = _opt("vopd", "Estimator of the reverse-KL gradient.")
-    top_k: int = _opt(100, "Tokens per position for the top-k methods (vopd-topk, opd-topk, rb-topk); >= 1.")
+    top_k: int = _opt(100, "Tokens per position for the top-k methods (vopd-topk, opd-topk, rb-topk; vopd-ttopk: the "
+                      "teacher's own top-k, which a teacher server must send at this width); >= 1.")
     chunk_memory_mb: int = _opt(1024, "Memory budget for one chunk of vocabulary-sized activations, in MiB.")
     ratio_cap: float = _opt(
         2.0, "Cap on the detached importance ratio against the sampler's log-probs; 0 disables the ratio, else >= 1."

@@ -36,7 +36,7 @@ WANDB_ID_FILE = "wandb_run_id"
 
 # Names of the sums accumulated per step, in the order they are all-reduced.
 _SUMS = ("tokens", "r", "r2", "adv", "adv2", "adv_tokens", "kl", "kl_tokens", "kl_topk", "mass", "topk_tokens",
-         "ratio", "ratio_tokens", "ratio_over_cap", "lp_diff", "lp_tokens")
+         "ratio", "ratio_tokens", "ratio_over_cap", "lp_diff", "lp_tokens", "kl_ttopk", "ttopk_mass", "ttopk_tokens")
 
 
 class TokenStats:
@@ -64,6 +64,10 @@ class TokenStats:
             s["kl_topk"] += float((out.kl_topk * m).sum())
             s["mass"] += float((out.topk_mass * m).sum())
             s["topk_tokens"] += float(m.sum())
+        if out.kl_ttopk is not None and out.ttopk_mass is not None:  # on the teacher's own top-k (vopd-ttopk)
+            s["kl_ttopk"] += float((out.kl_ttopk * m).sum())
+            s["ttopk_mass"] += float((out.ttopk_mass * m).sum())
+            s["ttopk_tokens"] += float(m.sum())
         if out.ratio is not None:
             s["ratio"] += float((out.ratio * m).sum())
             s["ratio_tokens"] += float(m.sum())
@@ -100,6 +104,9 @@ class TokenStats:
         if s["topk_tokens"]:
             out["kl_topk_mean"] = mean("kl_topk", "topk_tokens")
             out["topk_mass_mean"] = mean("mass", "topk_tokens")
+        if s["ttopk_tokens"]:
+            out["kl_ttopk_mean"] = mean("kl_ttopk", "ttopk_tokens")
+            out["ttopk_mass_mean"] = mean("ttopk_mass", "ttopk_tokens")
         if s["ratio_tokens"]:
             out["ratio_mean"] = mean("ratio", "ratio_tokens")
             out["ratio_capped_frac"] = mean("ratio_over_cap", "ratio_tokens")

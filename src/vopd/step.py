@@ -251,8 +251,9 @@ def micro_batch_loss(plan: LossPlan, student: dist.WrappedStudent, teachers: Tea
 
 def asks_ids(plan: LossPlan, teacher: Teacher) -> bool:
     """Whether ``teacher`` must be told the student's top-k ids (a top-k method with a teacher that sends per-token
-    numbers), and so can only score after the student's forward."""
-    return plan.spec.topk and not teacher.full_distribution
+    numbers), and so can only score after the student's forward. ``vopd-ttopk``'s teacher picks its own ids
+    (``MethodSpec.student_ids`` is false): it needs nothing from the student."""
+    return plan.spec.student_ids and not teacher.full_distribution
 
 
 class ScoreAhead:

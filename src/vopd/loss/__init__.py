@@ -1,4 +1,4 @@
-"""The loss math: the seven OPD estimators as pure tensor functions, and nothing else.
+"""The loss math: the eight OPD estimators as pure tensor functions, and nothing else.
 
 - ``methods``: the method table, each method's properties declared once and read everywhere.
 - ``estimators``: the dense (B, T, V) reference, autograd on the surrogates of docs/estimators.md (docs/estimators.md).

@@ -1,12 +1,13 @@
 """One chunk of the fused head: the per-chunk view every estimator reads, and the estimators as a table over it.
 
 What it knows: for c rows of the student's logits (c, V) and the teacher in either form (its logits, or the numbers
-a server sends: ``vopd.loss.scores.chunk_inputs``), the quantities the seven estimators share (log p(y), log q(y),
-both log-sum-exps, KL_t, the top-k renormalised KL~_t), formed once in one pass (``view``), and then, per entry of
-the method table's ``rule`` (``vopd.loss.methods.Rule``), the baseline a sampled method subtracts and the loss term
-and dL/dz_s (c, V) of its gradient (``RULES``). A new estimator is one row of the method table, one entry here and
-one in the dense reference (``vopd.loss.estimators.RULES``). What it does not know: hidden states, output layers,
-chunk sizes or the logit transform (``vopd.loss.chunked`` forms the logits and chains the transform), models.
+a server sends: ``vopd.loss.scores.chunk_inputs``), the quantities the eight estimators share (log p(y), log q(y),
+both log-sum-exps, KL_t, the top-k renormalised KL~_t on the student's or the teacher's top-k ids), formed once in
+one pass (``view``), and then, per entry of the method table's ``rule`` (``vopd.loss.methods.Rule``), the baseline a
+sampled method subtracts and the loss term and dL/dz_s (c, V) of its gradient (``RULES``). A new estimator is one
+row of the method table, one entry here and one in the dense reference (``vopd.loss.estimators.RULES``). What it
+does not know: hidden states, output layers, chunk sizes or the logit transform (``vopd.loss.chunked`` forms the
+logits and chains the transform), models.
 
 Closed forms (z_s, z_t student/teacher logits, p = softmax z_s, y the sampled id, w = 1/N the token weight,
 docs/estimators.md, "Key equations" and "Pseudocode"):
@@ -36,11 +37,12 @@ class ChunkView:
 
     y (c, 1): the sampled ids. e (c, V): exp(z_s - max z_s), the student's unnormalised probabilities, the buffer
     the gradient is written into; inv_s = 1 / sum_v e_v; lse_s; logp, logq: log p(y), log q(y); inv_n: the token
-    weight 1/N. Top-k methods: ids (c, k) (the student's, or those the teacher was asked about), zs_k and zt_k (c, k)
-    both models' logits there. With the teacher's full distribution: lse_t, d (c, V) = z_s - z_t (the teacher's
-    buffer), pd = sum_v p_v d_v and kl = KL_t (exact_kl methods); the numbers carry lse_t for ``rb-topk``.
-    Renormalised on K (topk_kl methods): logp_k, logq_k, p_k (c, k) and kl_k = KL~_t. mass: the student's mass on
-    K (top-k methods). baseline: b_t, set before a sampled rule's gradient is taken.
+    weight 1/N. Top-k methods: ids (c, k) (the student's, or those the teacher was asked about; for ``vopd-ttopk`` the
+    teacher's own top-k, sent or taken from its logits), zs_k and zt_k (c, k) both models' logits (or log-probs)
+    there. With the teacher's full distribution: lse_t, d (c, V) = z_s - z_t (the teacher's buffer), pd = sum_v p_v
+    d_v and kl = KL_t (exact_kl methods); the numbers carry lse_t for ``rb-topk``. Renormalised on K (topk_kl and
+    ttopk_kl methods): logp_k, logq_k, p_k (c, k) and kl_k = KL~_t (KL^_t on the teacher's ids). mass: the student's
+    mass on K (top-k methods). baseline: b_t, set before a sampled rule's gradient is taken.
     """
 
     y: Tensor
@@ -70,24 +72,28 @@ def view(zs: Tensor, y: Tensor, spec: MethodSpec, top_k: int, inv_n: float, *, z
          lse_t: Tensor | None = None) -> ChunkView:
     """The shared quantities of one chunk, in one pass. ``zs`` (c, V), the student's final logits, and ``zt``, the
     teacher's (c, V) when given, are consumed: their buffers become e and d. Otherwise the teacher is its numbers
-    ``logq``, ``zt_k`` at ``ids`` and ``lse_t``. Top-k ids are the student's own when ``ids`` is None."""
+    ``logq``, ``zt_k`` at ``ids`` and ``lse_t``. Top-k ids are the student's own when ``ids`` is None, or the
+    teacher's (from ``zt``) for ``vopd-ttopk``: then a teacher server's numbers and an in-process teacher give the same
+    set, and the log-sum-exp of either model cancels on it."""
     # Everything that needs raw logits is read first; then both buffers are overwritten in place, so a chunk holds
     # two (c, V) buffers and the student side takes a single exp pass (docs/estimators.md, "Key equations").
     zs_y = zs.gather(-1, y).squeeze(-1)
     zt_y = None if zt is None else zt.gather(-1, y).squeeze(-1)
     zs_k = logp_k = logq_k = p_k = kl_k = None
     if spec.topk:
-        # The student's top-k ids; renormalising both models on the same ids cancels their full lse's.
+        # The student's top-k ids (the teacher's for vopd-ttopk); renormalising both models on the same ids cancels
+        # their full lse's, so a server's log-probs there serve as well as logits.
         if ids is None:
-            ids = zs.topk(top_k, dim=-1).indices
+            ids = (need(zt, "the teacher's logits") if spec.teacher_topk else zs).topk(top_k, dim=-1).indices
         zs_k = zs.gather(-1, ids)
         if zt is not None:
             zt_k = zt.gather(-1, ids)
         zt_k = need(zt_k, "teacher logits at the top-k ids")  # gathered from zt, or sent as numbers
-        if spec.topk_kl:
+        if spec.topk_kl or spec.ttopk_kl:
             logp_k, logq_k = zs_k.log_softmax(-1), zt_k.log_softmax(-1)
             p_k = logp_k.exp()
-            kl_k = (p_k * (logp_k - logq_k)).sum(-1)
+            # 0 log 0 = 0: the teacher's ids may hold ids the student bans (-inf), which carry no student mass
+            kl_k = (p_k * torch.where(p_k > 0, logp_k - logq_k, 0.0)).sum(-1)
     d = None
     if zt is not None:
         lse_t = zt.logsumexp(-1)
@@ -102,7 +108,7 @@ def view(zs: Tensor, y: Tensor, spec: MethodSpec, top_k: int, inv_n: float, *, z
         logq = zt_y - lse_t
     c = ChunkView(y, e, inv_s, lse_s, zs_y - lse_s, need(logq, "log q(y)"), inv_n, ids, zs_k, zt_k, lse_t, d,
                   logp_k=logp_k, logq_k=logq_k, p_k=p_k, kl_k=kl_k)
-    if spec.topk_kl:
+    if spec.topk_kl or spec.ttopk_kl:
         c.mass = (need(zs_k, "zs_k") - lse_s.unsqueeze(-1)).exp().sum(-1)
     if d is not None:
         c.pd = torch.linalg.vecdot(e, d) * inv_s  # sum_v p_v (z_s - z_t)_v
@@ -123,6 +129,10 @@ def _value(c: ChunkView) -> Tensor:  # vopd: b_t = -KL_t (docs/estimators.md, `v
 
 def _topk_value(c: ChunkView) -> Tensor:  # vopd-topk: b_t = -KL~_t (docs/estimators.md, `vopd-topk`)
     return -need(c.kl_k, "KL~_t")
+
+
+def _ttopk_value(c: ChunkView) -> Tensor:  # vopd-ttopk: b_t = -KL^_t on the teacher's top-k (docs/estimators.md)
+    return -need(c.kl_k, "KL^_t")
 
 
 def _optimal(c: ChunkView) -> Tensor:
@@ -207,6 +217,7 @@ RULES: dict[Rule, ChunkRule] = {
     "kl-topk": ChunkRule(_topk_value, _score_function),
     "optimal": ChunkRule(_optimal, _score_function),
     "topk-mean": ChunkRule(_topk_mean, _rao_blackwell),
+    "kl-ttopk": ChunkRule(_ttopk_value, _score_function),
     "grad-kl": ChunkRule(None, _kl_gradient),
     "grad-kl-topk": ChunkRule(None, _topk_kl_gradient),
 }

@@ -1,4 +1,4 @@
-"""The memory-efficient path of the seven estimators: from hidden states and output-layer weights, chunked over
+"""The memory-efficient path of the eight estimators: from hidden states and output-layer weights, chunked over
 positions, with closed-form gradients.
 
 What it knows: for the completion positions only (the mask selects rows before any matmul), it walks over chunks of
@@ -162,7 +162,8 @@ def fused_distillation_loss(
         student_weight: (V, D_s), the student's output layer; gets a gradient if it requires one. student_bias (V,).
         tokens, mask, sampler_logprobs: (B, T), as in ``distillation_loss``.
         teacher: ``TeacherHidden`` (hidden (B, T, D_t), weight (V, D_t), bias): every method; or ``TeacherNumbers``
-                 (logq (B, T); topk_ids/topk_logits (B, T, k) for top-k methods; lse (B, T) for ``rb-topk``): the
+                 (logq (B, T); topk_ids/topk_logits (B, T, k) for top-k methods, the teacher's own top-k ids and its
+                 log-probs there for ``vopd-ttopk``; lse (B, T) for ``rb-topk``): the
                  methods whose ``MethodSpec.per_token_teacher`` holds. With numbers, k is the width of the ids, which
                  must be ``top_k`` when both are given (a teacher answering at another width is an error).
     Options: as ``distillation_loss``, plus ``memory_budget_mb``, the budget for a chunk's (rows x V) fp32 buffers
@@ -220,8 +221,10 @@ def fused_distillation_loss(
         baseline=None if advantage is None else reward - advantage, advantage=advantage,
         kl=per_token(_KL) if spec.exact_kl else None,
         kl_topk=per_token(_KL_TOPK) if spec.topk_kl else None,
-        topk_mass=per_token(_MASS) if spec.topk else None,
+        topk_mass=per_token(_MASS) if spec.student_ids else None,
         ratio=per_token(_RATIO) if (spec.sampled and sampler_logprobs is not None) else None,
+        kl_ttopk=per_token(_KL_TOPK) if spec.ttopk_kl else None,  # the same column: the set is the method's
+        ttopk_mass=per_token(_MASS) if spec.ttopk_kl else None,
     )
 
 

@@ -60,7 +60,8 @@ def variance_table(vocab: int = 8, states: int = 200, seed: int = 0, scale: floa
         z_t = torch.randn(vocab, generator=gen, dtype=torch.float64) * scale
         for name, method, k in (("opd", "opd", 1), ("vopd", "vopd", 1), ("vopd-topk k=2", "vopd-topk", 2),
                                 ("vopd-topk k=4", "vopd-topk", 4), ("vopd-opt", "vopd-opt", 1),
-                                ("rb-topk k=2", "rb-topk", 2), ("rb-topk k=4", "rb-topk", 4)):
+                                ("rb-topk k=2", "rb-topk", 2), ("rb-topk k=4", "rb-topk", 4),
+                                ("vopd-ttopk k=2", "vopd-ttopk", 2), ("vopd-ttopk k=4", "vopd-ttopk", 4)):
             totals[name] = totals.get(name, 0.0) + exact_moments(z_s, z_t, method=method, top_k=k).variance / states
     return totals
 

@@ -1,4 +1,4 @@
-"""The seven OPD estimators of docs/estimators.md as pure tensor functions on dense logits.
+"""The eight OPD estimators of docs/estimators.md as pure tensor functions on dense logits.
 
 What it knows: given the student's and teacher's logits at each completion position and the sampled tokens, build
 a scalar loss whose gradient w.r.t. the student logits is the chosen method's gradient estimator, reduced as a mean
@@ -36,13 +36,15 @@ class LossOutput:
     logq:       log q(y_t), the teacher's.
     reward:     r_t = log q(y_t) - log p(y_t).
     baseline:   b_t subtracted from r_t: 0 for ``opd``, -KL_t for ``vopd``, -KL~_t for ``vopd-topk``, b*_t for
-                ``vopd-opt``, the top-k mean reward for ``rb-topk``; None for the analytic methods (``opd-full``,
-                ``opd-topk``), which sample nothing.
+                ``vopd-opt``, the top-k mean reward for ``rb-topk``, -KL^_t for ``vopd-ttopk``; None for the analytic
+                methods (``opd-full``, ``opd-topk``), which sample nothing.
     advantage:  A_t = r_t - b_t, the detached weight on grad log p(y_t) (before the importance ratio; for
                 ``rb-topk`` it is used only when y_t falls outside the top-k ids); None for the analytic methods.
     kl:         exact KL_t over the full vocabulary (``vopd``, ``opd-full``, ``vopd-opt``), else None.
     kl_topk:    KL~_t between p and q renormalised on the student's top-k ids (``vopd-topk``, ``opd-topk``).
     topk_mass:  sum of p over the student's top-k ids (top-k methods, ``rb-topk`` included), else None.
+    kl_ttopk:   KL^_t between p and q renormalised on the teacher's own top-k ids (``vopd-ttopk``), else None.
+    ttopk_mass: sum of p (the student's) over the teacher's top-k ids (``vopd-ttopk``), else None.
     ratio:      detached importance ratio min(p(y)/p_sampler(y), cap) when sampler log-probs were given, else None.
     """
 
@@ -57,6 +59,8 @@ class LossOutput:
     kl_topk: Tensor | None = None
     topk_mass: Tensor | None = None
     ratio: Tensor | None = None
+    kl_ttopk: Tensor | None = None
+    ttopk_mass: Tensor | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -131,12 +135,13 @@ def _xlogy_diff(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
     return (p * diff).sum(-1)
 
 
-def _topk_kl(s: Tensor, t: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """KL between p and q renormalised on the student's top-k ids K, and the student mass on K.
+def _topk_kl(s: Tensor, t: Tensor, k: int, *, teacher_ids: bool = False) -> tuple[Tensor, Tensor]:
+    """KL between p and q renormalised on the student's top-k ids K (the teacher's own with ``teacher_ids``:
+    ``vopd-ttopk``), and the student mass on K.
 
     Renormalising on the same K cancels each model's full log-sum-exp (docs/estimators.md, "Key equations"): only the k logits of each
     model at K are needed. Differentiable w.r.t. ``s`` (the id selection itself is not)."""
-    ids = s.detach().topk(k, dim=-1).indices
+    ids = (t if teacher_ids else s.detach()).topk(k, dim=-1).indices
     s_k, t_k = s.gather(-1, ids), t.gather(-1, ids)
     logp_k, logq_k = s_k.log_softmax(-1), t_k.log_softmax(-1)
     kl_k = _xlogy_diff(logp_k.exp(), logp_k, logq_k)
@@ -186,7 +191,7 @@ class DenseView:
     s, t (B, T, V): both models' logits (masked positions zeroed); logp_all, logq_all (B, T, V): their log-softmax;
     y (B, T, 1): the sampled ids; logp: log p(y) (with its graph); reward: r_t, detached; top_k. kl: KL_t with its
     graph (``exact_kl`` methods); kl_k, mass: KL~_t with its graph and the student's mass on its top-k ids
-    (``topk_kl`` methods). A rule may add what its surrogate needs (``rb-topk``: the exact part over K, in_k) and the
+    (``topk_kl`` methods; on the teacher's top-k ids for ``ttopk_kl``: KL^_t). A rule may add what its surrogate needs (``rb-topk``: the exact part over K, in_k) and the
     mass it defines."""
 
     s: Tensor
@@ -223,6 +228,12 @@ def _value(v: DenseView) -> Tensor:  # vopd: V(s_t) = -KL_t over the full vocabu
 
 def _topk_value(v: DenseView) -> Tensor:  # vopd-topk: the top-k KL; the sampled terms keep the full softmax
     return -(need(v.kl_k, "KL~_t").detach() * v.m)
+
+
+def _ttopk_value(v: DenseView) -> Tensor:
+    """vopd-ttopk: -KL^_t on the teacher's top-k ids S_t, a function of the state alone (S_t is picked from the
+    teacher's logits, never from y_t), so E[b_t grad log p(y_t)] = 0 for every k (docs/estimators.md)."""
+    return -(need(v.kl_k, "KL^_t").detach() * v.m)
 
 
 def _optimal(v: DenseView) -> Tensor:  # vopd-opt
@@ -268,6 +279,7 @@ RULES: dict[Rule, DenseRule] = {
     "kl-topk": DenseRule(_topk_value, _score_function),
     "optimal": DenseRule(_optimal, _score_function),
     "topk-mean": DenseRule(_topk_mean, _rao_blackwell),
+    "kl-ttopk": DenseRule(_ttopk_value, _score_function),
     "grad-kl": DenseRule(None, _kl_surrogate),
     "grad-kl-topk": DenseRule(None, _topk_kl_surrogate),
 }
@@ -332,9 +344,11 @@ def distillation_loss(
         baseline=baseline,
         advantage=advantage,
         kl=None if v.kl is None else v.kl.detach() * v.m,
-        kl_topk=None if v.kl_k is None else v.kl_k.detach() * v.m,
-        topk_mass=v.mass if spec.topk else None,
+        kl_topk=None if v.kl_k is None or spec.ttopk_kl else v.kl_k.detach() * v.m,
+        topk_mass=v.mass if spec.student_ids else None,
         ratio=ratio,
+        kl_ttopk=None if v.kl_k is None or not spec.ttopk_kl else v.kl_k.detach() * v.m,
+        ttopk_mass=v.mass if spec.ttopk_kl else None,
     )
 
 
@@ -355,7 +369,7 @@ def _dense_view(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, 
     v = DenseView(s, t, logp_all, logq_all, y, m, logp, reward, top_k)
     if spec.exact_kl:
         v.kl = _xlogy_diff(logp_all.exp(), logp_all, logq_all)  # KL_t
-    if spec.topk_kl:
-        v.kl_k, mass = _topk_kl(s, t, top_k)
+    if spec.topk_kl or spec.ttopk_kl:
+        v.kl_k, mass = _topk_kl(s, t, top_k, teacher_ids=spec.teacher_topk)
         v.mass = mass * m
     return v

@@ -86,8 +86,11 @@ class TeacherNumbers:
     """The teacher as per-token numbers (a teacher server), 0 outside completion positions.
 
     logq:        (*lead) log q(y_t), the teacher's log-prob of each sampled token.
-    topk_ids:    (*lead, k) int64, the student's top-k ids the teacher was asked about (top-k methods), else None.
-    topk_logits: (*lead, k) the teacher's logits at ``topk_ids`` (final: after its logit transform), else None.
+    topk_ids:    (*lead, k) int64, the student's top-k ids the teacher was asked about (top-k methods), or the
+                 teacher's own top-k ids at each position (``vopd-ttopk``: ``MethodSpec.teacher_topk``), else None.
+    topk_logits: (*lead, k) the teacher's logits at ``topk_ids`` (final: after its logit transform), or its
+                 log-probs there (a stock server's prompt log-probs; renormalising on the ids cancels the
+                 difference, docs/estimators.md), else None.
     lse:         (*lead) the teacher's full-vocabulary log-sum-exp (``rb-topk``), else None.
     """
 
@@ -123,7 +126,10 @@ class TeacherNumbers:
                              f"{None if self.lse is None else tuple(self.lse.shape)}")
 
     def realigned(self, move: Realign, topk_ids: Tensor | None) -> "TeacherNumbers":
-        """The same numbers on another grid of positions, about ``topk_ids`` (the ids asked on that grid)."""
+        """The same numbers on another grid of positions, about ``topk_ids`` (the ids asked on that grid); when
+        nothing was asked (None), the ids are the teacher's own (``vopd-ttopk``) and move with its numbers."""
+        if topk_ids is None and self.topk_ids is not None:
+            topk_ids = move(self.topk_ids)
         return TeacherNumbers(move(self.logq), topk_ids, None if self.topk_logits is None else move(self.topk_logits),
                               None if self.lse is None else move(self.lse))
 

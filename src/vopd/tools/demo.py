@@ -118,11 +118,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     n_eval = min(args.eval_problems, sum(1 for _ in open(world.test_data))) if args.eval_problems else "all"
     print(f"\nresults (greedy accuracy on {n_eval} held-out problems; held-out KL = mean exact KL_t on fresh "
           "temperature-1 student samples):")
-    print(f"  {'model':<22} {'accuracy':>9} {'held-out KL':>12} {'train time':>11}")
+    width = max(22, *map(len, rows))  # long method names (vopd-ttopk) keep the columns aligned
+    print(f"  {'model':<{width}} {'accuracy':>9} {'held-out KL':>12} {'train time':>11}")
     for name, r in rows.items():
         method = name.removeprefix("student after ")
         took = f"{seconds[method]:.0f}s" if method in seconds else ""
-        print(f"  {name:<22} {r['eval_avg_at_n']:>9.1%} {r['eval_kl']:>12.4f} {took:>11}")
+        print(f"  {name:<{width}} {r['eval_avg_at_n']:>9.1%} {r['eval_kl']:>12.4f} {took:>11}")
     plot = plot_curves(curves, out / "curves.png", start=rows["student (before)"])
     summary = {"rows": rows, "train_seconds": seconds, "world": str(world.root), "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "total_seconds": time.perf_counter() - t0}
