@@ -123,7 +123,13 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
     if entry.remote:
         from vopd.teacher.client import RemoteTeacher
 
-        assert entry.server == "vopd"  # the one kind today (TeacherConfig.server)
+        if entry.server == "vllm":
+            from vopd.teacher.stock_vllm import StockVllmTeacher
+
+            return StockVllmTeacher([u.strip() for u in path.split(",")], vocab_size=vocab_size,
+                                    head=entry.head or None, timeout_s=entry.timeout_s, retries=entry.retries,
+                                    trust_remote_code=trust_remote_code)
+        assert entry.server == "vopd"  # the kinds of TeacherConfig.server
         return RemoteTeacher(path, timeout_s=entry.timeout_s, retries=entry.retries, head=entry.head or None,
                              hidden_dtype=entry.hidden_dtype, trust_remote_code=trust_remote_code)
     from vopd.models import load_model, load_tokenizer, torch_dtype
