@@ -37,6 +37,7 @@ from vopd.train import train
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
+PROCS: dict[str, subprocess.Popen] = {}  # the servers' processes, for the tests that kill one (at the end)
 POOLING = ["--runner", "pooling", "--convert", "embed", "--pooler-config",
            '{"task": "token_embed", "use_activation": false}']
 
@@ -97,6 +98,7 @@ def servers(teacher_dir, tmp_path_factory):
                 except httpx.TransportError:
                     pass
                 time.sleep(0.5)
+        PROCS.update({name: proc for name, (proc, _url) in started.items()})
         yield {name: url for name, (_p, url) in started.items()}
     finally:
         for proc, _url in started.values():
@@ -259,6 +261,7 @@ class _Fake(BaseHTTPRequestHandler):
     L2-normalised rows of width 64 (what the default ``use_activation`` sends)."""
 
     mode = "garbled"
+    key = ""  # an API key the requests must carry (vllm serve --api-key)
 
     def log_message(self, *_args):  # quiet
         pass
@@ -271,10 +274,24 @@ class _Fake(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _refused(self) -> bool:
+        if self.key and self.headers.get("authorization") != f"Bearer {self.key}":
+            data = json.dumps({"error": "Unauthorized"}).encode()
+            self.send_response(401)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return True
+        return False
+
     def do_GET(self):
+        if self._refused():
+            return
         self._send({"data": [{"id": "tiny-teacher", "max_model_len": 256}]})
 
     def do_POST(self):
+        if self._refused():
+            return
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         if self.mode == "slow":
             time.sleep(3)
@@ -296,7 +313,7 @@ def fake_server():
     yield httpd
     httpd.shutdown()
     httpd.server_close()
-    _Fake.mode = "garbled"
+    _Fake.mode, _Fake.key = "garbled", ""
 
 
 def test_a_garbled_or_slow_answer_is_one_line(fake_server, pair, teacher_dir, make_fake_rollout):
@@ -344,3 +361,81 @@ def test_vopd_train_over_the_pooling_route_equals_in_process(servers, teacher_di
     for x, y in zip(_metrics(local.output_dir), _metrics(remote.output_dir)):
         for key in ("loss", "kl_estimate", "grad_norm", "tokens"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key  # states: ~1e-6 from HF's
+
+
+def test_the_api_key_is_sent_and_a_wrong_one_is_one_line(fake_server, pair, teacher_dir):
+    tok, _student, _local = pair
+    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    _Fake.key = "s3cret"
+    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), token="s3cret") as remote:
+        assert remote.model_info()["name"] == "tiny-teacher"
+    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), token="wrong") as remote:
+        with pytest.raises(UserError, match=r"refused the token \(401\): set \$VOPD_TEACHER_TOKEN"):
+            remote.model_info()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.teacher=http://a:1,http://b:2"], r"lists several servers, which only a stock vLLM teacher takes"),
+    (["model.teacher=http://a:1,nota", "model.teacher_server=vllm"], r"a URL http://HOST:PORT, or several"),
+    (["model.teacher_server=sglang"], r"teacher_server|server"),
+])
+def test_config_rules(overrides, match, train_overrides):
+    with pytest.raises(UserError, match=match):
+        load_config(None, train_overrides + overrides)
+
+
+def test_the_shorthand_and_the_entry_read_alike(train_overrides, caplog):
+    a = load_config(None, train_overrides + ["model.teacher=http://a:1,http://b:2", "model.teacher_server=vllm"])
+    assert [(t.model, t.server) for t in a.model.teacher_configs] == [("http://a:1,http://b:2", "vllm")]
+    assert "old spelling" not in caplog.text  # the shorthand is today's spelling
+    with pytest.raises(UserError, match=r"server=vllm names a kind of teacher server, but .* is not a URL"):
+        load_config(None, train_overrides + ["model.teacher_server=vllm"])
+
+
+class _FixedSampler:
+    """The same completions in every run (no sampling), killing ``victim`` when step ``kill_at`` samples."""
+
+    def __init__(self, victim: str | None = None, kill_at: int = 2) -> None:
+        self.victim, self.kill_at, self.calls = victim, kill_at, 0
+
+    def __call__(self, prompts):
+        from vopd.sampling import Samples
+
+        self.calls += 1
+        if self.victim is not None and self.calls == self.kill_at:
+            PROCS[self.victim].kill()
+            PROCS[self.victim].wait(20)
+        completions = [[3 + (sum(p) + 5 * j) % 190 for j in range(5)] for p in prompts]
+        return Samples(completions, [[-1.0] * 5 for _ in prompts], [False] * len(prompts))
+
+
+def test_a_replica_killed_mid_run_is_replaced_by_another(servers, teacher_dir, train_overrides, tmp_path):
+    # The "normalising" server serves exact states too (the request overrides its default), so it is a replica.
+    base = train_overrides + [f"model.teacher={teacher_dir}", "steps=3", "loss.method=vopd", "optim.eps=1.0",
+                              "rollout.check_sync=false", "model.teacher_retries=1", "model.teacher_timeout_s=10"]
+    local = train(load_config(None, base + [f"output_dir={tmp_path / 'local'}"]),
+                  make_sampler=lambda *_: _FixedSampler(), log=lambda _m: None)
+    replicas = f"{servers['normalising']},{servers['pooling']}"
+    remote = train(load_config(None, base + [f"output_dir={tmp_path / 'remote'}", f"model.teacher={replicas}",
+                                             "model.teacher_server=vllm", f"model.teacher_head={teacher_dir}"]),
+                   make_sampler=lambda *_: _FixedSampler("normalising"), log=lambda _m: None)
+    assert PROCS["normalising"].poll() is not None  # it was killed at step 2, and the run went on without it
+    assert [m["step"] for m in _metrics(remote.output_dir)] == [1, 2, 3]
+    a, b = _weights(local.output_dir / "final"), _weights(remote.output_dir / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_the_last_replica_killed_ends_the_run_naming_the_checkpoint(servers, teacher_dir, train_overrides,
+                                                                    tmp_path):
+    from vopd import checkpoint as ckpt
+
+    cfg = load_config(None, train_overrides + [
+        f"output_dir={tmp_path / 'run'}", f"model.teacher={servers['pooling']}", "model.teacher_server=vllm",
+        f"model.teacher_head={teacher_dir}", "loss.method=vopd", "steps=4", "save_every=1",
+        "rollout.check_sync=false", "model.teacher_retries=1", "model.teacher_timeout_s=5"])
+    with pytest.raises(UserError, match=r"unreachable after 2 tries .*--resume continues from the last checkpoint"):
+        train(cfg, make_sampler=lambda *_: _FixedSampler("pooling"), log=lambda _m: None)
+    good = ckpt.latest_valid_checkpoint(cfg.output_dir)
+    assert good is not None and good.name == "step-00000001"
+    ckpt.verify_checkpoint(good)

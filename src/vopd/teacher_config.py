@@ -135,6 +135,12 @@ def check_teachers(teacher: str, teachers: list[TeacherConfig], teacher_field: s
     if teacher and teachers:
         raise UserError(f"config keys model.teacher={teacher!r} and model.teachers are both set: keep one "
                         "(model.teacher is the shorthand of one teacher)")
+    if teacher and not teachers:  # the shorthand's one entry, its keys named as written (model.teacher_server)
+        try:
+            entries(teacher, [])[0].validate("model.teachers[0]")
+        except UserError as exc:
+            raise UserError(str(exc).replace("model.teachers[0].model", "model.teacher")
+                            .replace("model.teachers[0].", "model.teacher_")) from None
     for i, t in enumerate(teachers):
         t.validate(f"model.teachers[{i}]")
     names = [t.name for t in teachers]
