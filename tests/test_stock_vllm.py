@@ -245,8 +245,9 @@ def test_an_unreachable_replica_is_skipped_and_all_unreachable_is_one_line(serve
                           backoff_s=0.01, max_seqs=2) as remote:
         got = remote.score(rollout)
         assert remote.dead == {0}
-        metrics = remote.metrics()
-    assert metrics[f"teacher_server/{dead}/failovers"] == 1 and metrics[f"teacher_server/{dead}/requests"] == 0 and metrics[f"teacher_server/{servers['pooling']}/requests"] == 3
+        metrics = remote.server_metrics()
+    assert metrics["0/failovers"] == 1 and metrics["0/requests"] == 0 and metrics["1/requests"] == 3
+    assert metrics["1/received_mb"] > 0 and metrics["1/seconds"] > 0
     live = rollout.loss_mask
     torch.testing.assert_close(got.hidden[live], local.score(rollout).hidden[live], rtol=1e-4, atol=1e-5)
     other = f"http://127.0.0.1:{_free_port()}"
@@ -420,7 +421,10 @@ def test_a_replica_killed_mid_run_is_replaced_by_another(servers, teacher_dir, t
                                              "model.teacher_server=vllm", f"model.teacher_head={teacher_dir}"]),
                    make_sampler=lambda *_: _FixedSampler("normalising"), log=lambda _m: None)
     assert PROCS["normalising"].poll() is not None  # it was killed at step 2, and the run went on without it
-    assert [m["step"] for m in _metrics(remote.output_dir)] == [1, 2, 3]
+    lines = _metrics(remote.output_dir)
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert lines[-1]["teacher_server/teacher/0/failovers"] == 1  # per-server metrics, as totals
+    assert lines[-1]["teacher_server/teacher/1/requests"] > lines[0]["teacher_server/teacher/1/requests"]
     a, b = _weights(local.output_dir / "final"), _weights(remote.output_dir / "final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -92,13 +92,15 @@ class StockVllmTeacher:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def metrics(self) -> dict[str, float]:
-        """Per server: requests, seconds, failovers, megabytes sent and received (``teacher_server/URL/...``)."""
+    def server_metrics(self) -> dict[str, float]:
+        """Per replica ``I`` (its place in ``urls``), totals since the start: ``I/requests``, ``I/seconds``,
+        ``I/failovers`` (requests it could not answer, handed to another), ``I/sent_mb``, ``I/received_mb``; the
+        trainer logs them as ``teacher_server/NAME/I/...`` (docs/metrics.md)."""
         out: dict[str, float] = {}
-        for s in self.sessions:
+        for i, s in enumerate(self.sessions):
             st = self.stats[s.url]
             for key, value in (*st.items(), ("sent_mb", s.bytes_sent / 2**20), ("received_mb", s.bytes_received / 2**20)):
-                out[f"teacher_server/{s.url}/{key}"] = float(value)
+                out[f"{i}/{key}"] = float(value)
         return out
 
     # -- transport over the replicas --------------------------------------------------------------------------
