@@ -263,6 +263,7 @@ class _Fake(BaseHTTPRequestHandler):
 
     mode = "garbled"
     key = ""  # an API key the requests must carry (vllm serve --api-key)
+    max_model_len = 256
 
     def log_message(self, *_args):  # quiet
         pass
@@ -288,7 +289,7 @@ class _Fake(BaseHTTPRequestHandler):
     def do_GET(self):
         if self._refused():
             return
-        self._send({"data": [{"id": "tiny-teacher", "max_model_len": 256}]})
+        self._send({"data": [{"id": "tiny-teacher", "max_model_len": self.max_model_len}]})
 
     def do_POST(self):
         if self._refused():
@@ -296,6 +297,11 @@ class _Fake(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         if self.mode == "slow":
             time.sleep(3)
+        if self.path == "/v1/completions":  # garbled: a positive log-prob at the second prompt position
+            self._send({"choices": [{"index": j, "prompt_logprobs": [None] + [{str(t): {"logprob": 0.5, "rank": 1}}
+                                                                               for t in p[1:]]}
+                                    for j, p in enumerate(body["prompt"])]})
+            return
         if self.mode == "unit":
             import base64
 
@@ -314,7 +320,7 @@ def fake_server():
     yield httpd
     httpd.shutdown()
     httpd.server_close()
-    _Fake.mode, _Fake.key = "garbled", ""
+    _Fake.mode, _Fake.key, _Fake.max_model_len = "garbled", "", 256
 
 
 def test_a_garbled_or_slow_answer_is_one_line(fake_server, pair, teacher_dir, make_fake_rollout):
@@ -443,3 +449,17 @@ def test_the_last_replica_killed_ends_the_run_naming_the_checkpoint(servers, tea
     good = ckpt.latest_valid_checkpoint(cfg.output_dir)
     assert good is not None and good.name == "step-00000001"
     ckpt.verify_checkpoint(good)
+
+
+def test_a_garbled_log_prob_and_a_too_long_sequence_are_one_line(fake_server, pair, make_fake_rollout):
+    tok, _student, _local = pair
+    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    rollout = make_fake_rollout(tok)
+    with StockVllmTeacher([url], vocab_size=len(tok), retries=0) as remote:
+        with pytest.raises(UserError, match=r"impossible log-prob 0.5 in prompt_logprobs\[\d+\].*nothing of that "
+                                            r"answer was trained on"):
+            remote.score(rollout)
+    _Fake.max_model_len = 8
+    with StockVllmTeacher([url], vocab_size=len(tok), retries=0) as remote:
+        with pytest.raises(UserError, match=r"does not fit the vLLM server's max_model_len=8 .*--max-model-len"):
+            remote.score(rollout)
