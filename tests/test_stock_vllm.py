@@ -399,6 +399,20 @@ def test_the_shorthand_and_the_entry_read_alike(train_overrides, caplog):
         load_config(None, train_overrides + ["model.teacher_server=vllm"])
 
 
+def test_vopd_check_takes_a_stock_vllm_teacher(servers, micro_world, capsys):
+    from vopd.cli import main
+
+    url = servers["generate"]
+    base = ["check", f"model.student={micro_world.student}", f"model.teacher={url}", "model.teacher_server=vllm",
+            "rollout.max_new_tokens=12"]
+    assert main([*base, "loss.method=opd"]) == 0
+    out = capsys.readouterr().out
+    assert f"vLLM teacher {url} (tiny-teacher, max_model_len 256" in out and "same tokenization" in out
+    assert main([*base, "loss.method=vopd-topk", "loss.top_k=8"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.method=vopd-topk needs the teacher's logits at the student's top-k ids" in err and "--runner pooling" in err
+
+
 class _FixedSampler:
     """The same completions in every run (no sampling), killing ``victim`` when step ``kill_at`` samples."""
 
