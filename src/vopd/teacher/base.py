@@ -5,7 +5,7 @@ typed forms of ``vopd.loss.scores``; which of the two forms it answers in; which
 reason and the fix when it cannot (``supports``, read by the pre-flight before step 1; ``vopd.teacher.answers`` helps
 a placement say it); its pre-flight pairing checks against the student; its tokenizer, when it holds one; closing),
 and which placement a teacher's ``model`` names (``vopd.teacher_config.TeacherConfig``: a local model directory, the
-URL of a `vopd serve-teacher` server, or ``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
+URL of a `vopd serve-teacher` server or of stock vLLM servers (``entry.server``), or ``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
 of the teacher's own is ``vopd.teacher.reprompt``), the loss math, or the loop.
 """
 
