@@ -477,3 +477,17 @@ def test_a_garbled_log_prob_and_a_too_long_sequence_are_one_line(fake_server, pa
     with StockVllmTeacher([url], vocab_size=len(tok), retries=0) as remote:
         with pytest.raises(UserError, match=r"does not fit the vLLM server's max_model_len=8 .*--max-model-len"):
             remote.score(rollout)
+
+
+def test_the_prompt_budget_fits_the_servers_max_model_len(fake_server, pair, teacher_dir, train_overrides):
+    from vopd.check import prompt_budget
+
+    tok, student, _local = pair
+    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    _Fake.max_model_len = 40
+    cfg = load_config(None, train_overrides + ["data.max_prompt_tokens=1000", "rollout.max_new_tokens=12"])
+    with StockVllmTeacher([url], vocab_size=len(tok)) as generate:  # one slot for the token it generates
+        budget, why = prompt_budget(cfg, student, Teachers({ONLY: generate}))
+    assert budget == 40 - 1 - 12 and "vLLM --max-model-len=39" in why
+    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir)) as pooling:
+        assert prompt_budget(cfg, student, Teachers({ONLY: pooling}))[0] == 40 - 12

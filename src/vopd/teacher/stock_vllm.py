@@ -162,6 +162,12 @@ class StockVllmTeacher:
         self._model = {"name": seen[0][1], "max_model_len": seen[0][2]}
         return self._model
 
+    def position_limit(self) -> tuple[int, str]:
+        """(the longest prompt + completion the servers take, the flag that sets it), for the run's prompt budget
+        (``vopd.check.prompt_budget``): ``max_model_len``, one less on the generate route (it generates a token)."""
+        length = int(self.model_info()["max_model_len"]) or 2**62
+        return (length if self.head_path is not None else length - 1), "vLLM --max-model-len"
+
     # -- what it serves -----------------------------------------------------------------------------------------
 
     def supports(self, spec: MethodSpec) -> str | None:
