@@ -63,6 +63,11 @@ class TeacherConfig:
     timeout_s: float = option(60.0, "Teacher server only: seconds to wait for one scoring request.")
     retries: int = option(
         3, "Teacher server only: retries of a failed request (connection error, timeout, 5xx), with back-off.")
+    request_seqs: int = option(
+        64, "Stock vLLM server only (server=vllm): the most sequences in one request (a vopd server states its own "
+        "limits).")
+    request_mb: float = option(
+        64.0, "Stock vLLM server only (server=vllm): the most megabytes of one request's body and of its answer.")
     overlap: bool = option(
         True, "Teacher server only: score the next micro-batch on a background thread while the student trains on "
         "this one (the same step's rollouts: identical numbers, less waiting). In-process teachers score inline.")
@@ -120,6 +125,8 @@ class TeacherConfig:
         if self.server != "vopd" and not self.remote:
             raise UserError(f"config key {key}.server={self.server} names a kind of teacher server, but {key}.model="
                             f"{self.model!r} is not a URL: set {key}.model=http://HOST:PORT or remove {key}.server")
+        check(self.request_seqs >= 1, f"{key}.request_seqs", self.request_seqs, ">= 1")
+        check(self.request_mb > 0, f"{key}.request_mb", self.request_mb, "> 0")
         check(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "> 0")
         check(self.retries >= 0, f"{key}.retries", self.retries, ">= 0")
 

@@ -128,6 +128,7 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
 
             return StockVllmTeacher([u.strip() for u in path.split(",")], vocab_size=vocab_size,
                                     head=entry.head or None, timeout_s=entry.timeout_s, retries=entry.retries,
+                                    max_seqs=entry.request_seqs, max_mb=entry.request_mb,
                                     trust_remote_code=trust_remote_code)
         assert entry.server == "vopd"  # the kinds of TeacherConfig.server
         return RemoteTeacher(path, timeout_s=entry.timeout_s, retries=entry.retries, head=entry.head or None,
