@@ -2,18 +2,17 @@
 build): every method over the pooling route (hidden states + the output layer here) gives the in-process teacher's
 loss, gradients and metrics, and a short `vopd train` its weights; ``opd`` over ``prompt_logprobs`` and the teacher's
 own top-k (``score_teacher_topk``) give the in-process numbers; k above ``--max-logprobs``, an L2-normalising
-pooling server, a head of another width, a generate server asked for hidden states, an unreachable replica, a slow
-or garbled answer each end in one line."""
+pooling server, a head of another width, a generate server asked for hidden states, an unreachable or killed
+replica each end in one line (a slow or garbled answer, the API key, the config rules: test_stock_vllm_checks.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -82,7 +81,8 @@ def servers(teacher_dir, tmp_path_factory):
             proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                                      str(teacher_dir), "--served-model-name", "tiny-teacher", "--port", str(port),
                                      "--dtype", "float32", "--max-model-len", "256", "--gpu-memory-utilization",
-                                     "0.1", "--enforce-eager", *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                     "0.1", "--enforce-eager", *extra], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # its own group: its engine processes end with it
         started[name] = (proc, f"http://127.0.0.1:{port}")
     try:
         import httpx
@@ -102,12 +102,21 @@ def servers(teacher_dir, tmp_path_factory):
         yield {name: url for name, (_p, url) in started.items()}
     finally:
         for proc, _url in started.values():
-            proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
         for proc, _url in started.values():
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                pass
+            _signal_group(proc, signal.SIGKILL)  # the engine core and its workers outlive a killed API server
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the server's process group (the API server, its engine core and workers)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -257,93 +266,6 @@ def test_an_unreachable_replica_is_skipped_and_all_unreachable_is_one_line(serve
             remote.score(rollout)
 
 
-class _Fake(BaseHTTPRequestHandler):
-    """A fake vLLM server: /v1/models answers; /pooling answers per ``mode``: garbled base64, too slowly, or
-    L2-normalised rows of width 64 (what the default ``use_activation`` sends)."""
-
-    mode = "garbled"
-    key = ""  # an API key the requests must carry (vllm serve --api-key)
-    max_model_len = 256
-
-    def log_message(self, *_args):  # quiet
-        pass
-
-    def _send(self, obj) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _refused(self) -> bool:
-        if self.key and self.headers.get("authorization") != f"Bearer {self.key}":
-            data = json.dumps({"error": "Unauthorized"}).encode()
-            self.send_response(401)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return True
-        return False
-
-    def do_GET(self):
-        if self._refused():
-            return
-        self._send({"data": [{"id": "tiny-teacher", "max_model_len": self.max_model_len}]})
-
-    def do_POST(self):
-        if self._refused():
-            return
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        if self.mode == "slow":
-            time.sleep(3)
-        if self.path == "/v1/completions":  # garbled: a positive log-prob at the second prompt position
-            self._send({"choices": [{"index": j, "prompt_logprobs": [None] + [{str(t): {"logprob": 0.5, "rank": 1}}
-                                                                               for t in p[1:]]}
-                                    for j, p in enumerate(body["prompt"])]})
-            return
-        if self.mode == "unit":
-            import base64
-
-            rows = [torch.nn.functional.normalize(torch.randn(len(seq), 64), dim=-1) for seq in body["input"]]
-            self._send({"data": [{"index": j, "data": base64.b64encode(r.numpy().tobytes()).decode()}
-                                 for j, r in enumerate(rows)]})
-            return
-        self._send({"data": [{"index": j, "data": "not base64!"} for j in range(len(body["input"]))]})
-
-
-@pytest.fixture
-def fake_server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    _Fake.mode, _Fake.key, _Fake.max_model_len = "garbled", "", 256
-
-
-def test_a_garbled_or_slow_answer_is_one_line(fake_server, pair, teacher_dir, make_fake_rollout):
-    tok, _student, _local = pair
-    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
-    rollout = make_fake_rollout(tok)
-    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), retries=0) as remote:
-        with pytest.raises(UserError, match=r"data\[0\] of a /pooling answer that is not base64 .*nothing of that "
-                                            r"answer was trained on") as err:
-            remote.score(rollout)
-        assert "\n" not in str(err.value)
-    _Fake.mode = "slow"
-    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), retries=0, timeout_s=1) as remote:
-        t0 = time.monotonic()
-        with pytest.raises(UserError, match=r"unreachable after 1 tries \(last error ReadTimeout"):
-            remote.score(rollout)
-        assert time.monotonic() - t0 < 3
-    _Fake.mode = "unit"
-    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), retries=0) as remote:
-        with pytest.raises(UserError, match=r"L2-normalises its hidden states .*use_activation\": false"):
-            remote.score(rollout)
-
-
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
@@ -368,37 +290,6 @@ def test_vopd_train_over_the_pooling_route_equals_in_process(servers, teacher_di
     for x, y in zip(_metrics(local.output_dir), _metrics(remote.output_dir)):
         for key in ("loss", "kl_estimate", "grad_norm", "tokens"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key  # states: ~1e-6 from HF's
-
-
-def test_the_api_key_is_sent_and_a_wrong_one_is_one_line(fake_server, pair, teacher_dir):
-    tok, _student, _local = pair
-    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
-    _Fake.key = "s3cret"
-    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), token="s3cret") as remote:
-        assert remote.model_info()["name"] == "tiny-teacher"
-    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), token="wrong") as remote:
-        with pytest.raises(UserError, match=r"refused the token \(401\): set \$VOPD_TEACHER_TOKEN"):
-            remote.model_info()
-
-
-@pytest.mark.parametrize("overrides,match", [
-    (["model.teacher=http://a:1,http://b:2"], r"lists several servers, which only a stock vLLM teacher takes"),
-    (["model.teacher=http://a:1,nota", "model.teacher_server=vllm"], r"a URL http://HOST:PORT, or several"),
-    (["model.teacher_server=sglang"], r"teacher_server|server"),
-    (["model.teacher=", "model.teachers=[{name: t, model: \"http://a:1\", server: vllm, request_seqs: 0}]"],
-     r"request_seqs=0 .*>= 1"),
-])
-def test_config_rules(overrides, match, train_overrides):
-    with pytest.raises(UserError, match=match):
-        load_config(None, train_overrides + overrides)
-
-
-def test_the_shorthand_and_the_entry_read_alike(train_overrides, caplog):
-    a = load_config(None, train_overrides + ["model.teacher=http://a:1,http://b:2", "model.teacher_server=vllm"])
-    assert [(t.model, t.server) for t in a.model.teacher_configs] == [("http://a:1,http://b:2", "vllm")]
-    assert "old spelling" not in caplog.text  # the shorthand is today's spelling
-    with pytest.raises(UserError, match=r"server=vllm names a kind of teacher server, but .* is not a URL"):
-        load_config(None, train_overrides + ["model.teacher_server=vllm"])
 
 
 def test_vopd_check_takes_a_stock_vllm_teacher(servers, micro_world, capsys):
@@ -426,7 +317,7 @@ class _FixedSampler:
 
         self.calls += 1
         if self.victim is not None and self.calls == self.kill_at:
-            PROCS[self.victim].kill()
+            _signal_group(PROCS[self.victim], signal.SIGKILL)  # the whole replica dies
             PROCS[self.victim].wait(20)
         completions = [[3 + (sum(p) + 5 * j) % 190 for j in range(5)] for p in prompts]
         return Samples(completions, [[-1.0] * 5 for _ in prompts], [False] * len(prompts))
@@ -465,31 +356,3 @@ def test_the_last_replica_killed_ends_the_run_naming_the_checkpoint(servers, tea
     good = ckpt.latest_valid_checkpoint(cfg.output_dir)
     assert good is not None and good.name == "step-00000001"
     ckpt.verify_checkpoint(good)
-
-
-def test_a_garbled_log_prob_and_a_too_long_sequence_are_one_line(fake_server, pair, make_fake_rollout):
-    tok, _student, _local = pair
-    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
-    rollout = make_fake_rollout(tok)
-    with StockVllmTeacher([url], vocab_size=len(tok), retries=0) as remote:
-        with pytest.raises(UserError, match=r"impossible log-prob 0.5 in prompt_logprobs\[\d+\].*nothing of that "
-                                            r"answer was trained on"):
-            remote.score(rollout)
-    _Fake.max_model_len = 8
-    with StockVllmTeacher([url], vocab_size=len(tok), retries=0) as remote:
-        with pytest.raises(UserError, match=r"does not fit the vLLM server's max_model_len=8 .*--max-model-len"):
-            remote.score(rollout)
-
-
-def test_the_prompt_budget_fits_the_servers_max_model_len(fake_server, pair, teacher_dir, train_overrides):
-    from vopd.check import prompt_budget
-
-    tok, student, _local = pair
-    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
-    _Fake.max_model_len = 40
-    cfg = load_config(None, train_overrides + ["data.max_prompt_tokens=1000", "rollout.max_new_tokens=12"])
-    with StockVllmTeacher([url], vocab_size=len(tok)) as generate:  # one slot for the token it generates
-        budget, why = prompt_budget(cfg, student, Teachers({ONLY: generate}))
-    assert budget == 40 - 1 - 12 and "vLLM --max-model-len=39" in why
-    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir)) as pooling:
-        assert prompt_budget(cfg, student, Teachers({ONLY: pooling}))[0] == 40 - 12

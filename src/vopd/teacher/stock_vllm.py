@@ -11,7 +11,8 @@ Requests are cut by sequences and bytes (``vopd.teacher.http.pack``) and spread 
 teacher, one request to the next; a replica that stays unreachable after its retries is skipped for the rest of
 the run and the request goes to another. The pre-flight (``pairing_checks``): every replica serves the same model
 name and ``max_model_len``, its tokenizer (``/tokenize``) encodes probe texts as the student's does, and on the
-pooling route a probe's hidden states have the head's width and are not L2-normalised rows.
+pooling route a probe's hidden states have the head's width and are not L2-normalised rows; the longest sequence the
+servers take (``position_limit``, for the run's prompt budget); per-replica counts (``server_metrics``).
 
 What it does not know: the student's top-k ids on the generate route (``prompt_logprob_token_ids`` needs vLLM's
 Model Runner V2 behind ``/inference/v1/generate``, not reachable on the CPU build: refused, naming the pooling
