@@ -157,6 +157,12 @@ def test_the_docs_table_is_what_supports_says(micro_world, tok, monkeypatch):
         assert _served(placements[row]) == _served(OwnPromptTeacher(placements[row], 0))  # it delegates
         assert _docs_table()[row] == _served(placements[row]), row
     monkeypatch.undo()
+    from vopd.teacher.stock_vllm import StockVllmTeacher  # supports() asks a stock vLLM server nothing
+
+    for head, row in ((str(micro_world.teacher), "stock vLLM, pooling route (`server: vllm` + `head`)"),
+                      (None, "stock vLLM, generate route (`server: vllm`)")):
+        placements[row] = StockVllmTeacher([DEAD], vocab_size=len(tok), head=head)
+        assert _docs_table()[row] == _served(placements[row]), row
     for row, teacher in placements.items():
         if isinstance(teacher, (InProcessTeacher, SelfTeacher)):
             assert _docs_table()[row] == _served(teacher) == list(METHODS), row

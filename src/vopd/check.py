@@ -108,8 +108,8 @@ def _whose(teachers: Teachers | None, name: str) -> str:
 
 def tightest_limit(student: Model, teachers: Teachers | None) -> tuple[int, str, str] | None:
     """(limit, its config key, whose) of the smallest position limit among the student's and those of the teachers
-    whose models are in this process (a server's is not known here), the student's on a tie; None when none
-    declares one."""
+    whose models are in this process or whose server states it (``position_limit()``: a stock vLLM server's
+    ``max_model_len``; a vopd server's is not known here), the student's on a tie; None when none declares one."""
     from vopd.teacher.local import in_process
 
     models = [("the student's", student)]
@@ -118,6 +118,10 @@ def tightest_limit(student: Model, teachers: Teachers | None) -> tuple[int, str,
         if local is not None:
             models.append((_whose(teachers, name), local.model))
     found = [(*limit, whose) for whose, model in models if (limit := position_limit(model)) is not None]
+    for name, teacher in teachers or ():  # a server that states its own limit (stock vLLM: --max-model-len)
+        stated = getattr(teacher, "position_limit", None)
+        if callable(stated):
+            found.append((*stated(), _whose(teachers, name)))
     return min(found, key=lambda entry: entry[0], default=None)
 
 

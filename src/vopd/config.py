@@ -33,7 +33,7 @@ from vopd.config_rules import check
 from vopd.config_sections import (DataConfig, DistributedConfig, EvalConfig, LoraConfig, LossConfig, ModelConfig,
                                   OptimConfig, RolloutConfig, VllmConfig)
 from vopd.errors import UserError
-from vopd.teacher_config import OLD_KEYS, TeacherConfig, check_teachers, migrate, notice, respell
+from vopd.teacher_config import OLD_KEYS, SHORTHANDS, TeacherConfig, check_teachers, migrate, notice, respell
 
 Logger = Literal["tensorboard", "wandb"]
 log = logging.getLogger(__name__)
@@ -242,7 +242,9 @@ def _old_spellings() -> list[str]:
              "`data.teacher_field`) becomes the list `[{name: NAME, model: PATH}]`; a key below applies to every",
              "teacher, except `model.teacher_heads` (`{name: DIR}`: by name).", "",
              "| old key | new key |", "| --- | --- |"]
-    lines += [f"| `{old}` | `{notice(old).split(' it now reads ', 1)[1].split(' (', 1)[0]}` |" for old in OLD_KEYS]
+    lines += [f"| `{old}` | `{notice(old).split(' it now reads ', 1)[1].split(' (', 1)[0]}` |" for old in OLD_KEYS
+              if old not in SHORTHANDS]
+    lines += ["", "`model.teacher_server` is the shorthand of `model.teachers[].server` beside `model.teacher` (no notice)."]
     return [*lines, ""]
 
 

@@ -45,7 +45,7 @@ from vopd.rollout import OnPolicyRollouts, RolloutSource, Sampler, SamplerFactor
 from vopd.rundir import Claim, check_output_paths, claim_output_dir, judge_output_dir
 from vopd.sharding import teacher_is_sharded
 from vopd.step import loss_plan, make_optimizer
-from vopd.teacher.base import SELF
+from vopd.teacher.base import SELF, prepare_for
 from vopd.teacher.local import in_process
 from vopd.teacher.reprompt import OwnPromptTeacher
 from vopd.teacher.routing import Teachers, open_teachers
@@ -244,6 +244,8 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
         if prompts.teacher is not None:  # the teacher reads each completion after its own prompt (docs/real_models.md)
             teachers = teachers.map(lambda t: OwnPromptTeacher(t, tok.pad_token_id))
         plan = loss_plan(cfg.loss, logit_transform(model))  # resolved once; every teacher must serve its method
+        for _name, teacher in teachers:  # what the method needs of answers beyond score's arguments (vopd-ttopk)
+            prepare_for(teacher, plan.spec, plan.top_k)
         for line in preflight(model, tok, teachers, cfg, prompts=prompts, plan=plan):  # placement and method
             info(f"pre-flight ok: {line}")
         _shard_teachers(teachers, cfg, device)  # after the pre-flight, which runs them whole

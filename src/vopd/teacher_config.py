@@ -28,8 +28,9 @@ TEACHER = "teacher"
 #: A teacher's ``model`` naming the student's own initial weights (self-distillation); here, where neither the
 #: teachers (``vopd.teacher.base`` re-exports it) nor the sharding of a teacher (``vopd.sharding``) import the other.
 SELF = "self"
-#: The teacher servers a URL may name; "vopd": a ``vopd serve-teacher`` server (docs/teacher_server.md).
-ServerKind = Literal["vopd"]
+#: The teacher servers a URL may name; "vopd": a ``vopd serve-teacher`` server, "vllm": a stock vLLM server
+#: (docs/teacher_server.md).
+ServerKind = Literal["vopd", "vllm"]
 HiddenDtype = Literal["auto", "float32", "bfloat16"]
 #: Whether an in-process teacher is sharded over the torchrun ranks (words, not booleans: YAML reads yes/no/on/off
 #: as booleans, and "auto" is a third case).
@@ -46,7 +47,11 @@ class TeacherConfig:
         "", "Required. Local Hugging Face directory of the frozen teacher. Or the URL of a teacher server "
         "(http://host:port; methods opd, vopd-topk, opd-topk, rb-topk, or every method with head). Or `self`: the "
         "student's initial weights (with LoRA: the base model with its adapters disabled; else a frozen copy).")
-    server: ServerKind = option("vopd", "With a URL: the kind of server; vopd = a `vopd serve-teacher` server.")
+    server: ServerKind = option(
+        "vopd", "With a URL: the kind of server; vopd = a `vopd serve-teacher` server; vllm = a stock vLLM server "
+        "(`vllm serve`): with head, a pooling-runner server (every method exact), else a generate server (opd). "
+        "Several replicas of one vLLM teacher: model=URL1,URL2 (comma-separated; requests spread over them, an "
+        "unreachable one skipped).")
     head: str = option(
         "", "Teacher server only: local directory of the checkpoint the server serves (config.json + safetensors). "
         "Only its output layer is loaded here; the server sends hidden states, and every method is exact remotely "
@@ -58,6 +63,11 @@ class TeacherConfig:
     timeout_s: float = option(60.0, "Teacher server only: seconds to wait for one scoring request.")
     retries: int = option(
         3, "Teacher server only: retries of a failed request (connection error, timeout, 5xx), with back-off.")
+    request_seqs: int = option(
+        64, "Stock vLLM server only (server=vllm): the most sequences in one request (a vopd server states its own "
+        "limits).")
+    request_mb: float = option(
+        64.0, "Stock vLLM server only (server=vllm): the most megabytes of one request's body and of its answer.")
     overlap: bool = option(
         True, "Teacher server only: score the next micro-batch on a background thread while the student trains on "
         "this one (the same step's rollouts: identical numbers, less waiting). In-process teachers score inline.")
@@ -104,6 +114,19 @@ class TeacherConfig:
         if self.offload and self.shard == "never":
             raise UserError(f"config key {key}.offload=true keeps a sharded teacher's shards in host memory, but "
                             f"{key}.shard=never: set shard=auto or always, or offload=false")
+        urls = self.model.split(",")
+        if self.remote and len(urls) > 1 and self.server != "vllm":
+            raise UserError(f"config key {key}.model={self.model!r} lists several servers, which only a stock vLLM "
+                            f"teacher takes (replicas): set {key}.server=vllm or give one URL")
+        if self.remote:
+            for url in urls:
+                check(is_remote(url.strip()) and " " not in url.strip(), f"{key}.model", self.model,
+                      "a URL http://HOST:PORT, or several separated by commas (no spaces needed)")
+        if self.server != "vopd" and not self.remote:
+            raise UserError(f"config key {key}.server={self.server} names a kind of teacher server, but {key}.model="
+                            f"{self.model!r} is not a URL: set {key}.model=http://HOST:PORT or remove {key}.server")
+        check(self.request_seqs >= 1, f"{key}.request_seqs", self.request_seqs, ">= 1")
+        check(self.request_mb > 0, f"{key}.request_mb", self.request_mb, "> 0")
         check(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "> 0")
         check(self.retries >= 0, f"{key}.retries", self.retries, ">= 0")
 
@@ -119,6 +142,12 @@ def check_teachers(teacher: str, teachers: list[TeacherConfig], teacher_field: s
     if teacher and teachers:
         raise UserError(f"config keys model.teacher={teacher!r} and model.teachers are both set: keep one "
                         "(model.teacher is the shorthand of one teacher)")
+    if teacher and not teachers:  # the shorthand's one entry, its keys named as written (model.teacher_server)
+        try:
+            entries(teacher, [])[0].validate("model.teachers[0]")
+        except UserError as exc:
+            raise UserError(str(exc).replace("model.teachers[0].model", "model.teacher")
+                            .replace("model.teachers[0].", "model.teacher_")) from None
     for i, t in enumerate(teachers):
         t.validate(f"model.teachers[{i}]")
     names = [t.name for t in teachers]
@@ -149,9 +178,12 @@ def check_teachers(teacher: str, teachers: list[TeacherConfig], teacher_field: s
 _EACH: dict[str, tuple[str, Any]] = {
     "model.teacher_dtype": ("dtype", str), "model.teacher_hidden_dtype": ("hidden_dtype", str),
     "model.teacher_timeout_s": ("timeout_s", float), "model.teacher_retries": ("retries", int),
-    "model.teacher_overlap": ("overlap", bool), "data.teacher_prompt_field": ("prompt_field", str),
+    "model.teacher_overlap": ("overlap", bool), "model.teacher_server": ("server", str), "data.teacher_prompt_field": ("prompt_field", str),
     "data.teacher_system_prompt": ("system_prompt", str), "data.teacher_own_template": ("own_template", bool),
 }
+#: Shorthands of one entry's option beside ``model.teacher`` (moved onto the entries as the old keys are, but
+#: today's spelling: no notice). ``model.teacher_server=vllm``: the shorthand's teacher is a stock vLLM server.
+SHORTHANDS = frozenset({"model.teacher_server"})
 #: Every old key with its type (``apply_overrides`` reads ``key=value`` of these as it did).
 OLD_KEYS: dict[str, Any] = {"model.teacher_head": str, "model.teacher_heads": dict[str, str],
                             **{k: tp for k, (_f, tp) in _EACH.items()}}
@@ -224,7 +256,8 @@ def migrate(d: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, str
         teachers[names.index(name)]["head"] = where
         spelled[f"model.teachers[{names.index(name)}].head"] = f"model.teacher_heads.{name}"
     for old, value in found.items():  # the keys every teacher took alike
-        used.append(old)
+        if old not in SHORTHANDS:
+            used.append(old)
         for i, t in enumerate(teachers):
             t.setdefault(_EACH[old][0], value)
             spelled[f"model.teachers[{i}].{_EACH[old][0]}"] = old

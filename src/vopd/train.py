@@ -169,6 +169,10 @@ def _step_metrics(run: Run, rollout: Rollout, grad: StepGradient, verdict: guard
     metrics["tokens_per_s"] = grad.total_tokens / max(timer.total, 1e-9)
     if grad.scored_ahead_s is not None:  # overlapped scoring: what the student did not wait for
         metrics["teacher_hidden_s"] = max(0.0, grad.scored_ahead_s - timer.metrics().get("time_teacher", 0.0))
+    for name, teacher in run.teachers:  # a placement with servers of its own counts per server (stock vLLM)
+        counts = getattr(teacher, "server_metrics", None)
+        if callable(counts):
+            metrics.update({f"teacher_server/{name}/{key}": value for key, value in counts().items()})
     if grad.half_probe is not None:
         metrics.update(gradient_noise(*grad.half_probe, grad_norm**2, run.cfg.batch_size))
     return metrics

@@ -5,7 +5,7 @@ typed forms of ``vopd.loss.scores``; which of the two forms it answers in; which
 reason and the fix when it cannot (``supports``, read by the pre-flight before step 1; ``vopd.teacher.answers`` helps
 a placement say it); its pre-flight pairing checks against the student; its tokenizer, when it holds one; closing),
 and which placement a teacher's ``model`` names (``vopd.teacher_config.TeacherConfig``: a local model directory, the
-URL of a `vopd serve-teacher` server, or ``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
+URL of a `vopd serve-teacher` server or of stock vLLM servers (``entry.server``), or ``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
 of the teacher's own is ``vopd.teacher.reprompt``), the loss math, or the loop.
 """
 
@@ -81,6 +81,17 @@ def packs(teacher: Teacher) -> bool:
     return bool(getattr(teacher, "packs", False))
 
 
+def prepare_for(teacher: Teacher, spec: MethodSpec, top_k: int) -> None:
+    """Tell ``teacher`` (under any prompt of its own: unwrapped through ``inner``) what the run's loss needs of its
+    answers beyond what ``score``'s arguments say: the teacher's own top-k ids (``vopd-ttopk``), which a placement
+    that picks its answers (a stock vLLM generate server, ``serve_own_topk``) must be told once, before step 0."""
+    while not hasattr(teacher, "serve_own_topk") and hasattr(teacher, "inner"):
+        teacher = teacher.inner
+    serve = getattr(teacher, "serve_own_topk", None)
+    if serve is not None and spec.teacher_topk:
+        serve(top_k)
+
+
 def score_rollout(teacher: Teacher, rollout: Rollout, *, topk_ids: Tensor | None = None,
                   lse: bool = False) -> TeacherScores:
     """``teacher.score`` of any rollout: a packed one reaches a teacher that does not pack (``packs``) as its padded
@@ -123,7 +134,14 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
     if entry.remote:
         from vopd.teacher.client import RemoteTeacher
 
-        assert entry.server == "vopd"  # the one kind today (TeacherConfig.server)
+        if entry.server == "vllm":
+            from vopd.teacher.stock_vllm import StockVllmTeacher
+
+            return StockVllmTeacher([u.strip() for u in path.split(",")], vocab_size=vocab_size,
+                                    head=entry.head or None, timeout_s=entry.timeout_s, retries=entry.retries,
+                                    max_seqs=entry.request_seqs, max_mb=entry.request_mb,
+                                    trust_remote_code=trust_remote_code)
+        assert entry.server == "vopd"  # the kinds of TeacherConfig.server
         return RemoteTeacher(path, timeout_s=entry.timeout_s, retries=entry.retries, head=entry.head or None,
                              hidden_dtype=entry.hidden_dtype, trust_remote_code=trust_remote_code)
     from vopd.models import load_model, load_tokenizer, torch_dtype

@@ -31,6 +31,19 @@ if TYPE_CHECKING:
 ERROR_BYTES = 64 * 1024
 
 
+class Rejected(UserError):
+    """A 4xx answer (the request was the caller's mistake): ``status`` and the server's one-line ``detail``, so that
+    a client that knows the server can reword it with the fix (a stock server's flag)."""
+
+    def __init__(self, message: str, status: int, detail: str) -> None:
+        super().__init__(message)
+        self.status, self.detail = status, detail
+
+
+class Unreachable(UserError):
+    """Every try of a request failed (connection errors, timeouts, 5xx): another replica may answer it."""
+
+
 class Session:
     """A JSON-over-HTTP session with one server.
 
@@ -86,12 +99,12 @@ class Session:
                 raise UserError(f"teacher server at {self.url} refused the token (401): set ${self.token_env} to the "
                                 "server's token")
             if status >= 400:
-                raise UserError(f"teacher server at {self.url} rejected the request (HTTP {status}): "
-                                f"{error_text(body)}")
+                raise Rejected(f"teacher server at {self.url} rejected the request (HTTP {status}): "
+                               f"{error_text(body)}", status, error_text(body))
             self.bytes_sent += sent
             self.bytes_received += len(body)
             return json_object(body, f"teacher server at {self.url} answered {method} {path} with", advice)
-        raise UserError(f"teacher server at {self.url} is unreachable after {tries} tries (last error {last}): restart "
+        raise Unreachable(f"teacher server at {self.url} is unreachable after {tries} tries (last error {last}): restart "
                         "it and run the command again (vopd train: --resume continues from the last checkpoint, "
                         "which is kept)")
 
@@ -178,7 +191,10 @@ def error_text(body: bytes) -> str:
     except (ValueError, UnicodeDecodeError):
         answer = None
     if isinstance(answer, dict) and "error" in answer:
-        return one_line(answer["error"])
+        error = answer["error"]  # a stock server (vLLM, OpenAI style) nests it: {"error": {"message": ...}}
+        return one_line(error.get("message", error) if isinstance(error, dict) else error)
+    if isinstance(answer, dict) and "message" in answer:
+        return one_line(answer["message"])
     return one_line(body.decode("utf-8", "replace")) if body.strip() else "(empty body)"
 
 
