@@ -77,9 +77,13 @@ class Rollout:
     def packed(self) -> bool:
         return self.position_ids is not None
 
+    def lengths(self) -> list[int]:
+        """Each sequence's tokens: its prompt and its completion."""
+        return [p + c for p, c in zip(self.prompt_lengths, self.completion_lengths)]
+
     def spans(self) -> list[tuple[int, int, int]]:
         """(row, start, length) of each sequence in ``input_ids``: (i, 0, its length) when padded."""
-        lengths = [p + c for p, c in zip(self.prompt_lengths, self.completion_lengths)]
+        lengths = self.lengths()
         if self.starts is None:
             return [(i, 0, n) for i, n in enumerate(lengths)]
         return [(0, s, n) for s, n in zip(self.starts, lengths)]

@@ -2,7 +2,8 @@
 
 What it knows: how a rank's rollouts are split into micro-batches (rows in order, or by a token budget through
 ``vopd.batching``, as many on every rank; each packed into one row with ``packing``, ``vopd.packing``; a
-one-micro-batch step runs as two when the variance probe is on) and what they cost (``pad_fraction``), the order of work per micro-batch (teacher scores, the student's forward, the loss through
+one-micro-batch step runs as two when the variance probe is on) and what they cost (``pad_fraction``), the order
+of work per micro-batch (teacher scores, the student's forward, the loss through
 ``vopd.loss.chunked.fused_distillation_loss`` per teacher part of the micro-batch, backward, gradients reduced over
 ranks on the last one), overlapped scoring (``ScoreAhead``: a remote teacher scores micro-batch i+1 while the student
 works on i), the global token mean (docs/estimators.md, "dapo" reduction) over all teachers' rows, the per-teacher
@@ -134,14 +135,14 @@ def micro_batches(cfg: TrainConfig, rollout: Rollout) -> tuple[list[Rollout], Ba
     if cfg.micro_batch_tokens:
         from vopd.batching import group
 
-        lengths = [p + c for p, c in zip(rollout.prompt_lengths, rollout.completion_lengths)]
+        lengths = rollout.lengths()
         least = 2 if cfg.grad_noise and rollout.size >= 2 else 1  # the variance probe needs a first half
-        need = len(group(lengths, cfg.micro_batch_tokens, packed=cfg.packing, at_least=least).groups)
+        split = group(lengths, cfg.micro_batch_tokens, packed=cfg.packing, at_least=least)
         while True:  # FSDP2's and sharded teachers' forwards are collectives: as many micro-batches on every rank
-            count = _max_over_ranks(need)
-            split = group(lengths, cfg.micro_batch_tokens, packed=cfg.packing, at_least=count)
-            need = len(split.groups)  # more than count only if more bins were needed to fit the budget
-            if _max_over_ranks(need) == count:
+            count = _max_over_ranks(len(split.groups))
+            if len(split.groups) < count:  # regrouped into count, or more if the budget needs more bins
+                split = group(lengths, cfg.micro_batch_tokens, packed=cfg.packing, at_least=count)
+            if _max_over_ranks(len(split.groups)) == count:
                 break
         micro = [rollout.take(g).select(0, len(g)) if g else _placeholder(rollout) for g in split.groups]
         over = split.over_budget

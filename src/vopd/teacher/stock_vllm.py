@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
     from vopd.models import Model, Tokenizer
 
-#: The method served from the teacher's own top-k (``score_teacher_topk``), by name: the method table may not have it.
-TEACHER_TOPK = "vopd-ttopk"
 #: Texts whose encodings by the server's tokenizer and the student's must agree (``pairing_checks``).
 PROBE_TEXTS = ("1 + 2 = 3", "What is 7 + 5? Think step by step.")
 #: Row norms of the pooled states within this of 1 at every probed position: L2-normalised rows.
@@ -175,9 +173,9 @@ class StockVllmTeacher:
     def supports(self, spec: MethodSpec) -> str | None:
         """Pooling route (``head``): every method. Generate route: the methods that need log q(y_t) only, and the
         teacher's own top-k (``vopd-ttopk``); logits at the student's ids are refused, naming the pooling route."""
-        if self.head_path is not None or spec.name == TEACHER_TOPK:
+        if self.head_path is not None:
             return None
-        need = lacks(spec, Answers())
+        need = lacks(spec, Answers(own_topk=True))  # prompt_logprobs: k is the teacher's own top-k
         if need is None:
             return None
         return (f"loss.method={spec.name} needs {need}, which a stock vLLM generate server ({self.url}) does not send "
