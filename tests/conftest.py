@@ -90,6 +90,51 @@ def micro_world(tmp_path_factory) -> MicroWorld:
     return build_micro_world(tmp_path_factory.mktemp("micro_world"))
 
 
+@pytest.fixture(scope="module")
+def vllm_teacher_dir(micro_world, tmp_path_factory) -> Path:
+    """A teacher with head size 32 (vLLM's CPU attention refuses the micro world's) over the micro world's
+    tokenizer, for stock vLLM servers."""
+    from vopd.models import load_tokenizer
+    from vopd.world.tiny_models import ModelShape, make_model
+
+    root = tmp_path_factory.mktemp("vllm_teacher")
+    tok = load_tokenizer(str(micro_world.student))
+    model = make_model(ModelShape(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96),
+                       tok, seed=5)
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vllm_pair(micro_world, vllm_teacher_dir):
+    """(tokenizer, student, that teacher in process), fp32 on the CPU."""
+    from vopd.models import load_model, load_tokenizer
+    from vopd.teacher.local import InProcessTeacher
+
+    cpu = torch.device("cpu")
+    tok = load_tokenizer(str(micro_world.student))
+    student = load_model(str(micro_world.student), role="student", dtype=torch.float32, device=cpu)
+    teacher = InProcessTeacher(load_model(str(vllm_teacher_dir), role="teacher", dtype=torch.float32, device=cpu),
+                               len(tok))
+    return tok, student, teacher
+
+
+@pytest.fixture(scope="module")
+def micro_pair(micro_world):
+    """(tokenizer, student, in-process teacher) of the micro world in fp32 on the CPU, one per test module (a module
+    may change the models' attention implementation or gradients, and puts them back)."""
+    from vopd.models import load_model, load_tokenizer
+    from vopd.teacher.local import InProcessTeacher
+
+    cpu = torch.device("cpu")
+    tok = load_tokenizer(str(micro_world.student))
+    student = load_model(str(micro_world.student), role="student", dtype=torch.float32, device=cpu)
+    teacher = InProcessTeacher(load_model(str(micro_world.teacher), role="teacher", dtype=torch.float32, device=cpu),
+                               len(tok))
+    return tok, student, teacher
+
+
 @pytest.fixture
 def train_overrides(micro_world, tmp_path):
     """Overrides for a seconds-long training run on the micro world."""

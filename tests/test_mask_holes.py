@@ -15,13 +15,11 @@ from vopd import distributed as dist
 from vopd.config import load_config
 from vopd.loss.methods import METHODS, method_spec
 from vopd.metrics import PhaseTimer
-from vopd.models import load_model, load_tokenizer
 from vopd.rollout import Rollout, pack
 from vopd.sampling import Samples
 from vopd.loss.head import IDENTITY
 from vopd.step import accumulate_gradients, loss_plan, micro_batch_loss
 from vopd.teacher.client import RemoteTeacher
-from vopd.teacher.local import InProcessTeacher
 from vopd.teacher.routing import Teachers
 from vopd.teacher_config import TEACHER as ONLY
 
@@ -54,12 +52,8 @@ def _by_hand(prompts: list[list[int]], samples: Samples, pad_id: int) -> tuple[R
 
 
 @pytest.fixture(scope="module")
-def pair(micro_world):
-    tok = load_tokenizer(str(micro_world.student))
-    student = load_model(str(micro_world.student), role="student", dtype=torch.float32, device=CPU)
-    teacher = InProcessTeacher(load_model(str(micro_world.teacher), role="teacher", dtype=torch.float32, device=CPU),
-                               len(tok))
-    return tok, student, teacher
+def pair(micro_pair):
+    return micro_pair
 
 
 @pytest.fixture(scope="module")

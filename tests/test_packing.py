@@ -18,7 +18,7 @@ from vopd.config import load_config
 from vopd.errors import UserError
 from vopd.loss.methods import METHODS, method_spec
 from vopd.metrics import PhaseTimer
-from vopd.models import apply_lora, load_model, load_tokenizer
+from vopd.models import apply_lora, load_model
 from vopd.packing import pack_rows, regrid, unpack
 from vopd.rollout import Rollout, pack
 from vopd.sampling import Samples
@@ -46,12 +46,8 @@ def _samples(tok, *, holes: bool = True) -> tuple[list[list[int]], Samples]:
 
 
 @pytest.fixture(scope="module")
-def pair(micro_world):
-    tok = load_tokenizer(str(micro_world.student))
-    student = load_model(str(micro_world.student), role="student", dtype=torch.float32, device=CPU)
-    teacher = InProcessTeacher(load_model(str(micro_world.teacher), role="teacher", dtype=torch.float32, device=CPU),
-                               len(tok))
-    return tok, student, teacher
+def pair(micro_pair):
+    return micro_pair
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,7 @@ from vopd.errors import UserError
 from vopd.loss.head import IDENTITY
 from vopd.loss.methods import METHODS, method_spec
 from vopd.metrics import PhaseTimer
-from vopd.models import load_model, load_tokenizer
 from vopd.step import accumulate_gradients, loss_plan, micro_batch_loss
-from vopd.teacher.local import InProcessTeacher
 from vopd.teacher.routing import Teachers
 from vopd.teacher.stock_vllm import StockVllmTeacher
 from vopd.teacher_config import TEACHER as ONLY
@@ -50,18 +48,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(micro_world, tmp_path_factory) -> Path:
-    """A teacher with head size 32 (vLLM's CPU attention refuses the micro world's) over the micro world's
-    tokenizer."""
-    from vopd.world.tiny_models import ModelShape, make_model
-
-    root = tmp_path_factory.mktemp("vllm_teacher")
-    tok = load_tokenizer(str(micro_world.student))
-    model = make_model(ModelShape(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96),
-                       tok, seed=5)
-    model.save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
+def teacher_dir(vllm_teacher_dir) -> Path:
+    return vllm_teacher_dir
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +108,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def pair(micro_world, teacher_dir):
-    tok = load_tokenizer(str(micro_world.student))
-    student = load_model(str(micro_world.student), role="student", dtype=torch.float32, device=CPU)
-    teacher = InProcessTeacher(load_model(str(teacher_dir), role="teacher", dtype=torch.float32, device=CPU), len(tok))
-    return tok, student, teacher
+def pair(vllm_pair):
+    return vllm_pair
 
 
 def _step(cfg, student, teacher, rollout):
