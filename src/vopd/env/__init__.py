@@ -5,53 +5,26 @@ the messages to append, tool results or a user turn, or says the episode is done
 kept for metrics only), the frozen ``Reply`` it returns, the tools it declares to the chat template, and
 ``load_env``: ``calculator`` (``vopd.env.calculator``) or a user class by import path ``package.module:Name``, with a
 one-line error for a path that does not lead to one. What it does not know: tokens, chat templates, models, the
-episode loop (``vopd.episodes``), or how a call is bounded in time and size (``vopd.env.calls``).
+episode loop (``vopd.episodes``), or how a call is bounded in time and size (``vopd.env.calls``). The
+types live in ``vopd.env.base`` (re-exported here), so that the built-in environments can import them.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeAlias
+from typing import TYPE_CHECKING, Any
 
+from vopd.env.base import Env, EnvFactory, Message, Reply
 from vopd.errors import UserError
 
 if TYPE_CHECKING:
     from vopd.prompts import ChatOptions
 
-#: One chat turn: {"role": ..., "content": text} (a tool message also has "name").
-Message: TypeAlias = dict[str, str]
-#: Builds one environment per episode.
-EnvFactory: TypeAlias = Callable[[], "Env"]
+__all__ = ["BUILT_IN", "Env", "EnvFactory", "Message", "Reply", "check_spec", "env_chat", "load_env", "tools_of"]
 
 _PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 BUILT_IN = ("calculator",)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An environment's answer to one assistant turn: ``messages`` to append (roles ``tool``, ``user`` or
-    ``system``, text content), or ``done`` (the episode ends after that turn; ``messages`` are then ignored);
-    ``reward``: a final score of the episode, logged, never trained on."""
-
-    messages: tuple[Message, ...] = ()
-    done: bool = False
-    reward: float | None = None
-
-
-class Env(Protocol):
-    """One episode's environment. ``tools``: the tool schemas declared to the chat template (``tools=``: e.g.
-    ``[{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}]``; empty for
-    none). ``start`` receives the row's first messages; ``step`` each assistant turn's text (its tool calls
-    verbatim), the end-of-turn token left out. A tool message whose content starts with ``error:`` counts as a tool
-    error (docs/metrics.md)."""
-
-    tools: list[dict[str, Any]]
-
-    def start(self, messages: Sequence[Message]) -> None: ...
-
-    def step(self, assistant: str) -> Reply: ...
 
 
 def check_spec(spec: str) -> None:

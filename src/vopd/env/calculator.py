@@ -16,7 +16,7 @@ import operator
 from fractions import Fraction
 from typing import Any, Callable, Sequence
 
-from vopd.env import Message, Reply
+from vopd.env.base import Message, Reply
 from vopd.env.toolcalls import parse_tool_calls
 
 NAME = "calculator"

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
-from vopd.env import Env, EnvFactory, Message, Reply
+from vopd.env.base import Env, EnvFactory, Message, Reply
 from vopd.errors import UserError
 
 T = TypeVar("T")
