@@ -1,0 +1,92 @@
+"""Tokens the student did not sample (an environment's tool output, the chat template's framing between turns) are
+context, never loss: for every method, padded and packed, changing the teacher's scores at those positions changes
+nothing (loss, gradients, token metrics all equal, bit for bit), while changing them at one sampled position does
+change the loss (so the check can fail)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vopd import distributed as dist
+from vopd.config import load_config
+from vopd.loss.methods import METHODS
+from vopd.loss.scores import TeacherHidden
+from vopd.metrics import PhaseTimer
+from vopd.rollout import Rollout, pack
+from vopd.sampling import Samples
+from vopd.step import accumulate_gradients
+from vopd.teacher.routing import Teachers
+from vopd.teacher_config import TEACHER as ONLY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+class _Scrambled:
+    """The in-process teacher with its hidden states replaced by noise at the positions ``where(rollout)`` selects:
+    every other attribute is the wrapped teacher's."""
+
+    def __init__(self, teacher, where) -> None:
+        self.teacher, self.where = teacher, where
+
+    def __getattr__(self, name: str):
+        return getattr(self.teacher, name)
+
+    def score(self, rollout: Rollout, **kw) -> TeacherHidden:
+        got = self.teacher.score(rollout, **kw)
+        assert isinstance(got, TeacherHidden)
+        at = self.where(rollout)
+        noise = 50.0 * torch.randn(got.hidden.shape, generator=torch.Generator().manual_seed(7))
+        return replace(got, hidden=torch.where(at.unsqueeze(-1), noise, got.hidden))
+
+
+def _episodes(tok) -> tuple[list[list[int]], Samples]:
+    """Four agent-like sequences: a sampled turn, environment tokens, a second sampled turn (rows end at different
+    turns: the last has one turn only)."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [tok(f"{i} * {3 * i} =")["input_ids"] for i in range(4)]
+    turns = [(5, 4, 6), (7, 3, 2), (3, 6, 8), (9, 0, 0)]  # (sampled, environment, sampled) tokens per row
+    completions, logprobs, masks = [], [], []
+    for a, e, b in turns:
+        n = a + e + b
+        completions.append(torch.randint(3, len(tok), (n,), generator=gen).tolist())
+        logprobs.append([(-2 * torch.rand(1, generator=gen)).item() if j < a or j >= a + e else 0.0
+                         for j in range(n)])
+        masks.append([j < a or j >= a + e for j in range(n)])
+    return prompts, Samples(completions, logprobs, [False] * 4, masks)
+
+
+def _step(cfg, student, teacher, rollout: Rollout):
+    wrapped = dist.wrap(student, student.config.vocab_size, "ddp", CPU)
+    got = accumulate_gradients(cfg, wrapped, Teachers({ONLY: teacher}), rollout, CPU, PhaseTimer(CPU))
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    return got.loss, got.token_metrics, grads
+
+
+def _first_sampled(rollout: Rollout) -> torch.Tensor:
+    at = torch.zeros_like(rollout.loss_mask)
+    first = rollout.loss_mask.nonzero()[0]
+    at[first[0], first[1]] = True
+    return at
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("method", METHODS)
+def test_environment_positions_get_no_gradient(method, packing, micro_pair, train_overrides):
+    tok, student, teacher = micro_pair
+    prompts, samples = _episodes(tok)
+    rollout = pack(prompts, samples, tok.pad_token_id)
+    cfg = load_config(None, train_overrides + [f"loss.method={method}", "batch_size=4", "micro_batch_size=4",
+                                               "grad_noise=false", "loss.ratio_cap=2.0", f"packing={str(packing).lower()}"])
+    loss, metrics, grads = _step(cfg, student, teacher, rollout)
+    loss_s, metrics_s, grads_s = _step(cfg, student, _Scrambled(teacher, lambda r: ~r.loss_mask), rollout)
+    assert loss == loss_s and metrics == metrics_s
+    assert grads.keys() == grads_s.keys() and all(torch.equal(grads[n], grads_s[n]) for n in grads)
+    assert metrics["tokens"] == sum(sum(m) for m in samples.loss_masks or [])
+    # The same noise at one sampled position does move the loss: the positions above were really scored.
+    loss_one, _, _ = _step(cfg, student, _Scrambled(teacher, _first_sampled), rollout)
+    assert loss_one != loss
