@@ -11,13 +11,12 @@ directory), so the rest of vopd loads the tiny world with ``AutoTokenizer`` / ``
 checkpoint.
 
 The world is cached under ``$VOPD_CACHE`` (default ``~/.cache/vopd``) in a directory keyed by a hash of the
-configuration, built in a temporary directory and renamed into place, with a manifest (``world.json``: sizes and
-sha256 of every file) that is verified on reuse so a partial or corrupt cache is rebuilt.
+configuration (``vopd.world.cache``: built in a temporary directory and renamed into place, with a manifest verified
+on reuse so a partial or corrupt cache is rebuilt).
 
-What it knows: the world's recipe (``WorldConfig``), its cache (key, manifest, verification, atomic build), the
-``[data]`` settings that render prompts as the world's SFT did, and the keys a training run on the world needs.
+What it knows: the world's recipe (``WorldConfig``) and its cache key, the ``[data]`` settings that render prompts as the world's SFT did, and the keys a training run on the world needs.
 What it does not know: distillation, the estimators, or evaluation beyond greedy accuracy; how the tokenizer and
-the models are made (``vopd.world.tiny_models``).
+the models are made (``vopd.world.tiny_models``); how the cache works (``vopd.world.cache``).
 """
 
 from __future__ import annotations
@@ -26,17 +25,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
 from vopd.errors import UserError
 from vopd.prompts import ChatOptions
+from vopd.world.cache import cached_build, default_cache_dir, read_metrics, save_pair, verify
 from vopd.world.sft import SFTConfig, greedy_accuracy, train_sft
 from vopd.world.task import TaskConfig, read_jsonl, write_splits
 from vopd.world.tiny_models import ModelShape, count_parameters, make_model, tokenizer_corpus, train_tokenizer
@@ -46,7 +42,6 @@ if TYPE_CHECKING:
 
 #: Bump when the layout or the build recipe changes, so old caches are not mistaken for new ones.
 FORMAT_VERSION = 2  # 2: the chat template (WorldConfig.chat)
-MANIFEST = "world.json"
 #: The training config of a run on the world (``write_run_config``); not in the manifest: it names the world's
 #: paths, which change when the cache moves, and is rewritten by every `vopd sft`.
 RUN_CONFIG = "run.yaml"
@@ -167,50 +162,13 @@ def write_run_config(world: World) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------ manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_table(root: Path) -> dict[str, dict[str, Any]]:
-    return {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-
-
 def verify_world(root: Path) -> str | None:
     """None when ``root`` holds a complete world matching its manifest, else the reason it does not."""
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        return f"no {MANIFEST}"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return f"unreadable {MANIFEST}"
-    if manifest.get("format") != FORMAT_VERSION:
-        return f"format {manifest.get('format')} != {FORMAT_VERSION}"
-    for rel, meta in files.items():
-        path = root / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{rel} has {path.stat().st_size} bytes, manifest says {meta['size']}"
-        if _sha256(path) != meta["sha256"]:
-            return f"{rel} does not match its sha256"
-    return None
+    return verify(root, FORMAT_VERSION)
 
 
 def _world_from(root: Path, config: WorldConfig, *, reused: bool) -> World:
-    metrics = json.loads((root / MANIFEST).read_text())["metrics"]
+    metrics = read_metrics(root)
     return World(
         root=root,
         teacher=root / "teacher",
@@ -229,26 +187,6 @@ def _world_from(root: Path, config: WorldConfig, *, reused: bool) -> World:
 
 
 # ------------------------------------------------------------------------------------------------ build
-
-
-def default_cache_dir() -> Path:
-    """``$VOPD_CACHE`` or ``~/.cache/vopd``."""
-    env = os.environ.get("VOPD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vopd"
-
-
-def _save(model: Model, tokenizer: Tokenizer, path: Path) -> None:
-    """``save_pretrained`` model + tokenizer, without transformers' per-shard progress bar in the build log."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _accuracy_reached(
@@ -305,7 +243,7 @@ def _build_into(tmp: Path, config: WorldConfig, log: Callable[[str], None]) -> d
                               chat=config.chat_options)
         log(f"{role}: greedy test accuracy {acc:.1%} after {result.steps} steps "
             f"(SFT {result.seconds:.0f}s, eval {time.perf_counter() - t0:.0f}s)")
-        _save(model, tokenizer, tmp / role)
+        save_pair(model, tokenizer, tmp / role)
         metrics.update({
             f"{role}_accuracy": acc,
             f"{role}_sft_seconds": round(result.seconds, 2),
@@ -316,18 +254,6 @@ def _build_into(tmp: Path, config: WorldConfig, log: Callable[[str], None]) -> d
     return metrics
 
 
-def _remove_stale_builds(root: Path, max_age_s: float = 24 * 3600) -> None:
-    """Delete temporary build directories left by killed builds. Only old ones: a young one may be another
-    process's build in progress."""
-    now = time.time()
-    for path in root.glob(".world-*.tmp"):
-        try:
-            if now - path.stat().st_mtime > max_age_s:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def build_world(
     config: WorldConfig = WorldConfig(),
     cache_dir: str | Path | None = None,
@@ -335,62 +261,10 @@ def build_world(
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> World:
-    """Build the tiny world, or reuse a verified cached copy of the same configuration.
-
-    The build happens in a temporary sibling directory renamed into place at the end, so an interrupted build
-    never leaves a half-written world where a reader would take it for a complete one. The build always runs on
-    one torch CPU thread (restored afterwards): a CPU matmul's summation order depends on the thread count, so a
-    fixed count makes the same seed give the same models whatever the caller set; these models are too small to
-    gain much from more, and on a shared CPU extra threads were measured to make SFT up to 20x slower.
-    """
+    """Build the tiny world, or reuse a verified cached copy of the same configuration (``vopd.world.cache``: an
+    atomic build on one torch thread, verified on reuse)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = root / f"world-{config.key()}"
-    if final.exists() and not force:
-        problem = verify_world(final)
-        if problem is None:
-            return _world_from(final, config, reused=True)
-        log(f"cached tiny world {final} is corrupt or incomplete ({problem}); rebuilding it")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_builds(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    except OSError as exc:
-        raise UserError(f"cannot write the tiny-world cache at {root} ({exc.strerror}); pass --cache-dir DIR "
-                        "or set VOPD_CACHE to a writable directory") from None
-    previous_threads = torch.get_num_threads()
-    try:
-        log(f"building tiny world {config.key()} in {root}")
-        torch.set_num_threads(1)
-        t0 = time.perf_counter()
-        metrics = _build_into(tmp, config, log)
-        metrics["build_seconds"] = round(time.perf_counter() - t0, 2)
-        manifest = {
-            "format": FORMAT_VERSION,
-            "key": config.key(),
-            "config": dataclasses.asdict(config),
-            "metrics": metrics,
-            "torch_threads": torch.get_num_threads(),
-            "files": _file_table(tmp),
-        }
-        # The manifest is written last: its presence marks a complete build.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if final.exists():
-            # Move the old (corrupt, or --force'd) copy aside first: rename cannot replace a non-empty directory.
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=root))
-            os.replace(final, trash / "world")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process finished the same world first; keep theirs if it verifies.
-            if verify_world(final) is not None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return _world_from(final, config, reused=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(previous_threads)
-    log(f"tiny world ready in {metrics['build_seconds']:.0f}s: {final}")
-    return _world_from(final, config, reused=False)
+    reused = cached_build(final, format_version=FORMAT_VERSION, key=config.key(), config=dataclasses.asdict(config),
+                          build_into=lambda tmp: _build_into(tmp, config, log), force=force, log=log)
+    return _world_from(final, config, reused=reused)

@@ -1,8 +1,9 @@
-"""`vopd sft`: build (or reuse) the tiny world, or supervised fine-tuning of a model of your own.
+"""`vopd sft`: build (or reuse) the tiny world or its tool variant, or supervised fine-tuning of a model of your own.
 
-What it knows: the command's options and how they map onto ``WorldConfig`` (``vopd.world.build``) or ``SFTConfig``
-(``vopd.world.sft``); that a built world comes with its training config (``run.yaml``) and how to train on it. What it
-does not know: how the world is built or trained, or what that config holds; those modules do.
+What it knows: the command's options and how they map onto ``WorldConfig`` (``vopd.world.build``),
+``ToolWorldConfig`` (``vopd.world.tool_build``, ``--world tools``) or ``SFTConfig`` (``vopd.world.sft``); that a
+built arithmetic world comes with its training config (``run.yaml``) and how to train on it. What it does not know:
+how the worlds are built or trained, or what that config holds; those modules do.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from vopd.world.task import read_jsonl
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `vopd sft`."""
+    parser.add_argument("--world", choices=("tiny", "tools"), default="tiny",
+                        help="tiny: the arithmetic world (default); tools: its variant whose problems need a calculator "
+                        "(docs/tiny_world.md, \"The tool world\")")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="root of the tiny-world cache (default $VOPD_CACHE or ~/.cache/vopd)")
     parser.add_argument("--force", action="store_true", help="rebuild even when a valid cached world exists")
@@ -72,6 +76,28 @@ def _sft_custom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tool_world(args: argparse.Namespace) -> int:
+    """`vopd sft --world tools`: build or reuse the tool world and print its numbers."""
+    from vopd.world.tool_build import ToolWorldConfig, build_tool_world
+
+    if args.no_chat or args.student_target is not None:
+        raise UserError("--no-chat and --student-target are for the arithmetic world; drop them with --world tools "
+                        "(its student's SFT has a fixed number of steps: --student-steps)")
+    config = ToolWorldConfig()
+    changes: dict[str, Any] = {}
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.steps is not None:
+        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps)
+    if args.teacher_steps is not None:
+        changes["teacher_sft"] = dataclasses.replace(config.teacher_sft, steps=args.teacher_steps)
+    if args.student_steps is not None:
+        changes["student_sft"] = dataclasses.replace(config.student_sft, steps=args.student_steps)
+    world = build_tool_world(dataclasses.replace(config, **changes), args.cache_dir, force=args.force)
+    print(world.summary())
+    return 0
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """`vopd sft`: build or reuse the tiny world (default), or fine-tune ``--model`` on ``--data``."""
     if args.threads < 1:
@@ -83,6 +109,8 @@ def cli_main(args: argparse.Namespace) -> int:
         return _sft_custom(args)
     if args.data is not None or args.out is not None or args.chat:
         raise UserError("--data/--out/--chat are for fine-tuning your own model; add --model DIR (or drop them)")
+    if args.world == "tools":
+        return _tool_world(args)
     config = WorldConfig()
     changes: dict[str, Any] = {"chat": False} if args.no_chat else {}
     if args.seed is not None:

@@ -122,6 +122,8 @@ def train_sft(
     stop_when: Callable[[int], bool] | None = None,
     check_every: int = 25,
     chat: ChatOptions = ChatOptions(),
+    examples: Sequence[Any] | None = None,
+    collate_fn: Callable[[Sequence[Any], int], dict[str, torch.Tensor]] = collate,
 ) -> SFTResult:
     """Train ``model`` in place on ``rows`` (AdamW, cosine schedule, loss on completion tokens only).
 
@@ -129,10 +131,13 @@ def train_sft(
     given seed and thread count. ``stop_when(step)``, called every ``check_every`` steps (model in eval mode),
     ends training early when it returns True; the schedule stays the one planned for ``config.steps``. ``chat``:
     how rows are rendered (``encode_rows``), as the runs that sample from the model will render them.
+    ``examples``: encoded examples to train on instead of ``rows`` (e.g. the tool world's multi-turn episodes,
+    ``vopd.world.tool_sft``), batched by ``collate_fn`` into ``input_ids``, ``attention_mask`` and ``labels``.
     """
     if config.steps < 1 or config.batch_size < 1:
         raise UserError(f"SFT needs steps >= 1 and batch_size >= 1 (got {config.steps}, {config.batch_size})")
-    examples = encode_rows(tokenizer, rows, chat)
+    if examples is None:
+        examples = encode_rows(tokenizer, rows, chat)
     if not examples:
         raise UserError("SFT data is empty; pass a jsonl file with 'problem' and 'solution' rows")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -158,7 +163,7 @@ def train_sft(
                 order = list(range(len(examples)))
                 rng.shuffle(order)
             batch_idx.append(order.pop())
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_idx], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_fn([examples[i] for i in batch_idx], pad_id).items()}
         loss = completion_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -35,6 +35,49 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+#: The tool world's tokens (docs/tiny_world.md, "The tool world"): one id each, as in Qwen3's tokenizer, where they are
+#: added tokens that are not special (``decode(skip_special_tokens=True)`` keeps them: a parser reads the calls back).
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+#: Qwen3's chat template with tools, less its thinking parts, after one BOS (as ``CHAT_TEMPLATE``): the tools declared
+#: in a system turn between ``<tools></tools>``, an assistant turn's text verbatim (its tool calls included; a
+#: ``tool_calls`` field is written as Qwen3 writes it), and tool messages inside one user turn, each between
+#: ``<tool_response>`` tags. Without tools it renders exactly as ``CHAT_TEMPLATE``.
+TOOL_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + (message.content or '') }}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- if (loop.first and message.content) or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{%- set f = call.function if call.function else call %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' }}"
+    "{{- f.arguments if f.arguments is string else f.arguments | tojson }}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -52,7 +95,8 @@ class ModelShape:
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 384, *, chat: bool = False) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 384, *, chat: bool = False,
+                    tools: bool = False) -> Tokenizer:
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``.
 
     Digits are split one per token before BPE (so no merge ever spans digits, and numbers are spelled digit by
@@ -65,11 +109,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384, *, chat: bool =
     template or not. ``<|eos|>`` stays in the vocabulary, unused (as Qwen's ``<|endoftext|>``). A newline is a
     token of its own, never merged with its neighbours, so the ids of a prompt ending with the generation prompt's
     ``assistant\\n`` are a prefix of the ids of the same conversation with the answer (``vopd.prompts.encode_example``).
+
+    With ``tools`` (needs ``chat``): the chat template is ``TOOL_CHAT_TEMPLATE`` and the ``TOOL_TOKENS`` are added
+    after training, one id each, not special (as Qwen3's); ``texts`` should not contain them (BPE would spend merges
+    on them).
     """
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as BPETokenizer
     from transformers import PreTrainedTokenizerFast
 
+    if tools and not chat:
+        raise UserError("a tokenizer with tools needs the chat template (chat=True)")
     tok = BPETokenizer(models.BPE())
     # Merges may cross spaces (no word regex), which makes the fixed phrases of the task one token each and keeps
     # sequences short for CPU training. Arithmetic operators are isolated so that "+" in a problem and in a worked
@@ -95,9 +145,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384, *, chat: bool =
     if not chat:
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
     out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=IM_END, pad_token=PAD,
-                                  chat_template=CHAT_TEMPLATE)
+                                  chat_template=TOOL_CHAT_TEMPLATE if tools else CHAT_TEMPLATE)
     # Declared special (skipped by decode(skip_special_tokens=True)); they are in the vocabulary already.
     out.add_special_tokens({"additional_special_tokens": [IM_START, EOS]})
+    if tools:
+        from tokenizers import AddedToken
+
+        out.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
     return out
 
 
