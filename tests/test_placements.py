@@ -163,6 +163,12 @@ def test_the_docs_table_is_what_supports_says(micro_world, tok, monkeypatch):
                       (None, "stock vLLM, generate route (`server: vllm`)")):
         placements[row] = StockVllmTeacher([DEAD], vocab_size=len(tok), head=head)
         assert _docs_table()[row] == _served(placements[row]), row
+    from vopd.teacher.stock_sglang import StockSglangTeacher
+
+    for head, row in ((str(micro_world.teacher), "stock SGLang, hidden-state route (`server: sglang` + `head`)"),
+                      (None, "stock SGLang, log-prob route (`server: sglang`)")):
+        placements[row] = StockSglangTeacher([DEAD], vocab_size=len(tok), head=head)
+        assert _docs_table()[row] == _served(placements[row]), row
     for row, teacher in placements.items():
         if isinstance(teacher, (InProcessTeacher, SelfTeacher)):
             assert _docs_table()[row] == _served(teacher) == list(METHODS), row

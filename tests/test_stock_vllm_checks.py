@@ -132,9 +132,9 @@ def test_the_api_key_is_sent_and_a_wrong_one_is_one_line(fake_server, pair, teac
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["model.teacher=http://a:1,http://b:2"], r"lists several servers, which only a stock vLLM teacher takes"),
+    (["model.teacher=http://a:1,http://b:2"], r"several servers, which only a stock vLLM or SGLang teacher takes"),
     (["model.teacher=http://a:1,nota", "model.teacher_server=vllm"], r"a URL http://HOST:PORT, or several"),
-    (["model.teacher_server=sglang"], r"teacher_server|server"),
+    (["model.teacher_server=tgi"], r"teacher_server|server"),
     (["model.teacher=", "model.teachers=[{name: t, model: \"http://a:1\", server: vllm, request_seqs: 0}]"],
      r"request_seqs=0 .*>= 1"),
 ])

@@ -28,9 +28,11 @@ TEACHER = "teacher"
 #: A teacher's ``model`` naming the student's own initial weights (self-distillation); here, where neither the
 #: teachers (``vopd.teacher.base`` re-exports it) nor the sharding of a teacher (``vopd.sharding``) import the other.
 SELF = "self"
-#: The teacher servers a URL may name; "vopd": a ``vopd serve-teacher`` server, "vllm": a stock vLLM server
-#: (docs/teacher_server.md).
-ServerKind = Literal["vopd", "vllm"]
+#: The teacher servers a URL may name; "vopd": a ``vopd serve-teacher`` server, "vllm": a stock vLLM server,
+#: "sglang": a stock SGLang server (docs/teacher_server.md).
+ServerKind = Literal["vopd", "vllm", "sglang"]
+#: The kinds that are stock servers (several replicas of one teacher, request_seqs and request_mb).
+STOCK = ("vllm", "sglang")
 HiddenDtype = Literal["auto", "float32", "bfloat16"]
 #: Whether an in-process teacher is sharded over the torchrun ranks (words, not booleans: YAML reads yes/no/on/off
 #: as booleans, and "auto" is a third case).
@@ -49,9 +51,10 @@ class TeacherConfig:
         "student's initial weights (with LoRA: the base model with its adapters disabled; else a frozen copy).")
     server: ServerKind = option(
         "vopd", "With a URL: the kind of server; vopd = a `vopd serve-teacher` server; vllm = a stock vLLM server "
-        "(`vllm serve`): with head, a pooling-runner server (every method exact), else a generate server (opd). "
-        "Several replicas of one vLLM teacher: model=URL1,URL2 (comma-separated; requests spread over them, an "
-        "unreachable one skipped).")
+        "(`vllm serve`): with head, a pooling-runner server (every method exact), else a generate server (opd, "
+        "vopd-ttopk); sglang = a stock SGLang server: with head, started with --enable-return-hidden-states (every "
+        "method exact), else its input log-probs (opd, vopd-ttopk). Several replicas of one stock teacher: "
+        "model=URL1,URL2 (comma-separated; requests spread over them, an unreachable one skipped).")
     head: str = option(
         "", "Teacher server only: local directory of the checkpoint the server serves (config.json + safetensors). "
         "Only its output layer is loaded here; the server sends hidden states, and every method is exact remotely "
@@ -64,10 +67,10 @@ class TeacherConfig:
     retries: int = option(
         3, "Teacher server only: retries of a failed request (connection error, timeout, 5xx), with back-off.")
     request_seqs: int = option(
-        64, "Stock vLLM server only (server=vllm): the most sequences in one request (a vopd server states its own "
-        "limits).")
+        64, "Stock server only (server=vllm or sglang): the most sequences in one request (a vopd server states its "
+        "own limits).")
     request_mb: float = option(
-        64.0, "Stock vLLM server only (server=vllm): the most megabytes of one request's body and of its answer.")
+        64.0, "Stock server only (server=vllm or sglang): the most megabytes of one request's body and of its answer.")
     overlap: bool = option(
         True, "Teacher server only: score the next micro-batch on a background thread while the student trains on "
         "this one (the same step's rollouts: identical numbers, less waiting). In-process teachers score inline.")
@@ -115,9 +118,9 @@ class TeacherConfig:
             raise UserError(f"config key {key}.offload=true keeps a sharded teacher's shards in host memory, but "
                             f"{key}.shard=never: set shard=auto or always, or offload=false")
         urls = self.model.split(",")
-        if self.remote and len(urls) > 1 and self.server != "vllm":
+        if self.remote and len(urls) > 1 and self.server not in STOCK:
             raise UserError(f"config key {key}.model={self.model!r} lists several servers, which only a stock vLLM "
-                            f"teacher takes (replicas): set {key}.server=vllm or give one URL")
+                            f"or SGLang teacher takes (replicas): set {key}.server=vllm (or sglang) or give one URL")
         if self.remote:
             for url in urls:
                 check(is_remote(url.strip()) and " " not in url.strip(), f"{key}.model", self.model,

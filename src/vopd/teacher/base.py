@@ -5,7 +5,7 @@ typed forms of ``vopd.loss.scores``; which of the two forms it answers in; which
 reason and the fix when it cannot (``supports``, read by the pre-flight before step 1; ``vopd.teacher.answers`` helps
 a placement say it); its pre-flight pairing checks against the student; its tokenizer, when it holds one; closing),
 and which placement a teacher's ``model`` names (``vopd.teacher_config.TeacherConfig``: a local model directory, the
-URL of a `vopd serve-teacher` server or of stock vLLM servers (``entry.server``), or ``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
+URL of a `vopd serve-teacher` server or of stock vLLM or SGLang servers (``entry.server``), or ``self``: the student's initial weights). What it does not know: how a placement computes its scores (``vopd.teacher.local``, ``vopd.teacher.client`` over ``vopd.teacher.http``; a prompt
 of the teacher's own is ``vopd.teacher.reprompt``), the loss math, or the loop.
 """
 
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vopd.loss.scores import TeacherScores
 from vopd.rollout import Rollout
-from vopd.teacher_config import SELF  # noqa: F401  (re-exported: vopd.teacher.base.SELF)
+from vopd.teacher_config import SELF, STOCK  # noqa: F401  (SELF re-exported: vopd.teacher.base.SELF)
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
@@ -134,13 +134,14 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
     if entry.remote:
         from vopd.teacher.client import RemoteTeacher
 
-        if entry.server == "vllm":
+        if entry.server in STOCK:
+            from vopd.teacher.stock_sglang import StockSglangTeacher
             from vopd.teacher.stock_vllm import StockVllmTeacher
 
-            return StockVllmTeacher([u.strip() for u in path.split(",")], vocab_size=vocab_size,
-                                    head=entry.head or None, timeout_s=entry.timeout_s, retries=entry.retries,
-                                    max_seqs=entry.request_seqs, max_mb=entry.request_mb,
-                                    trust_remote_code=trust_remote_code)
+            stock = StockVllmTeacher if entry.server == "vllm" else StockSglangTeacher
+            return stock([u.strip() for u in path.split(",")], vocab_size=vocab_size, head=entry.head or None,
+                         timeout_s=entry.timeout_s, retries=entry.retries, max_seqs=entry.request_seqs,
+                         max_mb=entry.request_mb, trust_remote_code=trust_remote_code)
         assert entry.server == "vopd"  # the kinds of TeacherConfig.server
         return RemoteTeacher(path, timeout_s=entry.timeout_s, retries=entry.retries, head=entry.head or None,
                              hidden_dtype=entry.hidden_dtype, trust_remote_code=trust_remote_code)

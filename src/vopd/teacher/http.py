@@ -76,11 +76,12 @@ class Session:
         self._client.close()
 
     def request(self, method: str, path: str, payload: dict[str, Any] | None = None, *, max_answer: float,
-                advice: str = "") -> dict[str, Any]:
+                advice: str = "", array_key: str | None = None) -> dict[str, Any]:
         """The JSON object that answers ``method path`` (``payload`` as the JSON body), retried as the class says; a
         ``UserError`` for a 4xx answer, an answer of more than ``max_answer`` bytes (refused without reading the rest)
         or one that is not a JSON object (``advice`` is added to those two: what the caller's user should do), or
-        once every try failed."""
+        once every try failed. ``array_key``: an answer that is a JSON array is taken, as ``{array_key: it}``
+        (SGLang's ``/generate`` answers a batch so)."""
         httpx = self._httpx
         tries = self.retries + 1
         last = ""
@@ -103,7 +104,8 @@ class Session:
                                f"{error_text(body)}", status, error_text(body))
             self.bytes_sent += sent
             self.bytes_received += len(body)
-            return json_object(body, f"teacher server at {self.url} answered {method} {path} with", advice)
+            return json_object(body, f"teacher server at {self.url} answered {method} {path} with", advice,
+                               array_key=array_key)
         raise Unreachable(f"teacher server at {self.url} is unreachable after {tries} tries (last error {last}): restart "
                         "it and run the command again (vopd train: --resume continues from the last checkpoint, "
                         "which is kept)")
@@ -198,15 +200,18 @@ def error_text(body: bytes) -> str:
     return one_line(body.decode("utf-8", "replace")) if body.strip() else "(empty body)"
 
 
-def json_object(body: bytes, source: str, advice: str = "") -> dict[str, Any]:
-    """``body`` parsed as a JSON object; else a ``UserError`` that starts with ``source`` ("teacher server at URL
-    answered GET /health with") and names what came instead (another kind of server on the port, a proxy's page)."""
+def json_object(body: bytes, source: str, advice: str = "", array_key: str | None = None) -> dict[str, Any]:
+    """``body`` parsed as a JSON object (or a JSON array, as ``{array_key: it}``, when ``array_key`` is given); else
+    a ``UserError`` that starts with ``source`` ("teacher server at URL answered GET /health with") and names what
+    came instead (another kind of server on the port, a proxy's page)."""
     try:
         answer = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         start = body[:60].decode("utf-8", "replace")
         raise UserError(f"{source} a body that is not JSON ({one_line(exc)}; it starts {start!r}): is another kind "
                         f"of server listening there?{advice}") from None
+    if array_key is not None and isinstance(answer, list):
+        return {array_key: answer}
     if not isinstance(answer, dict):
         kind = "null" if answer is None else type(answer).__name__
         raise UserError(f"{source} a JSON {kind}, expected a JSON object{advice}")

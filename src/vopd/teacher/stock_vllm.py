@@ -8,48 +8,43 @@ its whole distribution: ``TeacherHidden``, every method exact. The generate rout
 ``prompt_logprobs``): log q(y_t) (``prompt_logprobs: 0``, method ``opd``) and the teacher's own top-k
 (``score_teacher_topk``: entries with ``rank <= k`` only; the extra entry of the actual token would bias a baseline).
 Requests are cut by sequences and bytes (``vopd.teacher.http.pack``) and spread over several replicas of one
-teacher, one request to the next; a replica that stays unreachable after its retries is skipped for the rest of
-the run and the request goes to another. The pre-flight (``pairing_checks``): every replica serves the same model
-name and ``max_model_len``, its tokenizer (``/tokenize``) encodes probe texts as the student's does, and on the
-pooling route a probe's hidden states have the head's width and are not L2-normalised rows; the longest sequence the
-servers take (``position_limit``, for the run's prompt budget); per-replica counts (``server_metrics``).
+teacher (``vopd.teacher.stock``, shared with the SGLang client). The pre-flight (``pairing_checks``): every
+replica serves the same model name and ``max_model_len``, its tokenizer (``/tokenize``) encodes probe texts as the
+student's does, and on the pooling route a probe's hidden states have the head's width and are not L2-normalised
+rows; the longest sequence the servers take (``position_limit``, for the run's prompt budget); per-replica counts
+(``server_metrics``).
 
 What it does not know: the student's top-k ids on the generate route (``prompt_logprob_token_ids`` needs vLLM's
 Model Runner V2 behind ``/inference/v1/generate``, not reachable on the CPU build: refused, naming the pooling
-route), SGLang, the loss math, or the loop.
+route), SGLang (``vopd.teacher.stock_sglang``), the loss math, or the loop.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.loss.head import OutputHead
-from vopd.loss.scores import TeacherHidden, TeacherNumbers
 from vopd.rollout import Rollout
 from vopd.teacher.answers import Answers, lacks
-from vopd.teacher.http import Item, Limits, Rejected, Session, Unreachable, pack
+from vopd.teacher.http import Item, Rejected, pack
 from vopd.teacher.replies import ABSURD, check_hidden
-from vopd.teacher.wire import TOKEN_ENV
+from vopd.teacher.stock import ADVICE as _ADVICE
+from vopd.teacher.stock import PROBE_TEXTS, StockTeacher
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
     from vopd.models import Model, Tokenizer
 
-#: Texts whose encodings by the server's tokenizer and the student's must agree (``pairing_checks``).
-PROBE_TEXTS = ("1 + 2 = 3", "What is 7 + 5? Think step by step.")
 #: Row norms of the pooled states within this of 1 at every probed position: L2-normalised rows.
 UNIT_NORM = 1e-3
-ADVICE = ("; nothing of that answer was trained on: check or restart the vLLM server and run again (vopd train: "
-          "--resume continues from the last checkpoint, which is kept)")
+ADVICE = _ADVICE.format(engine="vLLM")
 
 
-class StockVllmTeacher:
-    """Client of one or more stock vLLM servers serving one teacher (replicas).
+class StockVllmTeacher(StockTeacher):
+    """Client of one or more stock vLLM servers serving one teacher (replicas; ``vopd.teacher.stock``).
 
     urls: ``http://host:port`` each. ``head``: the local checkpoint the servers serve; given, the servers are asked for
     hidden states (pooling route) and ``score`` returns ``TeacherHidden``; else the generate route (log-probs).
@@ -57,109 +52,20 @@ class StockVllmTeacher:
     (``vllm serve --api-key``), None reads ``$VOPD_TEACHER_TOKEN``.
     """
 
-    tokenizer: Tokenizer | None = None  # the server's tokenizer is compared through /tokenize (pairing_checks)
-
-    def __init__(self, urls: list[str], *, vocab_size: int, head: str | None = None, token: str | None = None,
-                 timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5, max_seqs: int = 64,
-                 max_mb: float = 64.0, trust_remote_code: bool = False) -> None:
-        if not urls:
-            raise UserError("a stock vLLM teacher needs at least one URL (model.teacher=http://HOST:PORT)")
-        self.sessions = [Session(u, token=token, token_env=TOKEN_ENV, timeout_s=timeout_s, retries=retries,
-                                 backoff_s=backoff_s) for u in urls]
-        self.urls = [s.url for s in self.sessions]
-        self.url = ",".join(self.urls)
-        self.head_path, self.vocab_size, self._trust = head, vocab_size, trust_remote_code
-        self.own_topk = 0  # > 0: the generate route answers with the teacher's own top-k (``serve_own_topk``)
-        self.limits = Limits(max_batch=max_seqs, max_tokens=2**62, max_body=max_mb * 2**20, max_answer=max_mb * 2**20)
-        self._head: OutputHead | None = None
-        self._model: dict[str, Any] | None = None  # {"name", "max_model_len"}, the same on every replica
-        self._next = 0  # the replica the next request goes to
-        self.dead: set[int] = set()  # replicas that stayed unreachable: skipped from then on
-        #: Per server: requests answered, seconds spent, failovers away from it (``metrics``).
-        self.stats = {u: {"requests": 0, "seconds": 0.0, "failovers": 0} for u in self.urls}
-
-    @property
-    def full_distribution(self) -> bool:
-        return self.head_path is not None
-
-    def close(self) -> None:
-        for s in self.sessions:
-            s.close()
-
-    def __enter__(self) -> "StockVllmTeacher":
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def server_metrics(self) -> dict[str, float]:
-        """Per replica ``I`` (its place in ``urls``), totals since the start: ``I/requests``, ``I/seconds``,
-        ``I/failovers`` (requests it could not answer, handed to another), ``I/sent_mb``, ``I/received_mb``; the
-        trainer logs them as ``teacher_server/NAME/I/...`` (docs/metrics.md)."""
-        out: dict[str, float] = {}
-        for i, s in enumerate(self.sessions):
-            st = self.stats[s.url]
-            for key, value in (*st.items(), ("sent_mb", s.bytes_sent / 2**20), ("received_mb", s.bytes_received / 2**20)):
-                out[f"{i}/{key}"] = float(value)
-        return out
-
-    # -- transport over the replicas --------------------------------------------------------------------------
-
-    def _post(self, path: str, body: dict[str, Any], max_answer: float) -> dict[str, Any]:
-        """The JSON answer of one request, from the next live replica; an unreachable one hands it to another."""
-        last: Unreachable | None = None
-        for _ in range(len(self.sessions)):
-            live = [i for i in range(len(self.sessions)) if i not in self.dead]
-            if not live:
-                break
-            i = live[self._next % len(live)]
-            self._next += 1
-            session, start = self.sessions[i], time.monotonic()
-            try:
-                answer = session.request("POST", path, body, max_answer=max_answer, advice=ADVICE)
-            except Unreachable as exc:
-                self.stats[session.url]["failovers"] += 1
-                self.dead.add(i)
-                last = exc
-                continue
-            self.stats[session.url]["requests"] += 1
-            self.stats[session.url]["seconds"] += time.monotonic() - start
-            return answer
-        assert last is not None
-        raise last if len(self.sessions) == 1 else self._all_down(last)
-
-    def _all_down(self, last: UserError) -> UserError:
-        return UserError(f"every vLLM replica of this teacher is unreachable ({self.url}; last: {last}); restart them "
-                         "and run again (vopd train: --resume continues from the last checkpoint, which is kept)")
+    engine, logprob_server, hidden_route = "vLLM", "generate", "the pooling route"
 
     def model_info(self) -> dict[str, Any]:
         """The served model's name and ``max_model_len`` (``GET /v1/models``), the same on every replica."""
         if self._model is not None:
             return self._model
         seen = []
-        last: Unreachable | None = None
-        for index, s in enumerate(self.sessions):
-            try:
-                answer = s.request("GET", "/v1/models", max_answer=2**20, advice=ADVICE)
-            except Unreachable as exc:  # a replica down at the start: the others serve, as for one down later
-                self.dead.add(index)
-                self.stats[s.url]["failovers"] += 1
-                last = exc
-                continue
+        for url, answer in self._ask_replicas("/v1/models"):
             data = answer.get("data")
             if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict) or "id" not in data[0]:
-                raise UserError(f"vLLM server at {s.url} answered GET /v1/models without exactly one model in 'data' "
+                raise UserError(f"vLLM server at {url} answered GET /v1/models without exactly one model in 'data' "
                                 f"(got {str(data)[:100]}): serve one teacher per server (is it a vLLM server?)")
-            seen.append((s.url, str(data[0]["id"]), int(data[0].get("max_model_len") or 0)))
-        if not seen:
-            assert last is not None
-            raise last if len(self.sessions) == 1 else self._all_down(last)
-        for url, name, length in seen[1:]:
-            if (name, length) != seen[0][1:]:
-                raise UserError(f"the vLLM replicas of one teacher differ: {seen[0][0]} serves {seen[0][1]!r} "
-                                f"(max_model_len {seen[0][2]}), {url} serves {name!r} (max_model_len {length}): "
-                                "start every replica with the same model and flags")
-        self._model = {"name": seen[0][1], "max_model_len": seen[0][2]}
+            seen.append((url, str(data[0]["id"]), int(data[0].get("max_model_len") or 0)))
+        self._model = self._agree(seen)
         return self._model
 
     def position_limit(self) -> tuple[int, str]:
@@ -188,13 +94,7 @@ class StockVllmTeacher:
         """The served model, its tokenizer against the student's (``/tokenize`` of probe texts) and, on the pooling
         route, the output layer against a probe's hidden states: width, not L2-normalised."""
         info = self.model_info()
-        for text in PROBE_TEXTS:
-            mine = list(student_tok(text)["input_ids"])
-            answer = self._post("/tokenize", {"model": info["name"], "prompt": text}, 2**20)
-            if answer.get("tokens") != mine:
-                raise UserError(f"the vLLM server at {self.url} ({info['name']}) tokenizes {text!r} as "
-                                f"{str(answer.get('tokens'))[:80]}, the student as {mine}: OPD needs one shared "
-                                "tokenizer: serve a teacher from the student's model family")
+        self.tokenizer_checks(student_tok)
         lines = [f"vLLM teacher {self.url} ({info['name']}, max_model_len {info['max_model_len']}, "
                  f"{len(self.urls)} replica(s)): same tokenization of {len(PROBE_TEXTS)} probe texts"]
         if self.head_path is not None:
@@ -205,36 +105,7 @@ class StockVllmTeacher:
                          f"{self.head_path} ({tuple(head.weight.shape)}), not L2-normalised: every method exact")
         return lines
 
-    # -- scoring ------------------------------------------------------------------------------------------------
-
-    def score(self, rollout: Rollout, topk_ids: Tensor | None = None, *,
-              lse: bool = False) -> TeacherNumbers | TeacherHidden:
-        """Pooling route: hidden states (B, L-1, D), 0 outside completion positions, with the output layer.
-        Generate route: log q(y_t) (``topk_ids`` or ``lse`` refused: ``supports`` names the pooling route)."""
-        if self.head_path is not None:
-            return self._score_hidden(rollout)
-        if topk_ids is not None or lse:
-            raise UserError(f"a stock vLLM generate server ({self.url}) cannot score the student's top-k ids or the "
-                            "teacher's log-sum-exp: use the pooling route (model.teachers[].head) or loss.method=opd")
-        if self.own_topk:
-            return self.score_teacher_topk(rollout, self.own_topk)
-        logq, _ids, _lp = self._score_logprobs(rollout, 0)
-        return TeacherNumbers(logq).to(rollout.input_ids.device)
-
-    def serve_own_topk(self, k: int) -> None:
-        """From now on the generate route answers with the teacher's own top-k at every position (``vopd-ttopk``,
-        ``loss.top_k`` = k; ``vopd.teacher.base.prepare_for``); the pooling route sends hidden states anyway."""
-        self.own_topk = 0 if self.head_path is not None else k
-
-    def score_teacher_topk(self, rollout: Rollout, k: int) -> TeacherNumbers:
-        """The teacher's own top-k at every completion position (generate route, ``prompt_logprobs: k``):
-        ``TeacherNumbers(logq, topk_ids = its top-k ids, topk_logits = its log-probs there, lse=None)``, (B, L-1[, k]),
-        zeros outside the completion positions; only entries with ``rank <= k`` (never the actual token's extra)."""
-        if k < 1:
-            raise ValueError(f"k={k} must be >= 1")
-        logq, ids, lp = self._score_logprobs(rollout, k)
-        device = rollout.input_ids.device
-        return TeacherNumbers(logq.to(device), ids.to(device), lp.to(device))
+    # -- scoring (``StockTeacher.score``) -------------------------------------------------------------------------
 
     def _score_logprobs(self, rollout: Rollout, k: int) -> tuple[Tensor, Tensor, Tensor]:
         from vopd.teacher.stock_answers import completion_requests, read_prompt_logprobs
@@ -245,7 +116,7 @@ class StockVllmTeacher:
         logq = torch.zeros(b, t, dtype=torch.float32)
         top_ids = torch.zeros(b, t, k, dtype=torch.long)
         top_lp = torch.zeros(b, t, k, dtype=torch.float32)
-        spans = _spans(rollout, info["max_model_len"], self.url, extra=1)  # max_tokens=1 needs one slot more
+        spans = self._spans(rollout, info["max_model_len"], extra=1)  # max_tokens=1 needs one slot more
         per_pos = 64 + 90 * (k + 1)  # a JSON entry {"id": {"logprob", "rank", "decoded_token"}} per id, generous
         items = [Item(tokens=e + 1, body=8 * (e + 1) + 64, answer=per_pos * (e + 1) + 512) for _i, _s, e in spans]
         for group in (([spans[j] for j in g]) for g in pack(items, self.limits)):
@@ -266,14 +137,6 @@ class StockVllmTeacher:
         mask = rollout.loss_mask.cpu()
         logq = logq * mask
         return logq, top_ids * mask[..., None], top_lp * mask[..., None]
-
-    def _output_layer(self) -> OutputHead:
-        if self._head is None:
-            from vopd.models import load_output_layer
-
-            self._head = load_output_layer(str(self.head_path), vocab_size=self.vocab_size, dtype=torch.float32,
-                                           trust_remote_code=self._trust)
-        return self._head
 
     def _pooled(self, seqs: list[list[int]], width: int) -> list[Tensor]:
         """The final-norm hidden states (T, D) of each sequence of ``seqs`` in one ``/pooling`` request, checked:
@@ -306,40 +169,7 @@ class StockVllmTeacher:
                                 "\"token_embed\", \"use_activation\": false}'")
         return states
 
-    def _score_hidden(self, rollout: Rollout) -> TeacherHidden:
-        head = self._output_layer()
-        device = rollout.input_ids.device
-        if head.weight.device != device:  # moved once: the layer stays where the loss runs
-            head = self._head = OutputHead(head.weight.to(device), None if head.bias is None else head.bias.to(device),
-                                           head.transform)
-        d = head.weight.shape[1]
-        ids = rollout.input_ids.cpu()
-        b, t = rollout.loss_mask.shape
-        hidden = torch.zeros(b, t, d, dtype=torch.float32)
-        # Position p's state predicts ids[p + 1]: positions 0..end-1 are sent, rows start..end-1 kept.
-        spans = _spans(rollout, self.model_info()["max_model_len"], self.url)
-        items = [Item(tokens=e, body=8 * e + 64, answer=e * d * 6 + 512) for _i, _s, e in spans]
-        for group in (([spans[j] for j in g]) for g in pack(items, self.limits)):
-            states = self._pooled([ids[i, :e].tolist() for i, _s, e in group], d)
-            for (i, start, end), h in zip(group, states):
-                hidden[i, start:end] = h[start:end]
-        return TeacherHidden(hidden.to(device), head.weight, head.bias, head.transform)
-
-
-def _spans(rollout: Rollout, max_model_len: int, url: str, extra: int = 0) -> list[tuple[int, int, int]]:
-    """(row, first scored position, one past the last) per sequence with completion tokens; a sequence longer than
-    the server's ``max_model_len`` is refused naming the flag."""
-    mask = rollout.loss_mask.cpu()
-    spans = []
-    for i in range(mask.shape[0]):
-        live = mask[i].nonzero().squeeze(-1)
-        if live.numel():
-            end = int(live[-1]) + 1
-            if max_model_len and end + 1 + extra > max_model_len:
-                raise UserError(f"a sequence of {end + 1} tokens does not fit the vLLM server's max_model_len="
-                                f"{max_model_len} ({url}): restart it with --max-model-len {end + 1 + extra} or more")
-            spans.append((i, int(live[0]), end))
-    return spans
+    _states = _pooled  # the hidden-state route of ``StockTeacher._score_hidden``
 
 
 def _entry(entry: Any, y: int, k: int, url: str, pos: int) -> tuple[float, Tensor, Tensor]:
