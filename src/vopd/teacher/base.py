@@ -140,7 +140,7 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
             return StockVllmTeacher([u.strip() for u in path.split(",")], vocab_size=vocab_size,
                                     head=entry.head or None, timeout_s=entry.timeout_s, retries=entry.retries,
                                     max_seqs=entry.request_seqs, max_mb=entry.request_mb,
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, head_reference=entry.head_reference or None)
         assert entry.server == "vopd"  # the kinds of TeacherConfig.server
         return RemoteTeacher(path, timeout_s=entry.timeout_s, retries=entry.retries, head=entry.head or None,
                              hidden_dtype=entry.hidden_dtype, trust_remote_code=trust_remote_code)

@@ -11,7 +11,9 @@ Requests are cut by sequences and bytes (``vopd.teacher.http.pack``) and spread 
 teacher, one request to the next; a replica that stays unreachable after its retries is skipped for the rest of
 the run and the request goes to another. The pre-flight (``pairing_checks``): every replica serves the same model
 name and ``max_model_len``, its tokenizer (``/tokenize``) encodes probe texts as the student's does, and on the
-pooling route a probe's hidden states have the head's width and are not L2-normalised rows; the longest sequence the
+pooling route a probe's hidden states have the head's width and are not L2-normalised rows, and with a generate
+server of the same model (``head_reference``) their log-probs through the head are that server's
+(``vopd.teacher.stock_probe``); the longest sequence the
 servers take (``position_limit``, for the run's prompt budget); per-replica counts (``server_metrics``).
 
 What it does not know: the student's top-k ids on the generate route (``prompt_logprob_token_ids`` needs vLLM's
@@ -54,19 +56,22 @@ class StockVllmTeacher:
     urls: ``http://host:port`` each. ``head``: the local checkpoint the servers serve; given, the servers are asked for
     hidden states (pooling route) and ``score`` returns ``TeacherHidden``; else the generate route (log-probs).
     ``max_seqs``, ``max_mb``: the most sequences and request/answer megabytes of one request. ``token``: the API key
-    (``vllm serve --api-key``), None reads ``$VOPD_TEACHER_TOKEN``.
+    (``vllm serve --api-key``), None reads ``$VOPD_TEACHER_TOKEN``. ``head_reference``: the URL of a generate-route
+    server of the same model, which the pre-flight checks the head against (``pairing_checks``).
     """
 
     tokenizer: Tokenizer | None = None  # the server's tokenizer is compared through /tokenize (pairing_checks)
 
     def __init__(self, urls: list[str], *, vocab_size: int, head: str | None = None, token: str | None = None,
                  timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5, max_seqs: int = 64,
-                 max_mb: float = 64.0, trust_remote_code: bool = False) -> None:
+                 max_mb: float = 64.0, trust_remote_code: bool = False, head_reference: str | None = None) -> None:
         if not urls:
             raise UserError("a stock vLLM teacher needs at least one URL (model.teacher=http://HOST:PORT)")
         self.sessions = [Session(u, token=token, token_env=TOKEN_ENV, timeout_s=timeout_s, retries=retries,
                                  backoff_s=backoff_s) for u in urls]
         self.urls = [s.url for s in self.sessions]
+        self.reference = None if not head_reference else Session(
+            head_reference, token=token, token_env=TOKEN_ENV, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
         self.url = ",".join(self.urls)
         self.head_path, self.vocab_size, self._trust = head, vocab_size, trust_remote_code
         self.own_topk = 0  # > 0: the generate route answers with the teacher's own top-k (``serve_own_topk``)
@@ -83,7 +88,7 @@ class StockVllmTeacher:
         return self.head_path is not None
 
     def close(self) -> None:
-        for s in self.sessions:
+        for s in [*self.sessions, *([self.reference] if self.reference else [])]:
             s.close()
 
     def __enter__(self) -> "StockVllmTeacher":
@@ -186,7 +191,8 @@ class StockVllmTeacher:
 
     def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         """The served model, its tokenizer against the student's (``/tokenize`` of probe texts) and, on the pooling
-        route, the output layer against a probe's hidden states: width, not L2-normalised."""
+        route, the output layer against a probe's hidden states: width, not L2-normalised, and its log-probs against
+        the generate server ``head_reference`` (``vopd.teacher.stock_probe``; without one, a line says so)."""
         info = self.model_info()
         for text in PROBE_TEXTS:
             mine = list(student_tok(text)["input_ids"])
@@ -200,9 +206,13 @@ class StockVllmTeacher:
         if self.head_path is not None:
             head = self._output_layer()
             ids = list(student_tok(PROBE_TEXTS[1])["input_ids"])
-            self._pooled([ids], head.weight.shape[1])  # checks width and scale
+            states = self._pooled([ids], head.weight.shape[1])[0]  # checks width and scale
             lines.append(f"pooling route: hidden states of width {head.weight.shape[1]} with the output layer of "
                          f"{self.head_path} ({tuple(head.weight.shape)}), not L2-normalised: every method exact")
+            from vopd.teacher.stock_probe import check_head, unchecked
+
+            lines.append(unchecked(self.head_path) if self.reference is None else
+                         check_head(head, self.head_path, states, ids, self.url, self.reference, ADVICE))
         return lines
 
     # -- scoring ------------------------------------------------------------------------------------------------
