@@ -1,9 +1,10 @@
 """A stock vLLM server as the teacher (``model.teachers[].server=vllm``), against real vLLM processes (the CPU
 build): every method over the pooling route (hidden states + the output layer here) gives the in-process teacher's
 loss, gradients and metrics, and a short `vopd train` its weights; ``opd`` over ``prompt_logprobs`` and the teacher's
-own top-k (``score_teacher_topk``) give the in-process numbers; k above ``--max-logprobs``, an L2-normalising
-pooling server, a head of another width, a generate server asked for hidden states, an unreachable or killed
-replica each end in one line (a slow or garbled answer, the API key, the config rules: test_stock_vllm_checks.py)."""
+own top-k (``score_teacher_topk``) give the in-process numbers; the head's probe against the generate server
+(``head_reference``) passes the served model's head; k above ``--max-logprobs``, an L2-normalising pooling server, a
+head of another width, a head of another model of the same width (the probe), a generate server asked for hidden
+states, an unreachable or killed replica each end in one line (a slow or garbled answer, the API key, the config rules: test_stock_vllm_checks.py)."""
 
 from __future__ import annotations
 
@@ -162,6 +163,45 @@ def test_pairing_checks_name_the_model_and_the_route(servers, pair, teacher_dir)
         lines = remote.pairing_checks(student, tok)
     assert "tiny-teacher" in lines[0] and "max_model_len 256" in lines[0] and "same tokenization" in lines[0]
     assert "width 64" in lines[1] and "not L2-normalised" in lines[1]
+    assert "checked for its width only" in lines[2] and "head_reference=http://HOST:PORT" in lines[2]
+
+
+@pytest.fixture(scope="module")
+def other_head(teacher_dir, tmp_path_factory) -> Path:
+    """Another random model of the served one's shape (width 64): its output layer passes the width check."""
+    from vopd.models import load_tokenizer
+    from vopd.world.tiny_models import ModelShape, make_model
+
+    root = tmp_path_factory.mktemp("other_head")
+    make_model(ModelShape(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96),
+               load_tokenizer(str(teacher_dir)), seed=6).save_pretrained(root)
+    return root
+
+
+def test_the_head_is_checked_against_a_generate_server_of_the_same_model(servers, pair, teacher_dir, other_head):
+    """The served model's head gives the generate server's log-probs on the probe (fp32: to ~1e-6); another model's
+    head of the same width passes the width check and is refused by the probe, in one line naming both servers and
+    the head. Opened from its config entry, as `vopd train` does."""
+    from vopd.teacher.base import open_teacher
+    from vopd.teacher_config import TeacherConfig
+
+    tok, student, _local = pair
+    pooling, generate = servers["pooling"], servers["generate"]
+    entry = TeacherConfig(model=pooling, server="vllm", head=str(teacher_dir), head_reference=generate)
+    remote = open_teacher(entry, vocab_size=len(tok), device=CPU)
+    try:
+        line = remote.pairing_checks(student, tok)[-1]
+    finally:
+        remote.close()
+    assert f"log-probs of the generate server at {generate} (tiny-teacher)" in line and "fp32 states" in line
+    assert float(line.split("within ")[1].split()[0]) < 1e-4
+    with StockVllmTeacher([pooling], vocab_size=len(tok), head=str(other_head), head_reference=generate) as remote:
+        with pytest.raises(UserError, match=r"the output layer of .* with the hidden states of the vLLM server at "
+                                            r".* nats away from the generate server at .*point model.teachers\[\].head"
+                           ) as err:
+            remote.pairing_checks(student, tok)
+    message = str(err.value)
+    assert "\n" not in message and str(other_head) in message and pooling in message and generate in message
 
 
 def test_opd_over_prompt_logprobs_equals_in_process(servers, pair, teacher_dir, train_overrides, make_fake_rollout):

@@ -1,6 +1,7 @@
 """A stock vLLM teacher's refusals that need no vLLM process (a fake server on 127.0.0.1 speaking vLLM's answers):
 a garbled or slow answer, a garbled log-prob, a sequence past ``max_model_len``, the API key, the prompt budget
-cut to ``max_model_len``; and the config rules of ``server: vllm``. The real-server tests are test_stock_vllm.py."""
+cut to ``max_model_len``, the tolerance of the head's probe against a generate server (``head_reference``) by the
+precision of the pooled states; and the config rules of ``server: vllm``. The real-server tests are test_stock_vllm.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,6 +40,7 @@ class _Fake(BaseHTTPRequestHandler):
     L2-normalised rows of width 64 (what the default ``use_activation`` sends)."""
 
     mode = "garbled"
+    offset = 0.0  # mode "probe": nats added to the served model's log-probs on /v1/completions
     key = ""  # an API key the requests must carry (vllm serve --api-key)
     max_model_len = 256
 
@@ -73,6 +76,9 @@ class _Fake(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         if self.mode == "slow":
             time.sleep(3)
+        if self.mode.startswith("probe"):
+            self._send(_probe_answer(self.path, body, self.mode == "probe-half", self.offset))
+            return
         if self.path == "/v1/completions":  # garbled: a positive log-prob at the second prompt position
             self._send({"choices": [{"index": j, "prompt_logprobs": [None] + [{str(t): {"logprob": 0.5, "rank": 1}}
                                                                                for t in p[1:]]}
@@ -96,7 +102,35 @@ def fake_server():
     yield httpd
     httpd.shutdown()
     httpd.server_close()
-    _Fake.mode, _Fake.key, _Fake.max_model_len = "garbled", "", 256
+    _Fake.mode, _Fake.key, _Fake.max_model_len, _Fake.offset = "garbled", "", 256, 0.0
+
+
+#: The served model of mode "probe" (the in-process teacher's HF model) and its tokenizer, set by the test using it.
+SERVED: dict[str, Any] = {}
+
+
+def _probe_answer(path: str, body: dict, half: bool, offset: float) -> dict:
+    """The served model's own numbers: /tokenize its tokenizer's ids, /pooling its final-norm states (rounded to bf16 and sent as fp32 when
+    ``half``: what a bf16 server's pooler sends), /v1/completions its log q(y_t) plus ``offset``."""
+    import base64
+
+    if path == "/tokenize":
+        return {"tokens": list(SERVED["tok"](body["prompt"])["input_ids"])}
+    model = SERVED["model"]
+    prompts = body["input"] if path == "/pooling" else body["prompt"]
+    out = []
+    for j, ids in enumerate(prompts):
+        with torch.no_grad():
+            res = model(torch.tensor([ids]), output_hidden_states=True)
+        if path == "/pooling":
+            h = res.hidden_states[-1][0].float()
+            h = h.to(torch.bfloat16).float() if half else h
+            out.append({"index": j, "data": base64.b64encode(h.numpy().tobytes()).decode()})
+        else:
+            logp = torch.log_softmax(res.logits[0].float(), -1)
+            rows = [None] + [{str(y): {"logprob": float(logp[t, y]) + offset, "rank": 1}} for t, y in enumerate(ids[1:])]
+            out.append({"index": j, "prompt_logprobs": rows})
+    return {"data": out} if path == "/pooling" else {"choices": out}
 
 
 def test_a_garbled_or_slow_answer_is_one_line(fake_server, pair, teacher_dir, make_fake_rollout):
@@ -137,6 +171,12 @@ def test_the_api_key_is_sent_and_a_wrong_one_is_one_line(fake_server, pair, teac
     (["model.teacher_server=tgi"], r"teacher_server|server"),
     (["model.teacher=", "model.teachers=[{name: t, model: \"http://a:1\", server: vllm, request_seqs: 0}]"],
      r"request_seqs=0 .*>= 1"),
+    (["model.teacher=", "model.teachers=[{name: t, model: \"http://a:1\", server: vllm, head_reference: "
+      "\"http://b:2\"}]"], r"head_reference checks the output layer of a stock vLLM pooling teacher.*head=DIR"),
+    (["model.teacher=", "model.teachers=[{name: t, model: \"http://a:1\", head: /x, head_reference: \"http://b:2\"}]"],
+     r"head_reference .* \(it needs server=vllm"),
+    (["model.teacher=", "model.teachers=[{name: t, model: \"http://a:1\", server: vllm, head: /x, head_reference: "
+      "\"http://b:2,http://c:3\"}]"], r"head_reference='http://b:2,http://c:3' is invalid: .*one URL"),
 ])
 def test_config_rules(overrides, match, train_overrides):
     with pytest.raises(UserError, match=match):
@@ -177,3 +217,25 @@ def test_the_prompt_budget_fits_the_servers_max_model_len(fake_server, pair, tea
     assert budget == 40 - 1 - 12 and "vLLM --max-model-len=39" in why
     with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir)) as pooling:
         assert prompt_budget(cfg, student, Teachers({ONLY: pooling}))[0] == 40 - 12
+
+
+def test_the_probe_tolerance_follows_the_precision_of_the_pooled_states(fake_server, pair, teacher_dir):
+    """The served model's own numbers, the generate side 0.1 nats off: refused from fp32 states (tolerance 1e-3),
+    passed from states that are bf16 values (a half-precision server: tolerance 0.25); exact numbers pass from fp32
+    states. The real servers' probe (a right and a wrong head) is in test_stock_vllm.py."""
+    tok, student, local = pair
+    SERVED.update(model=local.model, tok=tok)
+    url = f"http://127.0.0.1:{fake_server.server_address[1]}"
+    _Fake.mode = "probe"
+    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), head_reference=url) as remote:
+        line = remote.pairing_checks(student, tok)[-1]
+    assert "tolerance 0.001, fp32 states" in line and float(line.split("within ")[1].split()[0]) < 1e-4
+    _Fake.offset = 0.1
+    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), head_reference=url) as remote:
+        with pytest.raises(UserError, match=r"up to 0.1 nats away .*tolerance 0.001 for fp32 states") as err:
+            remote.pairing_checks(student, tok)
+    assert "\n" not in str(err.value) and str(teacher_dir) in str(err.value)
+    _Fake.mode = "probe-half"
+    with StockVllmTeacher([url], vocab_size=len(tok), head=str(teacher_dir), head_reference=url) as remote:
+        line = remote.pairing_checks(student, tok)[-1]
+    assert "tolerance 0.25, half-precision states" in line

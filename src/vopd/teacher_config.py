@@ -2,14 +2,14 @@
 
 What it knows: every option of one frozen teacher (its name, where it is: a local model directory, the URL of a
 teacher server and the server's kind, or ``self``; its dtypes, the output layer a server's hidden states are projected
-with, the remote patience, overlapped scoring, whether an in-process teacher is sharded over the ranks and offloaded
-to host memory, and how it reads a prompt of its own), the rules of one entry and of
-the list, and how the keys of earlier vopd versions (``model.teacher_*``, ``model.teachers={name: PATH}``,
-``model.teacher_heads``, ``data.teacher_prompt_field``/``teacher_system_prompt``/``teacher_own_template``) map onto
-entries (``migrate``: with one notice per old key, and the old spelling of each moved key so that an error names the
-key as it was written). The one-teacher shorthand ``model.teacher=PATH`` is the entry ``{name: teacher, model:
-PATH}`` (``entries``). What it does NOT know: the other config sections (``vopd.config_sections``; ``vopd.config``
-calls this module), loading files, or how a teacher is opened and scores (``vopd.teacher``).
+with and the generate server it is checked against, the remote patience, overlapped scoring, whether an in-process
+teacher is sharded over the ranks and offloaded to host memory, and how it reads a prompt of its own), the rules of
+one entry and of the list, and how the keys of earlier vopd versions (``model.teacher_*``, ``model.teachers={name:
+PATH}``, ``model.teacher_heads``, ``data.teacher_prompt_field``/``teacher_system_prompt``/``teacher_own_template``)
+map onto entries (``migrate``: with one notice per old key, and the old spelling of each moved key so that an error
+names the key as it was written). The one-teacher shorthand ``model.teacher=PATH`` is the entry ``{name: teacher,
+model: PATH}`` (``entries``). What it does NOT know: the other config sections (``vopd.config_sections``;
+``vopd.config`` calls this module), loading files, or how a teacher is opened and scores (``vopd.teacher``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,12 @@ class TeacherConfig:
         "", "Teacher server only: local directory of the checkpoint the server serves (config.json + safetensors). "
         "Only its output layer is loaded here; the server sends hidden states, and every method is exact remotely "
         "(docs/teacher_server.md, \"Protocol 3\").")
+    head_reference: str = option(
+        "", "Stock vLLM pooling teacher only (server=vllm with head): URL of a generate-route vLLM server of the same "
+        "model (http://HOST:PORT, started without --runner pooling). The pre-flight scores one probe sequence both "
+        "ways (the pooling route's hidden states through head, and that server's prompt_logprobs) and refuses a "
+        "head of another checkpoint than the served one. Empty: the head is checked for its width only "
+        "(docs/teacher_server.md, \"Stock vLLM servers\").")
     dtype: Dtype = option("auto", "Teacher weights dtype (in process); auto = bfloat16 on CUDA, float32 on CPU.")
     hidden_dtype: HiddenDtype = option(
         "auto", "Hidden states from a teacher server (with head): auto (bfloat16 when the server's weights are half "
@@ -128,6 +134,13 @@ class TeacherConfig:
         if self.server != "vopd" and not self.remote:
             raise UserError(f"config key {key}.server={self.server} names a kind of teacher server, but {key}.model="
                             f"{self.model!r} is not a URL: set {key}.model=http://HOST:PORT or remove {key}.server")
+        if self.head_reference and not (self.server == "vllm" and self.remote and self.head):
+            raise UserError(f"config key {key}.head_reference checks the output layer of a stock vLLM pooling "
+                            f"teacher, but {key} is not one (it needs server=vllm, a URL as model, and head=DIR): "
+                            f"set those or remove {key}.head_reference")
+        if self.head_reference:
+            check(is_remote(self.head_reference) and not set(" ,") & set(self.head_reference),
+                  f"{key}.head_reference", self.head_reference, "one URL http://HOST:PORT of a generate-route server")
         check(self.request_seqs >= 1, f"{key}.request_seqs", self.request_seqs, ">= 1")
         check(self.request_mb > 0, f"{key}.request_mb", self.request_mb, "> 0")
         check(self.timeout_s > 0, f"{key}.timeout_s", self.timeout_s, "> 0")

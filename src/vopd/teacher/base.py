@@ -11,7 +11,7 @@ of the teacher's own is ``vopd.teacher.reprompt``), the loss math, or the loop.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -139,9 +139,10 @@ def open_teacher(entry: TeacherConfig, *, vocab_size: int, device: torch.device,
             from vopd.teacher.stock_vllm import StockVllmTeacher
 
             stock = StockVllmTeacher if entry.server == "vllm" else StockSglangTeacher
+            extra: dict[str, Any] = {"head_reference": entry.head_reference or None} if entry.server == "vllm" else {}
             return stock([u.strip() for u in path.split(",")], vocab_size=vocab_size, head=entry.head or None,
                          timeout_s=entry.timeout_s, retries=entry.retries, max_seqs=entry.request_seqs,
-                         max_mb=entry.request_mb, trust_remote_code=trust_remote_code)
+                         max_mb=entry.request_mb, trust_remote_code=trust_remote_code, **extra)
         assert entry.server == "vopd"  # the kinds of TeacherConfig.server
         return RemoteTeacher(path, timeout_s=entry.timeout_s, retries=entry.retries, head=entry.head or None,
                              hidden_dtype=entry.hidden_dtype, trust_remote_code=trust_remote_code)

@@ -11,8 +11,9 @@ Requests are cut by sequences and bytes (``vopd.teacher.http.pack``) and spread 
 teacher (``vopd.teacher.stock``, shared with the SGLang client). The pre-flight (``pairing_checks``): every
 replica serves the same model name and ``max_model_len``, its tokenizer (``/tokenize``) encodes probe texts as the
 student's does, and on the pooling route a probe's hidden states have the head's width and are not L2-normalised
-rows; the longest sequence the servers take (``position_limit``, for the run's prompt budget); per-replica counts
-(``server_metrics``).
+rows, and with a generate server of the same model (``head_reference``) their log-probs through the head are that
+server's (``vopd.teacher.stock_probe``); the longest sequence the servers take (``position_limit``, for the run's
+prompt budget); per-replica counts (``server_metrics``).
 
 What it does not know: the student's top-k ids on the generate route (``prompt_logprob_token_ids`` needs vLLM's
 Model Runner V2 behind ``/inference/v1/generate``, not reachable on the CPU build: refused, naming the pooling
@@ -29,10 +30,11 @@ from torch import Tensor
 from vopd.errors import UserError
 from vopd.rollout import Rollout
 from vopd.teacher.answers import Answers, lacks
-from vopd.teacher.http import Item, Rejected, pack
+from vopd.teacher.http import Item, Rejected, Session, pack
 from vopd.teacher.replies import ABSURD, check_hidden
 from vopd.teacher.stock import ADVICE as _ADVICE
 from vopd.teacher.stock import PROBE_TEXTS, StockTeacher
+from vopd.teacher.wire import TOKEN_ENV
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
@@ -49,10 +51,22 @@ class StockVllmTeacher(StockTeacher):
     urls: ``http://host:port`` each. ``head``: the local checkpoint the servers serve; given, the servers are asked for
     hidden states (pooling route) and ``score`` returns ``TeacherHidden``; else the generate route (log-probs).
     ``max_seqs``, ``max_mb``: the most sequences and request/answer megabytes of one request. ``token``: the API key
-    (``vllm serve --api-key``), None reads ``$VOPD_TEACHER_TOKEN``.
+    (``vllm serve --api-key``), None reads ``$VOPD_TEACHER_TOKEN``. ``head_reference``: the URL of a generate-route
+    server of the same model, which the pre-flight checks the head against (``pairing_checks``).
     """
 
     engine, logprob_server, hidden_route = "vLLM", "generate", "the pooling route"
+
+    def __init__(self, urls: list[str], *, head_reference: str | None = None, token: str | None = None,
+                 timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5, **kw: Any) -> None:
+        super().__init__(urls, token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, **kw)
+        self.reference = None if not head_reference else Session(
+            head_reference, token=token, token_env=TOKEN_ENV, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+
+    def close(self) -> None:
+        super().close()
+        if self.reference is not None:
+            self.reference.close()
 
     def model_info(self) -> dict[str, Any]:
         """The served model's name and ``max_model_len`` (``GET /v1/models``), the same on every replica."""
@@ -92,7 +106,8 @@ class StockVllmTeacher(StockTeacher):
 
     def pairing_checks(self, student: Model, student_tok: Tokenizer) -> list[str]:
         """The served model, its tokenizer against the student's (``/tokenize`` of probe texts) and, on the pooling
-        route, the output layer against a probe's hidden states: width, not L2-normalised."""
+        route, the output layer against a probe's hidden states: width, not L2-normalised, and its log-probs against
+        the generate server ``head_reference`` (``vopd.teacher.stock_probe``; without one, a line says so)."""
         info = self.model_info()
         self.tokenizer_checks(student_tok)
         lines = [f"vLLM teacher {self.url} ({info['name']}, max_model_len {info['max_model_len']}, "
@@ -100,9 +115,13 @@ class StockVllmTeacher(StockTeacher):
         if self.head_path is not None:
             head = self._output_layer()
             ids = list(student_tok(PROBE_TEXTS[1])["input_ids"])
-            self._pooled([ids], head.weight.shape[1])  # checks width and scale
+            states = self._pooled([ids], head.weight.shape[1])[0]  # checks width and scale
             lines.append(f"pooling route: hidden states of width {head.weight.shape[1]} with the output layer of "
                          f"{self.head_path} ({tuple(head.weight.shape)}), not L2-normalised: every method exact")
+            from vopd.teacher.stock_probe import check_head, unchecked
+
+            lines.append(unchecked(self.head_path) if self.reference is None else
+                         check_head(head, self.head_path, states, ids, self.url, self.reference, ADVICE))
         return lines
 
     # -- scoring (``StockTeacher.score``) -------------------------------------------------------------------------
