@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from vopd.teacher.routing import Teachers
 
 #: The modes timed, and their rows' names; the vLLM ones only with --stock-vllm.
-NAMES = {"in-process": "in process", "inline": "server, scoring inline", "overlap": "server, scoring overlapped", "vllm-inline": "stock vLLM, scoring inline",
-         "vllm-overlap": "stock vLLM, scoring overlapped"}
+NAMES = {"in-process": "in process", "inline": "server, scoring inline", "overlap": "server, scoring overlapped",
+         "vllm-inline": "stock vLLM, scoring inline", "vllm-overlap": "stock vLLM, scoring overlapped"}
 
 
 def add_overlap_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,9 +126,9 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
             tok = load_tokenizer(str(student_dir))
             student = load_model(str(student_dir), role="student", dtype=torch.float32, device=cpu)
             cfgs = _configs(args, student_dir, teacher_dir, url, vllm_url)
-            opened: dict[str, Teachers] = {mode: open_teachers(cfgs[mode], vocab_size=len(tok), device=cpu, student=student,
-                                          student_tok=tok) for mode in ("in-process", "inline", "vllm-inline")
-                      if mode in cfgs}  # one client per server: overlap is the step's choice, not the client's
+            opened: dict[str, Teachers] = {  # one client per server: overlap is the step's choice, not the client's
+                mode: open_teachers(cfgs[mode], vocab_size=len(tok), device=cpu, student=student, student_tok=tok)
+                for mode in ("in-process", "inline", "vllm-inline") if mode in cfgs}
             teachers = {mode: opened[mode if mode == "in-process" else mode.replace("overlap", "inline")]
                         for mode in cfgs}
             rollout = random_rollout(tok, args.batch, args.prompt_len, args.completion_len,

