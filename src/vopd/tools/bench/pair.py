@@ -1,8 +1,9 @@
 """A teacher/student pair for the teacher-server benchmarks, and a real `vopd serve-teacher` process serving one.
 
-What it knows: building a tiny random teacher and student that share one tokenizer (no download, seconds), and
-starting ``vopd serve-teacher`` on a free loopback port, waiting for ``/health``. What it does not know: what a
-benchmark measures with them (``vopd.tools.bench.overlap``, ``vopd.tools.bench.payload``).
+What it knows: building a tiny random teacher and student that share one tokenizer (no download, seconds), a batch of
+random rollouts over a tokenizer, and starting ``vopd serve-teacher`` on a free loopback port, waiting for
+``/health``. What it does not know: what a benchmark measures with them (``vopd.tools.bench.overlap``,
+``vopd.tools.bench.payload``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from vopd.errors import UserError
+
+if TYPE_CHECKING:
+    from vopd.models import Tokenizer
+    from vopd.rollout import Rollout
 
 
 def tiny_pair(root: Path) -> tuple[Path, Path]:
@@ -32,6 +40,19 @@ def tiny_pair(root: Path) -> tuple[Path, Path]:
         tok.save_pretrained(root / name)
         paths.append(root / name)
     return paths[0], paths[1]
+
+
+def random_rollout(tok: Tokenizer, batch: int, prompt_len: int, completion_len: int,
+                   gen: torch.Generator) -> Rollout:
+    """``batch`` sequences of ``prompt_len`` random prompt ids and ``completion_len`` random completion ids (from 3:
+    no special tokens), with made-up sampler log-probs: a rollout to score without sampling."""
+    from vopd.rollout import pack
+    from vopd.sampling import Samples
+
+    vocab = len(tok)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+    comps = [torch.randint(3, vocab, (completion_len,), generator=gen).tolist() for _ in prompts]
+    return pack(prompts, Samples(comps, [[-1.0] * len(c) for c in comps], [False] * len(comps)), tok.pad_token_id)
 
 
 def serve_teacher(teacher: Path, threads: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
