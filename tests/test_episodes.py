@@ -374,3 +374,73 @@ def test_train_with_the_calculator_logs_episode_metrics_and_resumes_exactly(engi
     train(part, stop_at=2, log=lambda _m: None)
     train(part, start=Start.resume(), log=lambda _m: None)
     assert _metrics(tmp_path / "part") == lines
+
+
+class ToolSampler:
+    """Turns that are a function of the prompt so far (so that any rank draws the same): a few tokens, then a
+    malformed tool call (the calculator answers with an error, the episode goes on), a final answer, or nothing
+    (cut)."""
+
+    def __init__(self, tok):
+        self.ids = [tok.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>", "<|im_end|>")]
+
+    def __call__(self, prompts):
+        completions = []
+        for p in prompts:
+            h = sum(p) * 31 + len(p)
+            body = [5 + (h * (j + 7) + 11 * j) % 180 for j in range(2 + h % 4)]
+            end = [[self.ids[0], *body, self.ids[1]], [*body, self.ids[2]], body][h % 3 if len(p) % 5 else 1]
+            completions.append(end)
+        return Samples(completions, [[-1.0 - 0.25 * (j % 3) for j in range(len(c))] for c in completions],
+                       [False] * len(prompts))
+
+
+def _rank(rank: int, world: int, port: int, overrides: list[str]) -> None:
+    import os
+
+    from vopd import distributed as dist
+    from vopd.config import load_config
+    from vopd.train import train
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    clean = False
+    try:
+        train(load_config(None, overrides), make_sampler=lambda _m, tok, _r: ToolSampler(tok), log=lambda _m: None)
+        clean = True
+    finally:
+        dist.shutdown(clean=clean)
+
+
+@pytest.mark.parametrize("extra", [[], ["micro_batch_tokens=2000"]], ids=["rows", "token-balanced"])
+def test_two_ranks_of_episodes_equal_one_process(extra, tool_world, train_overrides, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from vopd.config import load_config
+    from vopd.train import train
+
+    student_dir, teacher_dir, _tok = tool_world
+    base = [*train_overrides, f"model.student={student_dir}", f"model.teacher={teacher_dir}", "rollout.env=calculator",
+            "rollout.max_turns=3", "rollout.max_total_tokens=150", "rollout.max_new_tokens=10",
+            "data.max_prompt_tokens=1000", "batch_size=8", "micro_batch_size=2", "optim.eps=1.0", "steps=2",
+            "save_every=0", "rollout.check_sync=false", *extra]  # the scripted sampler's log-probs are not the model's
+    train(load_config(None, base + [f"output_dir={tmp_path / 'one'}"]),
+          make_sampler=lambda _m, tok, _r: ToolSampler(tok), log=lambda _m: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank, args=(2, port, base + [f"output_dir={tmp_path / 'two'}"]), nprocs=2, join=True,
+                       start_method="spawn")
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert any(m["env_token_frac"] > 0 and m["tool_errors_mean"] > 0 for m in one)
+    for x, y in zip(one, two, strict=True):
+        for key in ("loss", "grad_norm", "kl_estimate", "tokens", "reward_var"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    a, b = load_file(str(tmp_path / "one" / "final" / "model.safetensors")), \
+        load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

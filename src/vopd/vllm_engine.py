@@ -366,9 +366,8 @@ class VllmSampler:
 
 def sample(llm: LLM, prompts: list[list[int]], seeds: list[int], settings: SamplingSettings, stop_ids: list[int], *,
            logprobs: bool, max_tokens: list[int] | None = None) -> Samples:
-    """One ``generate`` call: prompt i sampled with request seed ``seeds[i]`` at ``settings`` (greedy: temperature 0,
-    vLLM's argmax), stopping at ``stop_ids``, to ``max_tokens[i]`` tokens (None: ``settings.max_new_tokens``); the
-    sampler's log-prob of each token when ``logprobs``."""
+    """One ``generate`` call: prompt i sampled with seed ``seeds[i]`` at ``settings`` (greedy: vLLM's argmax) to
+    ``max_tokens[i]`` tokens (None: ``settings.max_new_tokens``), stopping at ``stop_ids``; log-probs if asked."""
     vllm = _import_vllm()
     if not prompts:
         return Samples([], [], [])
