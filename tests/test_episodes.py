@@ -444,3 +444,25 @@ def test_two_ranks_of_episodes_equal_one_process(extra, tool_world, train_overri
         load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_an_environment_needs_a_chat_template(micro_world, train_overrides):
+    from vopd.config import load_config
+    from vopd.train import train
+
+    cfg = load_config(None, [*train_overrides, "rollout.env=calculator"])  # the micro world's tokenizer has none
+    with pytest.raises(UserError, match=r"rollout.env=calculator renders every turn with the chat template, but the "
+                                        r"student's tokenizer .* has none") as got:
+        train(cfg, log=lambda _m: None)
+    assert "\n" not in str(got.value)
+
+
+def test_a_template_without_tool_messages_is_one_line(student):
+    tok, _ = student
+    strict = type(tok).from_pretrained(tok.name_or_path)
+    strict.chat_template = tok.chat_template.replace(
+        "{%- elif message.role == 'tool' %}", "{%- elif message.role == 'tool' %}{{ raise_exception('no tools') }}")
+    turns = ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "1"}}\n</tool_call>']
+    with pytest.raises(UserError, match=r"cannot render the conversation at row 0 with the environment's messages "
+                                        r"\(no tools\)"):
+        episodes(strict, ["What is 1?"], Forced(strict, turns), env=Calculator)

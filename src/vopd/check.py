@@ -199,14 +199,17 @@ def training_prompts(cfg: TrainConfig, tok: Tokenizer, student: Model, teachers:
     """The training prompts (``data.*``) that fit ``prompt_budget``, with each teacher's own prompt and each row's
     teacher when configured: what ``vopd train`` trains on and ``vopd check`` reports."""
     from vopd.data import load_prompt_pairs
-    from vopd.prompts import chat_options, teacher_prompts
-
     from vopd.env import env_chat, load_env, tools_of
+    from vopd.prompts import chat_options, has_chat_template, teacher_prompts
 
     budget, limit_name = prompt_budget(cfg, student, teachers)  # data.max_prompt_tokens, or less: a position limit
     single = teachers.single
     chat = chat_options(cfg.data)
     if cfg.rollout.env:  # an episode's rows go through the template with the environment's tools declared
+        if not has_chat_template(tok):
+            raise UserError(f"rollout.env={cfg.rollout.env} renders every turn with the chat template, but the "
+                            f"student's tokenizer ({cfg.model.student}) has none: use a tokenizer with one, or "
+                            "rollout.env='' (single turn)")
         chat = env_chat(chat, tools_of(load_env(cfg.rollout.env), cfg.rollout.env))
     return load_prompt_pairs(
         cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=budget,

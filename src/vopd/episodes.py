@@ -132,8 +132,19 @@ class Renderer:
         self.tokenizer, self.kwargs = tokenizer, dict(template_kwargs)
         self.end_of_turn = set(stop_token_ids(tokenizer))
 
-    def text(self, messages: list[Message]) -> str:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **self.kwargs)
+    def name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__)
+
+    def text(self, messages: list[Message], where: str = "a conversation") -> str:
+        """The template's text of ``messages`` with the generation prompt; a one-line error when it cannot render
+        them (a role it does not know, e.g. ``tool``)."""
+        try:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                     **self.kwargs)
+        except Exception as exc:  # jinja's TemplateError (raise_exception in the template) and friends
+            raise UserError(f"the chat template of {self.name()} cannot render the conversation at {where} with the "
+                            f"environment's messages ({' '.join(str(exc).split())[:160]}): use a template that "
+                            "renders its roles (tool messages: Qwen3's format)") from None
         return str(out)
 
     def decode(self, ids: list[int]) -> str:
@@ -147,11 +158,10 @@ class Renderer:
     def extension(self, so_far: str, messages: list[Message], where: str) -> str:
         """The text the template adds after ``so_far`` (the sequence's text) to render ``messages`` and open the next
         assistant turn; a one-line refusal when its rendering does not start with ``so_far``."""
-        full = self.text(messages)
+        full = self.text(messages, where)
         if not full.startswith(so_far):
             at = next((i for i, (a, b) in enumerate(zip(full, so_far)) if a != b), min(len(full), len(so_far)))
-            name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
-            raise UserError(f"the chat template of {name} does not extend the conversation at {where} when the "
+            raise UserError(f"the chat template of {self.name()} does not extend the conversation at {where} when the "
                             f"environment's messages are appended (it renders {full[at:at + 30]!r} where the sampled "
                             f"sequence has {so_far[at:at + 30]!r}: it rewrites an earlier turn, e.g. drops past "
                             "thinking); multi-turn rollouts append tokens and never re-tokenise what was sampled: use "
