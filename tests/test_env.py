@@ -184,3 +184,17 @@ def test_a_huge_answer_is_cut_to_the_limit():
     (message,) = reply.messages
     assert message["content"] == "x" * 100 + CUT_MARK and message["name"] == "t"
     assert calls.step(_Scripted("ok"), "t", "row 0").messages == ({"role": "user", "content": "go on"},)
+
+
+def test_the_rollout_keys_of_environments_are_validated():
+    from vopd.config import RolloutConfig
+
+    RolloutConfig(env="calculator", max_turns=1, max_total_tokens=0).validate()
+    assert RolloutConfig(env="calculator", max_new_tokens=64).completion_tokens == (64, "rollout.max_new_tokens")
+    assert RolloutConfig(env="calculator", max_total_tokens=300).completion_tokens == (300, "rollout.max_total_tokens")
+    assert RolloutConfig(max_total_tokens=300).completion_tokens[1] == "rollout.max_new_tokens"  # single turn
+    for bad, match in ((dict(env="my env"), "rollout.env"), (dict(max_turns=0), "rollout.max_turns"),
+                       (dict(max_total_tokens=-1), "rollout.max_total_tokens"),
+                       (dict(env_timeout_s=0.0), "rollout.env_timeout_s"), (dict(env_max_chars=0), "env_max_chars")):
+        with pytest.raises(UserError, match=match):
+            RolloutConfig(**bad).validate()

@@ -131,11 +131,12 @@ def prompt_budget(cfg: TrainConfig, student: Model, teachers: Teachers | None = 
     student or of a teacher in this process (the teacher scores prompt + completion too). ``UserError`` when the
     completions alone do not fit."""
     tightest = tightest_limit(student, teachers)
-    longest = max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens if cfg.data.eval else 0)
+    completion, completion_key = cfg.rollout.completion_tokens  # a whole episode with rollout.env
+    longest = max(completion, cfg.eval_max_new_tokens if cfg.data.eval else 0)
     if tightest is None or cfg.data.max_prompt_tokens + longest <= tightest[0]:
         return cfg.data.max_prompt_tokens, f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
     limit, name, whose = tightest
-    key = "rollout.max_new_tokens" if longest == cfg.rollout.max_new_tokens else "eval.max_new_tokens"
+    key = completion_key if longest == completion else "eval.max_new_tokens"
     if longest >= limit:
         raise UserError(f"{key}={longest} leaves no room for a prompt within {whose} position limit "
                         f"({name}={limit}): set {key} below {limit}")
@@ -198,14 +199,23 @@ def training_prompts(cfg: TrainConfig, tok: Tokenizer, student: Model, teachers:
     """The training prompts (``data.*``) that fit ``prompt_budget``, with each teacher's own prompt and each row's
     teacher when configured: what ``vopd train`` trains on and ``vopd check`` reports."""
     from vopd.data import load_prompt_pairs
-    from vopd.prompts import chat_options, teacher_prompts
+    from vopd.env import env_chat, load_env, tools_of
+    from vopd.prompts import chat_options, has_chat_template, teacher_prompts
 
     budget, limit_name = prompt_budget(cfg, student, teachers)  # data.max_prompt_tokens, or less: a position limit
     single = teachers.single
+    chat = chat_options(cfg.data)
+    if cfg.rollout.env:  # an episode's rows go through the template with the environment's tools declared
+        if not has_chat_template(tok):
+            raise UserError(f"rollout.env={cfg.rollout.env} renders every turn with the chat template, but the "
+                            f"student's tokenizer ({cfg.model.student}) has none: use a tokenizer with one, or "
+                            "rollout.env='' (single turn)")
+        chat = env_chat(chat, tools_of(load_env(cfg.rollout.env), cfg.rollout.env))
     return load_prompt_pairs(
         cfg.data.train, tok, field=cfg.data.prompt_field, template=cfg.data.template, max_tokens=budget,
         long_prompts=cfg.data.long_prompts, log=log, limit_name=limit_name, messages_field=cfg.data.messages_field,
-        chat=chat_options(cfg.data), route_field=cfg.data.teacher_field, teacher_names=teachers.names,
+        chat=chat, route_field=cfg.data.teacher_field, teacher_names=teachers.names,
+        keep_messages=bool(cfg.rollout.env),
         # every teacher reads its prompt alike (TrainConfig.validate): the first one's options serve all rows
         teacher=teacher_prompts(cfg.model.teacher_configs[0], cfg.data, tok,
                                 None if single is None else single.tokenizer))
@@ -281,11 +291,12 @@ def batching_checks(cfg: TrainConfig, longest: int, student: Model, vocab: int,
     from vopd.teacher.local import in_process
 
     lines = []
-    need = longest + cfg.rollout.max_new_tokens
+    completion, key = cfg.rollout.completion_tokens
+    need = longest + completion
     if cfg.micro_batch_tokens:
         if cfg.micro_batch_tokens < need:
             raise UserError(f"micro_batch_tokens={cfg.micro_batch_tokens} is below one sequence (prompts up to "
-                            f"{longest} tokens + rollout.max_new_tokens={cfg.rollout.max_new_tokens} = {need}): set "
+                            f"{longest} tokens + {key}={completion} = {need}): set "
                             f"micro_batch_tokens >= {need}, or 0 for micro_batch_size rows")
         lines.append(f"micro-batches: up to {cfg.micro_batch_tokens} token slots each (one sequence needs up to "
                      f"{need})")

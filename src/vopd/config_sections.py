@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from vopd.config_io import option as _opt
 from vopd.config_rules import DEVICE_RE, Dtype, MasterDtype, check
+from vopd.env import check_spec
 from vopd.loss.methods import Method  # the one definition of the method names
 from vopd.prompts import PROMPT_TEMPLATE
 from vopd.teacher_config import TeacherConfig, entries
@@ -136,6 +137,28 @@ class RolloutConfig:
         0.0, "Largest allowed logprob_diff_mean (mean |log p_trainer - log p_sampler| per token) when "
         "rollout.check_sync; 0 = auto: 1e-3 when the student computes in float32 (model.dtype), 5e-2 in "
         "bfloat16/float16.")
+    env: str = _opt(
+        "", "Multi-turn rollouts: the environment that answers each assistant turn (tool results, a user turn) until "
+        "it says done. Empty = single turn; calculator (a safe arithmetic tool); or a user class by import path "
+        "package.module:Name (vopd.env.Env). Its tools are declared to the chat template, every row goes through the "
+        "template, and only the student's own tokens are trained on.")
+    max_turns: int = _opt(8, "With rollout.env: assistant turns per episode, at most (an episode cut there is "
+                          "truncated).")
+    max_total_tokens: int = _opt(
+        0, "With rollout.env: completion tokens per episode, the student's and the environment's together (each "
+        "turn samples at most rollout.max_new_tokens of them); an episode cut there is truncated. 0 = "
+        "rollout.max_new_tokens.")
+    env_timeout_s: float = _opt(30.0, "With rollout.env: seconds one environment call may take; a longer one stops "
+                                "the run with an error naming the row.")
+    env_max_chars: int = _opt(20000, "With rollout.env: characters kept of each message the environment returns (a "
+                              "longer one is cut, marked so).")
+
+    @property
+    def completion_tokens(self) -> tuple[int, str]:
+        """The longest completion (a whole episode with rollout.env) and the key that sets it."""
+        if self.env and self.max_total_tokens:
+            return self.max_total_tokens, "rollout.max_total_tokens"
+        return self.max_new_tokens, "rollout.max_new_tokens"
 
     def validate(self) -> None:
         """The [rollout] ranges (which sampling settings suit which loss method is the trainer's check)."""
@@ -145,6 +168,12 @@ class RolloutConfig:
         check(self.top_k >= 0, "rollout.top_k", self.top_k, ">= 0 (0 = off)")
         check(self.batch_size >= 1, "rollout.batch_size", self.batch_size, ">= 1")
         check(self.sync_tolerance >= 0, "rollout.sync_tolerance", self.sync_tolerance, ">= 0 (0 = auto)")
+        check_spec(self.env)
+        check(self.max_turns >= 1, "rollout.max_turns", self.max_turns, ">= 1")
+        check(self.max_total_tokens >= 0, "rollout.max_total_tokens", self.max_total_tokens,
+              ">= 0 (0 = rollout.max_new_tokens)")
+        check(self.env_timeout_s > 0, "rollout.env_timeout_s", self.env_timeout_s, "> 0")
+        check(self.env_max_chars >= 1, "rollout.env_max_chars", self.env_max_chars, ">= 1")
 
 
 @dataclass

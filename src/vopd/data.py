@@ -22,8 +22,8 @@ from vopd.records import one_line as _one_line
 from vopd.records import read_rows  # noqa: F401 - re-exported: vopd.data.read_rows is the callers' name
 # Prompt rendering lives in vopd.prompts (this module reads the files it renders); the basics are re-exported here
 # for existing callers.
-from vopd.prompts import (PROMPT_TEMPLATE, ChatOptions, RenderChecks, TeacherPrompts,  # noqa: F401
-                          encode_completion, encode_prompt, format_prompt, row_prompts)
+from vopd.prompts import (PROMPT_TEMPLATE, ChatOptions, Message, RenderChecks, TeacherPrompts,  # noqa: F401
+                          encode_completion, encode_prompt, format_prompt, prompt_messages, row_prompts)
 
 #: A Hugging Face tokenizer: ``vopd.models.Tokenizer``, named again here because vopd.models cannot be imported by
 #: this module (it imports vopd.config, which imports this one).
@@ -254,12 +254,14 @@ class PromptSet:
     """The kept rows of a training file: the student's prompt ids, the teacher's own prompt ids (None: the
     student's), and the name of each row's teacher (None: one teacher), all in the same order; ``chat``: whether
     the prompts went through the chat template (``data.text_as_chat``, or a conversation row), which the pre-flight's
-    template checks need (the file is read once)."""
+    template checks need (the file is read once); ``messages``: each row's first messages, the conversation its
+    prompt is rendered from (``vopd.prompts.prompt_messages``), kept for multi-turn episodes (``rollout.env``)."""
 
     student: list[list[int]]
     teacher: list[list[int]] | None = None
     routes: list[str] | None = None
     chat: bool = False
+    messages: list[list[Message]] | None = None
 
 
 def _route(row: dict[str, Any], field: str, names: Collection[str], where: str) -> str:
@@ -294,17 +296,18 @@ def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, tem
                       long_prompts: str, log: Callable[[str], None], limit_name: str = "",
                       messages_field: str = "messages", chat: ChatOptions = ChatOptions(),
                       teacher: TeacherPrompts | None = None, route_field: str = "",
-                      teacher_names: Collection[str] = ()) -> PromptSet:
+                      teacher_names: Collection[str] = (), keep_messages: bool = False) -> PromptSet:
     """Prompt ids of a training file (config keys ``data.*``), the teacher's own prompt ids per kept row when
     ``teacher`` is given, rendered by ``vopd.prompts.row_prompts`` (a row's conversation in ``messages_field`` or its
     text in ``field``), and with ``route_field`` each row's teacher, which must be one of ``teacher_names`` (checked
     for every row before training starts). Rows with a prompt longer than ``max_tokens`` are skipped (and counted)
     or refused, per ``long_prompts`` ("skip" or "error"). ``limit_name`` says in messages what sets ``max_tokens``
-    (default: ``data.max_prompt_tokens=N``)."""
+    (default: ``data.max_prompt_tokens=N``); ``keep_messages``: each kept row's first messages too."""
     limit_name = limit_name or f"data.max_prompt_tokens={max_tokens}"
     rows = training_rows(path, messages_field)
     kept: list[list[list[int]]] = []
     routes: list[str] = []
+    firsts: list[list[Message]] = []
     skipped, checked = 0, RenderChecks(log)
     chatting = chat.text_as_chat
     # Tokenizing a huge line only to skip it cost 0.8 GB and 11 s for 2.2 MB: a text of more characters than the
@@ -331,9 +334,12 @@ def load_prompt_pairs(path: str | Path, tokenizer: Tokenizer, *, field: str, tem
             continue
         kept.append(ids)
         routes.append(route)
+        if keep_messages:  # the row's conversation, else its text (row_prompts has checked that it holds one)
+            prompt = row[messages_field] if isinstance(row.get(messages_field), list) else row[field]
+            firsts.append(prompt_messages(tokenizer, prompt, template=template, chat=chat, where=f"{path} {where}"))
     if skipped:
         log(f"skipped {skipped} of {len(rows)} prompts longer than {max_tokens} tokens")
     if not kept:
         raise UserError(f"no usable prompt in {path} (all {len(rows)} longer than {limit_name})")
     return PromptSet([k[0] for k in kept], None if teacher is None else [k[1] for k in kept],
-                     routes if route_field else None, chatting)
+                     routes if route_field else None, chatting, firsts if keep_messages else None)

@@ -229,7 +229,7 @@ def _trace(cfg: TrainConfig, world_size: int, target: torch.device, precision: P
     track_resident(trace, wrapped, teachers, master_tag=master)
     # A rank's rows as the trainer splits them (vopd.step.micro_batch_rows); two micro-batches are the steady state.
     per_rank = max(1, cfg.batch_size // world_size)
-    prompt, completion = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
+    prompt, completion = cfg.data.max_prompt_tokens, cfg.rollout.completion_tokens[0]
     rows = _planned_rows(cfg, per_rank, prompt + completion)
     mb = planned_rollout(min(per_rank, 2 * rows), prompt, completion, vocab, teachers)
     with trace:

@@ -319,6 +319,19 @@ class PhaseTimer:
 
 
 def rollout_metrics(r: Rollout) -> dict[str, float]:
+    """The rollout's lengths and truncations on this rank; with multi-turn episodes (``Rollout.episodes``) also their
+    turns, tool calls and errors per episode, the environment's share of the completion tokens and the mean final
+    reward over the episodes that gave one (docs/metrics.md, "Rollouts")."""
     lengths = r.completion_lengths
-    return {"completion_len_mean": sum(lengths) / max(len(lengths), 1), "completion_len_max": max(lengths, default=0),
-            "truncation_rate": sum(r.truncated) / max(len(r.truncated), 1)}
+    out = {"completion_len_mean": sum(lengths) / max(len(lengths), 1), "completion_len_max": max(lengths, default=0),
+           "truncation_rate": sum(r.truncated) / max(len(r.truncated), 1)}
+    if r.episodes:
+        n = len(r.episodes)
+        out.update(turns_mean=sum(e.turns for e in r.episodes) / n,
+                   tool_calls_mean=sum(e.tool_calls for e in r.episodes) / n,
+                   tool_errors_mean=sum(e.tool_errors for e in r.episodes) / n,
+                   env_token_frac=sum(e.env_tokens for e in r.episodes) / max(sum(lengths), 1))
+        rewards = [e.reward for e in r.episodes if e.reward is not None]
+        if rewards:
+            out["env_reward_mean"] = sum(rewards) / len(rewards)
+    return out

@@ -201,14 +201,20 @@ def render_prompt(tokenizer: Tokenizer, prompt: Prompt, *, template: str = PROMP
     """The prompt ids of one row: the one rendering SFT, rollouts, the teacher and evaluation use. A text is
     ``encode_prompt(format_prompt(text, template))`` (or, with ``chat.text_as_chat``, a user turn); a conversation
     is rendered by the chat template with the generation prompt (``chat`` options applied)."""
-    if isinstance(prompt, str):
-        if not chat.text_as_chat:
-            return encode_prompt(tokenizer, format_prompt(prompt, template))
-        messages = [{"role": "user", "content": format_prompt(prompt, template)}]
-    else:
-        messages = check_messages(prompt, where, template_roles(tokenizer))
-    return chat_ids(tokenizer, _with_system(messages, chat), add_generation_prompt=True,
-                    kwargs=chat.template_kwargs, where=where, as_text=isinstance(prompt, str))
+    if isinstance(prompt, str) and not chat.text_as_chat:
+        return encode_prompt(tokenizer, format_prompt(prompt, template))
+    return chat_ids(tokenizer, prompt_messages(tokenizer, prompt, template=template, chat=chat, where=where),
+                    add_generation_prompt=True, kwargs=chat.template_kwargs, where=where,
+                    as_text=isinstance(prompt, str))
+
+
+def prompt_messages(tokenizer: Tokenizer, prompt: Prompt, *, template: str = PROMPT_TEMPLATE,
+                    chat: ChatOptions = ChatOptions(), where: str = "prompt") -> list[Message]:
+    """The conversation a prompt is rendered from through the chat template (a text: one user turn after the text
+    template), the system prompt of ``chat`` put first: what a multi-turn episode starts from (``vopd.episodes``)."""
+    messages = [{"role": "user", "content": format_prompt(prompt, template)}] if isinstance(prompt, str) else \
+        check_messages(prompt, where, template_roles(tokenizer))
+    return _with_system(messages, chat)
 
 
 @dataclass(frozen=True)

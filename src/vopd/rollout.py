@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vopd.errors import UserError
-from vopd.sampling import Cache, Samples, biasing_settings, generate
+from vopd.sampling import Cache, Episode, Samples, biasing_settings, generate
 
 if TYPE_CHECKING:
     from vopd.config import RolloutConfig
@@ -52,6 +52,9 @@ class Rollout:
                       the sequences concatenated without padding, (1, L) each token's position in its own sequence;
                       ``starts[i]`` is where sequence i begins in the row. Attention never crosses a boundary; the
                       last position of a sequence predicts the next one's first token, never in ``loss_mask``.
+    episodes:         per sequence, what its multi-turn episode did (``vopd.sampling.Episode``: turns, tool calls,
+                      environment tokens), read by the step's metrics; None: single-turn rollouts, and micro-batches
+                      (``select``, ``take``), which no metric reads them from.
     """
 
     input_ids: Tensor
@@ -67,6 +70,7 @@ class Rollout:
     weights_version: int = 0
     position_ids: Tensor | None = None
     starts: tuple[int, ...] | None = None
+    episodes: list[Episode] | None = None
 
     @property
     def size(self) -> int:
@@ -143,7 +147,7 @@ class Rollout:
                        self.loss_mask.to(device), self.sampler_logprobs.to(device), self.prompt_lengths,
                        self.completion_lengths, self.truncated, self.teacher_prompts, self.routes,
                        self.weights_version, None if self.position_ids is None else self.position_ids.to(device),
-                       self.starts)
+                       self.starts, self.episodes)
 
     def pick(self, x: Tensor, rows: list[int]) -> Tensor:
         """A tensor on this rollout's targets grid (B, L-1, ...) restricted to the sequences ``rows``, on the grid of
@@ -237,6 +241,7 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
         teacher_prompts=None if teacher_prompts is None else [list(p) for p in teacher_prompts],
         routes=None if routes is None else list(routes),
         weights_version=weights_version,
+        episodes=None if samples.episodes is None else list(samples.episodes),
     )
 
 
@@ -246,6 +251,9 @@ def pack(prompts: list[list[int]], samples: Samples, pad_id: int, *,
 #: sampler's log-prob of each completion token (they feed the importance ratio, so an engine whose numerics differ
 #: from the trainer's is corrected for, up to ``loss.ratio_cap``); ``truncated[i]`` when no EOS was generated.
 Sampler = Callable[[list[list[int]]], Samples]
+#: Samples the rows of the prompt set given by their indices and their prompt ids (``vopd.episodes.EpisodeRows``: a
+#: row's episode needs more than its ids), with the ``Sampler`` contract otherwise.
+RowsSampler = Callable[[list[int], list[list[int]]], Samples]
 
 
 class RolloutSource(Protocol):
@@ -264,11 +272,12 @@ class OnPolicyRollouts:
     asked, by the sampler over the live student, so from the weights after k steps (version k)."""
 
     def __init__(self, sample: Sampler, prompts: PromptSet, stream: PromptStream, pad_id: int, *, batch_size: int,
-                 rank: int, world_size: int, balance: bool = False) -> None:
+                 rank: int, world_size: int, balance: bool = False, rows: RowsSampler | None = None) -> None:
         """``balance``: after sampling, the step's sequences are redistributed over the ranks by tokens
         (``vopd.batching.balance``): each rank samples its share of the prompts and trains on a share of near-equal
-        tokens (the gradient is the same sum: docs/estimators.md)."""
-        self.sample, self.prompts, self.stream, self.pad_id = sample, prompts, stream, pad_id
+        tokens (the gradient is the same sum: docs/estimators.md). ``rows``: samples the rows itself instead of
+        ``sample`` (multi-turn episodes, ``rollout.env``)."""
+        self.sample, self.prompts, self.stream, self.pad_id, self.rows = sample, prompts, stream, pad_id, rows
         per_rank = batch_size // world_size
         self.batch_size, self.lo, self.hi = batch_size, rank * per_rank, (rank + 1) * per_rank
         self.rank, self.world_size, self.balance = rank, world_size, balance and world_size > 1
@@ -277,12 +286,17 @@ class OnPolicyRollouts:
         ids = self.stream.take(self.batch_size)[self.lo:self.hi]
         p = self.prompts
         batch = [p.student[i] for i in ids]
-        samples = self.sample(batch)
+        samples = self.sample_rows(ids, batch)
         if self.balance:
             return self._balanced(ids, samples, step)
         own = None if p.teacher is None else [p.teacher[i] for i in ids]
         route = None if p.routes is None else [p.routes[i] for i in ids]
         return pack(batch, samples, self.pad_id, teacher_prompts=own, routes=route, weights_version=step)
+
+    def sample_rows(self, ids: list[int], batch: list[list[int]]) -> Samples:
+        """The completions of the rows ``ids`` of the prompt set, whose prompt ids are ``batch``: the rows sampler's
+        (multi-turn episodes: ``vopd.episodes.EpisodeRows``), else one call of the sampler."""
+        return self.rows(ids, batch) if self.rows is not None else self.sample(batch)
 
     def _balanced(self, ids: list[int], samples: Samples, step: int) -> Rollout:
         """This rank's token-balanced share of every rank's sampled sequences (all gathered: ids, not tensors)."""
@@ -291,15 +305,17 @@ class OnPolicyRollouts:
 
         n = len(ids)
         holes_in: list[list[bool] | None] = list(samples.loss_masks) if samples.loss_masks is not None else [None] * n
+        episodes_in: list[Episode | None] = list(samples.episodes) if samples.episodes is not None else [None] * n
         mine = list(zip(ids, samples.completions, samples.logprobs or [[] for _ in range(n)], samples.truncated,
-                        holes_in))
+                        holes_in, episodes_in))
         every = [item for part in dist.all_gather_object(mine) for item in part]
         p = self.prompts
         lengths = [len(p.student[i]) + len(c) for i, c, *_ in every]
         share = [every[j] for j in balance(lengths, self.world_size)[self.rank]]
-        holes = None if samples.loss_masks is None else [list(h or []) for *_, h in share]
+        holes = None if samples.loss_masks is None else [list(h or []) for *_, h, _e in share]
+        episodes = None if samples.episodes is None else [e for *_, e in share if e is not None]
         got = Samples([c for _i, c, *_ in share], [list(lp) for _i, _c, lp, *_ in share] if samples.logprobs else [],
-                      [t for _i, _c, _lp, t, _h in share], holes)
+                      [t for _i, _c, _lp, t, *_ in share], holes, episodes)
         chosen = [i for i, *_ in share]
         return pack([p.student[i] for i in chosen], got, self.pad_id,
                     teacher_prompts=None if p.teacher is None else [p.teacher[i] for i in chosen],

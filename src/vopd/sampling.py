@@ -109,6 +109,19 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
+class Episode:
+    """What one multi-turn episode did (``vopd.episodes``): its assistant ``turns``, the tool calls among its
+    environment's messages and how many of them were errors, the completion tokens the environment wrote, and the
+    environment's final ``reward`` (metrics only; None: it gave none)."""
+
+    turns: int
+    tool_calls: int = 0
+    tool_errors: int = 0
+    env_tokens: int = 0
+    reward: float | None = None
+
+
+@dataclass(frozen=True)
 class Samples:
     """Completions for a batch of prompts. Lists are per sequence, without padding.
 
@@ -117,13 +130,15 @@ class Samples:
     (empty lists when not requested); ``truncated[i]`` is True when no stop token was produced within
     ``max_new_tokens``. ``loss_masks[i]``, when given, says per completion token whether the student sampled it
     (True: it is trained on) or not (False: a tool's output, another speaker's turn, a forced token: the student and
-    the teacher read it, the loss skips it); None: every completion token was sampled.
+    the teacher read it, the loss skips it); None: every completion token was sampled. ``episodes[i]``: what the
+    multi-turn episode of completion i did (``Episode``); None: single-turn completions.
     """
 
     completions: list[list[int]]
     logprobs: list[list[float]]
     truncated: list[bool]
     loss_masks: list[list[bool]] | None = None
+    episodes: list[Episode] | None = None
 
 
 @torch.no_grad()

@@ -33,7 +33,8 @@ from vopd import fingerprint
 from vopd.check import preflight, training_prompts
 from vopd.config import TrainConfig, config_to_dict, save_config
 from vopd.data import PromptSet, PromptStream
-from vopd.engines import engine_factory
+from vopd.engines import engine_factory, turn_sampler
+from vopd.episodes import EpisodeRows
 from vopd.errors import UserError
 from vopd.fsfaults import one_line
 from vopd.loss.plan import LossPlan
@@ -41,6 +42,7 @@ from vopd.metrics import METRICS_FILE, MetricsWriter
 from vopd.models import (Tokenizer, apply_lora, enable_gradient_checkpointing, load_student, logit_transform,
                          resolve_device)
 from vopd.precision import resolve_precision
+from vopd.prompts import chat_options
 from vopd.rollout import OnPolicyRollouts, RolloutSource, Sampler, SamplerFactory
 from vopd.rundir import Claim, check_output_paths, claim_output_dir, judge_output_dir
 from vopd.sharding import teacher_is_sharded
@@ -266,6 +268,8 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
             info("rollout engine: vLLM started (weights pushed from the student before every step)")
         if make_sampler is not None or cfg.rollout.engine == "hf":  # FSDP2: generate on the sharded module, in step
             sample = student.inferring(sample)  # (the vLLM push gathers each weight itself: no root to gather)
+        turns = None if not cfg.rollout.env else turn_sampler(  # multi-turn episodes (vopd.episodes), on its engine
+            cfg, sample, student.model, tok, precision, custom=make_sampler is not None, sharded=student.sharded)
         start_from = dist.on_main(lambda: _claim(claim, cfg, info))  # the same on every rank
         if start.how == "resume" and start.checkpoint is None and start_from is None:
             info(f"resume: no checkpoint in {out_dir} yet; starting from step 0")
@@ -276,9 +280,10 @@ def set_up(cfg: TrainConfig, start: Start, *, log: Callable[[str], None],
             state = _resume(start_from, student, optimizer, scheduler, info, rules)
         state.world_size, state.data_fingerprint = dist.world_size(), rules.data.to_dict()
         stream = PromptStream(len(prompts.student), seed=cfg.seed, shuffle=cfg.data.shuffle, **state.data)
+        rows = None if turns is None else EpisodeRows.for_run(cfg.rollout, chat_options(cfg.data), prompts, tok, turns)
         source = OnPolicyRollouts(sample, prompts, stream, tok.pad_token_id, batch_size=cfg.batch_size,
                                   rank=dist.rank(), world_size=dist.world_size(),
-                                  balance=cfg.micro_batch_tokens > 0)
+                                  balance=cfg.micro_batch_tokens > 0, rows=rows)
         # The history continues at the resumed step: later lines (about to be recomputed) and torn ones are dropped.
         with one_line(f"cannot open the history {out_dir / METRICS_FILE}", lambda: "free disk space or fix the cause, "
                       "and run the command again (the checkpoints are untouched)"):

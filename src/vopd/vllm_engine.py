@@ -270,7 +270,6 @@ def _refusal(shape: EngineShape, exc: BaseException) -> UserError:
     return UserError(f"vLLM cannot serve the student {shape.model_dir} ({why}); use rollout.engine=hf")
 
 
-
 def shutdown() -> None:
     """Shut the live engine down (frees its memory; the next run builds a new one)."""
     global _live
@@ -366,17 +365,18 @@ class VllmSampler:
 
 
 def sample(llm: LLM, prompts: list[list[int]], seeds: list[int], settings: SamplingSettings, stop_ids: list[int], *,
-           logprobs: bool) -> Samples:
-    """One ``generate`` call: prompt i sampled with request seed ``seeds[i]`` at ``settings`` (greedy: temperature 0,
-    vLLM's argmax), stopping at ``stop_ids``; the sampler's log-prob of each token when ``logprobs``."""
+           logprobs: bool, max_tokens: list[int] | None = None) -> Samples:
+    """One ``generate`` call: prompt i sampled with seed ``seeds[i]`` at ``settings`` (greedy: vLLM's argmax) to
+    ``max_tokens[i]`` tokens (None: ``settings.max_new_tokens``), stopping at ``stop_ids``; log-probs if asked."""
     vllm = _import_vllm()
     if not prompts:
         return Samples([], [], [])
     s = settings
     temperature, top_p, top_k = (0.0, 1.0, 0) if s.greedy else (s.temperature, s.top_p, s.top_k or 0)
-    params = [vllm.SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=s.max_new_tokens,
+    params = [vllm.SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=int(n),
                                   logprobs=0 if logprobs else None, seed=int(seed), ignore_eos=True,
-                                  stop_token_ids=list(stop_ids)) for seed in seeds]
+                                  stop_token_ids=list(stop_ids))
+              for seed, n in zip(seeds, max_tokens or [s.max_new_tokens] * len(seeds))]
     with _process_state_preserved():
         outs = llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], params, use_tqdm=False)
     completions, lps, truncated = [], [], []
