@@ -78,3 +78,28 @@ def test_the_tools_are_declared_to_the_template(tok):
     messages, _ = probe_episode(Calculator().tools, chat)
     text = _text(tok, _render(tok, messages, chat, gen=False, who="the student"))
     assert "<tools>" in text and '"calculator"' in text.split("\n</tools>")[0].split("<tools>")[-1]
+
+
+def test_the_preflight_of_an_agent_run_runs_them(tok, micro_world, train_overrides, tmp_path):
+    """``vopd.check.preflight`` with rollout.env: the three properties' lines, and a teacher whose template renders
+    tool answers otherwise stops the run before step 1."""
+    from vopd.check import preflight
+    from vopd.config import load_config
+    from vopd.teacher.local import InProcessTeacher
+    from vopd.teacher.routing import Teachers
+    from vopd.world.tiny_models import ModelShape, make_model
+
+    shape = ModelShape(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=32,
+                       max_positions=1024)
+    student, teacher = make_model(shape, tok, seed=1), make_model(shape, tok, seed=2)
+    for name, model in (("s", student), ("t", teacher)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    cfg = load_config(None, [*train_overrides, f"model.student={tmp_path / 's'}", f"model.teacher={tmp_path / 't'}",
+                             "rollout.env=calculator", "data.max_prompt_tokens=1000"])
+    lines = preflight(student, tok, Teachers({"teacher": InProcessTeacher(teacher, len(tok), tokenizer=tok)}), cfg)
+    assert any("appends turns" in line for line in lines) and any("round-trip" in line for line in lines)
+    assert any("render a" in line and "episode with tools to the same ids" in line for line in lines)
+    other = _with(tok, TOOL_CHAT_TEMPLATE.replace("<tool_response>\\n", "<tool_response>"))
+    with pytest.raises(UserError, match="render the same episode with tools to other ids"):
+        preflight(student, tok, Teachers({"teacher": InProcessTeacher(teacher, len(tok), tokenizer=other)}), cfg)

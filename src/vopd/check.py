@@ -190,6 +190,13 @@ def preflight(student: Model, student_tok: Tokenizer, teachers: Teachers, cfg: T
         warnings.warn(note, RuntimeWarning, stacklevel=2)  # a warning: text prompts on a chat model may be meant
     longest = max(map(len, prompts.student)) if prompts is not None and prompts.student else \
         prompt_budget(cfg, student, teachers)[0]
+    if cfg.rollout.env:  # multi-turn: both templates render an episode with tools alike (vopd.agent_checks)
+        from vopd.agent_checks import agent_checks
+        from vopd.env import load_env, tools_of
+        from vopd.prompts import chat_options
+
+        lines += agent_checks(student_tok, [(n if teachers.routed else "", t.tokenizer) for n, t in teachers],
+                              tools_of(load_env(cfg.rollout.env), cfg.rollout.env), chat_options(cfg.data))
     return [*lines, *student_checks(student, student_tok, len(student_tok), cfg, teachers),
             *batching_checks(cfg, longest, student, len(student_tok), teachers)]
 
@@ -222,9 +229,9 @@ def training_prompts(cfg: TrainConfig, tok: Tokenizer, student: Model, teachers:
 
 
 def uses_chat_template(cfg: TrainConfig) -> bool:
-    """Whether training prompts go through the chat template: ``data.text_as_chat``, or a conversation row in
-    ``data.train``."""
-    if cfg.data.text_as_chat:
+    """Whether training prompts go through the chat template: ``data.text_as_chat``, ``rollout.env``, or a
+    conversation row in ``data.train``."""
+    if cfg.data.text_as_chat or cfg.rollout.env:  # an environment's episodes are always chat-rendered
         return True
     if not cfg.data.train:
         return False
