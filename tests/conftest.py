@@ -215,3 +215,11 @@ def launch_teacher_servers(micro_world, tmp_path_factory):
     finally:
         for proc in started:
             _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def tool_world(tmp_path_factory):
+    """(directory of a tiny student, of a teacher, their tokenizer) in Qwen3's tool format (tests/tool_models.py)."""
+    from tool_models import build_tool_world
+
+    return build_tool_world(tmp_path_factory.mktemp("tool_world"))

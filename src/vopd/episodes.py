@@ -70,10 +70,13 @@ class HfTurns:
     per turn over the rows still going (to the longest of their budgets, each cut to its own: ``cut``)."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, temperature: float, top_p: float, top_k: int,
-                 batch_size: int, cache: Cache = "dynamic", autocast: torch.dtype | None = None) -> None:
+                 batch_size: int, cache: Cache = "dynamic", autocast: torch.dtype | None = None,
+                 greedy: bool = False) -> None:
+        """``greedy``: each turn decoded greedily (an evaluation's, ``vopd.eval_episodes``)."""
         self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
         self.temperature, self.top_p, self.top_k, self.batch_size, self.cache = temperature, top_p, top_k, batch_size, \
             cache
+        self.greedy = greedy
 
     def start(self) -> None:
         """Generate reads the live weights: nothing to take."""
@@ -84,7 +87,8 @@ class HfTurns:
     def __call__(self, prompts: list[list[int]], max_tokens: list[int], stop_ids: list[int]) -> Samples:
         out = generate(self.model, self.tokenizer, prompts, max_new_tokens=max(max_tokens, default=1),
                        temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, return_logprobs=True,
-                       batch_size=self.batch_size, cache=self.cache, stop_ids=stop_ids, autocast=self.autocast)
+                       batch_size=self.batch_size, cache=self.cache, stop_ids=stop_ids, autocast=self.autocast,
+                       greedy=self.greedy)
         return cut(out, max_tokens, stop_ids)
 
 
@@ -262,9 +266,11 @@ class EpisodeRows:
     environment from ``first[i]`` (its first messages) and plays an episode (``run_episodes``)."""
 
     def __init__(self, first: list[list[Message]], factory: EnvFactory, calls: EnvCalls, tokenizer: Tokenizer,
-                 template_kwargs: Mapping[str, Any], sample: TurnSampler, limits: Limits) -> None:
+                 template_kwargs: Mapping[str, Any], sample: TurnSampler, limits: Limits, *,
+                 where: str = "training row") -> None:
+        """``where``: what a row is called in errors (``"training row"`` i, ``"eval problem"`` i)."""
         self.first, self.factory, self.calls, self.tokenizer = first, factory, calls, tokenizer
-        self.kwargs, self.sample, self.limits = dict(template_kwargs), sample, limits
+        self.kwargs, self.sample, self.limits, self.where = dict(template_kwargs), sample, limits, where
 
     @classmethod
     def for_run(cls, rollout: RolloutConfig, chat: ChatOptions, prompts: PromptSet, tokenizer: Tokenizer,
@@ -280,7 +286,7 @@ class EpisodeRows:
                    tokenizer, kwargs, sample, limits)
 
     def __call__(self, ids: list[int], prompts: list[list[int]]) -> Samples:
-        where = [f"training row {i}" for i in ids]
+        where = [f"{self.where} {i}" for i in ids]
         envs = []
         for i, at in zip(ids, where):
             env = self.calls.make(self.factory, at)

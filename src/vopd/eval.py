@@ -31,7 +31,7 @@ from vopd.eval_split import EvalEngine, gathered, hf_eval_engine, model_inferenc
 from vopd.grading import DEFAULT_TIMEOUT_S, answers_match, extract_answer
 from vopd.heldout import heldout_kl
 from vopd.prompts import ChatOptions, render_prompt
-from vopd.sampling import SamplingSettings
+from vopd.sampling import Episode, Samples, SamplingSettings
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +57,7 @@ class SampleRecord:
     num_tokens: int = 0
     truncated: bool = False
     source: str = ""
+    episode: Episode | None = None  # a multi-turn evaluation's counts (``vopd.eval_episodes``), else None
 
 
 @dataclass(frozen=True)
@@ -223,9 +224,10 @@ def evaluate(
     def graded_share() -> list[SampleRecord]:
         parts = sample_split(engine, rows, settings, batch_size=batch_size, seed=seed, split=split,
                              lockstep=synced)
-        return [_grade(items[row // n], row, n, ids, cut, tokenizer, kind, same)
+        return [_grade(items[row // n], row, n, ids, cut, tokenizer, kind, same, episode)
                 for part in parts if part.index >= 0
-                for row, ids, cut in zip(part.rows, part.samples.completions, part.samples.truncated)]
+                for row, ids, cut, episode in zip(part.rows, part.samples.completions, part.samples.truncated,
+                                                  _episodes(part.samples))]
 
     started = time.perf_counter()
     # Each rank grades its own samples (math-verify is not free either); the records are put back in row order.
@@ -240,8 +242,12 @@ def evaluate(
     return EvalResult(metrics, records, settings_out)
 
 
+def _episodes(samples: Samples) -> list[Episode | None]:
+    return list(samples.episodes) if samples.episodes is not None else [None] * len(samples.completions)
+
+
 def _grade(problem: Problem, row: int, n: int, ids: list[int], cut: bool, tokenizer: Tokenizer, kind: Kind,
-           same: Callable[[str, str], bool]) -> SampleRecord:
+           same: Callable[[str, str], bool], episode: Episode | None = None) -> SampleRecord:
     """Row ``row``'s completion ``ids`` graded against ``problem`` (sample ``row % n`` of problem ``row // n``)."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     answer = extract_answer(text, kind)
@@ -249,7 +255,8 @@ def _grade(problem: Problem, row: int, n: int, ids: list[int], cut: bool, tokeni
         correct = answer is not None and same(problem.answer, answer)
     else:
         correct = answer is not None and answer == problem.answer.strip().strip("()").upper()
-    return SampleRecord(row // n, row % n, answer, correct, problem.answer, text, len(ids), cut, problem.source)
+    return SampleRecord(row // n, row % n, answer, correct, problem.answer, text, len(ids), cut, problem.source,
+                        episode)
 
 
 def check_out_dir(out_dir: str | Path, *, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ from vopd.data import load_problems
 from vopd.eval import evaluate
 from vopd.eval_split import EvalEngine, eval_engine, hf_eval_engine, model_inference
 from vopd.heldout import heldout_kl
-from vopd.prompts import chat_options
+from vopd.eval_episodes import EpisodeEvalEngine, eval_chat
 
 if TYPE_CHECKING:
     import torch
@@ -43,15 +43,22 @@ def evaluate_student(student: Model, teacher: Teacher | None, tok: Tokenizer, cf
     ``synced``: the student is sharded (FSDP2): every rank runs as many sampling calls and forwards, in step;
     ``inference``: the student ready for forwards (``WrappedStudent.inference``; default: ``student`` as it is)."""
     inference = inference or model_inference(student)
-    engine = engine or hf_eval_engine(inference, tok, autocast=autocast, synced=synced)
     problems = load_problems(cfg.data.eval, kind="math", problem_field=cfg.data.prompt_field,
                              answer_field=cfg.data.answer_field, limit=cfg.eval.limit or None)
+    if cfg.rollout.env:  # every sample an episode with the environment (vopd.eval_episodes)
+        engine = EpisodeEvalEngine(inference, tok, cfg, [p.problem for p in problems], autocast=autocast,
+                                   synced=synced)
+    engine = engine or hf_eval_engine(inference, tok, autocast=autocast, synced=synced)
     result = evaluate(student, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                       max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed,
-                      greedy=cfg.eval.greedy, template=cfg.data.template, chat=chat_options(cfg.data),
+                      greedy=cfg.eval.greedy, template=cfg.data.template, chat=eval_chat(cfg),
                       autocast=autocast, synced=synced, engine=engine, split=split)
     m = result.metrics
     out = {"eval_avg_at_n": m.avg_at_n, "eval_pass_at_n": m.pass_at_n, "eval_maj_at_n": m.maj_at_n}
+    episodes = [r.episode for r in result.records if r.episode is not None]
+    if episodes:  # docs/metrics.md: per evaluation episode
+        for key in ("tool_calls", "tool_errors", "turns"):
+            out[f"eval_{key}_mean"] = sum(getattr(e, key) for e in episodes) / len(episodes)
     if teacher is not None and teacher.full_distribution:
         out["eval_kl"] = heldout_kl(student, teacher, tok, [p.problem for p in problems], cfg, vocab,
                                     autocast=autocast, synced=synced, engine=engine, split=split,

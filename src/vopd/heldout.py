@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 
 from vopd import distributed as dist
 from vopd.eval_split import EvalEngine, gathered, hf_eval_engine, model_inference, sample_split, shares
-from vopd.prompts import chat_options, render_prompt
+from vopd.eval_episodes import eval_chat
+from vopd.prompts import render_prompt
 from vopd.sampling import SamplingSettings
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def heldout_kl(student: Model, teacher: Teacher, tok: Tokenizer, problems: list[
     inference = inference or model_inference(student)
     engine = engine or hf_eval_engine(inference, tok, autocast=autocast, synced=synced)
     lockstep = synced or collective(teacher)
-    ids = [render_prompt(tok, p, template=cfg.data.template, chat=chat_options(cfg.data)) for p in problems]
+    ids = [render_prompt(tok, p, template=cfg.data.template, chat=eval_chat(cfg)) for p in problems]
     settings = SamplingSettings(max_new_tokens=cfg.eval_max_new_tokens)  # temperature 1, no top-p/top-k
 
     b, mb = cfg.rollout.batch_size, cfg.micro_batch_size
