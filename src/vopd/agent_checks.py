@@ -6,7 +6,7 @@ Three properties are checked, each a one-line ``UserError`` naming what differs 
 
 1. **Same ids for student and teacher**: every teacher with a tokenizer of its own renders the probe episode to the
    student's ids; otherwise it would score tool answers and framing in a format it was not trained on (a renderer
-   mismatch biases every token: docs/agents.md, "Pre-flight").
+   mismatch biases every token: docs/real_models.md, "Multi-turn rollouts with tools").
 2. **The template extends**: the text of the episode after a tool answer (with the generation prompt) begins with
    the text up to the assistant's turn, so that the environment's tokens can be appended to what was sampled
    without re-tokenising it (``vopd.episodes``). Templates that rewrite earlier turns (strip reasoning, renumber

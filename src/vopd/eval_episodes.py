@@ -6,7 +6,7 @@ environment's tools declared, as training renders them, ``vopd.env.env_chat``), 
 environment from the problem's first messages, and the student plays it turn by turn with Hugging Face generate at
 the evaluation's settings (greedy or sampled, ``eval.*``), within ``rollout.max_turns`` and the evaluation's length
 per turn (``vopd.episodes``). Graded on the whole episode's text (its final answer), and the held-out KL counts the
-student's own tokens only (the loss mask of the episodes): docs/agents.md, "Evaluation". What it does NOT know:
+student's own tokens only (the loss mask of the episodes): docs/real_models.md, "Multi-turn rollouts with tools". What it does NOT know:
 grading or metrics (``vopd.eval``), the KL (``vopd.heldout``), or the training loop.
 """
 
