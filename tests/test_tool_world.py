@@ -17,9 +17,10 @@ from vopd.world.calculator import CALCULATOR_TOOL, MALFORMED, TOOLS, answer_call
 from vopd.world.sft import IGNORE, SFTConfig
 from vopd.world.task import TaskConfig, solve
 from vopd.world.tiny_models import CHAT_TEMPLATE, IM_END, TOOL_TOKENS, ModelShape, train_tokenizer
-from vopd.world.tool_build import (ToolWorldConfig, _tokenizer_corpus, build_tool_world, tool_world_data)
+from vopd.world.tool_build import ToolWorldConfig, _student_kinds, _tokenizer_corpus, build_tool_world, tool_world_data
 from vopd.world.tool_sft import collate_masked, encode_episode, stop_ids
-from vopd.world.tool_task import ToolTaskConfig, broken_call, generate_problems, grade_episode, prompt_messages, trace
+from vopd.world.tool_task import (ToolTaskConfig, broken_call, generate_problems, grade_episode, prompt_messages,
+                                  solve_steps, trace)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,11 +88,21 @@ def test_problems_and_traces(problems) -> None:
     assert not grade_episode(prompt_messages(problems[0]) + trace(problems[0])[:1], str(solve(problems[0])))
 
 
+def test_the_student_skips_the_tool_on_small_multipliers_and_garbles_some_calls(problems) -> None:
+    config = ToolWorldConfig()
+    kinds = _student_kinds(problems, config)
+    assert kinds == _student_kinds(problems, config)  # seeded
+    multipliers = [solve_steps(p)[-1].operand for p in problems]
+    assert [k == "skip" for k in kinds] == [m < config.student_skip_below for m in multipliers]
+    calls = [k for k in kinds if k != "skip"]
+    assert 0.1 < calls.count("malformed") / len(calls) < 0.3  # student_malformed = 0.2 of 100-odd calls
+
+
 def test_the_template_renders_qwen3s_tool_format(tok, problems) -> None:
     p = problems[0]
     first, tool, second = trace(p)
-    conversation = [{"role": "system", "content": "Be exact."}, *prompt_messages(p), first, tool, dict(tool, content="2"),
-                    second]
+    conversation = [{"role": "system", "content": "Be exact."}, *prompt_messages(p), first, tool,
+                    dict(tool, content="2"), second]
     text = tok.apply_chat_template(conversation, tools=TOOLS, tokenize=False)
     assert text == (
         "<|bos|><|im_start|>system\nBe exact.\n\n# Tools\n\nYou may call one or more functions to assist with the user "
@@ -148,7 +159,8 @@ def test_the_loss_covers_the_assistants_tokens_only(tok, problems) -> None:
     conversation = prompt_messages(problems[3]) + trace(problems[3])
     ids, mask = encode_episode(tok, conversation)
     full = tok.apply_chat_template(conversation, tools=TOOLS, tokenize=True, return_dict=False)
-    assert ids == full[: len(ids)] and tok.decode(full[len(ids):]) == "\n" and ids[-1] == tok.convert_tokens_to_ids(IM_END)
+    assert ids == full[: len(ids)] and tok.decode(full[len(ids):]) == "\n"
+    assert ids[-1] == tok.convert_tokens_to_ids(IM_END)
     # the expected positions, found independently: after each "<|im_start|>assistant\n" up to the first stop token
     names = tok.convert_ids_to_tokens(ids)
     expected = [False] * len(ids)
@@ -200,5 +212,5 @@ def test_sft_world_tools_refuses_the_arithmetic_worlds_options(capsys) -> None:
     for extra in (["--no-chat"], ["--student-target", "0.3"]):
         assert vopd_main(["sft", "--world", "tools", *extra]) != 0
         assert "--world tools" in capsys.readouterr().err
-    with pytest.raises(UserError, match="student_mix"):
-        ToolWorldConfig(student_mix=(1.0, 0.0))
+    with pytest.raises(UserError, match="student_malformed"):
+        ToolWorldConfig(student_malformed=1.5)

@@ -3,5 +3,8 @@ CPU in minutes and cached (docs/tiny_world.md). The demo, reproduce, variance an
 library never imports it.
 
 - ``task``: the problems and their answers; ``tiny_models``: tokenizer and Qwen3-architecture model builders;
-- ``sft``: supervised fine-tuning on solutions; ``build``: the cached world; ``cli``: the `vopd sft` command.
+- ``sft``: supervised fine-tuning on solutions; ``build``: the world's recipe; ``cache``: the cached, atomic build;
+  ``cli``: the `vopd sft` command;
+- the tool world (`vopd sft --world tools`): ``calculator`` (the tool), ``tool_task`` (problems, traces, grading),
+  ``tool_sft`` (multi-turn SFT examples, the build's own greedy episodes), ``tool_build`` (its recipe and cache).
 """

@@ -14,7 +14,8 @@ The world is cached under ``$VOPD_CACHE`` (default ``~/.cache/vopd``) in a direc
 configuration (``vopd.world.cache``: built in a temporary directory and renamed into place, with a manifest verified
 on reuse so a partial or corrupt cache is rebuilt).
 
-What it knows: the world's recipe (``WorldConfig``) and its cache key, the ``[data]`` settings that render prompts as the world's SFT did, and the keys a training run on the world needs.
+What it knows: the world's recipe (``WorldConfig``) and its cache key, the ``[data]`` settings that render prompts
+as the world's SFT did, and the keys a training run on the world needs.
 What it does not know: distillation, the estimators, or evaluation beyond greedy accuracy; how the tokenizer and
 the models are made (``vopd.world.tiny_models``); how the cache works (``vopd.world.cache``).
 """

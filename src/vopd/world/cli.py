@@ -25,8 +25,8 @@ from vopd.world.task import read_jsonl
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `vopd sft`."""
     parser.add_argument("--world", choices=("tiny", "tools"), default="tiny",
-                        help="tiny: the arithmetic world (default); tools: its variant whose problems need a calculator "
-                        "(docs/tiny_world.md, \"The tool world\")")
+                        help="tiny: the arithmetic world (default); tools: its variant whose problems need a "
+                        "calculator (docs/tiny_world.md, \"The tool world\")")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="root of the tiny-world cache (default $VOPD_CACHE or ~/.cache/vopd)")
     parser.add_argument("--force", action="store_true", help="rebuild even when a valid cached world exists")

@@ -3,8 +3,8 @@ SFT'd on episodes that call the calculator and use its answer, and a student tha
 "The tool world").
 
 ``build_tool_world`` draws the problems (``vopd.world.tool_task``), trains the tokenizer on the rendered episodes,
-SFTs the teacher on ``tool`` traces and the student, smaller and for fewer steps, on a seeded mix of ``tool``,
-``skip`` and ``malformed`` traces (``ToolWorldConfig.student_mix``), the loss on the assistant's tokens only
+SFTs the teacher on ``tool`` traces and the student, smaller and for fewer steps, on ``skip`` traces when the
+multiplier is small and otherwise a seeded mix of ``tool`` and ``malformed`` ones (``ToolWorldConfig``), the loss on the assistant's tokens only
 (``vopd.world.tool_sft``), then measures both with the world's own greedy episode runner and a true calculator
 (accuracy, tool calls, tool errors, malformed calls, episodes without a call), greedy and sampled at temperature 1.
 It is cached like the arithmetic world (``vopd.world.cache``) under ``world-tools-<key>``.
@@ -35,7 +35,8 @@ from vopd.world.task import read_jsonl, write_jsonl
 from vopd.world.tiny_models import (BOS, IM_END, IM_START, TOOL_TOKENS, ModelShape, count_parameters, make_model,
                                     train_tokenizer)
 from vopd.world.tool_sft import collate_masked, encode_episodes, episode_stats, run_episodes
-from vopd.world.tool_task import KINDS, Kind, ToolTaskConfig, episode_row, generate_problems, prompt_messages, trace
+from vopd.world.tool_task import (KINDS, Kind, ToolTaskConfig, episode_row, generate_problems, prompt_messages,
+                                  solve_steps, trace)
 
 if TYPE_CHECKING:
     from vopd.models import Model, Tokenizer
@@ -59,19 +60,22 @@ class ToolWorldConfig:
                                      head_dim=32)
     student: ModelShape = ModelShape(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192,
                                      head_dim=32)
-    teacher_sft: SFTConfig = SFTConfig(steps=500, lr=3e-3)
-    student_sft: SFTConfig = SFTConfig(steps=300, lr=3e-3)
-    # Shares of the student's traces per kind (tool, skip, malformed; vopd.world.tool_task.KINDS).
-    student_mix: tuple[float, float, float] = (0.5, 0.35, 0.15)
+    teacher_sft: SFTConfig = SFTConfig(steps=600, lr=3e-3)
+    student_sft: SFTConfig = SFTConfig(steps=400, lr=3e-3)
+    # The student's traces (docs/tiny_world.md, "The tool world"): it skips the tool (a ``skip`` trace: it guesses the
+    # product) when the multiplier is below ``student_skip_below``, and a seeded ``student_malformed`` share of its
+    # calls are ``malformed``. A rule rather than a random share, so that greedy decoding shows it too: with random
+    # shares greedy decoding follows the majority on every problem.
+    student_skip_below: int = 500
+    student_malformed: float = 0.2
     max_turns: int = 3  # assistant turns per episode in the build's checks
     eval_max_new_tokens: int = 64  # per turn
 
     def __post_init__(self) -> None:
         from vopd.errors import UserError
 
-        if len(self.student_mix) != len(KINDS) or min(self.student_mix) < 0 or sum(self.student_mix) <= 0:
-            raise UserError(f"ToolWorldConfig.student_mix={self.student_mix}: give {len(KINDS)} non-negative shares "
-                            f"({', '.join(KINDS)})")
+        if not 0.0 <= self.student_malformed <= 1.0:
+            raise UserError(f"ToolWorldConfig.student_malformed={self.student_malformed}: give a share in [0, 1]")
 
     @property
     def chat_options(self) -> ChatOptions:
@@ -124,7 +128,9 @@ class ToolWorld:
                 lines.append(f"    {how:<7}  accuracy {m[f'{role}_{how}_accuracy']:.1%}  tool calls/episode "
                              f"{m[f'{role}_{how}_tool_calls']:.2f}  tool errors/episode "
                              f"{m[f'{role}_{how}_tool_errors']:.2f}  no call {m[f'{role}_{how}_no_call']:.1%}")
-        lines += [f"  tokenizer {self.tokenizer}", f"  data      {self.train_data}  {self.test_data}"]
+        lines += [f"  tokenizer {self.tokenizer}", f"  data      {self.train_data}  {self.test_data}",
+                  "  rows and tools for a run: vopd.world.tool_build.tool_world_data; grading: "
+                  "vopd.world.tool_task.grade_episode (docs/tiny_world.md)"]
         return "\n".join(lines)
 
 
@@ -148,9 +154,16 @@ def _tokenizer_corpus(conversations: list[list[dict[str, str]]]) -> list[str]:
     return [piece for text in texts for piece in cut.split(text) if piece]
 
 
-def _student_kinds(n: int, config: ToolWorldConfig) -> list[Kind]:
+def _student_kinds(problems: list[str], config: ToolWorldConfig) -> list[Kind]:
+    """The kind of each problem's student trace: ``skip`` below the multiplier threshold, else ``malformed`` with
+    probability ``student_malformed`` (seeded), else ``tool``."""
     rng = random.Random(f"vopd-tool-mix:{config.seed}")
-    return rng.choices(KINDS, weights=config.student_mix, k=n)
+    kinds: list[Kind] = []
+    for p in problems:
+        multiplier = next((s.operand for s in solve_steps(p) if s.needs_tool), 0)
+        malformed = rng.random() < config.student_malformed  # drawn for every problem: the stream does not shift
+        kinds.append("skip" if multiplier < config.student_skip_below else "malformed" if malformed else "tool")
+    return kinds
 
 
 def _measure(model: Model, tok: Tokenizer, test: list[dict[str, Any]], config: ToolWorldConfig,
@@ -172,7 +185,7 @@ def _build_into(tmp: Path, config: ToolWorldConfig, log: Callable[[str], None]) 
     write_jsonl([episode_row(p) for p in train_p], tmp / "data" / "train.jsonl")
     write_jsonl([episode_row(p) for p in test_p], tmp / "data" / "test.jsonl")
     test = read_jsonl(tmp / "data" / "test.jsonl")
-    kinds = _student_kinds(len(train_p), config)
+    kinds = _student_kinds(train_p, config)
     episodes = {"teacher": [prompt_messages(p) + trace(p, "tool") for p in train_p],
                 "student": [prompt_messages(p) + trace(p, k) for p, k in zip(train_p, kinds)]}
     tok = train_tokenizer(_tokenizer_corpus(episodes["teacher"] + episodes["student"]), config.vocab_size,

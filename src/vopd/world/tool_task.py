@@ -1,14 +1,14 @@
-"""The tool world's task: the tiny world's labelled arithmetic chain with one step that needs the calculator (a 2-digit
-value times a 3-digit number), its multi-turn traces, its episode rows and its grader (docs/tiny_world.md, "The tool
-world").
+"""The tool world's task: the tiny world's labelled arithmetic chain ending in a step that needs the calculator (a
+2-digit value times a 3-digit number), its multi-turn traces, its episode rows and its grader (docs/tiny_world.md,
+"The tool world").
 
-A problem reads like the arithmetic world's ("Let a = 37. Let b = a + 8. Let c = b * 123. Let d = c - 7. What is
-d?"). A trace is the assistant's side of an episode after the prompt, in Hugging Face chat messages:
+A problem reads like the arithmetic world's ("Let a = 33. Let b = a + 7. Let c = b * 2. Let d = c - 8. Let e = d * 456.
+What is e?"). A trace is the assistant's side of an episode after the prompt, in Hugging Face chat messages:
 
 - ``tool`` (the teacher's): the steps before the product in its head, then a calculator call
-  (``b = 37 + 8 = 45.\\n<tool_call>...45*123...</tool_call>``); the tool message ("5535"); then the product written
-  out with the tool's result and the remaining steps, ending in ``\\boxed{}``
-  (``c = 45 * 123 = 5535. d = 5535 - 7 = 5528. The answer is \\boxed{5528}.``);
+  (``b = 33 + 7 = 40. c = 40 * 2 = 80. d = 80 - 8 = 72.\\n<tool_call>...72*456...</tool_call>``); the tool message
+  ("32832"); then the product written out with the tool's result and the steps after it (none by default), ending
+  in ``\\boxed{}`` (``e = 72 * 456 = 32832. The answer is \\boxed{32832}.``);
 - ``skip``: one turn that writes the product as if computed in its head (a model this small cannot: it guesses);
 - ``malformed``: the call with its JSON cut short, the tool's ``error: malformed tool call``, then a guess.
 
@@ -41,8 +41,8 @@ class ToolTaskConfig:
     arithmetic world's (``small``: values within [0, ``small.max_value``]), the steps after it add or subtract an
     operand in [1, ``small.max_operand``]."""
 
-    n_steps: int = 3
-    product_step: int = 2
+    n_steps: int = 4
+    product_step: int = 4
     min_factor: int = 10
     min_multiplier: int = 100
     max_multiplier: int = 999
