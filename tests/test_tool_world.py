@@ -13,7 +13,11 @@ from vopd.cli import main as vopd_main
 from vopd.errors import UserError
 from vopd.prompts import format_prompt, render_prompt
 from vopd.world.build import WorldConfig
-from vopd.world.calculator import CALCULATOR_TOOL, MALFORMED, TOOLS, answer_call, evaluate, parse_calls, render_call
+from vopd.env.calculator import TOOL as CALCULATOR_TOOL
+from vopd.env.calculator import answer as evaluate
+from vopd.env.calculator import answer_call, render_call
+from vopd.env.toolcalls import parse_tool_calls as parse_calls
+from vopd.world.tool_sft import MALFORMED, TOOLS
 from vopd.world.sft import IGNORE, SFTConfig
 from vopd.world.task import TaskConfig, solve
 from vopd.world.tiny_models import CHAT_TEMPLATE, IM_END, TOOL_TOKENS, ModelShape, train_tokenizer
@@ -58,18 +62,6 @@ def test_the_default_worlds_cache_key_is_unchanged() -> None:
     assert MICRO.key() != dataclasses.replace(MICRO, seed=1).key() != ToolWorldConfig().key()
 
 
-@pytest.mark.parametrize(("expression", "result"), [
-    ("45*123", "5535"), ("45 * 123 - 7", "5528"), ("6/3", "2"), ("7/2", "3.5"), ("1/3", "0.333333"),
-    ("-2/3", "-0.666667"), ("7//2", "3"), ("-7%3", "2"), ("2**10", "1024"), ("-(1+2)*3", "-9"), ("2**-2", "0.25"),
-    ("1/0", "error: division by zero"), ("5%0", "error: division by zero"), ("x+1", "error: unsupported syntax"),
-    ("__import__('os')", "error: unsupported syntax"), ("1.5*2", "error: unsupported syntax"),
-    ("2**1000", "error: exponent must be an integer in [-100, 100]"), ("(2**100)**100", "error: result too large"),
-    ("1+", "error: unsupported syntax"), ("True+1", "error: unsupported syntax"),
-])
-def test_calculator(expression: str, result: str) -> None:
-    assert evaluate(expression) == result
-
-
 def test_problems_and_traces(problems) -> None:
     assert problems == generate_problems(200, seed=0) and len(set(problems)) == 200
     for p in problems[:50]:
@@ -83,7 +75,7 @@ def test_problems_and_traces(problems) -> None:
         (skip,) = trace(p, "skip")
         assert skip["content"] == first["content"].split("\n")[0] + " " + second["content"]  # the same steps, no call
         assert grade_episode([skip], str(solve(p))) and not grade_episode([skip], str(solve(p) + 1))
-        assert trace(p, "malformed")[1]["content"] == MALFORMED
+        assert trace(p, "malformed")[1]["content"].startswith(MALFORMED)
     # an episode that ran out of turns on a tool call has no final answer
     assert not grade_episode(prompt_messages(problems[0]) + trace(problems[0])[:1], str(solve(problems[0])))
 
@@ -151,7 +143,7 @@ def test_a_rendered_call_tokenizes_decodes_and_parses_back(tok, expression: str)
     assert (call.name, call.arguments) == ("calculator", {"expression": expression})
     assert answer_call(call) == evaluate(expression)
     (broken,) = parse_calls(broken_call(expression))
-    assert broken.arguments is None and answer_call(broken) == MALFORMED
+    assert broken.error and answer_call(broken).startswith(MALFORMED)
     assert parse_calls("c = 5. The answer is \\boxed{5}.") == []
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 import torch
 
 from vopd.env import env_chat, load_env, tools_of
+from vopd.env.base import is_tool_error
 from vopd.env.calls import EnvCalls
 from vopd.env.toolcalls import CLOSE
 from vopd.errors import UserError
@@ -213,7 +214,7 @@ def _answer(run: _Run, ids: list[int], cut_short: bool, render: Renderer, calls:
         return run.end(truncated=False)
     tools = [m for m in reply.messages if m["role"] == "tool"]
     run.tool_calls += len(tools)
-    run.tool_errors += sum(m["content"].lstrip().startswith("error:") for m in tools)
+    run.tool_errors += sum(is_tool_error(m["content"]) for m in tools)
     if run.turns >= limits.max_turns:
         return run.end(truncated=True)
     run.messages += [{"role": "assistant", "content": content}, *reply.messages]

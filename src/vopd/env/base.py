@@ -38,3 +38,8 @@ class Env(Protocol):
     def start(self, messages: Sequence[Message]) -> None: ...
 
     def step(self, assistant: str) -> Reply: ...
+
+
+def is_tool_error(content: str) -> bool:
+    """Whether a tool message's content reports an error (``error: <reason>``, docs/metrics.md)."""
+    return content.lstrip().startswith("error:")

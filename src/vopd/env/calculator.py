@@ -12,12 +12,13 @@ without one ends the episode. What it does not know: the chat template, tokens, 
 from __future__ import annotations
 
 import ast
+import json
 import operator
 from fractions import Fraction
 from typing import Any, Callable, Sequence
 
 from vopd.env.base import Message, Reply
-from vopd.env.toolcalls import parse_tool_calls
+from vopd.env.toolcalls import CLOSE, OPEN, ToolCall, parse_tool_calls
 
 NAME = "calculator"
 #: The longest expression read, in characters.
@@ -130,13 +131,20 @@ class Calculator:
         calls = parse_tool_calls(assistant)
         if not calls:
             return Reply(done=True)
-        out: list[Message] = []
-        for call in calls:
-            if call.error:
-                content = f"error: {call.error}"
-            elif call.name != NAME:
-                content = f"error: unknown tool {call.name[:40]!r} (the only tool is {NAME})"
-            else:
-                content = answer(call.arguments.get("expression"))
-            out.append({"role": "tool", "name": NAME, "content": content})
-        return Reply(tuple(out))
+        return Reply(tuple({"role": "tool", "name": NAME, "content": answer_call(c)} for c in calls))
+
+
+def answer_call(call: ToolCall) -> str:
+    """The tool message's content for one parsed call: its value, or ``error: <reason>`` (a malformed call,
+    another tool's name, a bad expression)."""
+    if call.error:
+        return f"error: {call.error}"
+    if call.name != NAME:
+        return f"error: unknown tool {call.name[:40]!r} (the only tool is {NAME})"
+    return answer(call.arguments.get("expression"))
+
+
+def render_call(expression: str) -> str:
+    """The text of one calculator call as a Qwen3 model writes it (``vopd.env.toolcalls``' format)."""
+    body = json.dumps({"name": NAME, "arguments": {"expression": expression}}, ensure_ascii=False)
+    return f"{OPEN}\n{body}\n{CLOSE}"

@@ -29,12 +29,11 @@ import torch
 
 from vopd.prompts import ChatOptions
 from vopd.world.cache import cached_build, default_cache_dir, read_metrics, save_pair
-from vopd.world.calculator import TOOLS
 from vopd.world.sft import SFTConfig, train_sft
 from vopd.world.task import read_jsonl, write_jsonl
 from vopd.world.tiny_models import (BOS, IM_END, IM_START, TOOL_TOKENS, ModelShape, count_parameters, make_model,
                                     train_tokenizer)
-from vopd.world.tool_sft import collate_masked, encode_episodes, episode_stats, run_episodes
+from vopd.world.tool_sft import TOOLS, collate_masked, encode_episodes, episode_stats, run_episodes
 from vopd.world.tool_task import (KINDS, Kind, ToolTaskConfig, episode_row, generate_problems, prompt_messages,
                                   solve_steps, trace)
 
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
     from vopd.models import Model, Tokenizer
 
 #: Bump when the layout or the recipe changes, so that old caches are not taken for new ones.
-TOOL_FORMAT_VERSION = 1
+TOOL_FORMAT_VERSION = 2  # 2: the calculator environment's own declaration and answers (vopd.env.calculator)
 
 
 @dataclass(frozen=True)

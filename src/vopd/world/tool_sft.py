@@ -24,7 +24,11 @@ import torch
 
 from vopd.errors import UserError
 from vopd.prompts import chat_ids
-from vopd.world.calculator import CALL_CLOSE, TOOL_NAME, TOOLS, answer_call, is_error, parse_calls
+from vopd.env.base import is_tool_error
+from vopd.env.calculator import NAME as TOOL_NAME
+from vopd.env.calculator import Calculator, answer_call
+from vopd.env.toolcalls import CLOSE as CALL_CLOSE
+from vopd.env.toolcalls import parse_tool_calls as parse_calls
 from vopd.world.sft import IGNORE
 from vopd.world.tiny_models import IM_END
 from vopd.world.tool_task import grade_episode
@@ -34,6 +38,11 @@ if TYPE_CHECKING:
 
 #: One SFT example: the episode's ids and, per id, whether the loss covers it (the assistant sampled it).
 Example = tuple[list[int], list[bool]]
+#: The tools the world's episodes declare: the calculator environment's own (``rollout.env=calculator``), so that
+#: the SFT prompts are the prompts a run renders.
+TOOLS = Calculator.tools
+#: How the calculator's answer to a malformed call begins (``vopd.env.toolcalls``).
+MALFORMED = "error: malformed tool call"
 
 
 def stop_ids(tokenizer: Tokenizer) -> list[int]:
@@ -137,8 +146,8 @@ def episode_stats(episodes: Sequence[Sequence[Mapping[str, Any]]], answers: Sequ
     return {
         "accuracy": sum(grade_episode(e, a) for e, a in zip(episodes, answers)) / n,
         "tool_calls": sum(len(t) for t in tool_msgs) / n,
-        "tool_errors": sum(is_error(str(m["content"])) for t in tool_msgs for m in t) / n,
-        "malformed": sum(str(m["content"]) == "error: malformed tool call" for t in tool_msgs for m in t) / n,
+        "tool_errors": sum(is_tool_error(str(m["content"])) for t in tool_msgs for m in t) / n,
+        "malformed": sum(str(m["content"]).startswith(MALFORMED) for t in tool_msgs for m in t) / n,
         "no_call": sum(not t for t in tool_msgs) / n,
         "turns": sum(sum(m.get("role") == "assistant" for m in e) for e in episodes) / n,
     }

@@ -26,7 +26,10 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 from vopd.errors import UserError
 from vopd.grading import grade_answer
 from vopd.prompts import format_prompt
-from vopd.world.calculator import CALL_CLOSE, TOOL_NAME, answer_call, parse_calls, render_call
+from vopd.env.calculator import NAME as TOOL_NAME
+from vopd.env.calculator import answer_call, render_call
+from vopd.env.toolcalls import CLOSE as CALL_CLOSE
+from vopd.env.toolcalls import parse_tool_calls as parse_calls
 from vopd.world.task import TaskConfig
 
 Kind = Literal["tool", "skip", "malformed"]
