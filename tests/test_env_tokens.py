@@ -90,3 +90,46 @@ def test_environment_positions_get_no_gradient(method, packing, micro_pair, trai
     # The same noise at one sampled position does move the loss: the positions above were really scored.
     loss_one, _, _ = _step(cfg, student, _Scrambled(teacher, _first_sampled), rollout)
     assert loss_one != loss
+
+
+@pytest.fixture(scope="module")
+def calculator_episodes(tool_world):
+    """(tokenizer, student, teacher, prompts, Samples): real calculator episodes of the tool-format student (Hugging
+    Face turns at temperature 1, seeded), with at least one tool answer among them."""
+    from vopd.env.calculator import Calculator
+    from vopd.env.calls import EnvCalls
+    from vopd.episodes import HfTurns, Limits, run_episodes
+    from vopd.models import load_model, load_tokenizer
+    from vopd.teacher.local import InProcessTeacher
+
+    student_dir, teacher_dir, _ = tool_world
+    tok = load_tokenizer(str(student_dir))
+    student = load_model(str(student_dir), role="student", dtype=torch.float32, device=CPU)
+    teacher = InProcessTeacher(load_model(str(teacher_dir), role="teacher", dtype=torch.float32, device=CPU), len(tok))
+    first = [[{"role": "user", "content": f"What is {a} * {b}?"}] for a, b in [(12, 34), (3, 7), (45, 6), (8, 9)] * 2]
+    kwargs = {"tools": Calculator.tools}
+    prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs)
+               for m in first]
+    envs = [Calculator() for _ in first]
+    torch.manual_seed(0)
+    out = run_episodes(prompts, first, envs, [f"row {i}" for i in range(len(first))], tok, kwargs,
+                       HfTurns(student, tok, temperature=1.0, top_p=1.0, top_k=0, batch_size=8),
+                       Limits(max_turns=3, turn_tokens=10, total_tokens=80), EnvCalls("calculator", 10, 1000))
+    assert out.episodes is not None and any(e.env_tokens for e in out.episodes)
+    return tok, student, teacher, prompts, out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_calculator_episodes_train_on_the_students_tokens_only(method, calculator_episodes, train_overrides):
+    """Real multi-turn sequences: the loss, gradients and metrics equal those of the same tokens with the
+    environment's positions taken out of the mask by hand, and the teacher's scores there do not matter."""
+    from test_mask_holes import _assert_holes_excluded
+
+    tok, student, teacher, prompts, samples = calculator_episodes
+    cfg = load_config(None, train_overrides + [f"loss.method={method}", "batch_size=8", "micro_batch_size=8",
+                                               "grad_noise=false", "loss.ratio_cap=2.0"])
+    _assert_holes_excluded(cfg, student, teacher, prompts, samples, tok.pad_token_id)
+    rollout = pack(prompts, samples, tok.pad_token_id)
+    loss, metrics, grads = _step(cfg, student, teacher, rollout)
+    loss_s, metrics_s, grads_s = _step(cfg, student, _Scrambled(teacher, lambda r: ~r.loss_mask), rollout)
+    assert loss == loss_s and metrics == metrics_s and all(torch.equal(grads[n], grads_s[n]) for n in grads)
