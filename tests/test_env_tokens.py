@@ -1,7 +1,8 @@
 """Tokens the student did not sample (an environment's tool output, the chat template's framing between turns) are
 context, never loss: for every method, padded and packed, changing the teacher's scores at those positions changes
 nothing (loss, gradients, token metrics all equal, bit for bit), while changing them at one sampled position does
-change the loss (so the check can fail)."""
+change the loss (so the check can fail). Then on real calculator episodes: every method equals the hand-masked
+tokens, and a teacher prompt of its own, several teachers and a teacher server work on them."""
 
 from __future__ import annotations
 
@@ -133,3 +134,68 @@ def test_calculator_episodes_train_on_the_students_tokens_only(method, calculato
     loss, metrics, grads = _step(cfg, student, teacher, rollout)
     loss_s, metrics_s, grads_s = _step(cfg, student, _Scrambled(teacher, lambda r: ~r.loss_mask), rollout)
     assert loss == loss_s and metrics == metrics_s and all(torch.equal(grads[n], grads_s[n]) for n in grads)
+
+
+def _grads_close(a, b, tol=1e-5) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=tol, msg=n)
+
+
+def test_calculator_episodes_with_a_teacher_prompt_of_its_own(calculator_episodes, train_overrides):
+    """The teacher reads each episode after its own prompt: its scores at the environment's positions of its own
+    view still change nothing, and its prompt does change the loss."""
+    from vopd.teacher.reprompt import OwnPromptTeacher
+
+    tok, student, teacher, prompts, samples = calculator_episodes
+    own = [tok.apply_chat_template([{"role": "system", "content": "Use the calculator."},
+                                    {"role": "user", "content": f"Row {i}."}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False) for i in range(len(prompts))]
+    rollout = pack(prompts, samples, tok.pad_token_id, teacher_prompts=own)
+    cfg = load_config(None, train_overrides + ["loss.method=vopd", "batch_size=8", "micro_batch_size=8",
+                                               "grad_noise=false"])
+    loss, metrics, grads = _step(cfg, student, OwnPromptTeacher(teacher, tok.pad_token_id), rollout)
+    loss_s, metrics_s, grads_s = _step(
+        cfg, student, OwnPromptTeacher(_Scrambled(teacher, lambda r: ~r.loss_mask), tok.pad_token_id), rollout)
+    assert loss == loss_s and metrics == metrics_s and all(torch.equal(grads[n], grads_s[n]) for n in grads)
+    plain, _, _ = _step(cfg, student, teacher, pack(prompts, samples, tok.pad_token_id))
+    assert plain != loss
+
+
+def test_calculator_episodes_routed_to_several_teachers(calculator_episodes, train_overrides):
+    """Rows routed to two names of the same teacher give the one teacher's loss and gradients (the routing keeps
+    each row's mask with holes), with per-teacher token shares that add up to the student's tokens."""
+    tok, student, teacher, prompts, samples = calculator_episodes
+    routes = ["a" if i % 2 else "b" for i in range(len(prompts))]
+    cfg = load_config(None, train_overrides + ["loss.method=vopd", "batch_size=8", "micro_batch_size=8",
+                                               "grad_noise=false"])
+    one = _step(cfg, student, teacher, pack(prompts, samples, tok.pad_token_id))
+    wrapped = dist.wrap(student, student.config.vocab_size, "ddp", CPU)
+    got = accumulate_gradients(cfg, wrapped, Teachers({"a": teacher, "b": teacher}, routed=True),
+                               pack(prompts, samples, tok.pad_token_id, routes=routes), CPU, PhaseTimer(CPU))
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    assert got.loss == pytest.approx(one[0], rel=1e-6)
+    _grads_close(grads, one[2], 1e-7)
+    frac = [got.token_metrics[f"teacher/{n}/tokens_frac"] for n in ("a", "b")]
+    assert all(f > 0 for f in frac) and sum(frac) == pytest.approx(1.0)
+    assert got.token_metrics["tokens"] == one[1]["tokens"] == sum(sum(m) for m in samples.loss_masks or [])
+
+
+def test_calculator_episodes_over_a_teacher_server(calculator_episodes, tool_world, launch_teacher_servers,
+                                                   train_overrides):
+    """A real ``vopd serve-teacher`` sending hidden states scores the episodes as the in-process teacher does."""
+    from vopd.teacher.client import RemoteTeacher
+
+    tok, student, teacher, prompts, samples = calculator_episodes
+    _, teacher_dir, _ = tool_world
+    url = launch_teacher_servers({"tools": ([], None, teacher_dir)})["tools"][1]
+    rollout = pack(prompts, samples, tok.pad_token_id)
+    for method in ("opd", "vopd", "rb-topk"):
+        cfg = load_config(None, train_overrides + [f"loss.method={method}", "batch_size=8", "micro_batch_size=8",
+                                                   "grad_noise=false"])
+        with RemoteTeacher(url, head=str(teacher_dir), hidden_dtype="float32") as remote:
+            loss, metrics, grads = _step(cfg, student, remote, rollout)
+        loss_l, metrics_l, grads_l = _step(cfg, student, teacher, rollout)
+        assert loss == pytest.approx(loss_l, rel=1e-5) and metrics["tokens"] == metrics_l["tokens"]
+        _grads_close(grads, grads_l)
