@@ -87,6 +87,10 @@ class ToolWorldConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: The completion tokens of one episode in a run on the world (``ToolWorld.run_overrides``).
+EPISODE_TOKENS = 160
+
+
 @dataclass(frozen=True)
 class ToolWorld:
     """A built tool world: paths (models are HF directories with the tokenizer inside) and the build's metrics."""
@@ -118,14 +122,15 @@ class ToolWorld:
 
     def run_overrides(self) -> list[str]:
         """The keys a training run on the world needs: its models and data, the calculator as the run's environment
-        (``rollout.env=calculator``: the tools and answers the SFT traces hold), episodes as long as the build's
-        checks (``max_turns`` turns of ``eval_max_new_tokens``; the models hold 256 positions), prompts through the
-        chat template."""
+        (``rollout.env=calculator``: the tools and answers the SFT traces hold), ``max_turns`` turns of
+        ``eval_max_new_tokens`` as the build's checks, prompts through the chat template. An episode holds at most
+        ``EPISODE_TOKENS`` completion tokens: the models have 256 positions and a prompt with the tools block is
+        80 tokens (a teacher's episode completes in under 80)."""
         c = self.config
         return [f"model.student={self.student}", f"model.teacher={self.teacher}", f"data.train={self.train_data}",
                 f"data.eval={self.test_data}", "data.text_as_chat=true", "rollout.env=calculator",
                 f"rollout.max_turns={c.max_turns}", f"rollout.max_new_tokens={c.eval_max_new_tokens}",
-                f"rollout.max_total_tokens={c.max_turns * c.eval_max_new_tokens}",
+                f"rollout.max_total_tokens={EPISODE_TOKENS}",
                 f"eval.max_new_tokens={c.eval_max_new_tokens}"]
 
     def summary(self) -> str:
