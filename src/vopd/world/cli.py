@@ -87,8 +87,8 @@ def _tool_world(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
     if args.seed is not None:
         changes["seed"] = args.seed
-    if args.steps is not None:
-        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps)
+    if args.steps is not None:  # the product stays the last step
+        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps, product_step=args.steps)
     if args.teacher_steps is not None:
         changes["teacher_sft"] = dataclasses.replace(config.teacher_sft, steps=args.teacher_steps)
     if args.student_steps is not None:
