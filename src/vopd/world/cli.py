@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vopd.errors import UserError
 from vopd.prompts import ChatOptions
 from vopd.world.build import WorldConfig, build_world, write_run_config
+
+if TYPE_CHECKING:
+    from vopd.world.tool_build import ToolWorldConfig
 from vopd.world.sft import SFTConfig, train_sft
 from vopd.world.task import read_jsonl
 
@@ -84,18 +87,26 @@ def _tool_world(args: argparse.Namespace) -> int:
         raise UserError("--no-chat and --student-target are for the arithmetic world; drop them with --world tools "
                         "(its student's SFT has a fixed number of steps: --student-steps)")
     config = ToolWorldConfig()
+    changes = _recipe_changes(config, args)
+    if args.steps is not None:  # the product stays the last step
+        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps, product_step=args.steps)
+    world = build_tool_world(dataclasses.replace(config, **changes), args.cache_dir, force=args.force)
+    print(world.summary())
+    return 0
+
+
+def _recipe_changes(config: WorldConfig | ToolWorldConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields both worlds take from the command line: seed, steps of a problem, SFT steps."""
     changes: dict[str, Any] = {}
     if args.seed is not None:
         changes["seed"] = args.seed
-    if args.steps is not None:  # the product stays the last step
-        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps, product_step=args.steps)
+    if args.steps is not None:
+        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps)
     if args.teacher_steps is not None:
         changes["teacher_sft"] = dataclasses.replace(config.teacher_sft, steps=args.teacher_steps)
     if args.student_steps is not None:
         changes["student_sft"] = dataclasses.replace(config.student_sft, steps=args.student_steps)
-    world = build_tool_world(dataclasses.replace(config, **changes), args.cache_dir, force=args.force)
-    print(world.summary())
-    return 0
+    return changes
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -112,15 +123,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.world == "tools":
         return _tool_world(args)
     config = WorldConfig()
-    changes: dict[str, Any] = {"chat": False} if args.no_chat else {}
-    if args.seed is not None:
-        changes["seed"] = args.seed
-    if args.steps is not None:
-        changes["task"] = dataclasses.replace(config.task, n_steps=args.steps)
-    if args.teacher_steps is not None:
-        changes["teacher_sft"] = dataclasses.replace(config.teacher_sft, steps=args.teacher_steps)
-    if args.student_steps is not None:
-        changes["student_sft"] = dataclasses.replace(config.student_sft, steps=args.student_steps)
+    changes = {**_recipe_changes(config, args), **({"chat": False} if args.no_chat else {})}
     if args.student_target is not None:
         if not 0.0 <= args.student_target <= 1.0:
             raise UserError(f"--student-target {args.student_target}: pass an accuracy in [0, 1] (0 disables it)")
