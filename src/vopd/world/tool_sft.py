@@ -8,7 +8,7 @@ after a ``</tool_call>`` (``<|im_end|>\\n``), the tool response's user turn and 
 is the environment's: in the sequence, never in the loss (the agentic contract's loss masks).
 
 ``run_episodes`` is NOT vopd's agentic rollout: it is a minimal greedy loop (``vopd.sampling.generate`` per turn,
-the conversation re-rendered from its messages each turn, calls answered by ``vopd.world.calculator``) that only the
+the conversation re-rendered from its messages each turn, calls answered by ``vopd.env.calculator``) that only the
 build's accuracy and tool-use checks use. Runs on the world sample through vopd's own multi-turn rollouts.
 
 What it knows: the tokens of an episode and which of them are the assistant's, the batch layout, greedy episodes and

@@ -161,7 +161,7 @@ def broken_call(expression: str) -> str:
 
 def trace(problem: str, kind: Kind = "tool") -> list[dict[str, str]]:
     """The messages after the prompt of one episode of ``kind`` (module docstring), tool messages answered by the
-    world's calculator (``vopd.world.calculator``) exactly as the environment answers them."""
+    calculator environment itself (``vopd.env.calculator``)."""
     steps = solve_steps(problem)
     k = next((i for i, s in enumerate(steps) if s.needs_tool), None)
     answer = f" The answer is \\boxed{{{steps[-1].value}}}."
