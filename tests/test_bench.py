@@ -38,6 +38,7 @@ def _table(out: str) -> dict[str, list[str]]:
             if line.startswith("| ") and not line.startswith(("| protocol", "| teacher"))}
 
 
+@pytest.mark.slow  # three servers started for one bench (~1 min); the routes themselves: tests/test_stock_vllm.py
 def test_the_payload_bench_measures_the_stock_vllm_routes_as_their_layout(vllm_teacher_dir, capsys):
     """Beside vopd's server, in one run: the pooling route's answer is its layout (every position up to the last
     completion token, D fp32 values in base64, per scored token) plus a few bytes of JSON framing per token; the
