@@ -341,7 +341,9 @@ def _rank(rank: int, world: int, port: int, overrides: list[str]) -> None:
         dist.shutdown(clean=clean)
 
 
-@pytest.mark.parametrize("extra", [[], ["micro_batch_tokens=2000"]], ids=["rows", "token-balanced"])
+# rows under -m slow: the token-balanced case also moves episodes between the ranks (suite time).
+@pytest.mark.parametrize("extra", [pytest.param([], marks=pytest.mark.slow), ["micro_batch_tokens=2000"]],
+                         ids=["rows", "token-balanced"])
 def test_two_ranks_of_episodes_equal_one_process(extra, tool_world, train_overrides, tmp_path):
     import socket
 

@@ -371,8 +371,9 @@ def _vllm_said(proc: subprocess.CompletedProcess[str]) -> bool:
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj,down_proj]"]
 
 
-@pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp2", []), ("fsdp2", LORA)],
-                         ids=["ddp", "fsdp2", "fsdp2-lora"])
+# fsdp2 without LoRA under -m slow: fsdp2-lora covers the sharded push with the merge on top (suite time, README).
+@pytest.mark.parametrize("strategy,extra", [("ddp", []), pytest.param("fsdp2", [], marks=pytest.mark.slow),
+                                            ("fsdp2", LORA)], ids=["ddp", "fsdp2", "fsdp2-lora"])
 def test_one_engine_per_rank_under_torchrun(micro_world, vllm_fresh_student, tmp_path, strategy, extra):
     """torchrun, 2 ranks on gloo: each rank builds its own colocated engine inside the trainer's process group and
     samples its share of the prompts; every step's sampler log-probs equal the (DDP/FSDP2-updated) student's, the
