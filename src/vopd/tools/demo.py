@@ -72,6 +72,8 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, start: dict[s
 
     panels = [("kl_estimate", "per-token KL estimate (-mean r_t)"), ("grad_norm", "gradient norm"),
               ("eval_kl", "held-out KL(student || teacher)"), ("eval_avg_at_n", "greedy test accuracy")]
+    if any("tool_calls_mean" in r for rows in runs.values() for r in rows):  # an agent run (rollout.env)
+        panels.append(("tool_calls_mean", "tool calls per rollout episode"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):
         for method, rows in runs.items():
