@@ -12,8 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from vopd.metrics import PhaseTimer
 from vopd.step import accumulate_gradients, loss_plan, micro_batch_loss
 from vopd.teacher.routing import Teachers
 from vopd.teacher.stock_vllm import StockVllmTeacher
+from vopd.tools.bench.stock import route_flags, serve_vllm, stop_vllm
 from vopd.teacher_config import TEACHER as ONLY
 from vopd.train import train
 
@@ -36,8 +35,6 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 PROCS: dict[str, subprocess.Popen] = {}  # the servers' processes, for the tests that kill one (at the end)
-POOLING = ["--runner", "pooling", "--convert", "embed", "--pooler-config",
-           '{"task": "token_embed", "use_activation": false}']
 
 
 def _free_port() -> int:
@@ -55,49 +52,18 @@ def teacher_dir(vllm_teacher_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(teacher_dir, tmp_path_factory):
-    """Real vLLM servers of the teacher, started together: "pooling" (hidden states, use_activation false),
-    "generate" (--max-logprobs 8) and "normalising" (the pooling runner's default: L2-normalised rows)."""
-    logs = tmp_path_factory.mktemp("vllm_logs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VOPD_TEACHER_TOKEN", None)
-    specs = {"pooling": POOLING, "generate": ["--max-logprobs", "8"],
+    """Real vLLM servers of the teacher, started together (vopd.tools.bench.stock.serve_vllm, as the benchmarks
+    start theirs): "pooling" (hidden states, use_activation false), "generate" (--max-logprobs 8) and "normalising"
+    (the pooling runner's default: L2-normalised rows)."""
+    specs = {"pooling": route_flags("pooling"), "generate": route_flags("generate", max_logprobs=8),
              "normalising": ["--runner", "pooling", "--convert", "embed", "--pooler-config", '{"task": "token_embed"}']}
-    started = {}
-    for name, extra in specs.items():
-        port = _free_port()
-        with (logs / f"{name}.log").open("w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                     str(teacher_dir), "--served-model-name", "tiny-teacher", "--port", str(port),
-                                     "--dtype", "float32", "--max-model-len", "256", "--gpu-memory-utilization",
-                                     "0.1", "--enforce-eager", *extra], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # its own group: its engine processes end with it
-        started[name] = (proc, f"http://127.0.0.1:{port}")
+    started = serve_vllm(teacher_dir, specs, tmp_path_factory.mktemp("vllm_logs"), served_name="tiny-teacher",
+                         timeout_s=300)
+    PROCS.update({name: proc for name, (proc, _url) in started.items()})
     try:
-        import httpx
-
-        deadline = time.monotonic() + 300
-        for name, (proc, url) in started.items():
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM server {name} did not start:\n{(logs / f'{name}.log').read_text()[-3000:]}")
-                try:
-                    if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
-        PROCS.update({name: proc for name, (proc, _url) in started.items()})
         yield {name: url for name, (_p, url) in started.items()}
     finally:
-        for proc, _url in started.values():
-            _signal_group(proc, signal.SIGTERM)
-        for proc, _url in started.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)  # the engine core and its workers outlive a killed API server
+        stop_vllm(*PROCS.values())
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

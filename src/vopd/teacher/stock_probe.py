@@ -21,7 +21,7 @@ from torch import Tensor
 from vopd.errors import UserError
 from vopd.loss.head import OutputHead
 from vopd.teacher.http import Rejected, Session
-from vopd.teacher.replies import ABSURD
+from vopd.teacher.replies import ABSURD, probe_logq
 from vopd.teacher.stock_answers import completion_requests, read_prompt_logprobs
 
 #: Largest |difference| of log q(y_t) allowed between the two routes when the pooling server computes in fp32: both
@@ -43,15 +43,6 @@ def computed_in_half(states: Tensor) -> bool:
     the server's forward ran in half precision (its states are cast to fp32 on the way out)."""
     bits = states.detach().to(torch.float32).contiguous().view(torch.int32)
     return bool(((bits & _HALF_BITS) == 0).all())
-
-
-def head_logprobs(head: OutputHead, states: Tensor, ids: list[int]) -> Tensor:
-    """log q(ids[t + 1]) from the state at position t (T - 1 values), through ``head`` in fp32. The head is sliced
-    to the tokenizer, as every vopd teacher is; vLLM normalises over its padded rows too, whose mass is negligible
-    in a trained model."""
-    logits = head.logits(states[:-1].to(head.weight.dtype)).float()
-    target = torch.tensor(ids[1:], dtype=torch.long)
-    return torch.log_softmax(logits, dim=-1).gather(-1, target[:, None]).squeeze(-1)
 
 
 def reference_logprobs(reference: Session, ids: list[int], advice: str) -> tuple[str, Tensor]:
@@ -94,7 +85,9 @@ def check_head(head: OutputHead, head_path: str, states: Tensor, ids: list[int],
     their log q(y_t) through ``head`` against ``reference``'s; a ``UserError`` naming both servers and ``head_path``
     when they differ by more than the tolerance of the server's precision."""
     name, theirs = reference_logprobs(reference, ids, advice)
-    mine = head_logprobs(head, states, ids)
+    # log q(ids[t + 1]) from the state at t through the head, in fp32 (sliced to the tokenizer, as every vopd teacher
+    # is; vLLM normalises over its padded rows too, whose mass is negligible in a trained model).
+    mine, _lse = probe_logq(head, states[:-1], torch.tensor(ids[1:], dtype=torch.long))
     diff = (mine - theirs).abs()
     half = computed_in_half(states)
     tolerance = HALF_TOLERANCE if half else FP32_TOLERANCE

@@ -27,7 +27,7 @@ import torch
 from vopd.errors import UserError
 from vopd.tools.bench.common import ratio
 from vopd.tools.bench.pair import random_rollout, serve_teacher, tiny_pair
-from vopd.tools.bench.stock import Route, serve_vllm, stop_vllm
+from vopd.tools.bench.stock import Route, route_flags, serve_vllm, stop_vllm
 
 if TYPE_CHECKING:
     from vopd.config import TrainConfig
@@ -121,7 +121,8 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
             vllm_url = None
             if args.stock_vllm:  # beside vopd's server, timed in the same rounds
                 route: Route = "pooling" if args.hidden else "generate"
-                (vproc, vllm_url), = serve_vllm(teacher_dir, [route], root, threads=args.server_threads).values()
+                (vproc, vllm_url), = serve_vllm(teacher_dir, {route: route_flags(route)}, root,
+                                                threads=args.server_threads).values()
                 stock.append(vproc)
             tok = load_tokenizer(str(student_dir))
             student = load_model(str(student_dir), role="student", dtype=torch.float32, device=cpu)
@@ -139,8 +140,7 @@ def run_overlap_bench(args: argparse.Namespace) -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-            for vproc in stock:
-                stop_vllm(vproc)
+            stop_vllm(*stock)
     return _report(args, times, grads, rollout.num_tokens)
 
 

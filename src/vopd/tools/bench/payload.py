@@ -26,7 +26,7 @@ from vopd.errors import UserError
 from vopd.rollout import Rollout
 from vopd.tools.bench.common import ratio
 from vopd.tools.bench.pair import random_rollout, serve_teacher, tiny_pair
-from vopd.tools.bench.stock import Route, logprobs_bytes, pooling_bytes, serve_vllm, stop_vllm
+from vopd.tools.bench.stock import Route, logprobs_bytes, pooling_bytes, route_flags, serve_vllm, stop_vllm
 
 
 def add_payload_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +63,8 @@ def run_payload_bench(args: argparse.Namespace) -> int:
         stock: dict[Route, tuple[subprocess.Popen[bytes], str]] = {}
         try:
             if args.stock_vllm:  # beside vopd's server, in the same run
-                stock = serve_vllm(teacher_dir, ["pooling", "generate"], root)
+                routes: tuple[Route, ...] = ("pooling", "generate")
+                stock = serve_vllm(teacher_dir, {r: route_flags(r) for r in routes}, root)
             tok = load_tokenizer(str(teacher_dir), role="teacher")
             vocab = len(tok)
             gen = torch.Generator().manual_seed(0)
@@ -75,8 +76,7 @@ def run_payload_bench(args: argparse.Namespace) -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-            for server, _url in stock.values():
-                stop_vllm(server)
+            stop_vllm(*(server for server, _url in stock.values()))
     _print_table(rows, args, k, vocab, d)
     return 0
 
