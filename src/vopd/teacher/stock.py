@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 
 #: Texts whose encodings by the server's tokenizer and the student's must agree (``tokenizer_checks``).
 PROBE_TEXTS = ("1 + 2 = 3", "What is 7 + 5? Think step by step.")
+#: Row norms of hidden states within this of 1 at every position: L2-normalised rows (an embedding pooler's), whose
+#: logits' scale is gone (docs/teacher_server.md, "Stock vLLM servers").
+UNIT_NORM = 1e-3
+
+
+def unit_rows(h: Tensor) -> bool:
+    """Whether the hidden states ``h`` (T, D) of a sequence longer than one token are L2-normalised rows."""
+    return h.shape[0] > 1 and bool(((h.norm(dim=-1) - 1).abs() < UNIT_NORM).all())
 #: What to do after a refused answer, for an engine's name.
 ADVICE = ("; nothing of that answer was trained on: check or restart the {engine} server and run again (vopd train: "
           "--resume continues from the last checkpoint, which is kept)")

@@ -36,7 +36,7 @@ from vopd.rollout import Rollout
 from vopd.teacher.answers import Answers, lacks
 from vopd.teacher.http import Item, Rejected, pack
 from vopd.teacher.replies import ABSURD, check_hidden, probe_logq
-from vopd.teacher.stock import PROBE_TEXTS, StockTeacher
+from vopd.teacher.stock import PROBE_TEXTS, StockTeacher, unit_rows
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
@@ -234,7 +234,7 @@ class StockSglangTeacher(StockTeacher):
                                 f"output layer of {self.head_path} takes {width}: point the head "
                                 "(model.teachers[].head) at the checkpoint the server serves")
             check_hidden(self.url, j, h)
-            if h.shape[0] > 1 and bool(((h.norm(dim=-1) - 1).abs() < 1e-3).all()):
+            if unit_rows(h):
                 raise UserError(f"the SGLang server at {self.url} sends L2-normalised hidden states (every row norm "
                                 "1.0: the logits' scale is gone): serve the causal LM itself, not an embedding model")
             out.append((h, self._token_logprobs(meta, seq)))

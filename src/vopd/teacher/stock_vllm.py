@@ -33,15 +33,13 @@ from vopd.teacher.answers import Answers, lacks
 from vopd.teacher.http import Item, Rejected, Session, pack
 from vopd.teacher.replies import ABSURD, check_hidden
 from vopd.teacher.stock import ADVICE as _ADVICE
-from vopd.teacher.stock import PROBE_TEXTS, StockTeacher
+from vopd.teacher.stock import PROBE_TEXTS, StockTeacher, unit_rows
 from vopd.teacher.wire import TOKEN_ENV
 
 if TYPE_CHECKING:
     from vopd.loss.methods import MethodSpec
     from vopd.models import Model, Tokenizer
 
-#: Row norms of the pooled states within this of 1 at every probed position: L2-normalised rows.
-UNIT_NORM = 1e-3
 ADVICE = _ADVICE.format(engine="vLLM")
 
 
@@ -181,8 +179,7 @@ class StockVllmTeacher(StockTeacher):
                                 f"{h.shape[1]}, but the output layer of {self.head_path} takes {width}: point the head "
                                 "(model.teachers[].head) at the checkpoint the server serves")
             check_hidden(self.url, j, h)
-            norms = h.norm(dim=-1)
-            if h.shape[0] > 1 and bool(((norms - 1).abs() < UNIT_NORM).all()):
+            if unit_rows(h):
                 raise UserError(f"the vLLM server at {self.url} L2-normalises its hidden states (every row norm 1.0: "
                                 "the logits' scale is gone): restart it with --pooler-config '{\"task\": "
                                 "\"token_embed\", \"use_activation\": false}'")
