@@ -117,6 +117,8 @@ class _Sglang(BaseHTTPRequestHandler):
             meta["output_top_logprobs"] = []
         if body.get("return_hidden_states"):
             rows = h * 3 if self.mode == "rescaled" else h  # rescaled: not the final-norm states (e.g. pre-norm)
+            if self.mode == "unit":  # an embedding pooler's rows: L2-normalised
+                rows = torch.nn.functional.normalize(h, dim=-1)
             rows = rows[-self.chunk:] if self.chunk and len(seq) > self.chunk else rows
             meta["hidden_states"] = [rows.tolist()][:new]  # SGLang keeps hidden_states[:finished_len]
         return {"text": "", "output_ids": [nxt][:new], "meta_info": meta}
@@ -246,6 +248,7 @@ def test_refusals_are_one_line(server, pair, micro_world, vllm_teacher_dir, make
         ({"mode": "object"}, {"vocab_size": len(tok)}, r"without 3 objects with a 'meta_info'"),
         ({"context_len": 8}, {"vocab_size": len(tok)}, r"not fit the SGLang server's context_len=8 .*--context-length"),
         ({"mode": "embedding"}, {"vocab_size": len(tok)}, r"embedding model .*without --is-embedding"),
+        ({"mode": "unit"}, hidden, r"sends L2-normalised hidden states .*serve the causal LM itself"),
     ]
     for flags, kwargs, match in cases:
         for key, value in flags.items():
